@@ -1,0 +1,1 @@
+"""AR image models, VQ tokenizers and relaxed/local acceptance (``mmspec.image_gen``)."""

@@ -1,0 +1,156 @@
+"""Chain verification: walk k drafted tokens per row, stop at the first rejection.
+
+Paper: Leviathan et al. (ICML 2023) / Chen et al. (2023) for the lossless walk; the acceptance
+test itself is a pluggable :class:`~mmspec.verify.rule.AcceptRule`.
+
+Glossary:
+    num_draft   long [B]: how many of the k drafted columns of a row are real drafts (a
+                prompt-lookup drafter may find fewer than k); the column at ``num_draft`` is
+                then sampled from p itself, as a bonus token would be
+    uniforms    float [B, k]: acceptance randomness (zeros for greedy)
+    noise       float [B, V]: Exp(1) noise of the exponential race that draws the single
+                sampled token of each row (ones for greedy)
+
+All functions are pure tensor code: no ``.item()``, no Python RNG, no model handles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SamplingParams
+from ..errors import ShapeError
+from ..sampling import draw_exponential, logits_to_probs, process_logits
+from .exact import ExactRule
+from .greedy import GreedyRule
+from .rule import AcceptRule
+from .types import PLACEHOLDER_TOKEN_ID, VerifyResult
+
+
+def default_rule(sampling: SamplingParams) -> AcceptRule:
+    """Greedy rule for greedy sampling, exact rejection sampling otherwise."""
+    return GreedyRule() if sampling.is_greedy else ExactRule()
+
+
+def walk_chain(
+    accepted: torch.Tensor,  # bool [B, k]
+    residual: torch.Tensor,  # float [B, k, V]
+    draft_tokens: torch.Tensor,  # long [B, k]
+    target_probs: torch.Tensor,  # float [B, k+1, V]
+    num_draft: torch.Tensor,  # long [B]
+    noise: torch.Tensor,  # float [B, V]
+) -> VerifyResult:
+    """Turn per-position judgements into emitted tokens (generic path for any rule)."""
+    batch, k = draft_tokens.shape
+    cols = torch.arange(k, device=draft_tokens.device)
+    ok = accepted & (cols < num_draft.unsqueeze(1))  # [B, k]
+    num_accepted = ok.long().cumprod(dim=1).sum(dim=1)  # [B]
+    rejected_here = num_accepted < num_draft  # [B]: a real draft was rejected at num_accepted
+    at = num_accepted.view(batch, 1, 1).expand(batch, 1, target_probs.shape[-1])
+    dist_p = target_probs.gather(1, at).squeeze(1)  # [B, V]
+    dist_r = residual.gather(1, at.clamp_max(max(k - 1, 0))).squeeze(1) if k > 0 else dist_p
+    use_residual = rejected_here & (dist_r.amax(dim=-1) > 0)
+    dist = torch.where(use_residual.unsqueeze(1), dist_r, dist_p)
+    final = (dist / noise).argmax(dim=-1)  # [B]
+    tokens = torch.full((batch, k + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.long, device=draft_tokens.device)
+    all_cols = torch.arange(k + 1, device=draft_tokens.device)
+    keep = all_cols.unsqueeze(0) < num_accepted.unsqueeze(1)  # [B, k+1]
+    padded = torch.cat([draft_tokens, tokens[:, :1]], dim=1)
+    tokens = torch.where(keep, padded, tokens)
+    tokens.scatter_(1, num_accepted.unsqueeze(1), final.unsqueeze(1))
+    return VerifyResult(num_accepted=num_accepted, tokens=tokens)
+
+
+def verify_chain_probs(
+    draft_tokens: torch.Tensor,  # long [B, k]
+    draft_probs: torch.Tensor | None,  # float [B, k, V] | None
+    target_probs: torch.Tensor,  # float [B, k+1, V]
+    rule: AcceptRule,
+    uniforms: torch.Tensor,  # float [B, k]
+    noise: torch.Tensor,  # float [B, V]
+    num_draft: torch.Tensor | None = None,  # long [B]
+    *,
+    backend: str | None = None,
+) -> VerifyResult:
+    """Verify with processed distributions and explicit randomness (deterministic).
+
+    ``backend``: ``None`` (dispatch: Triton on CUDA for fused rules, otherwise torch),
+    ``"triton"``, ``"torch"`` (the kernel's PyTorch reference) or ``"generic"`` (the
+    rule's :meth:`judge` plus :func:`walk_chain`; the only option for non-fused rules).
+    """
+    batch, k = draft_tokens.shape
+    if num_draft is None:
+        num_draft = torch.full((batch,), k, dtype=torch.long, device=draft_tokens.device)
+    if rule.fused_mode is not None and backend != "generic":
+        from mmspec.kernels import chain_verify
+
+        tokens, num_accepted = chain_verify(
+            rule.fused_mode, draft_tokens, num_draft, draft_probs, target_probs, uniforms, noise,
+            backend=backend,
+        )
+        return VerifyResult(num_accepted=num_accepted, tokens=tokens)
+    judgement = rule.judge(draft_tokens, draft_probs, target_probs[:, :k], uniforms)
+    return walk_chain(judgement.accepted, judgement.residual, draft_tokens, target_probs, num_draft, noise)
+
+
+def _check_shapes(draft_tokens, draft_probs, target_logits, num_draft) -> None:
+    if draft_tokens.dim() != 2 or draft_tokens.dtype != torch.long:
+        raise ShapeError(f"draft_tokens must be a long tensor [B, k], got {tuple(draft_tokens.shape)} {draft_tokens.dtype}")
+    batch, k = draft_tokens.shape
+    if target_logits.dim() != 3 or tuple(target_logits.shape[:2]) != (batch, k + 1):
+        raise ShapeError(
+            f"target_logits must be [B, k+1, V] = [{batch}, {k + 1}, V], got {tuple(target_logits.shape)}"
+        )
+    if draft_probs is not None and tuple(draft_probs.shape) != (batch, k, target_logits.shape[-1]):
+        raise ShapeError(
+            f"draft_probs must be [B, k, V] = [{batch}, {k}, {target_logits.shape[-1]}], got {tuple(draft_probs.shape)}"
+        )
+    if num_draft is not None and tuple(num_draft.shape) != (batch,):
+        raise ShapeError(f"num_draft must be [B] = [{batch}], got {tuple(num_draft.shape)}")
+    for name, t in (("draft_probs", draft_probs), ("num_draft", num_draft)):
+        if t is not None and t.device != target_logits.device:
+            raise ShapeError(f"{name} is on {t.device} but target_logits is on {target_logits.device}")
+    if draft_tokens.device != target_logits.device:
+        raise ShapeError(f"draft_tokens is on {draft_tokens.device} but target_logits is on {target_logits.device}")
+
+
+def verify_chain(
+    draft_tokens: torch.Tensor,  # long [B, k]
+    draft_probs: torch.Tensor | None,  # float [B, k, V] | None (processed drafter distribution)
+    target_logits: torch.Tensor,  # float [B, k+1, V] (raw target logits)
+    rule: AcceptRule | None = None,
+    sampling: SamplingParams = SamplingParams(),
+    generator: torch.Generator | None = None,
+    *,
+    num_draft: torch.Tensor | None = None,  # long [B]
+    backend: str | None = None,
+) -> VerifyResult:
+    """Verify drafted tokens against the target's logits.
+
+    The target logits are processed with ``sampling`` exactly as HF's warpers would;
+    ``draft_probs`` must already be the processed distribution the drafter sampled from
+    (``None`` for deterministic drafters such as prompt lookup or greedy drafting).
+    Randomness comes only from ``generator``.
+    """
+    _check_shapes(draft_tokens, draft_probs, target_logits, num_draft)
+    batch, k = draft_tokens.shape
+    vocab = target_logits.shape[-1]
+    device = target_logits.device
+    rule = rule if rule is not None else default_rule(sampling)
+    if sampling.is_greedy:
+        if rule.lossless:
+            # every lossless rule reduces to greedy verification at temperature 0
+            rule = GreedyRule()
+            target = process_logits(target_logits, sampling)
+        else:
+            target = logits_to_probs(target_logits, sampling)
+        uniforms = torch.zeros((batch, k), dtype=torch.float32, device=device)
+        noise = torch.ones((batch, vocab), dtype=torch.float32, device=device)
+        draft_probs = None
+    else:
+        target = logits_to_probs(target_logits, sampling)
+        uniforms = torch.rand((batch, k), dtype=torch.float32, device=device, generator=generator)
+        noise = draw_exponential((batch, vocab), device=device, generator=generator)
+        if draft_probs is not None:
+            draft_probs = draft_probs.to(torch.float32)
+    return verify_chain_probs(draft_tokens, draft_probs, target, rule, uniforms, noise, num_draft, backend=backend)

@@ -1,0 +1,1 @@
+"""VLM adapters, visual-token pruning and VLM drafters (``mmspec.vision``)."""
