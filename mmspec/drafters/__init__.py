@@ -1,0 +1,12 @@
+"""Drafters: propose tokens for the target to verify."""
+
+from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLength,
+                       HeuristicDraftLength)
+from .base import Draft, Drafter, StepOutcome
+from .model import ModelDrafter
+from .prompt_lookup import PromptLookupDrafter
+
+__all__ = [
+    "ConfidenceDraftLength", "Draft", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
+    "HeuristicDraftLength", "ModelDrafter", "PromptLookupDrafter", "StepOutcome",
+]

@@ -1,0 +1,154 @@
+"""Drafting with a smaller causal LM (classic two-model speculative decoding).
+
+Paper: Leviathan et al. (ICML 2023); Chen et al. (2023).
+
+Glossary:
+    pending   committed tokens the drafter has not fed to its own cache yet (right aligned,
+              long [B, P] with a valid mask); 1 token normally, 2 after a fully accepted step
+    fed       drafted tokens that went into the drafter's cache while drafting (all but the
+              last one); those beyond the accepted prefix are rolled back in ``observe``
+
+The drafter keeps its own :class:`~mmspec.cache.CacheSession`, so its context length may differ
+from the target's (e.g. a VLM drafter that saw fewer image tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..cache import CacheSession
+from ..config import SamplingParams
+from ..errors import DeviceMismatchError, VocabularyMismatchError
+from ..sampling import logits_to_probs, sample
+from .adaptive import DraftLengthPolicy, as_policy
+from .base import Draft, Drafter, StepOutcome
+
+
+def model_vocab_size(model: torch.nn.Module) -> int | None:
+    """Output vocabulary size of a HF causal LM (its LM-head rows)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size is None and config is not None and hasattr(config, "get_text_config"):
+        size = getattr(config.get_text_config(), "vocab_size", None)
+    return None if size is None else int(size)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> (tokens long [B, P], valid long [B, P]) aligned to the right."""
+    width = max((len(r) for r in rows), default=0)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            tokens[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            valid[b, width - len(r):] = 1
+    return tokens.to(device), valid.to(device)
+
+
+class ModelDrafter(Drafter):
+    """Drafts autoregressively with ``model`` (any HF causal LM sharing the target's vocabulary)."""
+
+    def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = None):
+        self.model = model
+        self.vocab_size = model_vocab_size(model)
+        self.policy: DraftLengthPolicy | None = None if draft_length is None else as_policy(draft_length)
+        self._own_policy = draft_length is not None
+        self.session: CacheSession | None = None
+
+    def check_compatible(self, target: torch.nn.Module) -> None:
+        target_vocab = model_vocab_size(target)
+        if target_vocab is not None and self.vocab_size is not None and target_vocab != self.vocab_size:
+            raise VocabularyMismatchError(
+                f"drafter vocabulary size {self.vocab_size} != target vocabulary size {target_vocab}: "
+                "the drafter must use the target's tokenizer and vocabulary"
+            )
+        if model_device(self.model) != model_device(target):
+            raise DeviceMismatchError(
+                f"drafter is on {model_device(self.model)} but target is on {model_device(target)}"
+            )
+
+    def set_default_length(self, k: int | DraftLengthPolicy) -> None:
+        """Use the call's draft length unless one was given at construction."""
+        if not self._own_policy:
+            self.policy = as_policy(k)
+
+    @property
+    def num_calls(self) -> int:
+        return 0 if self.session is None else self.session.calls
+
+    def start(self, input_ids, attention_mask, *, sampling: SamplingParams,
+              generator: torch.Generator | None, **model_inputs: Any) -> None:
+        if self.policy is None:
+            raise RuntimeError("ModelDrafter has no draft length: pass draft_length or num_draft_tokens")
+        self.sampling = sampling
+        self.generator = generator
+        device = input_ids.device
+        self.session = CacheSession(self.model, input_ids.shape[0], device)
+        if input_ids.shape[1] > 1:
+            self.session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, **model_inputs)
+        self.pending = input_ids[:, -1:]
+        self.pending_valid = attention_mask[:, -1:].to(torch.long)
+        self.fed = 0
+
+    @torch.no_grad()
+    def propose(self, max_tokens: int) -> Draft:
+        assert self.session is not None and self.policy is not None
+        k = max(1, min(self.policy.current(), max_tokens))
+        batch = self.session.batch_size
+        device = self.pending.device
+        tokens, probs = [], []
+        num_draft = torch.full((batch,), k, dtype=torch.long, device=device)
+        stopped = torch.zeros((batch,), dtype=torch.bool, device=device)
+        inp, valid = self.pending, self.pending_valid
+        for i in range(k):
+            logits = self.session.extend(inp, valid, num_logits=1)[:, -1]  # [B, V]
+            p = logits_to_probs(logits, self.sampling)
+            tok = sample(p, self.sampling, self.generator)  # [B]
+            tokens.append(tok)
+            probs.append(p)
+            if i == k - 1:
+                break
+            if type(self.policy).stop_rows is not DraftLengthPolicy.stop_rows:
+                conf_src = logits.float().softmax(-1) if self.sampling.is_greedy else p
+                conf = conf_src.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+                newly = self.policy.stop_rows(conf) & ~stopped
+                num_draft = torch.where(newly, torch.full_like(num_draft, i + 1), num_draft)
+                stopped |= newly
+                if bool(stopped.all()):
+                    break
+            inp, valid = tok.unsqueeze(1), torch.ones((batch, 1), dtype=torch.long, device=device)
+        self.fed = len(tokens) - 1
+        draft_tokens = torch.stack(tokens, dim=1)
+        draft_probs = None if self.sampling.is_greedy else torch.stack(probs, dim=1)
+        return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft.clamp_max(len(tokens)))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        assert self.session is not None and self.policy is not None
+        n = outcome.result.num_accepted
+        kept = n.clamp_max(self.fed)  # drafted tokens already in the cache that stay
+        self.session.rollback(self.fed - kept)
+        kept_list = kept.tolist()
+        rest = [row[m:] for row, m in zip(outcome.committed, kept_list)]
+        self.pending, self.pending_valid = right_align(rest, self.pending.device)
+        self.policy.update(n, outcome.draft.num_draft)
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        assert self.session is not None
+        self.session.select_rows(rows)
+        self.pending = self.pending[rows]
+        self.pending_valid = self.pending_valid[rows]
+        while self.pending_valid.shape[1] > 1 and not bool(self.pending_valid[:, 0].any()):
+            self.pending, self.pending_valid = self.pending[:, 1:], self.pending_valid[:, 1:]

@@ -1,0 +1,75 @@
+"""Generation statistics.
+
+Glossary:
+    row step               one verification of one row (a batch of B rows makes B row steps)
+    mean_accepted_length   emitted tokens per row step (accepted drafts + 1), the usual
+                           "tau" / mean accepted length of the speculative-decoding literature
+    acceptance_per_position  fraction of drafted tokens accepted at draft position i, counted
+                           over row steps that drafted position i
+    time split             seconds in target forwards, drafter (propose + observe) and verification
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    steps: int = 0
+    row_steps: int = 0
+    target_calls: int = 0
+    drafter_calls: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0
+    accepted_at_position: list[int] = field(default_factory=list)
+    drafted_at_position: list[int] = field(default_factory=list)
+    prefill_time: float = 0.0
+    target_time: float = 0.0
+    drafter_time: float = 0.0
+    verify_time: float = 0.0
+    total_time: float = 0.0
+
+    def record(self, num_accepted: list[int], num_draft: list[int], num_committed: list[int]) -> None:
+        self.steps += 1
+        self.row_steps += len(num_accepted)
+        self.drafted_tokens += sum(num_draft)
+        self.accepted_tokens += sum(num_accepted)
+        self.emitted_tokens += sum(num_committed)
+        width = max(num_draft, default=0)
+        for acc in (self.accepted_at_position, self.drafted_at_position):
+            acc.extend([0] * (width - len(acc)))
+        for n, d in zip(num_accepted, num_draft):
+            for i in range(d):
+                self.drafted_at_position[i] += 1
+                if i < n:
+                    self.accepted_at_position[i] += 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean tokens emitted per row step (accepted + 1)."""
+        return (self.accepted_tokens + self.row_steps) / self.row_steps if self.row_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at_position, self.drafted_at_position)]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.emitted_tokens / self.total_time if self.total_time > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,
+                 acceptance_per_position=self.acceptance_per_position, tokens_per_second=self.tokens_per_second)
+        return d
+
+    def summary(self) -> str:
+        return (f"{self.emitted_tokens} tokens in {self.total_time:.2f}s ({self.tokens_per_second:.1f} tok/s), "
+                f"mean accepted length {self.mean_accepted_length:.2f}, acceptance {self.acceptance_rate:.2f}, "
+                f"target calls {self.target_calls}, drafter calls {self.drafter_calls}")
