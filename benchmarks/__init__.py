@@ -1,0 +1,1 @@
+"""Benchmarks for mmspec (run as modules, e.g. ``python -m benchmarks.text``)."""

@@ -1,0 +1,17 @@
+# Triton runs on CPU only in interpreter mode, which must be set before any module defining
+# @triton.jit kernels is imported.
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

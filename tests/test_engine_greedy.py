@@ -1,0 +1,90 @@
+"""Greedy speculative decoding is token-identical to HF ``generate(do_sample=False)``.
+
+Oracle: HF transformers' own greedy search on the same target (float64 so that the different
+matmul shapes of block verification cannot flip a near-tie)."""
+
+import functools
+
+import pytest
+import torch
+
+import mmspec
+from tiny_models import ARCHS, build, left_padded_prompts, truncated_drafter
+
+MAX_NEW = 24
+
+
+@functools.lru_cache(maxsize=None)
+def models(arch):
+    target = build(arch)
+    return target, {
+        "smaller": build(arch, hidden=32, layers=1, seed=7),
+        "truncated": truncated_drafter(target),
+        "self": target,
+        "prompt_lookup": "prompt_lookup",
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def reference(arch, batch):
+    target, _ = models(arch)
+    ids, mask = left_padded_prompts(batch, 12, target.config.vocab_size, seed=batch)
+    # repeat a chunk so prompt lookup finds matches
+    ids = torch.cat([ids, ids[:, -6:]], dim=1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, -6:])], dim=1)
+    out = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW)
+    return ids, mask, out
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("drafter_kind", ["smaller", "truncated", "self", "prompt_lookup"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_matches_hf_generate(arch, drafter_kind, k, batch):
+    target, drafters = models(arch)
+    ids, mask, expected = reference(arch, batch)
+    out = mmspec.generate(target, ids, attention_mask=mask, drafter=drafters[drafter_kind],
+                          max_new_tokens=MAX_NEW, num_draft_tokens=k)
+    assert out.sequences.shape == expected.shape
+    assert torch.equal(out.sequences, expected)
+    if drafter_kind == "self":
+        assert out.stats.acceptance_rate == 1.0
+
+
+def test_partial_acceptance_is_exercised():
+    """The truncated drafter must give partial acceptance, or the sweep above proves little."""
+    target, drafters = models("llama")
+    ids, mask, expected = reference("llama", 3)
+    out = mmspec.generate(target, ids, attention_mask=mask, drafter=drafters["truncated"],
+                          max_new_tokens=MAX_NEW, num_draft_tokens=3)
+    assert torch.equal(out.sequences, expected)
+    assert 0.05 < out.stats.acceptance_rate < 0.95
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eos_inside_accepted_block_truncates_row(arch):
+    """Force an EOS into the middle of generation: rows stop there, like HF."""
+    target, drafters = models(arch)
+    ids, mask, free = reference(arch, 3)
+    # choose as EOS a token that row 0 emits mid-way through its greedy continuation
+    eos = int(free[0, ids.shape[1] + MAX_NEW // 2])
+    expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
+                               eos_token_id=eos, pad_token_id=0)
+    for drafter in (drafters["self"], drafters["truncated"]):
+        out = mmspec.generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=MAX_NEW,
+                              num_draft_tokens=8, eos_token_id=eos, pad_token_id=0)
+        assert torch.equal(out.sequences, expected)
+        row0 = out.sequences[0, ids.shape[1]:].tolist()
+        assert eos in row0 and row0.index(eos) <= MAX_NEW // 2
+
+
+@pytest.mark.parametrize("policy", [
+    mmspec.HeuristicDraftLength(2, max_k=10),
+    mmspec.ConfidenceDraftLength(6, threshold=0.3),
+])
+def test_adaptive_draft_length_stays_lossless(policy):
+    target, drafters = models("qwen2")
+    ids, mask, expected = reference("qwen2", 3)
+    out = mmspec.generate(target, ids, attention_mask=mask, drafter=drafters["truncated"],
+                          max_new_tokens=MAX_NEW, num_draft_tokens=policy)
+    assert torch.equal(out.sequences, expected)
