@@ -58,8 +58,8 @@ class Budget:
 
 FULL = Budget(steps=280, batch=32, seq_len=128, lr_target=2e-3, lr_drafter=3e-3,
               max_seconds=225.0, max_train_bytes=None)
-QUICK = Budget(steps=40, batch=16, seq_len=64, lr_target=3e-3, lr_drafter=4e-3,
-               max_seconds=15.0, max_train_bytes=1_000_000)
+QUICK = Budget(steps=30, batch=16, seq_len=64, lr_target=3e-3, lr_drafter=4e-3,
+               max_seconds=10.0, max_train_bytes=1_000_000)
 
 
 def _stdlib_files() -> list[Path]:
@@ -216,12 +216,13 @@ def train(cache_dir: Path, budget: Budget) -> dict:
     return meta
 
 
-def _cache_valid(cache_dir: Path) -> bool:
+def _cache_valid(cache_dir: Path, budget: Budget) -> bool:
     try:
         meta = json.loads((cache_dir / "meta.json").read_text())
     except (OSError, ValueError):
         return False
     return (meta.get("format_version") == FORMAT_VERSION and meta.get("python") == sys.version.split()[0]
+            and meta.get("budget") == asdict(budget)
             and all((cache_dir / name).exists() for name in ("target", "drafter", "prompts.json")))
 
 
@@ -235,10 +236,11 @@ def load_or_train(cache_dir: str | Path | None = None, quick: bool = False):
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else Path("~/.cache/mmspec/bench_text").expanduser()
     sub = root / ("quick" if quick else "full")
-    if not _cache_valid(sub):
+    budget = QUICK if quick else FULL
+    if not _cache_valid(sub, budget):
         print(f"[bench_text] training models into {sub} (one-off; budget {'quick' if quick else 'full'})",
               flush=True)
-        meta = train(sub, QUICK if quick else FULL)
+        meta = train(sub, budget)
         print(f"[bench_text] trained {meta['steps_done']} steps in {meta['train_seconds']}s: "
               f"{json.dumps(meta['validation'])}", flush=True)
     target = LlamaForCausalLM.from_pretrained(sub / "target", dtype=torch.float32).eval()
