@@ -368,6 +368,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     target, drafter, prompts = load_or_train(args.cache_dir, quick=args.quick)
     meta = load_meta(args.cache_dir, quick=args.quick)
+    t_models = time.perf_counter() - t_all
     n = args.max_new_tokens
 
     # reference: HF plain greedy, batch 1 (untimed)
@@ -387,9 +388,11 @@ def main(argv=None) -> int:
     methods = build_methods(target, drafter, args, PAD_ID)
     rounds = 1 + args.repeats * (len(prompts) + (0 if args.no_batch else 1))
     load_before = os.getloadavg()[0]
+    t_bench = time.perf_counter()
     with tqdm(total=rounds, desc="benchmark (warm-up + interleaved rounds)", unit="round") as progress:
         run_benchmark(methods, prompts, reference, args, PAD_ID, progress, on_round=lambda: bench.sample(reps))
     load_after = os.getloadavg()[0]
+    t_bench = time.perf_counter() - t_bench
     fwd = bench.medians()
     main_rows, split_rows, per_pos = summarize(methods, args, fwd)
 
@@ -439,7 +442,8 @@ def main(argv=None) -> int:
     section = "\n".join(lines)
     print()
     print(section)
-    print(f"[bench_text] total wall time {time.perf_counter() - t_all:.1f}s")
+    print(f"[bench_text] wall time: models {t_models:.1f}s, benchmark {t_bench:.1f}s, "
+          f"total {time.perf_counter() - t_all:.1f}s (+ imports)")
     if args.out is not None:
         write_section(args.out, section)
         print(f"[bench_text] wrote section {SECTION_HEADING!r} to {args.out}")
