@@ -6,7 +6,7 @@ speculative decoding of any HF causal LM with a drafter model or prompt lookup, 
 
 from .config import SamplingParams
 from .drafters import (ConfidenceDraftLength, Draft, Drafter, FixedDraftLength, HeuristicDraftLength,
-                       ModelDrafter, PromptLookupDrafter)
+                       ModelDrafter, PromptLookupDrafter, check_same_tokenizer)
 from .engine import GenerationOutput, StepEvent, generate, generate_stream
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError, InvalidLengthError,
                      InvalidSamplingError, MMSpecError, ShapeError, VocabularyMismatchError)
@@ -20,5 +20,5 @@ __all__ = [
     "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "HeuristicDraftLength",
     "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError", "MMSpecError", "ModelDrafter",
     "PromptLookupDrafter", "SamplingParams", "ShapeError", "StepEvent", "VerifyResult",
-    "VocabularyMismatchError", "generate", "generate_stream", "verify_chain",
+    "VocabularyMismatchError", "check_same_tokenizer", "generate", "generate_stream", "verify_chain",
 ]

@@ -44,6 +44,12 @@ def _run_text(args: argparse.Namespace) -> int:
         drafter = "prompt_lookup" if args.prompt_lookup or not args.drafter else \
             AutoModelForCausalLM.from_pretrained(args.drafter).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+        if not isinstance(drafter, str):
+            try:
+                mmspec.check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(args.drafter))
+            except mmspec.MMSpecError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
         if not args.prompt.strip():
             print("error: --prompt is empty", file=sys.stderr)
             return 2

@@ -89,3 +89,16 @@ def test_errors_raise_before_iteration():
     """generate_stream validates eagerly, not at the first next()."""
     with pytest.raises(InvalidLengthError):
         mmspec.generate_stream(target(), IDS, drafter="prompt_lookup", max_new_tokens=0)
+
+
+def _tokenizer(words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="a")))
+
+
+def test_drafter_of_another_tokenizer():
+    mmspec.check_same_tokenizer(_tokenizer(["a", "b", "c"]), _tokenizer(["a", "b", "c"]))
+    with pytest.raises(VocabularyMismatchError, match="another tokenizer.*different ids: \\['b', 'c'\\]"):
+        mmspec.check_same_tokenizer(_tokenizer(["a", "b", "c"]), _tokenizer(["a", "c", "b"]))

@@ -3,10 +3,10 @@
 from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLength,
                        HeuristicDraftLength)
 from .base import Draft, Drafter, StepOutcome
-from .model import ModelDrafter
+from .model import ModelDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
 
 __all__ = [
     "ConfidenceDraftLength", "Draft", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
-    "HeuristicDraftLength", "ModelDrafter", "PromptLookupDrafter", "StepOutcome",
+    "HeuristicDraftLength", "ModelDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
 ]

@@ -46,6 +46,20 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def check_same_tokenizer(target_tokenizer: Any, drafter_tokenizer: Any) -> None:
+    """Raise :class:`VocabularyMismatchError` unless both tokenizers map the same strings to the same ids."""
+    a, b = target_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+    if a == b:
+        return
+    only_t = sorted(set(a) - set(b))[:3]
+    only_d = sorted(set(b) - set(a))[:3]
+    moved = sorted(t for t in set(a) & set(b) if a[t] != b[t])[:3]
+    raise VocabularyMismatchError(
+        f"the drafter uses another tokenizer than the target ({len(b)} vs {len(a)} entries; "
+        f"only in target: {only_t}, only in drafter: {only_d}, different ids: {moved})"
+    )
+
+
 def right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged token lists -> (tokens long [B, P], valid long [B, P]) aligned to the right."""
     width = max((len(r) for r in rows), default=0)
