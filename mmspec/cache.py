@@ -38,6 +38,9 @@ class CacheSession:
         self.cache: Any = None
         self.valid = torch.zeros((batch_size, 0), dtype=torch.long, device=device)  # [B, S]
         self.next_pos = torch.zeros((batch_size,), dtype=torch.long, device=device)  # [B]
+        # added to count-based positions: M-RoPE models continue text positions after the image
+        # at (largest multimodal position + 1), not at the token count
+        self.position_delta = torch.zeros((batch_size,), dtype=torch.long, device=device)  # [B]
         self._logits_to_keep = _supports(model, "logits_to_keep")
         self.calls = 0
 
@@ -51,27 +54,34 @@ class CacheSession:
 
     def extend(
         self,
-        tokens: torch.Tensor,  # long [B, w]
+        tokens: torch.Tensor | None,  # long [B, w]
         valid: torch.Tensor | None = None,  # long/bool [B, w]; default all valid
         *,
+        inputs_embeds: torch.Tensor | None = None,  # float [B, w, d] instead of tokens
+        position_ids: torch.Tensor | None = None,  # explicit positions ([B, w] or [3, B, w])
         num_logits: int | None = None,
         **model_inputs: Any,
     ) -> torch.Tensor:
         """Append w slots (invalid ones become holes), run the model, return logits [B, n, V].
 
-        ``num_logits`` (default w) keeps only the logits of the last n columns.
+        ``num_logits`` (default w) keeps only the logits of the last n columns. Positions default
+        to (valid tokens before the slot + ``position_delta``).
         """
-        batch, width = tokens.shape
-        valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
-        offsets = valid.cumsum(dim=1) - 1  # [B, w]
-        position_ids = (self.next_pos.unsqueeze(1) + offsets).clamp_min(0)
-        # left padding convention of HF generate: padded slots get position 1
-        position_ids = torch.where(valid.bool(), position_ids, torch.ones_like(position_ids))
+        ref = tokens if tokens is not None else inputs_embeds[..., 0]
+        valid = torch.ones_like(ref, dtype=torch.long) if valid is None else valid.to(torch.long)
+        if position_ids is None:
+            offsets = valid.cumsum(dim=1) - 1  # [B, w]
+            position_ids = (self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + offsets).clamp_min(0)
+            # left padding convention of HF generate: padded slots get position 1
+            position_ids = torch.where(valid.bool(), position_ids, torch.ones_like(position_ids))
         mask = torch.cat([self.valid, valid], dim=1)
         kwargs: dict[str, Any] = dict(
-            input_ids=tokens, attention_mask=mask, position_ids=position_ids,
-            past_key_values=self.cache, use_cache=True,
+            attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
         )
+        if tokens is not None:
+            kwargs["input_ids"] = tokens
+        else:
+            kwargs["inputs_embeds"] = inputs_embeds
         if num_logits is not None and self._logits_to_keep:
             kwargs["logits_to_keep"] = num_logits
         kwargs.update(model_inputs)
@@ -114,6 +124,7 @@ class CacheSession:
             self.cache.batch_select_indices(rows)
         self.valid = self.valid[rows]
         self.next_pos = self.next_pos[rows]
+        self.position_delta = self.position_delta[rows]
         # slots only the dropped rows used become dead; the tail ones are cropped, the others
         # stay as masked holes (cache layers can only be cropped at the end)
         self._crop_dead_tail()

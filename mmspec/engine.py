@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -37,6 +37,16 @@ from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
 
 DEFAULT_NUM_DRAFT_TOKENS = 5
+
+#: prefill(session, input_ids, attention_mask, model_inputs): feed all prompt tokens but the last
+PrefillFn = Callable[[CacheSession, torch.Tensor, torch.Tensor, dict], None]
+
+
+def prefill_causal_lm(session: CacheSession, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      model_inputs: dict) -> None:
+    """Default target prefill: every prompt token but the last (which stays pending)."""
+    if input_ids.shape[1] > 1:
+        session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, **model_inputs)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ def generate_stream(
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     rule: AcceptRule | None = None,
+    prefill: PrefillFn | None = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
     """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`).
@@ -157,7 +168,7 @@ def generate_stream(
         eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
     return _stream(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
                    rule if rule is not None else default_rule(sampling), generator,
-                   _as_eos_set(eos_token_id), model_inputs)
+                   _as_eos_set(eos_token_id), model_inputs, prefill or prefill_causal_lm)
 
 
 def _sync(device: torch.device) -> None:
@@ -168,17 +179,19 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens,
             sampling: SamplingParams, rule: AcceptRule, generator, eos: set[int],
-            model_inputs: dict) -> Iterator[StepEvent]:
+            model_inputs: dict, prefill: PrefillFn) -> Iterator[StepEvent]:
     stats = GenerationStats()
     t_start = time.perf_counter()
     batch = input_ids.shape[0]
     session = CacheSession(target, batch, device)
-    if input_ids.shape[1] > 1:
-        session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, **model_inputs)
+    with drafter.target_prefill_context(target, input_ids, attention_mask):
+        prefill(session, input_ids, attention_mask, model_inputs)
+    _sync(device)
     t0 = time.perf_counter()
-    drafter.start(input_ids, attention_mask, sampling=sampling, generator=generator)
+    drafter.start(input_ids, attention_mask, sampling=sampling, generator=generator, **model_inputs)
     _sync(device)
     stats.drafter_time += time.perf_counter() - t0
+    stats.extra.update(drafter.info)
     stats.prefill_time = time.perf_counter() - t_start
     pending = input_ids[:, -1:]  # [B, 1]
     active = list(range(batch))  # original indices of the rows still in the batch
@@ -252,6 +265,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     rule: AcceptRule | None = None,
     pad_token_id: int | None = None,
+    prefill: PrefillFn | None = None,
     **model_inputs: Any,
 ) -> GenerationOutput:
     """Speculative decoding with ``target`` verifying ``drafter``'s proposals.
@@ -268,7 +282,9 @@ def generate(
         eos_token_id: defaults to ``target.generation_config.eos_token_id``.
         rule: acceptance rule; default greedy (temperature 0) or exact rejection sampling.
         pad_token_id: fills finished rows; defaults to the generation config's pad, else EOS, else 0.
-        **model_inputs: extra inputs for the target's prefill.
+        prefill: how the target consumes the prompt (default: token ids; :mod:`mmspec.vision`
+            supplies one for VLMs).
+        **model_inputs: extra inputs for the target's prefill (and the drafter's ``start``).
 
     Returns:
         :class:`GenerationOutput` with ``sequences`` shaped like HF ``generate``'s output.
@@ -276,7 +292,7 @@ def generate(
     stream = generate_stream(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator,
-        eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, **model_inputs)
+        eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, prefill=prefill, **model_inputs)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]

@@ -30,6 +30,7 @@ class GenerationStats:
     drafter_time: float = 0.0
     verify_time: float = 0.0
     total_time: float = 0.0
+    extra: dict = field(default_factory=dict)  # facts from the drafter / adapters (e.g. visual tokens)
 
     def record(self, num_accepted: list[int], num_draft: list[int], num_committed: list[int]) -> None:
         self.steps += 1

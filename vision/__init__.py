@@ -1,1 +1,18 @@
-"""VLM adapters, visual-token pruning and VLM drafters (``mmspec.vision``)."""
+"""VLM speculative decoding with visual-token pruning in the drafter (``mmspec.vision``).
+
+Families: LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL (HF ``from_pretrained``
+checkpoints with their processors). Strategies: verifier (SpecVLM), cls (FasterVLM),
+diversity (DivPrune), uniform, none.
+"""
+
+from .adapters import FAMILIES, FamilyMismatchError, NoImageError, family_of, prefill_multimodal
+from .drafter import KeepRatioError, VLMDrafter
+from .generate import generate
+from .pruning import (ClsAttentionPruning, DiversityPruning, NoPruning, PruningError, PruningStrategy,
+                      UniformPruning, VerifierGuidedPruning, get_strategy)
+
+__all__ = [
+    "ClsAttentionPruning", "DiversityPruning", "FAMILIES", "FamilyMismatchError", "KeepRatioError",
+    "NoImageError", "NoPruning", "PruningError", "PruningStrategy", "UniformPruning", "VLMDrafter",
+    "VerifierGuidedPruning", "family_of", "generate", "get_strategy", "prefill_multimodal",
+]

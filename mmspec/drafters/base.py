@@ -14,6 +14,7 @@ Glossary:
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,8 @@ class Drafter(ABC):
         generator: torch.Generator | None,
         **model_inputs: Any,
     ) -> None:
-        """Reset state for a new batch of prompts."""
+        """Reset state for a new batch of prompts (``model_inputs``: the target's extra inputs,
+        e.g. ``pixel_values``; text drafters ignore them)."""
 
     @abstractmethod
     def propose(self, max_tokens: int) -> Draft:
@@ -74,3 +76,13 @@ class Drafter(ABC):
 
     def check_compatible(self, target: torch.nn.Module) -> None:
         """Raise a named error if this drafter cannot serve ``target`` (default: no check)."""
+
+    def target_prefill_context(self, target: torch.nn.Module, input_ids: torch.Tensor,
+                               attention_mask: torch.Tensor) -> contextlib.AbstractContextManager:
+        """A context the engine enters around the target's prefill (e.g. to capture attention)."""
+        return contextlib.nullcontext()
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the drafter's context for the stats (e.g. visual tokens kept)."""
+        return {}

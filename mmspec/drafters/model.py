@@ -109,13 +109,18 @@ class ModelDrafter(Drafter):
             raise RuntimeError("ModelDrafter has no draft length: pass draft_length or num_draft_tokens")
         self.sampling = sampling
         self.generator = generator
-        device = input_ids.device
-        self.session = CacheSession(self.model, input_ids.shape[0], device)
+        self.session = CacheSession(self.model, input_ids.shape[0], input_ids.device)
+        self.prefill(input_ids, attention_mask, **model_inputs)
+        self.fed = 0
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> None:
+        """Feed the prompt but its last token to the drafter's cache (text drafters ignore
+        ``model_inputs``); the last token stays pending."""
+        assert self.session is not None
         if input_ids.shape[1] > 1:
-            self.session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, **model_inputs)
+            self.session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1)
         self.pending = input_ids[:, -1:]
         self.pending_valid = attention_mask[:, -1:].to(torch.long)
-        self.fed = 0
 
     @torch.no_grad()
     def propose(self, max_tokens: int) -> Draft:
