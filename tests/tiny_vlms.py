@@ -6,10 +6,12 @@ import copy
 
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
 VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 IMAGE_TOKEN = 100
 QWEN_SPECIAL = dict(image_token_id=100, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
 
@@ -25,6 +27,12 @@ def build_vlm(arch: str, *, layers: int = 2, seed: int = 0, init: float = 0.2,
         model = LlavaForConditionalGeneration(LlavaConfig(
             vision_config=vc, text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
             vision_feature_layer=-2, vision_feature_select_strategy="default"))
+    elif arch == "llava_next":
+        vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=32, initializer_range=init)
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(
+            vision_config=vc, text_config=LlamaConfig(**text), image_token_id=IMAGE_TOKEN,
+            image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2, vision_feature_select_strategy="default"))
     elif arch in ("qwen2_vl", "qwen2_5_vl"):
         text.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=1, eos_token_id=2)
         if arch == "qwen2_vl":
@@ -63,7 +71,19 @@ def vlm_inputs(arch: str, batch: int = 1, *, seed: int = 0, grid: int = 8, dtype
     Row b is left padded by 2*b tokens when batch > 1."""
     g = torch.Generator().manual_seed(seed)
     rows, extras = [], {}
-    if arch == "llava":
+    if arch == "llava_next":  # any-resolution: image tokens per image depend on its size
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+        sizes = [[40, 60], [64, 30], [50, 50]][:batch]
+        n_patches = [image_size_to_num_patches(s, NEXT_PINPOINTS, 32) for s in sizes]
+        pix = torch.randn(batch, max(n_patches), 3, 32, 32, generator=g, dtype=dtype)
+        counts = next_image_token_counts(sizes, n_patches)
+        for b in range(batch):
+            pre = torch.randint(3, 90, (3,), generator=g).tolist()
+            post = torch.randint(3, 90, (5 + b,), generator=g).tolist()
+            rows.append([1] + pre + [IMAGE_TOKEN] * counts[b] + post)
+        extras["pixel_values"] = pix
+        extras["image_sizes"] = torch.tensor(sizes)
+    elif arch == "llava":
         n_img = 64
         for b in range(batch):
             pre = torch.randint(3, 90, (3,), generator=g).tolist()
@@ -86,6 +106,18 @@ def vlm_inputs(arch: str, batch: int = 1, *, seed: int = 0, grid: int = 8, dtype
         ids[b, width - len(r):] = torch.tensor(r)
         mask[b, width - len(r):] = 1
     out = dict(input_ids=ids, attention_mask=mask, **extras)
-    if arch != "llava":
+    if arch.startswith("qwen"):
         out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
     return out
+
+
+def next_image_token_counts(sizes, n_patches, grid=4):
+    """Image tokens LLaVA-NeXT produces per image: base grid + unpadded crop grid + one newline per row."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    counts = []
+    for size, _ in zip(sizes, n_patches):
+        gh, gw = get_anyres_image_grid_shape(size, NEXT_PINPOINTS, 32)
+        t = torch.zeros(1, gh * grid, gw * grid)
+        h, w = unpad_image(t, size).shape[1:]
+        counts.append(grid * grid + h * (w + 1))
+    return counts

@@ -56,7 +56,8 @@ def capture_lm_inputs(vlm: torch.nn.Module, input_ids: torch.Tensor, attention_m
         box["pos"] = kwargs.get("position_ids")
         raise _Captured
 
-    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    # prepend: stop the forward before any other pre-hook (e.g. an attention capture) sees it
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     try:
         vlm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_inputs)
     except _Captured:
