@@ -133,7 +133,12 @@ class VLMDrafter(ModelDrafter):
                 target_attention=None if target_scores is None else target_scores[b, cols].float(),
                 cls_attention=None if cls_all is None else cls_all[b][: n],
             )
-            chosen = self.strategy.select(evidence, budget) if n else cols[:0]
+            if budget >= n:
+                chosen = torch.arange(n, device=cols.device)
+            elif budget == 0:
+                chosen = cols[:0]
+            else:
+                chosen = self.strategy.select(evidence, budget).to(cols.device)
             keep[b, cols[chosen]] = True
             kept_counts.append(int(chosen.numel()))
         index, new_valid = compact(keep)
