@@ -14,8 +14,11 @@ Glossary:
                  half next-byte cross entropy, half KL(target || drafter) on the target's
                  detached logits, so it learns to imitate the target (what acceptance
                  measures) at almost no extra cost
-    budget       a fixed step count, plus a wall-clock cap that stops training early on a
-                 slower machine (recorded in ``meta.json``)
+    budget       a fixed step count (~3 min on an idle 2-core CPU), plus a wall-clock cap that
+                 stops training early on a slower or busier machine (recorded in ``meta.json``)
+    threads      training uses 2 threads, but drops to 1 while that is faster: when other
+                 processes share the cores, 2 OpenMP threads spin at barriers and run 3-4x
+                 slower than 1 (measured here); the choice is re-probed every ``PROBE_EVERY`` steps
 """
 
 from __future__ import annotations
@@ -54,11 +57,12 @@ class Budget:
     lr_drafter: float
     max_seconds: float
     max_train_bytes: int | None
+    bf16_autocast: bool = True  # CPU bf16 autocast for the training forwards (~1.6x faster here)
 
 
-FULL = Budget(steps=280, batch=32, seq_len=128, lr_target=2e-3, lr_drafter=3e-3,
-              max_seconds=225.0, max_train_bytes=None)
-QUICK = Budget(steps=30, batch=16, seq_len=64, lr_target=3e-3, lr_drafter=4e-3,
+FULL = Budget(steps=600, batch=16, seq_len=128, lr_target=3e-3, lr_drafter=4e-3,
+              max_seconds=240.0, max_train_bytes=None)
+QUICK = Budget(steps=40, batch=16, seq_len=64, lr_target=3e-3, lr_drafter=4e-3,
                max_seconds=10.0, max_train_bytes=1_000_000)
 
 
@@ -145,11 +149,36 @@ def evaluate(target, drafter, windows: torch.Tensor) -> dict:
     )
 
 
+PROBE_EVERY = 20
+
+
+class ThreadChooser:
+    """Use 2 threads unless 1 is currently faster (probed on one step every ``PROBE_EVERY``)."""
+
+    def __init__(self) -> None:
+        self.threads = 2
+        self.last = {1: None, 2: None}  # seconds of the latest step with that many threads
+        self.used = {1: 0, 2: 0}
+
+    def before(self, step: int) -> None:
+        other = 3 - self.threads
+        probe = step % PROBE_EVERY == PROBE_EVERY - 1 or (step == 3 and self.last[other] is None)
+        self.current = other if probe else self.threads
+        torch.set_num_threads(self.current)
+
+    def after(self, seconds: float) -> None:
+        self.last[self.current] = seconds
+        self.used[self.current] += 1
+        if all(v is not None for v in self.last.values()):
+            self.threads = 1 if self.last[1] < 0.9 * self.last[2] else 2
+
+
 def train(cache_dir: Path, budget: Budget) -> dict:
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
-    torch.set_num_threads(2)
+    threads_before = torch.get_num_threads()
+    threads = ThreadChooser()
     data = _train_ids(budget.max_train_bytes)
     held = _held_out()
     windows = _validation_windows(held)
@@ -174,6 +203,8 @@ def train(cache_dir: Path, budget: Budget) -> dict:
         if time.perf_counter() - t_start > budget.max_seconds:
             bar.write(f"wall-clock cap {budget.max_seconds:.0f}s reached after {step} steps")
             break
+        threads.before(step)
+        t_step = time.perf_counter()
         scale = (step + 1) / warmup if step < warmup else \
             0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, budget.steps - warmup)))
         for group, lr in zip(opt.param_groups, base_lrs):
@@ -181,8 +212,9 @@ def train(cache_dir: Path, budget: Budget) -> dict:
         starts = torch.randint(0, data.numel() - budget.seq_len - 1, (budget.batch,), generator=gen)
         batch = torch.stack([data[s: s + budget.seq_len + 1] for s in starts.tolist()])
         x, y = batch[:, :-1], batch[:, 1:].flatten()
-        tl = target(input_ids=x).logits.flatten(0, 1)
-        dl = drafter(input_ids=x).logits.flatten(0, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=budget.bf16_autocast):
+            tl = target(input_ids=x).logits.flatten(0, 1).float()
+            dl = drafter(input_ids=x).logits.flatten(0, 1).float()
         ce_t = F.cross_entropy(tl, y)
         ce_d = F.cross_entropy(dl, y)
         kl_d = F.kl_div(dl.log_softmax(-1), tl.detach().log_softmax(-1), log_target=True, reduction="batchmean")
@@ -191,15 +223,19 @@ def train(cache_dir: Path, budget: Budget) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(target.parameters()) + list(drafter.parameters()), 1.0)
         opt.step()
+        threads.after(time.perf_counter() - t_step)
         steps_done = step + 1
         loss_t, loss_d = ce_t.item(), ce_d.item()
-        bar.set_postfix(target=f"{loss_t:.3f}", drafter=f"{loss_d:.3f}", kl=f"{kl_d.item():.3f}")
+        bar.set_postfix(target=f"{loss_t:.3f}", drafter=f"{loss_d:.3f}", kl=f"{kl_d.item():.3f}",
+                        threads=threads.current)
     bar.close()
     train_seconds = time.perf_counter() - t_start
+    torch.set_num_threads(threads_before)
     metrics = evaluate(target, drafter, windows)
     meta = dict(
         format_version=FORMAT_VERSION, python=sys.version.split()[0], torch=torch.__version__,
         budget=asdict(budget), steps_done=steps_done, train_seconds=round(train_seconds, 1),
+        steps_per_thread_count={str(k): v for k, v in threads.used.items()},
         train_tokens=steps_done * budget.batch * budget.seq_len, corpus_train_bytes=int(data.numel()),
         final_train_ce_target=loss_t, final_train_ce_drafter=loss_d,
         target_params=sum(p.numel() for p in target.parameters()),

@@ -190,7 +190,8 @@ def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new
     t0 = time.perf_counter()
     drafter.start(input_ids, attention_mask, sampling=sampling, generator=generator, **model_inputs)
     _sync(device)
-    stats.drafter_time += time.perf_counter() - t0
+    stats.drafter_prefill_time = time.perf_counter() - t0
+    stats.drafter_time += stats.drafter_prefill_time
     stats.extra.update(drafter.info)
     stats.prefill_time = time.perf_counter() - t_start
     pending = input_ids[:, -1:]  # [B, 1]

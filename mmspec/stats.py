@@ -25,7 +25,8 @@ class GenerationStats:
     emitted_tokens: int = 0
     accepted_at_position: list[int] = field(default_factory=list)
     drafted_at_position: list[int] = field(default_factory=list)
-    prefill_time: float = 0.0
+    prefill_time: float = 0.0  # target prefill + drafter start
+    drafter_prefill_time: float = 0.0  # drafter start (its own, possibly pruned, prefill)
     target_time: float = 0.0
     drafter_time: float = 0.0
     verify_time: float = 0.0
