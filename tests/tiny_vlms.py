@@ -121,3 +121,22 @@ def next_image_token_counts(sizes, n_patches, grid=4):
         h, w = unpad_image(t, size).shape[1:]
         counts.append(grid * grid + h * (w + 1))
     return counts
+
+
+def tiny_llava_processor(image_size: int = 32, patch: int = 4):
+    """A real LlavaProcessor (word-level tokenizer with <image> at id 100, PIL CLIP image processor)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {f"w{i}": i for i in range(120) if i != IMAGE_TOKEN}
+    vocab["<image>"] = IMAGE_TOKEN
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="w0", pad_token="w0", bos_token="w1",
+                                  eos_token="w2", extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                               crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
