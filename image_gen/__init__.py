@@ -1,1 +1,19 @@
-"""AR image models, VQ tokenizers and relaxed/local acceptance (``mmspec.image_gen``)."""
+"""AR image generation with speculative decoding (``mmspec.image_gen``).
+
+Models: :class:`ARImageModel` (Llama-style decoder over raster VQ tokens, class or text prefix,
+classifier-free guidance). Methods: plain AR, exact speculative decoding with a smaller AR
+drafter, Speculative Jacobi Decoding. Relaxed rules (LANTERN, MuLo-SD) plug in as ``rule=``.
+"""
+
+from .ar_drafter import ARDrafter
+from .drafting import GuidanceSpec, ImageDrafter, ImageStepOutcome
+from .engine import ImageGenerationStats
+from .generate import METHODS, ImageGenerationOutput, MethodError, generate
+from .model import ARImageConfig, ARImageModel, ConditionError, guidance_scale, guide
+from .sjd import JacobiDrafter
+
+__all__ = [
+    "ARDrafter", "ARImageConfig", "ARImageModel", "ConditionError", "GuidanceSpec", "ImageDrafter",
+    "ImageGenerationOutput", "ImageGenerationStats", "ImageStepOutcome", "JacobiDrafter", "METHODS",
+    "MethodError", "generate", "guidance_scale", "guide",
+]

@@ -1,0 +1,135 @@
+"""``mmspec.image_gen.generate``: images from class ids or prompts, AR or speculative.
+
+Glossary:
+    method   "ar" (plain AR, the baseline), "exact" (a smaller AR drafter, lossless rejection
+             sampling), "sjd" (Speculative Jacobi Decoding: self-drafting, lossless, no drafter)
+    rule     acceptance rule override (greedy at temperature 0, exact otherwise); relaxed rules
+             plug in here
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmspec.config import SamplingParams
+from mmspec.drafters.adaptive import DraftLengthPolicy
+from mmspec.errors import InvalidDraftLengthError, MMSpecError
+from mmspec.verify.chain import default_rule
+from mmspec.verify.rule import AcceptRule
+
+from .ar_drafter import ARDrafter
+from .drafting import GuidanceSpec, ImageDrafter
+from .engine import ImageGenerationStats, ImageStepEvent, decode_image_tokens
+from .model import ARImageModel, ConditionError
+from .sjd import JacobiDrafter
+
+METHODS = ("ar", "exact", "sjd")
+
+
+class MethodError(MMSpecError):
+    """Unknown method or a method missing what it needs (e.g. 'exact' without a drafter)."""
+
+
+@dataclass(frozen=True)
+class ImageGenerationOutput:
+    images: list | None  # PIL images (None when no tokenizer was given)
+    tokens: torch.Tensor  # long [B, H, W]
+    stats: ImageGenerationStats
+    conditions: list  # per image: its class id or prompt
+
+
+def _conditions(condition: Any, num_images: int) -> list:
+    conds = list(condition) if isinstance(condition, (list, tuple)) else [condition]
+    if not conds:
+        raise ConditionError("no condition given")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise MMSpecError(f"num_images must be an int >= 1, got {num_images!r}")
+    return [c for c in conds for _ in range(num_images)]
+
+
+def make_drafter(method: str, target: ARImageModel, drafter: Any, num_draft_tokens) -> ImageDrafter | None:
+    if method not in METHODS:
+        raise MethodError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method == "ar":
+        return None
+    if method == "sjd":
+        window = num_draft_tokens if isinstance(num_draft_tokens, int) else 16
+        return JacobiDrafter(window=window, vocab_size=target.config.codebook_size)
+    if drafter is None:
+        raise MethodError("method 'exact' needs a drafter model (a smaller AR image model)")
+    d = drafter if isinstance(drafter, ImageDrafter) else ARDrafter(drafter, num_draft_tokens)
+    if hasattr(d, "check_compatible"):
+        d.check_compatible(target)
+    return d
+
+
+def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None, method: str = "exact",
+                    cfg_scale: float = 4.0, cfg_schedule: str = "constant",
+                    num_draft_tokens: int | DraftLengthPolicy = 4, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                    num_images: int = 1, rule: AcceptRule | None = None) -> tuple[list, Callable[[], Any]]:
+    """Validate and return (conditions, a zero-argument function giving the event iterator)."""
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+    if isinstance(num_draft_tokens, int) and (isinstance(num_draft_tokens, bool) or num_draft_tokens < 1):
+        raise InvalidDraftLengthError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    conds = _conditions(condition, num_images)
+    cond_ids = [target.prefix_ids(c) for c in conds]
+    use_cfg = float(cfg_scale) != 1.0
+    uncond_ids = [target.prefix_ids(c, unconditional=True) for c in conds] if use_cfg else None
+    guidance = GuidanceSpec(cond=cond_ids, uncond=uncond_ids, cfg_scale=float(cfg_scale), schedule=cfg_schedule,
+                            num_tokens=target.config.num_image_tokens)
+    if cfg_schedule not in ("constant", "linear"):
+        raise MMSpecError(f"unknown cfg schedule {cfg_schedule!r}; expected 'constant' or 'linear'")
+    d = make_drafter(method, target, drafter, num_draft_tokens)
+    rule = rule if rule is not None else default_rule(sampling)
+
+    def events() -> Any:
+        return decode_image_tokens(target, guidance, drafter=d, rule=rule, sampling=sampling,
+                                   generator=generator, grid=target.config.grid_size)
+
+    return conds, events
+
+
+def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, drafter: Any = None,
+             method: str = "exact", cfg_scale: float = 4.0, cfg_schedule: str = "constant",
+             num_draft_tokens: int | DraftLengthPolicy = 4, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, num_images: int = 1,
+             rule: AcceptRule | None = None, progress: bool = False) -> ImageGenerationOutput:
+    """Generate images (VQ token grids) from class ids or prompts.
+
+    Args:
+        target: the AR image model.
+        tokenizer: an :class:`ImageTokenizer` to decode tokens to PIL images (optional).
+        condition: a class id / prompt, or a list of them; each is generated ``num_images`` times.
+        method: "ar", "exact" (needs ``drafter``) or "sjd".
+        cfg_scale: classifier-free guidance scale (1 disables CFG), ``cfg_schedule`` "constant"/"linear".
+        num_draft_tokens: drafted tokens per step (the SJD window for "sjd").
+        temperature, top_k, top_p: sampling as HF's warpers; temperature 0 is greedy.
+    """
+    conds, events = generate_stream(target, condition=condition, drafter=drafter, method=method,
+                                    cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                                    num_draft_tokens=num_draft_tokens, temperature=temperature, top_k=top_k,
+                                    top_p=top_p, generator=generator, num_images=num_images, rule=rule)
+    grid = target.config.grid_size
+    rows: list[list[int]] = [[] for _ in conds]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(conds) * grid * grid, desc=f"{method} image tokens", unit="tok")
+    stats = None
+    for ev in events():
+        stats = ev.stats
+        for r, toks in zip(ev.rows, ev.tokens):
+            rows[r].extend(toks)
+        if bar is not None:
+            bar.update(sum(len(t) for t in ev.tokens))
+    if bar is not None:
+        bar.close()
+    tokens = torch.tensor(rows, dtype=torch.long).view(len(conds), grid, grid)
+    images = tokenizer.decode(tokens) if tokenizer is not None else None
+    return ImageGenerationOutput(images=images, tokens=tokens, stats=stats, conditions=conds)
