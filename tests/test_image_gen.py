@@ -1,0 +1,171 @@
+"""AR image generation: every method equals plain AR at temperature 0 (CFG on and off), exact and
+SJD sample the target's distribution (chi-square, CFG on), CFG arithmetic, persistence, errors.
+
+Oracle: a cache-free reference (full forward per token) written independently of the engine."""
+
+import functools
+import itertools
+
+import pytest
+import torch
+from scipy import stats
+
+import mmspec.image_gen as ig
+from mmspec import InvalidDraftLengthError, SamplingParams
+from mmspec.sampling import logits_to_probs
+from tiny_image_models import reference_greedy, reference_logits, tiny_ar, truncated_ar
+
+METHODS = ["ar", "exact", "sjd"]
+
+
+@functools.lru_cache(maxsize=None)
+def models(text=False):
+    t = tiny_ar(text=text)
+    return t, truncated_ar(t), tiny_ar(text=text, layers=1, hidden=16, seed=5)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_equals_plain_ar_class_conditional(method, cfg, schedule, k):
+    target, truncated, small = models()
+    conds = [3, 7, 0]
+    expected = [reference_greedy(target, c, cfg, schedule) for c in conds]
+    for drafter in ([truncated, small] if method == "exact" else [None]):
+        out = ig.generate(target, condition=conds, drafter=drafter, method=method, cfg_scale=cfg,
+                          cfg_schedule=schedule, temperature=0.0, num_draft_tokens=k)
+        assert out.tokens.view(3, -1).tolist() == expected
+        assert out.tokens.shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_equals_plain_ar_text_conditional(method):
+    target, truncated, _ = models(text=True)
+    prompts = ["a red circle left", "blue square"]  # different prefix lengths: left padding
+    expected = [reference_greedy(target, p, 2.5) for p in prompts]
+    out = ig.generate(target, condition=prompts, drafter=truncated, method=method, cfg_scale=2.5,
+                      temperature=0.0, num_draft_tokens=3)
+    assert out.tokens.view(2, -1).tolist() == expected
+
+
+def test_self_drafting_accepts_everything_and_map():
+    target, _, _ = models()
+    out = ig.generate(target, condition=[1, 2], drafter=target, method="exact", cfg_scale=3.0, temperature=1.0,
+                      num_draft_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert out.stats.acceptance_rate == 1.0
+    m = out.stats.accepted_map
+    assert m.shape == (4, 4) and torch.equal(m.flatten(), torch.tensor([1.0, 1, 1, 0] * 4))
+    assert out.stats.target_forwards == 4  # 16 tokens in blocks of 3 + 1 bonus
+
+
+def test_cfg_guided_logits_by_hand():
+    cond = torch.tensor([[1.0, 2.0, -1.0]])
+    uncond = torch.tensor([[0.5, 0.0, 1.0]])
+    # uncond + s (cond - uncond) with s = 4: [0.5 + 2, 0 + 8, 1 - 8]
+    assert ig.guide(cond, uncond, 4.0).tolist() == [[2.5, 8.0, -7.0]]
+    assert ig.guide(cond, uncond, 1.0).tolist() == cond.tolist()
+    s = ig.guidance_scale(5.0, "linear", torch.tensor([0, 3, 6]), 7)
+    assert s.tolist() == [1.0, 3.0, 5.0]
+    # the engine's first-token guided logits equal the hand computation from the two halves
+    target, _, _ = models()
+    with torch.no_grad():
+        c = target(torch.tensor([target.prefix_ids(4)])).logits[0, -1].float()
+        u = target(torch.tensor([target.prefix_ids(4, unconditional=True)])).logits[0, -1].float()
+    assert torch.allclose(reference_logits(target, 4, [], 2.0), u + 2.0 * (c - u))
+
+
+def test_save_load_bit_exact(tmp_path):
+    target, _, _ = models(text=True)
+    target.save_pretrained(tmp_path / "m")
+    loaded = ig.ARImageModel.from_pretrained(tmp_path / "m")
+    assert loaded.config == target.config
+    for (ka, a), (kb, b) in zip(target.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(a, b)
+    a = ig.generate(target, condition="red circle", method="ar", temperature=0.0, cfg_scale=2.0)
+    b = ig.generate(loaded, condition="red circle", method="ar", temperature=0.0, cfg_scale=2.0)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+# ---- statistical: first two emitted tokens with CFG on ----------------------------------------
+
+N = 30_000
+
+
+def exact_first_two(model, condition, cfg, sampling):
+    V = model.config.codebook_size
+    p1 = logits_to_probs(reference_logits(model, condition, [], cfg), sampling)
+    joint = torch.zeros(V, V, dtype=torch.float64)
+    for a in range(V):
+        if p1[a] > 0:
+            p2 = logits_to_probs(reference_logits(model, condition, [a], cfg), sampling)
+            joint[a] = p1[a].double() * p2.double()
+    return joint.flatten()
+
+
+def gof(idx, expected, n):
+    counts = torch.bincount(idx, minlength=expected.numel()).double()
+    assert counts[expected == 0].sum() == 0
+    keep = expected * n > 5
+    rest = ~keep & (expected > 0)
+    obs, exp = counts[keep], expected[keep] * n
+    if rest.any():
+        obs, exp = torch.cat([obs, counts[rest].sum()[None]]), torch.cat([exp, expected[rest].sum()[None] * n])
+    return stats.chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue
+
+
+@pytest.mark.parametrize("method", ["exact", "sjd"])
+def test_first_tokens_follow_target_distribution_with_cfg(method):
+    target = tiny_ar(dtype=torch.float32, init=0.4, seed=11)
+    drafter = truncated_ar(target)
+    cfg, sampling = 2.0, SamplingParams(temperature=1.0, top_k=6)
+    expected = exact_first_two(target, 5, cfg, sampling)
+    out = ig.generate(target, condition=5, drafter=drafter, method=method, cfg_scale=cfg, temperature=1.0, top_k=6,
+                      num_draft_tokens=3, num_images=N, generator=torch.Generator().manual_seed(2))
+    assert 0.05 < out.stats.acceptance_rate < 0.95
+    flat = out.tokens.view(N, -1)
+    assert gof(flat[:, 0] * 16 + flat[:, 1], expected, N) > 1e-3
+
+
+def test_statistical_test_catches_a_wrong_rule():
+    """Accepting every SJD guess emits the random initial guesses: the test must reject it."""
+    from mmspec.verify import AcceptRule, Judgement
+
+    class AcceptAll(AcceptRule):
+        def judge(self, draft_tokens, draft_probs, target_probs, uniforms):
+            return Judgement(torch.ones_like(draft_tokens, dtype=torch.bool), target_probs)
+
+    target = tiny_ar(dtype=torch.float32, init=0.4, seed=11)
+    expected = exact_first_two(target, 5, 2.0, SamplingParams(temperature=1.0, top_k=6))
+    out = ig.generate(target, condition=5, method="sjd", cfg_scale=2.0, temperature=1.0, top_k=6, rule=AcceptAll(),
+                      num_draft_tokens=3, num_images=5000, generator=torch.Generator().manual_seed(3))
+    flat = out.tokens.view(5000, -1)
+    idx = flat[:, 0] * 16 + flat[:, 1]
+    with pytest.raises(AssertionError):
+        assert gof(idx, expected, 5000) > 1e-6
+
+
+# ---- named errors ------------------------------------------------------------------------------
+
+def test_bad_input():
+    target, truncated, _ = models()
+    text_target, _, _ = models(text=True)
+    with pytest.raises(ig.ConditionError, match="unknown class id 12"):
+        ig.generate(target, condition=12, method="ar")
+    with pytest.raises(ig.ConditionError, match="empty prompt"):
+        ig.generate(text_target, condition="  ", method="ar")
+    with pytest.raises(ig.ConditionError, match="unknown word\\(s\\) \\['green'\\]"):
+        ig.generate(text_target, condition="green circle", method="ar")
+    with pytest.raises(ValueError, match="cfg_scale must be a number >= 0"):
+        ig.generate(target, condition=1, cfg_scale=-1.0)
+    with pytest.raises(ig.MethodError, match="needs a drafter model"):
+        ig.generate(target, condition=1, method="exact")
+    with pytest.raises(ig.MethodError, match="unknown method 'medusa'"):
+        ig.generate(target, condition=1, method="medusa")
+    with pytest.raises(InvalidDraftLengthError):
+        ig.generate(target, condition=1, method="sjd", num_draft_tokens=0)
+    other = tiny_ar(codebook=32)
+    with pytest.raises(ValueError, match="drafter codebook size 32 != target codebook size 16"):
+        ig.generate(target, condition=1, method="exact", drafter=other)
+    with pytest.raises(FileNotFoundError, match="no AR image model"):
+        ig.ARImageModel.from_pretrained("/nonexistent/model")
