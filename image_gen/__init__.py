@@ -11,9 +11,11 @@ from .engine import ImageGenerationStats
 from .generate import METHODS, ImageGenerationOutput, MethodError, generate
 from .model import ARImageConfig, ARImageModel, ConditionError, guidance_scale, guide
 from .sjd import JacobiDrafter
+from .tokenizer import ImageTokenizer, InvalidImageError, InvalidTokenError, VQTokenizer, tiny_vq_tokenizer
 
 __all__ = [
     "ARDrafter", "ARImageConfig", "ARImageModel", "ConditionError", "GuidanceSpec", "ImageDrafter",
-    "ImageGenerationOutput", "ImageGenerationStats", "ImageStepOutcome", "JacobiDrafter", "METHODS",
-    "MethodError", "generate", "guidance_scale", "guide",
+    "ImageGenerationOutput", "ImageGenerationStats", "ImageStepOutcome", "ImageTokenizer", "InvalidImageError",
+    "InvalidTokenError", "JacobiDrafter", "METHODS", "MethodError", "VQTokenizer", "generate", "guidance_scale",
+    "guide", "tiny_vq_tokenizer",
 ]

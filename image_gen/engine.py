@@ -114,7 +114,7 @@ def decode_image_tokens(target: torch.nn.Module, guidance: GuidanceSpec, *, draf
         stats.target_calls = stats.target_forwards = target_s.calls
         stats.drafter_calls = 0 if drafter is None else drafter.num_calls
         stats.total_time = time.perf_counter() - t_start
-        if len(generated[step_rows[0]]) and all(len(g) >= total for g in generated):
+        if all(len(g) >= total for g in generated):
             stats.accepted_map = accepted_flags.mean(dim=0).view(grid, grid)
         yield ImageStepEvent(step=step, rows=step_rows, tokens=committed, num_accepted=n_acc,
                              finished=finished, stats=stats)

@@ -149,6 +149,64 @@ def _run_vlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def heatmap_image(accepted_map: torch.Tensor, cell: int = 24):
+    """[H, W] in [0, 1] -> PIL heat-map (dark blue = target-sampled, yellow = drafted and accepted)."""
+    from PIL import Image
+
+    m = accepted_map.clamp(0, 1).float()
+    lo, hi = torch.tensor([30.0, 30.0, 110.0]), torch.tensor([250.0, 220.0, 40.0])
+    rgb = (lo + (hi - lo) * m.unsqueeze(-1)).round().to(torch.uint8)  # [H, W, 3]
+    img = Image.fromarray(rgb.numpy(), "RGB")
+    return img.resize((img.width * cell, img.height * cell), Image.NEAREST)
+
+
+def _run_imagegen(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import mmspec
+    import mmspec.image_gen as ig
+
+    try:
+        target = ig.ARImageModel.from_pretrained(args.model)
+        tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+        drafter = ig.ARImageModel.from_pretrained(args.drafter) if args.drafter else None
+        if args.prompt is not None and args.class_ids:
+            raise mmspec.MMSpecError("give --class or --prompt, not both")
+        condition = args.prompt if args.prompt is not None else (args.class_ids or None)
+        if condition is None:
+            raise mmspec.MMSpecError("give a condition: --class ID (class-conditional) or --prompt TEXT")
+        out = ig.generate(target, tokenizer, condition=condition, drafter=drafter, method=args.method,
+                          cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, num_draft_tokens=args.k,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          generator=torch.Generator().manual_seed(args.seed), num_images=args.num_images,
+                          progress=True)
+    except (mmspec.MMSpecError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, cond in enumerate(out.conditions):
+        if out.images is not None:
+            name = f"image_{i:03d}.png"
+            out.images[i].save(outdir / name)
+            files.append(name)
+    heatmap_image(out.stats.accepted_map).save(outdir / "acceptance_heatmap.png")
+    stats = out.stats.as_dict()
+    stats.update(method=args.method, conditions=out.conditions, images=files, seed=args.seed,
+                 tokens=out.tokens.tolist())
+    (outdir / "stats.json").write_text(json.dumps(stats, indent=2))
+    print(f"{len(out.conditions)} image(s) -> {outdir}: {out.stats.summary()}; "
+          f"target forwards per image {out.stats.target_forwards_per_image:.1f}")
+    return 0
+
+
+def imagegen_main(argv: list[str] | None = None) -> int:
+    """Console entry point ``mmspec-imagegen`` (same as ``mmspec imagegen``)."""
+    return main(["imagegen", *(sys.argv[1:] if argv is None else argv)])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--seed", type=int, default=0)
     vlm.add_argument("--check", action="store_true", help="also run target.generate and compare (greedy)")
     vlm.set_defaults(func=_run_vlm)
+
+    img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD)")
+    img.add_argument("--model", required=True, help="AR image model directory (ARImageModel.save_pretrained)")
+    img.add_argument("--tokenizer", help="VQ tokenizer directory (to write PNGs)")
+    img.add_argument("--drafter", help="smaller AR image model for --method exact")
+    img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
+    img.add_argument("--prompt", help="prompt for a text-conditional model")
+    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd"])
+    img.add_argument("--cfg-scale", type=float, default=4.0)
+    img.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
+    img.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4)
+    img.add_argument("--temperature", type=float, default=1.0)
+    img.add_argument("--top-k", type=int, default=None)
+    img.add_argument("--top-p", type=float, default=None)
+    img.add_argument("--seed", type=int, default=0)
+    img.add_argument("--num-images", type=int, default=1)
+    img.add_argument("--out", default="out/images")
+    img.set_defaults(func=_run_imagegen)
     return parser
 
 

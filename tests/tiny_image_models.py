@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mmspec.image_gen import ARImageConfig, ARImageModel
@@ -19,11 +21,11 @@ def tiny_ar(*, layers=2, hidden=32, seed=0, codebook=16, grid=4, text=False, ini
 
 def truncated_ar(model: ARImageModel) -> ARImageModel:
     """The target's first layer with its embeddings and head: a cheaper drafter with partial acceptance."""
-    import copy
-    d = copy.deepcopy(model)
-    d.backbone.model.layers = d.backbone.model.layers[:1]
-    d.backbone.config.num_hidden_layers = 1
-    return d.eval()
+    import dataclasses
+    d = ARImageModel(dataclasses.replace(model.config, num_layers=1))
+    state = {k: v for k, v in model.state_dict().items() if ".layers." not in k or ".layers.0." in k}
+    d.load_state_dict(state)
+    return d.to(next(model.parameters()).dtype).eval()
 
 
 @torch.no_grad()
@@ -38,6 +40,7 @@ def reference_logits(model: ARImageModel, condition, tokens: list[int], cfg_scal
     return unc + (cond - unc) * s
 
 
+@functools.lru_cache(maxsize=None)
 def reference_greedy(model, condition, cfg_scale, schedule="constant"):
     toks: list[int] = []
     for _ in range(model.config.num_image_tokens):
