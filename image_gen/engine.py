@@ -31,12 +31,15 @@ from .guided import GuidedSession
 @dataclass
 class ImageGenerationStats(GenerationStats):
     accepted_map: torch.Tensor | None = None  # float [H, W]: fraction of images with a drafted token kept
-    target_forwards: int = 0  # target calls including the prefill
+    target_forwards: int = 0  # batched target calls including the prefill
     images: int = 0
 
     @property
     def target_forwards_per_image(self) -> float:
-        return self.target_forwards / self.images if self.images else 0.0
+        """Target forward passes each image took part in (verification steps, plus the prefill
+        when the prefix has more than one token), averaged over images; batch-size independent."""
+        prefill = self.target_forwards - self.steps
+        return self.row_steps / self.images + prefill if self.images else 0.0
 
     def as_dict(self) -> dict:
         d = super().as_dict()
