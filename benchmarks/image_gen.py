@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ._report import write_section
+
 SECTION = "## Image generation (issue: image generation)"
 
 
@@ -123,16 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(header + rows) + "\n"
     print(table)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-        if SECTION in text:
-            start = text.index(SECTION)
-            end = text.find("\n## ", start + 1)
-            old = text[start:] if end < 0 else text[start:end]
-            notes = old[old.index("<!-- notes -->"):] if "<!-- notes -->" in old else ""
-            text = text[:start] + table + ("\n" + notes if notes else "") + ("" if end < 0 else text[end:])
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        args.out.write_text(text)
+        write_section(args.out, SECTION, table)
     return 0
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ._report import write_section
+
 SECTION = "## VLM (issue: vision)"
 
 
@@ -164,18 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(header + rows) + "\n"
     print(table)
     if args.out is not None:
-        text = args.out.read_text() if args.out.exists() else "# Benchmark results\n"
-        if SECTION in text:
-            start = text.index(SECTION)
-            end = text.find("\n## ", start + 1)
-            notes = ""
-            old = text[start:] if end < 0 else text[start:end]
-            if "<!-- notes -->" in old:
-                notes = old[old.index("<!-- notes -->"):]
-            text = text[:start] + table + ("\n" + notes if notes else "") + ("" if end < 0 else text[end:])
-        else:
-            text = text.rstrip("\n") + "\n\n" + table
-        args.out.write_text(text)
+        write_section(args.out, SECTION, table)
     return 0 if all(outputs[n] == ref for n in outputs) else 1
 
 

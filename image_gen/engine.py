@@ -20,6 +20,7 @@ import torch
 
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Draft
+from mmspec.engine import commit_row
 from mmspec.stats import GenerationStats
 from mmspec.verify.chain import verify_chain
 from mmspec.verify.rule import AcceptRule
@@ -100,12 +101,12 @@ def decode_image_tokens(target: torch.nn.Module, guidance: GuidanceSpec, *, draf
         target_s.rollback(k - result.num_accepted)
         committed, finished = [], []
         for i, row in enumerate(active):
-            toks = out[i][: n_acc[i] + 1][: remaining[i]]
+            toks, done = commit_row(out[i], n_acc[i], remaining[i])
             start = len(generated[row])
             accepted_flags[row, start: start + min(n_acc[i], len(toks))] = 1.0
             generated[row].extend(toks)
             committed.append(toks)
-            finished.append(len(generated[row]) >= total)
+            finished.append(done)
         target_s.set_pending([[c[-1]] for c in committed])
         if drafter is not None:
             drafter.observe(ImageStepOutcome(draft=draft, result=result, committed=committed, target_logits=logits))

@@ -13,18 +13,9 @@ from __future__ import annotations
 import torch
 
 from mmspec.cache import CacheSession
+from mmspec.drafters.model import right_align
 
 from .model import guidance_scale, guide
-
-
-def left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[b, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
 
 
 class GuidedSession:
@@ -38,7 +29,7 @@ class GuidedSession:
         self.batch = len(cond)
         rows = cond + (uncond if uncond is not None else [])
         device = next(model.parameters()).device
-        ids, mask = left_pad(rows, device)
+        ids, mask = right_align(rows, device)  # left padding
         self.session = CacheSession(model, len(rows), device)
         if ids.shape[1] > 1:
             self.session.extend(ids[:, :-1], mask[:, :-1], num_logits=1)
@@ -75,15 +66,8 @@ class GuidedSession:
 
     def set_pending(self, rows: list[list[int]]) -> None:
         """Committed image tokens not yet in the cache, per image (ragged, right aligned)."""
-        width = max(len(r) for r in rows)
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        valid = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            if r:
-                ids[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-                valid[b, width - len(r):] = 1
-        device = self.pending.device
-        self.pending, self.pending_valid = self.both(ids.to(device)), self.both(valid.to(device))
+        ids, valid = right_align(rows, self.pending.device)
+        self.pending, self.pending_valid = self.both(ids), self.both(valid)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only images ``rows`` (long [B'])."""

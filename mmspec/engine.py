@@ -78,6 +78,16 @@ class GenerationOutput:
     num_generated: list[int]  # per row, generated tokens (including EOS)
 
 
+def commit_row(emitted: list[int], num_accepted: int, remaining: int, eos: set[int] = frozenset()) -> tuple[list[int], bool]:
+    """The tokens a row keeps from one step, and whether it finished: the emitted tokens (accepted
+    drafts + recovered/bonus), cut at ``remaining`` and after the first EOS."""
+    toks = emitted[: num_accepted + 1][:remaining]
+    for j, t in enumerate(toks):
+        if t in eos:
+            return toks[: j + 1], True
+    return toks, len(toks) == remaining
+
+
 def _as_eos_set(eos_token_id: int | list[int] | torch.Tensor | None) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -218,12 +228,7 @@ def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new
         pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
         committed, finished = [], []
         for i, row in enumerate(active):
-            toks = out[i][: n_acc[i] + 1][: remaining[i]]
-            done = len(toks) == remaining[i]
-            for j, t in enumerate(toks):
-                if t in eos:
-                    toks, done = toks[: j + 1], True
-                    break
+            toks, done = commit_row(out[i], n_acc[i], remaining[i], eos)
             generated[row].extend(toks)
             committed.append(toks)
             finished.append(done)
