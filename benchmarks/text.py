@@ -7,11 +7,21 @@ Run from the repository root::
     python -m benchmarks.text --out benchmarks/RESULTS.md
 
 One interleaved run on the same trained byte-level target/drafter pair (see
-``benchmarks/_text_models.py``): every repeat runs every method over every prompt, the method
-order rotated (and reversed on odd repeats) so slow drifts of the machine hit all methods alike.
-Speedups are ratios of tokens/s measured in the same repeat (median over repeats). No EOS
-exists, so every method generates exactly ``--max-new-tokens`` tokens; greedy outputs are
-checked token for token against HF plain greedy generation (column "identical").
+``benchmarks/_text_models.py``): each repeat is one round per prompt, and each round runs every
+batch-1 method on that prompt, the order rotated (and reversed on alternate rounds) so drifts of
+a shared machine hit all methods alike; the batch-4 pair runs once per repeat. Speedups are
+ratios of tokens/s (all tokens / all time) to the HF plain baseline of the same mode and batch
+size, with the range of the per-round ratios. No EOS exists, so every method generates exactly
+``--max-new-tokens`` tokens; greedy outputs are checked token for token against HF plain greedy
+(column "identical").
+
+Greedy decoding of such small, briefly trained models can fall into loops that target and
+drafter both predict (acceptance near 1 on that prompt); the sampled rows (temperature
+``--temperature``, exact rejection sampling) show the acceptance of the full distributions.
+
+Timing uses ``--threads 1`` by default: these models are too small for intra-op parallelism to
+help a single-token forward, and on a shared machine 2 OpenMP threads were measured 7x slower
+(34.6 vs 5.0 ms per target forward) while other processes ran.
 
 Glossary:
     tau      mean accepted length: tokens emitted per verification step (accepted + 1)
@@ -22,6 +32,10 @@ Glossary:
     theory   (1 - alpha^(k+1)) / ((1 - alpha)(1 + c k)): the i.i.d.-acceptance speedup of
              Leviathan et al. (2023), which assumes a (k+1)-token verification costs one
              single-token forward and that nothing but forwards costs time
+    theory (tau)
+             tau / (1 + c k): the same cost model with the measured tokens per step instead of
+             the i.i.d. prediction from alpha (acceptances within a step are strongly correlated
+             here, so the i.i.d. formula underestimates tau)
 """
 
 from __future__ import annotations
@@ -45,19 +59,21 @@ import torch
 SECTION_HEADING = "## Text (issue: foundation)"
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 STAT_FIELDS = ("steps", "row_steps", "target_calls", "drafter_calls", "drafted_tokens", "accepted_tokens",
-               "emitted_tokens", "prefill_time", "target_time", "drafter_time", "verify_time", "total_time")
+               "emitted_tokens", "prefill_time", "drafter_prefill_time", "target_time", "drafter_time",
+               "verify_time", "total_time")
 
 
 @dataclass
 class Method:
     name: str
     batch: int  # 1: one call per prompt; >1: all prompts in one left-padded call
-    run: Callable[[torch.Tensor, torch.Tensor], tuple[list[list[int]], object | None]]
+    run: Callable[[torch.Tensor, torch.Tensor, int], tuple[list[list[int]], object | None]]  # (ids, mask, seed)
     family: str  # "hf", "mmspec", "ref"
+    mode: str = "greedy"  # "greedy" or "sampled"
     c: float | None = None  # drafter cost ratio for the theory column (mmspec rows)
     c_label: str = ""
-    times: list[float] = field(default_factory=list)  # per repeat: seconds
-    tokens: list[int] = field(default_factory=list)  # per repeat: generated tokens
+    times: list[float] = field(default_factory=list)  # per round: seconds
+    tokens: list[int] = field(default_factory=list)  # per round: generated tokens
     identical: int = 0
     checked: int = 0
     stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_FIELDS, 0))
@@ -68,22 +84,27 @@ class Method:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.text", description=__doc__.split("\n\n")[0])
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per prompt (default 256; quick 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per prompt (default 128; quick 24)")
     p.add_argument("--k", type=int, default=5, help="draft length for every speculative method (default 5)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny training budget, short generations")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown file to write the results section into (replaced if present, else appended)")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/mmspec/bench_text)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads while timing (default 1; training picks its own)")
+    p.add_argument("--temperature", type=float, default=1.0, help="temperature of the sampled rows (default 1)")
     p.add_argument("--no-batch", action="store_true", help="skip the batch-4 rows")
+    p.add_argument("--no-sampled", action="store_true", help="skip the sampled rows")
     args = p.parse_args(argv)
     if args.max_new_tokens is None:
-        args.max_new_tokens = 32 if args.quick else 256
+        args.max_new_tokens = 24 if args.quick else 128
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.k < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         p.error("--k, --max-new-tokens and --repeats must be >= 1")
+    if args.temperature <= 0:
+        p.error("--temperature must be > 0 (the greedy rows are always run)")
     return args
 
 
@@ -135,33 +156,37 @@ class ForwardBench:
 def build_methods(target, drafter, args, pad_id: int) -> list[Method]:
     import mmspec
 
-    n, k = args.max_new_tokens, args.k
+    n, k, temp = args.max_new_tokens, args.k, args.temperature
     # HF assisted generation: constant k drafts, no confidence early-stop (as mmspec's fixed k)
     gc = drafter.generation_config
     gc.num_assistant_tokens = k
     gc.num_assistant_tokens_schedule = "constant"
     gc.assistant_confidence_threshold = 0.0
+    # HF would otherwise fill in its default top_k=50 when sampling
+    sampled_hf = dict(do_sample=True, temperature=temp, top_k=0, top_p=1.0)
 
     def new_tokens(seqs: torch.Tensor, width: int) -> list[list[int]]:
         return seqs[:, width:].tolist()
 
-    def hf(**extra):
-        def run(ids, mask):
-            out = target.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                  pad_token_id=pad_id, **extra)
+    def hf(sampled=False, **extra):
+        def run(ids, mask, seed):
+            if sampled:
+                torch.manual_seed(seed)
+            out = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, pad_token_id=pad_id,
+                                  **(sampled_hf if sampled else dict(do_sample=False)), **extra)
             return new_tokens(out, ids.shape[1]), None
         return run
 
-    def spec(d):
-        def run(ids, mask):
-            timed = make_drafter(d)
-            out = mmspec.generate(target, ids, attention_mask=mask, drafter=timed, max_new_tokens=n,
-                                  num_draft_tokens=k, temperature=0.0)
-            return new_tokens(out.sequences, ids.shape[1]), (out.stats, timed.start_seconds)
+    def spec(d, sampled=False):
+        def run(ids, mask, seed):
+            gen = torch.Generator().manual_seed(seed) if sampled else None
+            out = mmspec.generate(target, ids, attention_mask=mask, drafter=d, max_new_tokens=n,
+                                  num_draft_tokens=k, temperature=temp if sampled else 0.0, generator=gen)
+            return new_tokens(out.sequences, ids.shape[1]), out.stats
         return run
 
     @torch.no_grad()
-    def manual(ids, mask):
+    def manual(ids, mask, seed):
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -182,6 +207,14 @@ def build_methods(target, drafter, args, pad_id: int) -> list[Method]:
         Method("mmspec prompt lookup", 1, spec("prompt_lookup"), "mmspec", c=0.0, c_label="lookup"),
         Method("mmspec self-draft (drafter=target)", 1, spec(target), "mmspec", c=1.0, c_label="= target"),
     ]
+    if not args.no_sampled:
+        methods += [
+            Method(f"HF plain sampled (AR), T={temp:g}", 1, hf(sampled=True), "hf", mode="sampled"),
+            Method(f"HF assisted (drafter), T={temp:g}", 1, hf(sampled=True, assistant_model=drafter), "hf",
+                   mode="sampled"),
+            Method(f"mmspec drafter, T={temp:g}", 1, spec(drafter, sampled=True), "mmspec", mode="sampled",
+                   c_label="fwd"),
+        ]
     if not args.no_batch:
         methods += [
             Method("HF plain greedy (AR), B=4", 4, hf(), "hf"),
@@ -190,36 +223,14 @@ def build_methods(target, drafter, args, pad_id: int) -> list[Method]:
     return methods
 
 
-def add_stats(m: Method, stats, drafter_start: float) -> None:
+def add_stats(m: Method, stats) -> None:
     m.calls += 1
-    m.stats["drafter_start_time"] = m.stats.get("drafter_start_time", 0.0) + drafter_start
     for f in STAT_FIELDS:
         m.stats[f] += getattr(stats, f)
     for acc, src in ((m.accepted_at, stats.accepted_at_position), (m.drafted_at, stats.drafted_at_position)):
         acc.extend([0] * (len(src) - len(acc)))
         for i, v in enumerate(src):
             acc[i] += v
-
-
-class _TimedStart:
-    """Mixin timing ``start`` (the drafter's prefill): ``GenerationStats`` counts it in both
-    ``prefill_time`` and ``drafter_time``, so the split table needs it to avoid counting it twice."""
-
-    start_seconds = 0.0
-
-    def start(self, *a, **kw):
-        t0 = time.perf_counter()
-        super().start(*a, **kw)
-        self.start_seconds = time.perf_counter() - t0
-
-
-def make_drafter(spec):
-    """A fresh timed mmspec drafter: a model -> ModelDrafter, "prompt_lookup" -> PromptLookupDrafter."""
-    import mmspec
-
-    if spec == "prompt_lookup":
-        return type("TimedPromptLookupDrafter", (_TimedStart, mmspec.PromptLookupDrafter), {})()
-    return type("TimedModelDrafter", (_TimedStart, mmspec.ModelDrafter), {})(spec)
 
 
 def run_benchmark(methods: list[Method], prompts, reference, args, pad_id: int, progress,
@@ -232,25 +243,26 @@ def run_benchmark(methods: list[Method], prompts, reference, args, pad_id: int, 
 
     def timed(m: Method, ids, mask, ref, slot: int) -> None:
         t0 = time.perf_counter()
-        toks, stats = m.run(ids, mask)
+        toks, stats = m.run(ids, mask, 1000 + slot)
         elapsed = time.perf_counter() - t0
         while len(m.times) <= slot:
             m.times.append(0.0)
             m.tokens.append(0)
         m.times[slot] += elapsed
         m.tokens[slot] += sum(len(t) for t in toks)
-        for row, want in zip(toks, ref):
-            m.checked += 1
-            m.identical += int(row == want)
+        if m.mode == "greedy":
+            for row, want in zip(toks, ref):
+                m.checked += 1
+                m.identical += int(row == want)
         if stats is not None:
-            add_stats(m, *stats)
+            add_stats(m, stats)
 
     # warm-up: every method once (untimed, unrecorded)
     for m in methods:
         if m.batch == 1:
-            m.run(prompts[0][None], torch.ones_like(prompts[0])[None])
+            m.run(prompts[0][None], torch.ones_like(prompts[0])[None], 0)
         else:
-            m.run(*batched)
+            m.run(*batched, 0)
     progress.update(1)
     for r in range(args.repeats):
         for i, p in enumerate(prompts):
@@ -273,38 +285,45 @@ def theory(alpha: float, k: int, c: float) -> float:
     return gain / (1 + c * k)
 
 
-def fmt(x, spec=".2f", dash="–"):
-    return dash if x is None else format(x, spec)
+def fmt(x, spec=".2f", dash="–", suffix=""):
+    return dash if x is None else format(x, spec) + suffix
 
 
 def summarize(methods: list[Method], args, fwd: dict) -> tuple[list[str], list[str], list[str]]:
-    by_name = {m.name: m for m in methods}
-    base = {1: by_name["HF plain greedy (AR)"], 4: by_name.get("HF plain greedy (AR), B=4")}
+    base = {}  # (mode, batch) -> the HF plain baseline
+    for m in methods:
+        if m.family == "hf" and m.name.startswith("HF plain"):
+            base[(m.mode, m.batch)] = m
     c_fwd = fwd["drafter_1"] / fwd["target_1"]
-    main = ["| method | B | tok/s | speedup vs HF AR (same B) | τ (mean acc. len) | α | c | theory | "
-            "% of theory | identical |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    main = ["| method | B | tok/s | speedup vs HF plain (same mode, B) | per-round range | τ (mean acc. len) | α | "
+            "c | theory (i.i.d. α) | % of it | theory (τ) | % of it | identical |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     split = ["| mmspec method | steps/call | target ms/step | drafter ms/step | verify ms/step | other ms/step | "
              "prefill ms/call | drafter ms/drafted tok | target ms/verify call |",
              "|---|---|---|---|---|---|---|---|---|"]
     per_pos = []
     for m in methods:
-        tps = [t / s for t, s in zip(m.tokens, m.times)]
-        b = base.get(m.batch)
-        speed = None
+        tps = sum(m.tokens) / sum(m.times)
+        b = base.get((m.mode, m.batch))
+        speed, spread = None, "–"
         if b is not None:
-            speed = statistics.median([t / (bt / bs) for t, bt, bs in zip(tps, b.tokens, b.times)])
-        tau = alpha = c = th = frac = None
+            speed = tps / (sum(b.tokens) / sum(b.times))
+            ratios = [(t / s) / (bt / bs) for t, s, bt, bs in zip(m.tokens, m.times, b.tokens, b.times)]
+            spread = f"{min(ratios):.2f}–{max(ratios):.2f}"
+        tau = alpha = c = th = frac = th_tau = frac_tau = None
         if m.family == "mmspec" and m.stats["row_steps"]:
             s = m.stats
             tau = (s["accepted_tokens"] + s["row_steps"]) / s["row_steps"]
             alpha = s["accepted_tokens"] / s["drafted_tokens"] if s["drafted_tokens"] else 0.0
             c = c_fwd if m.c is None else m.c
             th = theory(alpha, args.k, c)
+            th_tau = tau / (1 + c * args.k)
             frac = speed / th if speed is not None else None
+            frac_tau = speed / th_tau if speed is not None else None
             steps = s["steps"]
-            drafter = s["drafter_time"] - s["drafter_start_time"]  # drafter prefill is inside prefill_time
-            other = s["total_time"] - s["prefill_time"] - s["target_time"] - drafter - s["verify_time"]
+            drafter = s["drafter_time"] - s["drafter_prefill_time"]  # per-step drafter work only
+            other = (s["total_time"] - s["prefill_time"] - s["drafter_prefill_time"] - s["target_time"] - drafter
+                     - s["verify_time"])
             split.append(
                 f"| {m.name} | {steps / m.calls:.1f} | {1e3 * s['target_time'] / steps:.2f} | "
                 f"{1e3 * drafter / steps:.2f} | {1e3 * s['verify_time'] / steps:.2f} | "
@@ -314,11 +333,13 @@ def summarize(methods: list[Method], args, fwd: dict) -> tuple[list[str], list[s
             per_pos.append(f"- {m.name}: " + ", ".join(
                 f"{a / d:.2f}" for a, d in zip(m.accepted_at, m.drafted_at) if d))
         c_txt = "–" if c is None else f"{c:.3f} ({m.c_label})"
-        ident = "yes" if m.identical == m.checked else f"NO ({m.identical}/{m.checked})"
-        main.append(f"| {m.name} | {m.batch} | {statistics.median(tps):.1f} | {fmt(speed)}× | {fmt(tau)} | "
-                    f"{fmt(alpha)} | {c_txt} | {fmt(th)}{'×' if th else ''} | "
-                    f"{fmt(None if frac is None else 100 * frac, '.0f')}{'%' if frac is not None else ''} | "
-                    f"{ident} |")
+        if m.mode != "greedy":
+            ident = "n/a (sampled)"
+        else:
+            ident = "yes" if m.identical == m.checked else f"NO ({m.identical}/{m.checked})"
+        main.append(f"| {m.name} | {m.batch} | {tps:.1f} | {fmt(speed)}× | {spread} | {fmt(tau)} | "
+                    f"{fmt(alpha)} | {c_txt} | {fmt(th, suffix='×')} | {fmt(frac, '.0%')} | "
+                    f"{fmt(th_tau, suffix='×')} | {fmt(frac_tau, '.0%')} | {ident} |")
     return main, split, per_pos
 
 
@@ -403,7 +424,7 @@ def main(argv=None) -> int:
         f"- command: `{cmd.strip()}`",
         f"- date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {machine_line()}; 1-min load average {load_before:.2f} before / {load_after:.2f} after "
-        "the timed part (other processes share the cores when it exceeds ~0)",
+        "the timed part (above ~1, other processes were sharing the 2 cores)",
         f"- models (byte-level Llama, trained on this machine on the Python {meta['python']} stdlib sources, "
         f"{meta['steps_done']} steps × {meta['budget']['batch']}×{meta['budget']['seq_len']} bytes in "
         f"{meta['train_seconds']} s, joint distillation): target {meta['target_params'] / 1e6:.2f} M params "
@@ -415,19 +436,23 @@ def main(argv=None) -> int:
         f"- workload: {len(prompts)} held-out prompts ({min(p.numel() for p in prompts)}–"
         f"{max(p.numel() for p in prompts)} bytes), {n} new tokens each (no EOS), greedy, k = {args.k}, "
         f"{args.repeats} repeat(s) after a warm-up, each a round per prompt running all batch-1 methods in "
-        f"rotated order (the B=4 pair once per repeat); tok/s and speedup are medians over rounds "
-        f"(speedup: ratio to HF AR in the same round); "
-        f"HF assisted uses constant k = {args.k} drafts without confidence early-stop",
+        f"rotated order{'' if args.no_batch else ' (the B=4 pair once per repeat)'}; "
+        f"tok/s = all tokens / all time over the rounds; "
+        f"speedup = ratio of that to the HF plain row of the same mode and batch size, and its range over "
+        f"single rounds (one prompt each; the prompts differ a lot in acceptance); "
+        f"HF assisted uses constant k = {args.k} drafts without confidence early-stop"
+        + ("" if args.no_sampled else f"; sampled rows: temperature {args.temperature:g}, no top-k/top-p, "
+           "a seed per round"),
         f"- cached forward micro-benchmark (medians, sampled between rounds; context {ctx.numel()}): target 1 token "
         f"{1e3 * fwd['target_1']:.2f} ms, target {args.k + 1} tokens {1e3 * fwd['target_w']:.2f} ms, "
         f"drafter 1 token {1e3 * fwd['drafter_1']:.2f} ms → c = {fwd['drafter_1'] / fwd['target_1']:.3f}",
         "",
         *main_rows,
         "",
-        "mmspec time split (from `GenerationStats`, summed over all timed calls, per verification step; the "
-        "drafter's own prefill, which `GenerationStats` counts in both `prefill_time` and `drafter_time`, is "
-        "timed separately and left only in prefill; 'other' = total − prefill − target − drafter − verify, i.e. "
-        "the engine loop's own bookkeeping):",
+        "mmspec time split (from `GenerationStats`, summed over all timed calls, per verification step; "
+        "`drafter_time` includes the drafter's prefill, which `prefill_time` also counts, so the drafter "
+        "column subtracts `drafter_prefill_time`; 'other' = total − prefill − target − drafter − verify, "
+        "i.e. the engine loop's own bookkeeping):",
         "",
         *split_rows,
         "",

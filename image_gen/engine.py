@@ -69,11 +69,12 @@ def decode_image_tokens(target: torch.nn.Module, guidance: GuidanceSpec, *, draf
     total = guidance.num_tokens
     target_s = GuidedSession(target, guidance.cond, guidance.uncond, guidance.cfg_scale, guidance.schedule, total)
     device = target_s.pending.device
+    stats.prefill_time = time.perf_counter() - t_start
     if drafter is not None:
         t0 = time.perf_counter()
         drafter.start(guidance, sampling=sampling, generator=generator)
-        stats.drafter_time += time.perf_counter() - t0
-    stats.prefill_time = time.perf_counter() - t_start
+        stats.drafter_prefill_time = time.perf_counter() - t0
+        stats.drafter_time += stats.drafter_prefill_time
     n_img = len(guidance.cond)
     accepted_flags = torch.zeros((n_img, total), dtype=torch.float32)
     generated: list[list[int]] = [[] for _ in range(n_img)]

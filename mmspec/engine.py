@@ -197,13 +197,13 @@ def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new
     with drafter.target_prefill_context(target, input_ids, attention_mask):
         prefill(session, input_ids, attention_mask, model_inputs)
     _sync(device)
+    stats.prefill_time = time.perf_counter() - t_start
     t0 = time.perf_counter()
     drafter.start(input_ids, attention_mask, sampling=sampling, generator=generator, **model_inputs)
     _sync(device)
     stats.drafter_prefill_time = time.perf_counter() - t0
     stats.drafter_time += stats.drafter_prefill_time
     stats.extra.update(drafter.info)
-    stats.prefill_time = time.perf_counter() - t_start
     pending = input_ids[:, -1:]  # [B, 1]
     active = list(range(batch))  # original indices of the rows still in the batch
     generated: list[list[int]] = [[] for _ in range(batch)]

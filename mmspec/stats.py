@@ -6,7 +6,8 @@ Glossary:
                            "tau" / mean accepted length of the speculative-decoding literature
     acceptance_per_position  fraction of drafted tokens accepted at draft position i, counted
                            over row steps that drafted position i
-    time split             seconds in target forwards, drafter (propose + observe) and verification
+    time split             seconds in the target prefill, target forwards, drafter (prefill + propose +
+                           observe) and verification; they add up to total_time up to loop bookkeeping
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class GenerationStats:
     emitted_tokens: int = 0
     accepted_at_position: list[int] = field(default_factory=list)
     drafted_at_position: list[int] = field(default_factory=list)
-    prefill_time: float = 0.0  # target prefill + drafter start
-    drafter_prefill_time: float = 0.0  # drafter start (its own, possibly pruned, prefill)
+    prefill_time: float = 0.0  # target prefill
+    drafter_prefill_time: float = 0.0  # drafter start (its own, possibly pruned, prefill); part of drafter_time
     target_time: float = 0.0
     drafter_time: float = 0.0
     verify_time: float = 0.0
