@@ -450,8 +450,8 @@ def main(argv=None) -> int:
         *main_rows,
         "",
         "mmspec time split (from `GenerationStats`, summed over all timed calls, per verification step; "
-        "`drafter_time` includes the drafter's prefill, which `prefill_time` also counts, so the drafter "
-        "column subtracts `drafter_prefill_time`; 'other' = total − prefill − target − drafter − verify, "
+        "the drafter column is `drafter_time − drafter_prefill_time` (per-step drafter work); prefill ms/call is "
+        "the target's prefill; 'other' = total − target prefill − drafter prefill − target − drafter − verify, "
         "i.e. the engine loop's own bookkeeping):",
         "",
         *split_rows,
