@@ -13,7 +13,7 @@ drafter through :class:`~mmspec.image_gen.drafting.ImageDrafter`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch

@@ -10,7 +10,7 @@ Glossary:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -22,7 +22,7 @@ from mmspec.verify.rule import AcceptRule
 
 from .ar_drafter import ARDrafter
 from .drafting import GuidanceSpec, ImageDrafter
-from .engine import ImageGenerationStats, ImageStepEvent, decode_image_tokens
+from .engine import ImageGenerationStats, decode_image_tokens
 from .model import ARImageModel, ConditionError
 from .sjd import JacobiDrafter
 

@@ -4,7 +4,6 @@ SJD sample the target's distribution (chi-square, CFG on), CFG arithmetic, persi
 Oracle: a cache-free reference (full forward per token) written independently of the engine."""
 
 import functools
-import itertools
 
 import pytest
 import torch

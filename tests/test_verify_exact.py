@@ -152,7 +152,6 @@ def markov(V, seed, sharp):
 def run_markov(P, Q, start, k, rule, gen, steps_needed=2, sampling=SamplingParams(temperature=1.0)):
     """Speculative sampling of a Markov chain P with drafter chain Q; returns first tokens [N, steps]."""
     n_rows = start.shape[0]
-    V = P.shape[0]
     out = [[] for _ in range(n_rows)]
     state = start.clone()
     while min(len(o) for o in out) < steps_needed:

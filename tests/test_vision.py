@@ -3,7 +3,6 @@
 Oracle: HF ``generate(**inputs, do_sample=False)`` of the target (float64)."""
 
 import functools
-import itertools
 
 import pytest
 import torch
