@@ -98,6 +98,36 @@ def _as_eos_set(eos_token_id: int | list[int] | torch.Tensor | None) -> set[int]
     return {int(e) for e in eos_token_id}
 
 
+#: generation_config fields that change HF generate's logits but that mmspec does not apply
+_UNSUPPORTED_GENERATION_SETTINGS = {
+    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
+    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+    "exponential_decay_length_penalty": None, "sequence_bias": None,
+}
+
+
+def warn_ignored_generation_settings(model: torch.nn.Module) -> list[str]:
+    """Warn (once per call) about generation_config settings HF ``generate`` would apply and mmspec does not;
+    mmspec's output equals ``generate()`` with those settings at their neutral values."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return []
+    ignored = []
+    for name, neutral in _UNSUPPORTED_GENERATION_SETTINGS.items():
+        value = getattr(config, name, neutral)
+        if value is not None and value != neutral and not (name == "min_length" and value == 0):
+            ignored.append(f"{name}={value!r}")
+    if ignored:
+        import warnings
+        warnings.warn(
+            f"{type(model).__name__}.generation_config sets {', '.join(ignored)}, which mmspec does not apply "
+            "(it applies temperature, top_k and top_p as given); the output equals HF generate() with these "
+            "settings neutral", UserWarning, stacklevel=3)
+    return ignored
+
+
 def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | None) -> Drafter:
     """Accept a Drafter, a HF model (-> ModelDrafter) or ``"prompt_lookup"``."""
     if isinstance(drafter, str):
@@ -172,6 +202,7 @@ def generate_stream(
     input_ids, attention_mask, device = _validate(
         target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    warn_ignored_generation_settings(target)
     drafter = resolve_drafter(drafter, num_draft_tokens)
     drafter.check_compatible(target)
     if eos_token_id is None:

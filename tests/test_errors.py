@@ -102,3 +102,16 @@ def test_drafter_of_another_tokenizer():
     mmspec.check_same_tokenizer(_tokenizer(["a", "b", "c"]), _tokenizer(["a", "b", "c"]))
     with pytest.raises(VocabularyMismatchError, match="another tokenizer.*different ids: \\['b', 'c'\\]"):
         mmspec.check_same_tokenizer(_tokenizer(["a", "b", "c"]), _tokenizer(["a", "c", "b"]))
+
+
+def test_generation_config_settings_mmspec_does_not_apply_are_announced():
+    model = build("llama", vocab=50, dtype=torch.float32)
+    model.generation_config.repetition_penalty = 1.3
+    model.generation_config.no_repeat_ngram_size = 2
+    with pytest.warns(UserWarning, match="repetition_penalty=1.3, no_repeat_ngram_size=2.*does not apply"):
+        mmspec.generate(model, IDS, drafter="prompt_lookup", max_new_tokens=2)
+
+
+def test_default_generation_config_gives_no_warning(recwarn):
+    run()
+    assert not [w for w in recwarn if "does not apply" in str(w.message)]
