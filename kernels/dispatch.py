@@ -12,6 +12,7 @@ import os
 import torch
 
 from .chain_verify import HAS_TRITON, chain_verify_torch, chain_verify_triton
+from .pooled_acceptance import pooled_acceptance_torch, pooled_acceptance_triton
 
 BACKENDS = ("triton", "torch")
 
@@ -31,3 +32,11 @@ def chain_verify(mode, draft_tokens, num_draft, draft_probs, target, uniforms, n
     if select_backend(target.device, backend) == "triton":
         return chain_verify_triton(mode, draft_tokens, num_draft, draft_probs, target, uniforms, noise)
     return chain_verify_torch(mode, draft_tokens, num_draft, draft_probs, target, uniforms, noise)
+
+
+def pooled_acceptance(mode, draft_tokens, q_x, target_probs, neighbours, uniforms, param, *, backend=None):
+    """Pooled acceptance over latent neighbours; returns (accepted bool [B, k], pooled float64 [B, k],
+    n_pooled long [B, k])."""
+    if select_backend(target_probs.device, backend) == "triton":
+        return pooled_acceptance_triton(mode, draft_tokens, q_x, target_probs, neighbours, uniforms, param)
+    return pooled_acceptance_torch(mode, draft_tokens, q_x, target_probs, neighbours, uniforms, param)

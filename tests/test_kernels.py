@@ -85,3 +85,31 @@ def test_engine_runs_on_triton_backend(monkeypatch):
                               num_draft_tokens=3, generator=torch.Generator().manual_seed(1))
         outs.append(out.sequences)
     assert torch.equal(outs[0], outs[1])
+
+
+# ---- pooled acceptance (LANTERN / LANTERN++ / MuLo-SD) -------------------------------------------
+
+from mmspec.kernels import pooled_acceptance_torch, pooled_acceptance_triton  # noqa: E402
+
+
+@pytest.mark.parametrize("mode,param", [("lantern", 0.25), ("lantern", 0.0), ("lantern++", 2.0),
+                                        ("lantern++", 1.0), ("threshold", 0.5), ("threshold", 0.25)])
+@pytest.mark.parametrize("with_q", [True, False])
+def test_pooled_kernel_matches_reference_with_ties_and_zero_mass(mode, param, with_q):
+    gen = torch.Generator().manual_seed(hash((mode, param, with_q)) % 1000)
+    for _ in range(6):
+        B, k, V, K = 3, 4, 16, 5
+        # dyadic probabilities: exact sums, so budgets are hit exactly (ties) in any summation order
+        w = torch.randint(0, 5, (B, k, V), generator=gen).double()
+        w[..., 0] += 1
+        p = (w / w.sum(-1, keepdim=True) * 64).round() / 64
+        p[..., 1] = 0.0  # a token with zero mass that appears among neighbours
+        nbr = torch.stack([torch.cat([torch.tensor([1]), torch.randperm(V, generator=gen)[:K - 1]]) for _ in range(V)])
+        x = torch.randint(0, V, (B, k), generator=gen)
+        u = (torch.randint(0, 8, (B, k), generator=gen) / 8.0).float()  # ties with pooled masses
+        q = (torch.randint(0, 5, (B, k), generator=gen) / 4.0).float()  # includes q(x) = 0
+        qq = q if with_q else None
+        ref = pooled_acceptance_torch(mode, x, qq, p.float(), nbr, u, param)
+        tri = pooled_acceptance_triton(mode, x, qq, p.float(), nbr, u, param)
+        for a, b in zip(ref, tri):
+            assert torch.equal(a, b)

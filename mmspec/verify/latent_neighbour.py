@@ -50,32 +50,44 @@ class LatentNeighbourRule(AcceptRule):
         """Per-position total-variation bound for deterministic drafts (LANTERN's delta)."""
         return self.delta
 
-    def pooled(self, draft_tokens: torch.Tensor, target_probs: torch.Tensor):
-        """(p_x [B, k], pooled mass p~(x) [B, k], neighbour ids [B, k, K], in-A mask [B, k, K])."""
+    def _mode(self) -> tuple[str, float]:
+        return ("lantern", float(self.delta)) if self.delta is not None else ("lantern++", float(self.lam))
+
+    def _check(self, target_probs: torch.Tensor) -> None:
         V = target_probs.shape[-1]
         if self.neighbours.shape[0] != V:
             raise MMSpecError(f"neighbour table covers {self.neighbours.shape[0]} tokens but the vocabulary has {V}")
-        nbr = self.neighbours.to(draft_tokens.device)[draft_tokens]  # [B, k, K]
-        p_x = target_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)  # [B, k]
-        p_nbr = target_probs.gather(-1, nbr)  # [B, k, K]
-        cum = p_nbr.cumsum(dim=-1)
-        budget = (self.delta if self.delta is not None else (self.lam - 1.0) * p_x.unsqueeze(-1))
-        in_a = cum <= budget  # a prefix, since cum is non-decreasing
-        mass = (p_nbr * in_a).sum(dim=-1)
-        in_a = in_a & (mass > 0).unsqueeze(-1)  # a zero-mass prefix changes nothing: treat as empty
-        return p_x, p_x + mass, nbr, in_a
+
+    def pooled(self, draft_tokens: torch.Tensor, target_probs: torch.Tensor):
+        """(p_x [B, k], pooled mass p~(x) [B, k], neighbour ids [B, k, K], in-A mask [B, k, K])."""
+        from mmspec.kernels import pooled_acceptance
+
+        self._check(target_probs)
+        table = self.neighbours.to(draft_tokens.device)
+        mode, param = self._mode()
+        _, pooled, n = pooled_acceptance(mode, draft_tokens, None, target_probs, table,
+                                         torch.zeros_like(target_probs[..., 0]), param)
+        nbr = table[draft_tokens]  # [B, k, K]
+        in_a = torch.arange(nbr.shape[-1], device=nbr.device) < n.unsqueeze(-1)
+        p_x = target_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+        return p_x, pooled, nbr, in_a
 
     def judge(self, draft_tokens, draft_probs, target_probs, uniforms) -> Judgement:
-        p_x, pooled, nbr, in_a = self.pooled(draft_tokens, target_probs)
-        zero_at = torch.cat([draft_tokens.unsqueeze(-1), torch.where(in_a, nbr, draft_tokens.unsqueeze(-1))], dim=-1)
+        from mmspec.kernels import pooled_acceptance
+
+        self._check(target_probs)
+        table = self.neighbours.to(draft_tokens.device)
+        q_x = None if draft_probs is None else draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+        mode, param = self._mode()
+        accepted, _, n = pooled_acceptance(mode, draft_tokens, q_x, target_probs, table, uniforms, param)
+        nbr = table[draft_tokens]  # [B, k, K]
+        in_a = torch.arange(nbr.shape[-1], device=nbr.device) < n.unsqueeze(-1)  # [B, k, K]
+        x = draft_tokens.unsqueeze(-1)
+        zero_at = torch.cat([x, torch.where(in_a, nbr, x)], dim=-1)  # x and A(x)
         if draft_probs is None:
-            accepted = uniforms < pooled
             residual = target_probs.scatter(-1, zero_at, 0.0)
         else:
-            q_x = draft_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
-            accepted = (uniforms * q_x < pooled) & (q_x > 0)
-            pooled_any = in_a.any(dim=-1, keepdim=True)
-            q_zeroed = torch.where(pooled_any, draft_probs.scatter(-1, zero_at, 0.0), draft_probs)
+            q_zeroed = torch.where(in_a.any(dim=-1, keepdim=True), draft_probs.scatter(-1, zero_at, 0.0), draft_probs)
             residual = (target_probs - q_zeroed).clamp_min(0.0)
         return Judgement(accepted=accepted, residual=residual)
 

@@ -30,17 +30,14 @@ class PooledThresholdRule(AcceptRule):
             raise MMSpecError(f"tau must be >= 0, got {tau!r}")
         self.neighbours, self.tau = neighbours, float(tau)
 
-    def pooled_mass(self, draft_tokens: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-        """float [B, k]: target mass on each drafted token's neighbourhood."""
+    def judge(self, draft_tokens, draft_probs, target_probs, uniforms) -> Judgement:
+        from mmspec.kernels import pooled_acceptance
+
         if self.neighbours.shape[0] != target_probs.shape[-1]:
             raise MMSpecError(f"neighbour table covers {self.neighbours.shape[0]} tokens but the vocabulary has "
                               f"{target_probs.shape[-1]}")
-        nbr = self.neighbours.to(draft_tokens.device)[draft_tokens]  # [B, k, K]
-        ids = torch.cat([draft_tokens.unsqueeze(-1), nbr], dim=-1)
-        return target_probs.gather(-1, ids).sum(dim=-1)
-
-    def judge(self, draft_tokens, draft_probs, target_probs, uniforms) -> Judgement:
-        accepted = self.pooled_mass(draft_tokens, target_probs) >= self.tau
+        accepted, _, _ = pooled_acceptance("threshold", draft_tokens, None, target_probs,
+                                           self.neighbours.to(draft_tokens.device), uniforms, self.tau)
         return Judgement(accepted=accepted, residual=target_probs)
 
     def __repr__(self) -> str:
