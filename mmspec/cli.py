@@ -1,8 +1,9 @@
 """Command-line entry point: ``mmspec text ...`` runs speculative decoding on a causal LM pair.
 
-Glossary: without ``--target`` the command builds a small self-contained example (a random
-Llama target and a drafter made of its first layer, so acceptance is partial) because no
-pretrained weights ship yet; with ``--target``/``--drafter`` it loads HF checkpoints
+Glossary: without ``--target`` the command builds a small self-contained example because no
+pretrained weights ship yet: a random Llama target whose later layers are damped (their output
+projections scaled by 0.2) and a drafter made of its first layer, a synthetic pair whose agreement
+is controlled (acceptance around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints
 (``from_pretrained``, local paths or hub names when online).
 """
 
@@ -22,6 +23,10 @@ def _example_models(seed: int):
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.15)
     target = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # damp the later layers so that the first layer alone predicts the target often
+        for layer in target.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(0.2)
+            layer.mlp.down_proj.weight.mul_(0.2)
     draft_cfg = LlamaConfig(**{**cfg.to_dict(), "num_hidden_layers": 1})
     drafter = LlamaForCausalLM(draft_cfg).eval()
     # the drafter is the target's first layer with its embeddings, final norm and head
@@ -218,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--prompt", default="speculative decoding drafts, the target verifies; "
                                           "speculative decoding drafts, the target verifies")
     text.add_argument("--max-new-tokens", type=int, default=64)
-    text.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4)
+    text.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=3)
     text.add_argument("--temperature", type=float, default=0.0)
     text.add_argument("--top-k", type=int, default=None)
     text.add_argument("--top-p", type=float, default=None)
