@@ -2,7 +2,11 @@
 
 Glossary:
     method   "ar" (plain AR, the baseline), "exact" (a smaller AR drafter, lossless rejection
-             sampling), "sjd" (Speculative Jacobi Decoding: self-drafting, lossless, no drafter)
+             sampling), "sjd" (Speculative Jacobi Decoding: self-drafting, lossless, no drafter),
+             "lantern" / "lantern++" (the AR drafter with LANTERN's relaxed latent-neighbour acceptance,
+             budget ``lantern_delta`` or ``lantern_lambda``; not lossless)
+    neighbours  the codebook's latent-neighbour table long [V, k] (``build_latent_neighbours``); built
+             from ``tokenizer.codebook`` with ``lantern_k`` neighbours when not given
     rule     acceptance rule override (greedy at temperature 0, exact otherwise); relaxed rules
              plug in here
 """
@@ -26,7 +30,8 @@ from .engine import ImageGenerationStats, decode_image_tokens
 from .model import ARImageModel, ConditionError
 from .sjd import JacobiDrafter
 
-METHODS = ("ar", "exact", "sjd")
+METHODS = ("ar", "exact", "sjd", "lantern", "lantern++")
+RELAXED_METHODS = ("lantern", "lantern++")
 
 
 class MethodError(MMSpecError):
@@ -55,6 +60,8 @@ def make_drafter(method: str, target: ARImageModel, drafter: Any, num_draft_toke
         raise MethodError(f"unknown method {method!r}; expected one of {METHODS}")
     if method == "ar":
         return None
+    if method in RELAXED_METHODS:
+        method = "exact"
     if method == "sjd":
         window = num_draft_tokens if isinstance(num_draft_tokens, int) else 16
         return JacobiDrafter(window=window, vocab_size=target.config.codebook_size)
@@ -70,7 +77,8 @@ def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None
                     cfg_scale: float = 4.0, cfg_schedule: str = "constant",
                     num_draft_tokens: int | DraftLengthPolicy = 4, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                    num_images: int = 1, rule: AcceptRule | None = None) -> tuple[list, Callable[[], Any]]:
+                    num_images: int = 1, rule: AcceptRule | None = None, neighbours: torch.Tensor | None = None,
+                    lantern_delta: float = 0.1, lantern_lambda: float = 2.0) -> tuple[list, Callable[[], Any]]:
     """Validate and return (conditions, a zero-argument function giving the event iterator)."""
     if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
         raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
@@ -86,6 +94,13 @@ def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None
     if cfg_schedule not in ("constant", "linear"):
         raise MMSpecError(f"unknown cfg schedule {cfg_schedule!r}; expected 'constant' or 'linear'")
     d = make_drafter(method, target, drafter, num_draft_tokens)
+    if method in RELAXED_METHODS and rule is None:
+        from mmspec.verify.latent_neighbour import LatentNeighbourRule
+
+        if neighbours is None:
+            raise MethodError(f"method {method!r} needs the codebook's neighbour table (pass neighbours= or a tokenizer)")
+        rule = (LatentNeighbourRule(neighbours, lantern_delta) if method == "lantern"
+                else LatentNeighbourRule(neighbours, lam=lantern_lambda))
     rule = rule if rule is not None else default_rule(sampling)
 
     def events() -> Any:
@@ -99,7 +114,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
              method: str = "exact", cfg_scale: float = 4.0, cfg_schedule: str = "constant",
              num_draft_tokens: int | DraftLengthPolicy = 4, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, num_images: int = 1,
-             rule: AcceptRule | None = None, progress: bool = False) -> ImageGenerationOutput:
+             rule: AcceptRule | None = None, neighbours: torch.Tensor | None = None, lantern_k: int = 8,
+             lantern_delta: float = 0.1, lantern_lambda: float = 2.0, progress: bool = False) -> ImageGenerationOutput:
     """Generate images (VQ token grids) from class ids or prompts.
 
     Args:
@@ -110,11 +126,21 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
         cfg_scale: classifier-free guidance scale (1 disables CFG), ``cfg_schedule`` "constant"/"linear".
         num_draft_tokens: drafted tokens per step (the SJD window for "sjd").
         temperature, top_k, top_p: sampling as HF's warpers; temperature 0 is greedy.
+        neighbours, lantern_k, lantern_delta, lantern_lambda: for "lantern" / "lantern++" (the table is
+            built from ``tokenizer.codebook`` with ``lantern_k`` neighbours when not given).
     """
+    if method in RELAXED_METHODS and neighbours is None and rule is None:
+        if tokenizer is None:
+            raise MethodError(f"method {method!r} needs neighbours= or a tokenizer with a codebook")
+        from .neighbours import build_latent_neighbours
+
+        neighbours = build_latent_neighbours(tokenizer.codebook, lantern_k)
     conds, events = generate_stream(target, condition=condition, drafter=drafter, method=method,
                                     cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
                                     num_draft_tokens=num_draft_tokens, temperature=temperature, top_k=top_k,
-                                    top_p=top_p, generator=generator, num_images=num_images, rule=rule)
+                                    top_p=top_p, generator=generator, num_images=num_images, rule=rule,
+                                    neighbours=neighbours, lantern_delta=lantern_delta,
+                                    lantern_lambda=lantern_lambda)
     grid = target.config.grid_size
     rows: list[list[int]] = [[] for _ in conds]
     bar = None

@@ -185,7 +185,8 @@ def _run_imagegen(args: argparse.Namespace) -> int:
                           cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, num_draft_tokens=args.k,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           generator=torch.Generator().manual_seed(args.seed), num_images=args.num_images,
-                          progress=True)
+                          lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
+                          lantern_lambda=args.lantern_lambda, progress=True)
     except (mmspec.MMSpecError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -251,7 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--drafter", help="smaller AR image model for --method exact")
     img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
     img.add_argument("--prompt", help="prompt for a text-conditional model")
-    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd"])
+    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++"])
+    img.add_argument("--lantern-k", type=int, default=8, help="latent neighbours per codebook entry (LANTERN)")
+    img.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN total-variation budget")
+    img.add_argument("--lantern-lambda", type=float, default=2.0, help="LANTERN++ multiplicative cap")
     img.add_argument("--cfg-scale", type=float, default=4.0)
     img.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     img.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4)
