@@ -85,3 +85,19 @@ class CounterRNG:
         """Keep only ``rows`` (long [B'])."""
         self.seeds = self.seeds[rows]
         self.counters = self.counters[rows]
+
+
+def keyed_uniform(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [N, n] uniforms that depend only on (seed, key, column): the same key always gets the
+    same numbers, whatever else is drawn (e.g. a token position's resampling noise)."""
+    base = splitmix64(torch.as_tensor(keys, dtype=torch.long) * _GOLDEN + int(seed))  # [N]
+    idx = torch.arange(1, n + 1, device=base.device)
+    bits = splitmix64(base.unsqueeze(1) + idx * _GOLDEN)
+    u = _shr(bits, 11).to(torch.float64) * (2.0 ** -53)
+    return u.to(torch.float32).clamp_max(1.0 - 2.0 ** -24)
+
+
+def keyed_exponential(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
+    """float32 [N, n] ~ Exp(1) keyed like :func:`keyed_uniform`."""
+    u = keyed_uniform(seed, keys, n).to(torch.float64)
+    return (-torch.log1p(-u)).clamp_min(1e-20).to(torch.float32)

@@ -1,0 +1,121 @@
+"""MuLo-SD local rejection and island resampling (the verification side of multi-scale local SD).
+
+Paper: Peruzzo, Sautière, Habibian, "Multi-Scale Local Speculative Decoding for Image Generation"
+(CVPR 2026); our reading of it is in ``docs/design/mulo_sd.md``.
+
+Glossary:
+    block       the candidate tokens of the rows being verified, raster positions [t0, t0 + m)
+    accept      per token, independently: the target's mass on the token's latent neighbourhood
+                >= tau (:class:`~mmspec.verify.PooledThresholdRule`), one target pass for the block
+    resample    the union of the rejected tokens' neighbourhoods N(t, l) (u >= t0); every other
+                candidate is kept
+    island      an 8-connected component of the resample set; islands are resampled in parallel
+                (one batched target forward per step, step s redrawing each island's s-th token in
+                raster order); while island A is redrawn, the positions of the *other* islands are
+                hidden from attention, so islands never see each other's new or old tokens
+    keyed noise the exponential-race noise of position u depends only on (seed, u), so resampling
+                islands together or one by one gives the same tokens
+
+This module is cache-free (full forwards with attention holes): exact and simple; a KV-cached
+variant belongs to the MuLo decoding loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmspec.config import SamplingParams
+from mmspec.rng import keyed_exponential
+from mmspec.sampling import logits_to_probs
+
+from .locality import expand_rejections, rejection_islands
+from .model import ARImageModel, guidance_scale, guide
+
+
+@dataclass(frozen=True)
+class GuidedContext:
+    """The image's condition for cache-free guided forwards."""
+
+    model: ARImageModel
+    cond: list[int]  # prefix ids of the condition
+    uncond: list[int] | None  # unconditional prefix (None: CFG off)
+    cfg_scale: float = 1.0
+    schedule: str = "constant"
+
+
+@torch.no_grad()
+def guided_logits(ctx: GuidedContext, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Guided next-token logits for R candidate grids at once.
+
+    tokens long [R, N] (raster image tokens), visible bool [R, N] (hidden tokens are attention holes
+    but keep their positions). Returns float [R, N, V]: column j predicts image token j.
+    """
+    rows, n = tokens.shape
+    halves = [ctx.cond] + ([ctx.uncond] if ctx.uncond is not None else [])
+    out = []
+    for prefix in halves:
+        p = len(prefix)
+        ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(rows, p), tokens], dim=1)
+        mask = torch.cat([torch.ones(rows, p, dtype=torch.long), visible.long()], dim=1)
+        pos = torch.arange(p + n).expand(rows, -1)
+        logits = ctx.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        out.append(logits[:, p - 1: p - 1 + n].float())
+    if ctx.uncond is None:
+        return out[0]
+    # the two prefixes may differ in length; both were sliced to the image columns above
+    scale = guidance_scale(ctx.cfg_scale, ctx.schedule, torch.arange(n), n).view(1, n, 1)
+    return guide(out[0], out[1], scale)
+
+
+@dataclass(frozen=True)
+class LocalResampleResult:
+    tokens: torch.Tensor  # long [H, W]: the block after local resampling (earlier tokens unchanged)
+    resampled: torch.Tensor  # bool [H, W]: union of N(t, l) over rejected tokens, u >= t0
+    islands: torch.Tensor  # long [H, W]: island label, -1 elsewhere
+    forwards: int  # batched target forwards spent on resampling
+
+
+@torch.no_grad()
+def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Tensor, sampling: SamplingParams,
+                     seed: int, *, batched: bool = True) -> LocalResampleResult:
+    """Redraw the tokens of ``resample`` (bool [H, W]) island by island (see module glossary).
+
+    grid long [H, W] holds the current tokens (values under ``resample`` are ignored)."""
+    h, w = grid.shape
+    labels = rejection_islands(resample)
+    n_islands = int(labels.max()) + 1 if resample.any() else 0
+    flat = grid.flatten().clone()
+    lab = labels.flatten()
+    members = [torch.nonzero(lab == i).flatten() for i in range(n_islands)]  # raster order
+    groups = [list(range(n_islands))] if batched else [[i] for i in range(n_islands)]
+    forwards = 0
+    for group in groups:
+        if not group:
+            continue
+        steps = max(len(members[i]) for i in group)
+        # per island row: tokens, and visibility = not in any island, or already redrawn in own island
+        rows = flat.expand(len(group), -1).clone()
+        visible = (lab < 0).expand(len(group), -1).clone()
+        for s in range(steps):
+            active = [(r, i) for r, i in enumerate(group) if s < len(members[i])]
+            logits = guided_logits(ctx, rows, visible)
+            forwards += 1
+            for r, i in active:
+                u = int(members[i][s])
+                probs = logits_to_probs(logits[r, u], sampling)
+                if sampling.is_greedy:
+                    tok = int(probs.argmax())
+                else:
+                    noise = keyed_exponential(seed, torch.tensor([u]), probs.shape[-1])[0]
+                    tok = int((probs / noise).argmax())
+                rows[r, u] = tok
+                visible[r, u] = True
+                flat[u] = tok
+    return LocalResampleResult(tokens=flat.view(h, w), resampled=resample, islands=labels, forwards=forwards)
+
+
+def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
+    """The positions MuLo-SD redraws: ∪ N(t, l) over rejected tokens t, restricted to u >= t0."""
+    return expand_rejections(rejected, l, t0)
