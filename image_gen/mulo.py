@@ -119,3 +119,80 @@ def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Ten
 def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
     """The positions MuLo-SD redraws: ∪ N(t, l) over rejected tokens t, restricted to u >= t0."""
     return expand_rejections(rejected, l, t0)
+
+
+@dataclass
+class MuLoStats:
+    steps: int = 0
+    verify_forwards: int = 0
+    resample_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0  # candidates that passed the pooled test
+    resampled: int = 0  # tokens redrawn (rejected ones and their neighbourhoods)
+
+    @property
+    def target_forwards(self) -> int:
+        return self.verify_forwards + self.resample_forwards
+
+
+@torch.no_grad()
+def decode_mulo(ctx: GuidedContext, propose_block, rule, *, grid: int, rows_per_step: int, l: int,
+                sampling: SamplingParams, seed: int) -> tuple[torch.Tensor, MuLoStats]:
+    """MuLo-SD decoding of one image (cache-free reference loop).
+
+    ``propose_block(tokens long [t0], t0, m) -> long [m]`` drafts the next ``m = rows_per_step * grid``
+    raster tokens (whole rows) given the final tokens so far; ``rule`` judges each candidate
+    independently (e.g. :class:`~mmspec.verify.PooledThresholdRule`); the union of the rejected
+    tokens' neighbourhoods is redrawn by :func:`resample_islands`. Returns (tokens [grid, grid], stats).
+    """
+    n = grid * grid
+    tokens = torch.zeros(n, dtype=torch.long)
+    stats = MuLoStats()
+    t0 = 0
+    while t0 < n:
+        m = min(rows_per_step * grid, n - t0)
+        cand = propose_block(tokens[:t0].clone(), t0, m)
+        tokens[t0:t0 + m] = cand
+        visible = torch.zeros(n, dtype=torch.bool)
+        visible[: t0 + m] = True
+        logits = guided_logits(ctx, tokens.unsqueeze(0), visible.unsqueeze(0))[0, t0:t0 + m]  # [m, V]
+        probs = logits_to_probs(logits, sampling).unsqueeze(0)  # [1, m, V]
+        judged = rule.judge(cand.unsqueeze(0), None, probs, torch.zeros(1, m)).accepted[0]  # [m]
+        rejected = torch.zeros(n, dtype=torch.bool)
+        rejected[t0:t0 + m] = ~judged
+        resample = local_resample_set(rejected.view(grid, grid), l, t0)
+        resample.view(-1)[t0 + m:] = False  # only the verified block is redrawn
+        result = resample_islands(ctx, tokens.view(grid, grid), resample, sampling, seed)
+        tokens = result.tokens.flatten().clone()
+        stats.steps += 1
+        stats.verify_forwards += 1
+        stats.resample_forwards += result.forwards
+        stats.drafted += m
+        stats.accepted += int(judged.sum())
+        stats.resampled += int(resample.sum())
+        t0 += m
+    return tokens.view(grid, grid), stats
+
+
+def row_drafter(ctx: GuidedContext, sampling: SamplingParams, seed: int):
+    """A same-resolution block drafter from ``ctx.model`` (stand-in for MuLo's low-resolution drafter):
+    samples the next tokens autoregressively with keyed noise (key offset so it never equals the
+    target's resampling noise)."""
+
+    @torch.no_grad()
+    def propose(prefix: torch.Tensor, t0: int, m: int) -> torch.Tensor:
+        n = ctx.model.config.num_image_tokens
+        toks = torch.zeros(n, dtype=torch.long)
+        toks[:t0] = prefix
+        for u in range(t0, t0 + m):
+            vis = torch.zeros(n, dtype=torch.bool)
+            vis[:u] = True
+            probs = logits_to_probs(guided_logits(ctx, toks.unsqueeze(0), vis.unsqueeze(0))[0, u], sampling)
+            if sampling.is_greedy:
+                toks[u] = int(probs.argmax())
+            else:
+                noise = keyed_exponential(seed + 1_000_003, torch.tensor([u]), probs.shape[-1])[0]
+                toks[u] = int((probs / noise).argmax())
+        return toks[t0:t0 + m]
+
+    return propose

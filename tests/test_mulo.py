@@ -49,3 +49,34 @@ def test_keyed_noise_depends_only_on_the_key():
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])
     u = keyed_uniform(5, torch.arange(20000), 1).flatten()
     assert 0.49 < u.mean().item() < 0.51 and u.min() >= 0 and u.max() < 1
+
+
+def test_mulo_loop_extremes():
+    """tau = 0 keeps every candidate (output = the drafts); tau > 1 rejects everything, so every block
+    is one island redrawn in raster order: greedy output = plain AR greedy of the target."""
+    from mmspec.image_gen.mulo import decode_mulo, row_drafter
+    from mmspec.image_gen.neighbours import build_latent_neighbours
+    from mmspec.verify import PooledThresholdRule
+    from tiny_image_models import reference_greedy, truncated_ar
+
+    ctx = context()
+    table = build_latent_neighbours(torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), 2)
+    greedy = SamplingParams(temperature=0.0)
+    dctx = GuidedContext(truncated_ar(ctx.model), ctx.cond, ctx.uncond, ctx.cfg_scale)
+    drafts = []
+
+    def recording(prefix, t0, m):
+        out = row_drafter(dctx, greedy, 0)(prefix, t0, m)
+        drafts.append(out)
+        return out
+
+    keep_all, st = decode_mulo(ctx, recording, PooledThresholdRule(table, 0.0), grid=6, rows_per_step=2, l=1,
+                               sampling=greedy, seed=0)
+    assert torch.equal(keep_all.flatten(), torch.cat(drafts)) and st.resampled == 0 and st.target_forwards == 3
+    reject_all, st = decode_mulo(ctx, row_drafter(dctx, greedy, 0), PooledThresholdRule(table, 1.5), grid=6,
+                                 rows_per_step=2, l=1, sampling=greedy, seed=0)
+    assert reject_all.flatten().tolist() == list(reference_greedy(ctx.model, 3, 2.0))
+    assert st.resampled == 36 and st.accepted == 0
+    mid, st = decode_mulo(ctx, row_drafter(dctx, SamplingParams(1.0), 0), PooledThresholdRule(table, 0.3), grid=6,
+                          rows_per_step=2, l=1, sampling=SamplingParams(temperature=1.0), seed=0)
+    assert mid.shape == (6, 6) and 0 <= st.resampled <= 36
