@@ -36,6 +36,11 @@ class ImageGenerationStats(GenerationStats):
     images: int = 0
 
     @property
+    def tokens_per_forward(self) -> float:
+        """Image tokens emitted per target forward an image took part in (tau for chain methods)."""
+        return self.emitted_tokens / self.row_steps if self.row_steps else 0.0
+
+    @property
     def target_forwards_per_image(self) -> float:
         """Target forward passes each image took part in (verification steps, plus the prefill
         when the prefix has more than one token), averaged over images; batch-size independent."""
@@ -46,6 +51,7 @@ class ImageGenerationStats(GenerationStats):
         d = super().as_dict()
         d["accepted_map"] = None if self.accepted_map is None else self.accepted_map.tolist()
         d["target_forwards_per_image"] = self.target_forwards_per_image
+        d["tokens_per_forward"] = self.tokens_per_forward
         return d
 
 

@@ -4,7 +4,10 @@ Glossary:
     method   "ar" (plain AR, the baseline), "exact" (a smaller AR drafter, lossless rejection
              sampling), "sjd" (Speculative Jacobi Decoding: self-drafting, lossless, no drafter),
              "lantern" / "lantern++" (the AR drafter with LANTERN's relaxed latent-neighbour acceptance,
-             budget ``lantern_delta`` or ``lantern_lambda``; not lossless)
+             budget ``lantern_delta`` or ``lantern_lambda``; not lossless), "mulo" (MuLo-SD: a
+             lower-resolution AR drafter drafts whole rows, per-token pooled test ``mulo_tau``,
+             local resampling of rejected neighbourhoods of radius ``mulo_l``; not lossless; one image at
+             a time, cache-free reference implementation)
     neighbours  the codebook's latent-neighbour table long [V, k] (``build_latent_neighbours``); built
              from ``tokenizer.codebook`` with ``lantern_k`` neighbours when not given
     rule     acceptance rule override (greedy at temperature 0, exact otherwise); relaxed rules
@@ -30,7 +33,7 @@ from .engine import ImageGenerationStats, decode_image_tokens
 from .model import ARImageModel, ConditionError
 from .sjd import JacobiDrafter
 
-METHODS = ("ar", "exact", "sjd", "lantern", "lantern++")
+METHODS = ("ar", "exact", "sjd", "lantern", "lantern++", "mulo")
 RELAXED_METHODS = ("lantern", "lantern++")
 
 
@@ -110,12 +113,59 @@ def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None
     return conds, events
 
 
+def _generate_mulo(target, tokenizer, conds, drafter, *, cfg_scale, cfg_schedule, sampling, generator,
+                   neighbours, mulo_tau, mulo_l, mulo_k):
+    import time
+
+    from mmspec.verify.pooled_threshold import PooledThresholdRule
+
+    from .engine import ImageGenerationStats
+    from .mulo import GuidedContext, decode_mulo
+    from .multiscale import MultiScaleDrafter
+    from .neighbours import build_latent_neighbours
+
+    if tokenizer is None or drafter is None:
+        raise MethodError("method 'mulo' needs a tokenizer and a low-resolution drafter model")
+    grid, lo_grid = target.config.grid_size, drafter.config.grid_size
+    if grid % lo_grid or grid // lo_grid < 2:
+        raise MethodError(f"method 'mulo' needs a drafter grid dividing the target grid by >= 2 ({lo_grid} vs {grid})")
+    scale = grid // lo_grid
+    table = neighbours if neighbours is not None else build_latent_neighbours(tokenizer.codebook, mulo_k)
+    rule = PooledThresholdRule(table, mulo_tau)
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    stats = ImageGenerationStats(images=len(conds))
+    maps, out = [], []
+    t_start = time.perf_counter()
+    for i, c in enumerate(conds):
+        use_cfg = float(cfg_scale) != 1.0
+        ctx = GuidedContext(target, target.prefix_ids(c), target.prefix_ids(c, unconditional=True) if use_cfg else None,
+                            float(cfg_scale), cfg_schedule)
+        low = GuidedContext(drafter, drafter.prefix_ids(c), drafter.prefix_ids(c, unconditional=True) if use_cfg else None,
+                            float(cfg_scale), cfg_schedule)
+        tokens, st = decode_mulo(ctx, MultiScaleDrafter(low, tokenizer, scale, sampling, seed + i), rule, grid=grid,
+                                 rows_per_step=scale, l=mulo_l, sampling=sampling, seed=seed + i)
+        out.append(tokens)
+        maps.append(st.kept_map.float())
+        stats.steps += st.target_forwards
+        stats.row_steps += st.target_forwards
+        stats.target_forwards += st.target_forwards
+        stats.drafted_tokens += st.drafted
+        stats.accepted_tokens += st.drafted - st.resampled
+        stats.emitted_tokens += grid * grid
+    stats.total_time = time.perf_counter() - t_start
+    stats.target_calls = stats.target_forwards
+    stats.accepted_map = torch.stack(maps).mean(dim=0)
+    stats.extra.update(mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=table.shape[1], scale=scale)
+    return torch.stack(out), stats
+
+
 def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, drafter: Any = None,
              method: str = "exact", cfg_scale: float = 4.0, cfg_schedule: str = "constant",
              num_draft_tokens: int | DraftLengthPolicy = 4, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, num_images: int = 1,
              rule: AcceptRule | None = None, neighbours: torch.Tensor | None = None, lantern_k: int = 8,
-             lantern_delta: float = 0.1, lantern_lambda: float = 2.0, progress: bool = False) -> ImageGenerationOutput:
+             lantern_delta: float = 0.1, lantern_lambda: float = 2.0, mulo_tau: float = 0.3, mulo_l: int = 1,
+             mulo_k: int = 8, progress: bool = False) -> ImageGenerationOutput:
     """Generate images (VQ token grids) from class ids or prompts.
 
     Args:
@@ -128,7 +178,20 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
         temperature, top_k, top_p: sampling as HF's warpers; temperature 0 is greedy.
         neighbours, lantern_k, lantern_delta, lantern_lambda: for "lantern" / "lantern++" (the table is
             built from ``tokenizer.codebook`` with ``lantern_k`` neighbours when not given).
+        mulo_tau, mulo_l, mulo_k: for "mulo" (pooled threshold, neighbourhood radius, neighbours per code).
     """
+    if method == "mulo":
+        if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+            raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+        conds = _conditions(condition, num_images)
+        for c in conds:
+            target.prefix_ids(c)  # named errors for bad conditions
+        tokens, stats = _generate_mulo(target, tokenizer, conds, drafter, cfg_scale=cfg_scale,
+                                       cfg_schedule=cfg_schedule, sampling=sampling, generator=generator,
+                                       neighbours=neighbours, mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k)
+        images = tokenizer.decode(tokens) if tokenizer is not None else None
+        return ImageGenerationOutput(images=images, tokens=tokens, stats=stats, conditions=conds)
     if method in RELAXED_METHODS and neighbours is None and rule is None:
         if tokenizer is None:
             raise MethodError(f"method {method!r} needs neighbours= or a tokenizer with a codebook")

@@ -129,6 +129,7 @@ class MuLoStats:
     drafted: int = 0
     accepted: int = 0  # candidates that passed the pooled test
     resampled: int = 0  # tokens redrawn (rejected ones and their neighbourhoods)
+    kept_map: torch.Tensor | None = None  # bool [H, W]: drafted tokens kept (not redrawn)
 
     @property
     def target_forwards(self) -> int:
@@ -147,7 +148,7 @@ def decode_mulo(ctx: GuidedContext, propose_block, rule, *, grid: int, rows_per_
     """
     n = grid * grid
     tokens = torch.zeros(n, dtype=torch.long)
-    stats = MuLoStats()
+    stats = MuLoStats(kept_map=torch.zeros(grid, grid, dtype=torch.bool))
     t0 = 0
     while t0 < n:
         m = min(rows_per_step * grid, n - t0)
@@ -170,6 +171,9 @@ def decode_mulo(ctx: GuidedContext, propose_block, rule, *, grid: int, rows_per_
         stats.drafted += m
         stats.accepted += int(judged.sum())
         stats.resampled += int(resample.sum())
+        block = torch.zeros(n, dtype=torch.bool)
+        block[t0:t0 + m] = True
+        stats.kept_map |= (block.view(grid, grid) & ~resample)
         t0 += m
     return tokens.view(grid, grid), stats
 

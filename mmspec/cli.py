@@ -186,7 +186,8 @@ def _run_imagegen(args: argparse.Namespace) -> int:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           generator=torch.Generator().manual_seed(args.seed), num_images=args.num_images,
                           lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
-                          lantern_lambda=args.lantern_lambda, progress=True)
+                          lantern_lambda=args.lantern_lambda, mulo_tau=args.mulo_tau, mulo_l=args.mulo_l,
+                          mulo_k=args.lantern_k, progress=True)
     except (mmspec.MMSpecError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -249,10 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD)")
     img.add_argument("--model", required=True, help="AR image model directory (ARImageModel.save_pretrained)")
     img.add_argument("--tokenizer", help="VQ tokenizer directory (to write PNGs)")
-    img.add_argument("--drafter", help="smaller AR image model for --method exact")
+    img.add_argument("--drafter", help="smaller AR image model (exact, lantern); low-resolution model (mulo)")
     img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
     img.add_argument("--prompt", help="prompt for a text-conditional model")
-    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++"])
+    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++", "mulo"])
+    img.add_argument("--mulo-tau", type=float, default=0.3, help="MuLo-SD pooled-probability threshold")
+    img.add_argument("--mulo-l", type=int, default=1, help="MuLo-SD resampling neighbourhood radius")
     img.add_argument("--lantern-k", type=int, default=8, help="latent neighbours per codebook entry (LANTERN)")
     img.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN total-variation budget")
     img.add_argument("--lantern-lambda", type=float, default=2.0, help="LANTERN++ multiplicative cap")
