@@ -114,7 +114,7 @@ def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None
 
 
 def _generate_mulo(target, tokenizer, conds, drafter, *, cfg_scale, cfg_schedule, sampling, generator,
-                   neighbours, mulo_tau, mulo_l, mulo_k):
+                   neighbours, mulo_tau, mulo_l, mulo_k, mulo_scale=None):
     import time
 
     from mmspec.verify.pooled_threshold import PooledThresholdRule
@@ -130,6 +130,8 @@ def _generate_mulo(target, tokenizer, conds, drafter, *, cfg_scale, cfg_schedule
     if grid % lo_grid or grid // lo_grid < 2:
         raise MethodError(f"method 'mulo' needs a drafter grid dividing the target grid by >= 2 ({lo_grid} vs {grid})")
     scale = grid // lo_grid
+    if mulo_scale is not None and mulo_scale != scale:
+        raise MethodError(f"mulo_scale={mulo_scale} but the drafter's grid {lo_grid} is 1/{scale} of the target's {grid}")
     table = neighbours if neighbours is not None else build_latent_neighbours(tokenizer.codebook, mulo_k)
     rule = PooledThresholdRule(table, mulo_tau)
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
@@ -165,7 +167,7 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
              top_p: float | None = None, generator: torch.Generator | None = None, num_images: int = 1,
              rule: AcceptRule | None = None, neighbours: torch.Tensor | None = None, lantern_k: int = 8,
              lantern_delta: float = 0.1, lantern_lambda: float = 2.0, mulo_tau: float = 0.3, mulo_l: int = 1,
-             mulo_k: int = 8, progress: bool = False) -> ImageGenerationOutput:
+             mulo_k: int = 8, mulo_scale: int | None = None, progress: bool = False) -> ImageGenerationOutput:
     """Generate images (VQ token grids) from class ids or prompts.
 
     Args:
@@ -178,7 +180,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
         temperature, top_k, top_p: sampling as HF's warpers; temperature 0 is greedy.
         neighbours, lantern_k, lantern_delta, lantern_lambda: for "lantern" / "lantern++" (the table is
             built from ``tokenizer.codebook`` with ``lantern_k`` neighbours when not given).
-        mulo_tau, mulo_l, mulo_k: for "mulo" (pooled threshold, neighbourhood radius, neighbours per code).
+        mulo_tau, mulo_l, mulo_k, mulo_scale: for "mulo" (pooled threshold, neighbourhood radius, neighbours
+            per code, resolution ratio; the ratio is the target's grid over the drafter's and is only checked).
     """
     if method == "mulo":
         if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
@@ -189,7 +192,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
             target.prefix_ids(c)  # named errors for bad conditions
         tokens, stats = _generate_mulo(target, tokenizer, conds, drafter, cfg_scale=cfg_scale,
                                        cfg_schedule=cfg_schedule, sampling=sampling, generator=generator,
-                                       neighbours=neighbours, mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k)
+                                       neighbours=neighbours, mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k,
+                                       mulo_scale=mulo_scale)
         images = tokenizer.decode(tokens) if tokenizer is not None else None
         return ImageGenerationOutput(images=images, tokens=tokens, stats=stats, conditions=conds)
     if method in RELAXED_METHODS and neighbours is None and rule is None:

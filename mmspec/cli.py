@@ -187,7 +187,7 @@ def _run_imagegen(args: argparse.Namespace) -> int:
                           generator=torch.Generator().manual_seed(args.seed), num_images=args.num_images,
                           lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
                           lantern_lambda=args.lantern_lambda, mulo_tau=args.mulo_tau, mulo_l=args.mulo_l,
-                          mulo_k=args.lantern_k, progress=True)
+                          mulo_k=args.lantern_k, mulo_scale=args.mulo_scale, progress=True)
     except (mmspec.MMSpecError, FileNotFoundError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++", "mulo"])
     img.add_argument("--mulo-tau", type=float, default=0.3, help="MuLo-SD pooled-probability threshold")
     img.add_argument("--mulo-l", type=int, default=1, help="MuLo-SD resampling neighbourhood radius")
+    img.add_argument("--mulo-scale", type=int, default=None,
+                     help="MuLo-SD resolution ratio (checked against the drafter's grid)")
     img.add_argument("--lantern-k", type=int, default=8, help="latent neighbours per codebook entry (LANTERN)")
     img.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN total-variation budget")
     img.add_argument("--lantern-lambda", type=float, default=2.0, help="LANTERN++ multiplicative cap")

@@ -127,6 +127,8 @@ def test_generate_method_mulo():
     import pytest
     with pytest.raises(ig.MethodError, match="needs a tokenizer and a low-resolution drafter"):
         ig.generate(hi, condition=[1], method="mulo")
+    with pytest.raises(ig.MethodError, match="mulo_scale=4 but the drafter's grid 4 is 1/2"):
+        ig.generate(hi, tok, condition=[1], drafter=lo, method="mulo", mulo_scale=4)
 
 
 def test_script_mulo(tmp_path):
@@ -137,5 +139,6 @@ def test_script_mulo(tmp_path):
     tiny_ar(grid=8, codebook=16, dtype=torch.float32).save_pretrained(tmp_path / "hi")
     tiny_ar(grid=4, codebook=16, seed=3, dtype=torch.float32).save_pretrained(tmp_path / "lo")
     rc = main(["imagegen", "--model", str(tmp_path / "hi"), "--tokenizer", str(tmp_path / "tok"), "--drafter",
-               str(tmp_path / "lo"), "--class", "1", "--method", "mulo", "--mulo-tau", "0.2", "--out", str(tmp_path / "o")])
+               str(tmp_path / "lo"), "--class", "1", "--method", "mulo", "--mulo-tau", "0.2", "--mulo-scale", "2", "--out",
+               str(tmp_path / "o")])
     assert rc == 0 and (tmp_path / "o" / "acceptance_heatmap.png").exists()
