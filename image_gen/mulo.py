@@ -34,6 +34,15 @@ from .locality import expand_rejections, rejection_islands
 from .model import ARImageModel, guidance_scale, guide
 
 
+def draw_keyed(probs: torch.Tensor, sampling: SamplingParams, seed: int, key: int) -> int:
+    """One token from processed probs [V]: argmax when greedy, else the exponential race with noise keyed
+    by (seed, key) (the same key always gets the same noise)."""
+    if sampling.is_greedy:
+        return int(probs.argmax())
+    noise = keyed_exponential(seed, torch.tensor([key]), probs.shape[-1])[0]
+    return int((probs / noise).argmax())
+
+
 @dataclass(frozen=True)
 class GuidedContext:
     """The image's condition for cache-free guided forwards."""
@@ -104,12 +113,7 @@ def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Ten
             forwards += 1
             for r, i in active:
                 u = int(members[i][s])
-                probs = logits_to_probs(logits[r, u], sampling)
-                if sampling.is_greedy:
-                    tok = int(probs.argmax())
-                else:
-                    noise = keyed_exponential(seed, torch.tensor([u]), probs.shape[-1])[0]
-                    tok = int((probs / noise).argmax())
+                tok = draw_keyed(logits_to_probs(logits[r, u], sampling), sampling, seed, u)
                 rows[r, u] = tok
                 visible[r, u] = True
                 flat[u] = tok
@@ -192,11 +196,7 @@ def row_drafter(ctx: GuidedContext, sampling: SamplingParams, seed: int):
             vis = torch.zeros(n, dtype=torch.bool)
             vis[:u] = True
             probs = logits_to_probs(guided_logits(ctx, toks.unsqueeze(0), vis.unsqueeze(0))[0, u], sampling)
-            if sampling.is_greedy:
-                toks[u] = int(probs.argmax())
-            else:
-                noise = keyed_exponential(seed + 1_000_003, torch.tensor([u]), probs.shape[-1])[0]
-                toks[u] = int((probs / noise).argmax())
+            toks[u] = draw_keyed(probs, sampling, seed + 1_000_003, u)
         return toks[t0:t0 + m]
 
     return propose

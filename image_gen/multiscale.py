@@ -20,10 +20,9 @@ import torch.nn.functional as F
 
 from mmspec.config import SamplingParams
 from mmspec.errors import MMSpecError
-from mmspec.rng import keyed_exponential
 from mmspec.sampling import logits_to_probs
 
-from .mulo import GuidedContext, guided_logits
+from .mulo import GuidedContext, draw_keyed, guided_logits
 from .tokenizer import VQTokenizer
 
 
@@ -76,10 +75,6 @@ class MultiScaleDrafter:
             vis = torch.zeros(n_lo * n_lo, dtype=torch.bool)
             vis[:u] = True
             probs = logits_to_probs(guided_logits(self.low, lo.unsqueeze(0), vis.unsqueeze(0))[0, u], self.sampling)
-            if self.sampling.is_greedy:
-                lo[u] = int(probs.argmax())
-            else:
-                noise = keyed_exponential(self.seed + 2_000_029 + 7919 * t0, torch.tensor([u]), probs.shape[-1])[0]
-                lo[u] = int((probs / noise).argmax())
+            lo[u] = draw_keyed(probs, self.sampling, self.seed + 2_000_029 + 7919 * t0, u)
         up = self.upsample(lo.view(n_lo, n_lo)).flatten()
         return up[t0:t0 + m]
