@@ -94,13 +94,19 @@ def last_position(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids[0, :, -1] if position_ids.dim() == 3 else position_ids[:, -1]
 
 
+def prefill_embeds(session: CacheSession, embeds: torch.Tensor, valid: torch.Tensor,
+                   position_ids: torch.Tensor | None) -> None:
+    """Feed embeddings [B, L, d] but the last column (it stays pending) with explicit positions
+    ([B, L] / [3, B, L]; None = count-based), and make decode positions continue after the last one."""
+    if embeds.shape[1] > 1:
+        session.extend(None, valid[:, :-1], inputs_embeds=embeds[:, :-1],
+                       position_ids=None if position_ids is None else position_ids[..., :-1], num_logits=1)
+    if position_ids is not None:
+        session.position_delta = last_position(position_ids) - (valid.sum(dim=1) - 1)
+
+
 def prefill_multimodal(session: CacheSession, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        model_inputs: dict) -> None:
     """Target prefill for a VLM: the model's own merged embeddings and positions, minus the last token."""
     lm = capture_lm_inputs(session.model, input_ids, attention_mask, **model_inputs)
-    pos = lm.position_ids
-    if input_ids.shape[1] > 1:
-        session.extend(None, attention_mask[:, :-1], inputs_embeds=lm.inputs_embeds[:, :-1],
-                       position_ids=None if pos is None else pos[..., :-1], num_logits=1)
-    if pos is not None:
-        session.position_delta = last_position(pos) - (attention_mask.sum(dim=1) - 1)
+    prefill_embeds(session, lm.inputs_embeds, attention_mask, lm.position_ids)

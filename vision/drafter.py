@@ -28,7 +28,7 @@ from mmspec.drafters.adaptive import DraftLengthPolicy
 from mmspec.drafters.model import ModelDrafter
 from mmspec.errors import MMSpecError
 
-from .adapters import family_of, last_position
+from .adapters import family_of, prefill_embeds
 from .capture import capture_lm_inputs, language_model_of
 from .pruning import PruningInputs, PruningStrategy, get_strategy, keep_budget
 from .pruning.cls_attention import capture_cls_attention
@@ -154,11 +154,7 @@ class VLMDrafter(ModelDrafter):
             pos = torch.where(new_valid.bool(), pos, torch.ones_like(pos))
         else:
             pos = None
-        if embeds.shape[1] > 1:
-            self.session.extend(None, new_valid[:, :-1], inputs_embeds=embeds[:, :-1],
-                                position_ids=None if pos is None else pos[..., :-1], num_logits=1)
-        if pos is not None:
-            self.session.position_delta = last_position(pos) - (new_valid.sum(dim=1) - 1)
+        prefill_embeds(self.session, embeds, new_valid, pos)
         self.pending = input_ids[:, -1:]
         self.pending_valid = attention_mask[:, -1:].to(torch.long)
         self._info = dict(visual_tokens=n_visual.tolist(), drafter_visual_tokens=kept_counts,
