@@ -58,6 +58,18 @@ def _conditions(condition: Any, num_images: int) -> list:
     return [c for c in conds for _ in range(num_images)]
 
 
+def _validate(target: ARImageModel, condition: Any, num_images: int, cfg_scale: float, cfg_schedule: str) -> list:
+    """Named errors for bad CFG settings or conditions; returns the per-image conditions."""
+    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
+        raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
+    if cfg_schedule not in ("constant", "linear"):
+        raise MMSpecError(f"unknown cfg schedule {cfg_schedule!r}; expected 'constant' or 'linear'")
+    conds = _conditions(condition, num_images)
+    for c in conds:
+        target.prefix_ids(c)  # raises ConditionError for an unknown class, empty prompt, unknown word
+    return conds
+
+
 def make_drafter(method: str, target: ARImageModel, drafter: Any, num_draft_tokens) -> ImageDrafter | None:
     if method not in METHODS:
         raise MethodError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -83,19 +95,15 @@ def generate_stream(target: ARImageModel, *, condition: Any, drafter: Any = None
                     num_images: int = 1, rule: AcceptRule | None = None, neighbours: torch.Tensor | None = None,
                     lantern_delta: float = 0.1, lantern_lambda: float = 2.0) -> tuple[list, Callable[[], Any]]:
     """Validate and return (conditions, a zero-argument function giving the event iterator)."""
-    if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-        raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
     if isinstance(num_draft_tokens, int) and (isinstance(num_draft_tokens, bool) or num_draft_tokens < 1):
         raise InvalidDraftLengthError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    conds = _conditions(condition, num_images)
+    conds = _validate(target, condition, num_images, cfg_scale, cfg_schedule)
     cond_ids = [target.prefix_ids(c) for c in conds]
     use_cfg = float(cfg_scale) != 1.0
     uncond_ids = [target.prefix_ids(c, unconditional=True) for c in conds] if use_cfg else None
     guidance = GuidanceSpec(cond=cond_ids, uncond=uncond_ids, cfg_scale=float(cfg_scale), schedule=cfg_schedule,
                             num_tokens=target.config.num_image_tokens)
-    if cfg_schedule not in ("constant", "linear"):
-        raise MMSpecError(f"unknown cfg schedule {cfg_schedule!r}; expected 'constant' or 'linear'")
     d = make_drafter(method, target, drafter, num_draft_tokens)
     if method in RELAXED_METHODS and rule is None:
         from mmspec.verify.latent_neighbour import LatentNeighbourRule
@@ -184,12 +192,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, dra
             per code, resolution ratio; the ratio is the target's grid over the drafter's and is only checked).
     """
     if method == "mulo":
-        if not isinstance(cfg_scale, (int, float)) or cfg_scale < 0:
-            raise MMSpecError(f"cfg_scale must be a number >= 0, got {cfg_scale!r}")
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-        conds = _conditions(condition, num_images)
-        for c in conds:
-            target.prefix_ids(c)  # named errors for bad conditions
+        conds = _validate(target, condition, num_images, cfg_scale, cfg_schedule)
         tokens, stats = _generate_mulo(target, tokenizer, conds, drafter, cfg_scale=cfg_scale,
                                        cfg_schedule=cfg_schedule, sampling=sampling, generator=generator,
                                        neighbours=neighbours, mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k,
