@@ -214,9 +214,37 @@ def imagegen_main(argv: list[str] | None = None) -> int:
     return main(["imagegen", *(sys.argv[1:] if argv is None else argv)])
 
 
+def _run_main_job(args: argparse.Namespace) -> int:
+    import mmspec
+    from mmspec.main_job import MainJobConfig, run_main_job
+
+    if args.prompt is not None and not args.prompt.strip():
+        print("error: --prompt is empty", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = MainJobConfig(pruning=args.pruning, keep_ratio=args.keep_ratio, prompt=args.prompt,
+                        image_method=args.method, num_images=args.num_images, seed=args.seed)
+    try:
+        report = run_main_job(args.out, cfg)
+    except mmspec.MMSpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report["vlm"]["identical_to_hf_generate"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="the main job on the embedded zoo models: caption a scene with the VLM pair "
+                                     "(pruned drafter) and draw images (AR vs a relaxed method)")
+    run.add_argument("--out", default="mmspec_out", help="directory for the images, heat-map and report.json")
+    run.add_argument("--prompt", default=None, help="image prompt (default: a held-out scene's caption)")
+    run.add_argument("--method", default="lantern", choices=["exact", "sjd", "lantern", "lantern++", "mulo"])
+    run.add_argument("--pruning", default="verifier", choices=["verifier", "cls", "diversity", "uniform", "none"])
+    run.add_argument("--keep-ratio", type=float, default=0.25)
+    run.add_argument("--num-images", type=int, default=4)
+    run.add_argument("--seed", type=int, default=0)
+    run.set_defaults(func=_run_main_job)
     text = sub.add_parser("text", help="speculative decoding of a causal LM with a drafter or prompt lookup")
     text.add_argument("--target", help="HF checkpoint of the target (default: built-in example models)")
     text.add_argument("--drafter", help="HF checkpoint of the drafter (same vocabulary as the target)")

@@ -1,0 +1,134 @@
+"""The README's main job on the embedded zoo models (``mmspec run``).
+
+Glossary:
+    caption part   the zoo VLM target captions a held-out scene twice: plain AR (HF ``generate``) and
+                   mmspec with the zoo drafter seeing a pruned subset of the 256 visual tokens; the two
+                   captions must be identical (greedy)
+    image part     the zoo AR image target draws images for a prompt with plain AR and with a relaxed
+                   method (LANTERN by default) from the same seeds; both are judged by the scene parser
+    speedup        wall time of plain AR / wall time of the method, measured in this run after one
+                   warm-up call each (CPU timings of tiny models are noisy: see benchmarks/RESULTS.md)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class MainJobConfig:
+    scene_index: int = 0
+    pruning: str = "verifier"
+    keep_ratio: float = 0.25
+    num_draft_tokens: int = 4
+    prompt: str | None = None  # default: the caption of held-out scene ``scene_index``
+    image_method: str = "lantern"
+    num_images: int = 4
+    seed: int = 0
+    lantern_delta: float = 0.2
+
+
+def _timed(fn, repeats: int = 1):
+    fn()  # warm-up
+    best = float("inf")
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
+    import mmspec.vision as mv
+    from mmspec.scenes import render
+
+    from .zoo import load_default_vlm
+    from .zoo.data import IMAGE_SIZE, heldout_scenes
+    from .zoo.train_vlm import caption_prompt
+
+    pair = load_default_vlm()
+    scene = heldout_scenes()[cfg.scene_index]
+    image = render(scene, IMAGE_SIZE)
+    image.resize((256, 256)).save(out_dir / "vlm_input.png")
+    inputs = caption_prompt(pair.processor, [image])
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        ref, t_ar = _timed(lambda: pair.target.generate(**inputs, do_sample=False, max_new_tokens=32), 3)
+        spec, t_spec = _timed(lambda: mv.generate(pair.target, pair.drafter, inputs, pruning=cfg.pruning,
+                                                  keep_ratio=cfg.keep_ratio, max_new_tokens=32,
+                                                  num_draft_tokens=cfg.num_draft_tokens), 3)
+    decode = pair.processor.tokenizer.decode
+    caption = decode(spec.sequences[0, n_prompt:], skip_special_tokens=True)
+    width = min(ref.shape[1], spec.sequences.shape[1])
+    identical = torch.equal(ref[:, :width], spec.sequences[:, :width]) and ref.shape[1] == spec.sequences.shape[1]
+    st = spec.stats
+    res = {"scene": scene.caption(), "caption": caption, "identical_to_hf_generate": identical,
+           "speedup_vs_hf_generate": round(t_ar / t_spec, 3), "ar_seconds": round(t_ar, 4),
+           "mmspec_seconds": round(t_spec, 4), "mean_accepted_length": round(st.mean_accepted_length, 3),
+           "visual_tokens": st.extra.get("visual_tokens"), "drafter_visual_tokens": st.extra.get("drafter_visual_tokens"),
+           "pruning": cfg.pruning, "keep_ratio": cfg.keep_ratio}
+    log(f"[VLM] true scene : {res['scene']}")
+    log(f"[VLM] caption    : {caption}")
+    log(f"[VLM] identical to HF generate: {identical}; speedup x{res['speedup_vs_hf_generate']:.2f} "
+        f"(mean accepted length {res['mean_accepted_length']:.2f}, drafter kept {res['drafter_visual_tokens']} of "
+        f"{res['visual_tokens']} visual tokens, pruning {cfg.pruning})")
+    return res
+
+
+def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
+    from PIL import Image
+
+    from mmspec.image_gen import generate
+
+    from .cli import heatmap_image
+    from .zoo import load_default_image_models
+    from .zoo.data import heldout_scenes
+    from .zoo.evaluate import IMAGE_SAMPLING
+    from .zoo.quality import prompt_faithfulness
+
+    models = load_default_image_models()
+    prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
+
+    def run(method: str):
+        extra = dict(drafter=models.drafter, num_draft_tokens=8, lantern_delta=cfg.lantern_delta) \
+            if method != "ar" else {}
+        if method == "mulo":
+            extra = dict(drafter=models.lowres)
+        return generate(models.target, models.tokenizer, condition=prompt, num_images=cfg.num_images, method=method,
+                        generator=torch.Generator().manual_seed(cfg.seed), **IMAGE_SAMPLING, **extra)
+
+    with torch.no_grad():
+        ar, t_ar = _timed(lambda: run("ar"))
+        rel, t_rel = _timed(lambda: run(cfg.image_method))
+    for name, out in (("ar", ar), (cfg.image_method, rel)):
+        for i, img in enumerate(out.images):
+            img.resize((192, 192), Image.NEAREST).save(out_dir / f"{name}_{i}.png")
+    heatmap_image(rel.stats.accepted_map).save(out_dir / "acceptance_heatmap.png")
+    res = {"prompt": prompt, "method": cfg.image_method, "speedup_vs_ar": round(t_ar / t_rel, 3),
+           "ar_seconds": round(t_ar, 3), "method_seconds": round(t_rel, 3),
+           "target_forwards_per_image": {"ar": ar.stats.target_forwards_per_image,
+                                         cfg.image_method: rel.stats.target_forwards_per_image},
+           "prompt_faithfulness": {"ar": prompt_faithfulness(ar.images, [prompt] * len(ar.images)),
+                                   cfg.image_method: prompt_faithfulness(rel.images, [prompt] * len(rel.images))}}
+    log(f"[image] prompt: {prompt!r}, {cfg.num_images} images each")
+    log(f"[image] {cfg.image_method} vs AR: speedup x{res['speedup_vs_ar']:.2f}; target forwards per image "
+        f"{rel.stats.target_forwards_per_image:.1f} vs {ar.stats.target_forwards_per_image:.1f}; prompt faithfulness "
+        f"{res['prompt_faithfulness'][cfg.image_method]:.2f} vs {res['prompt_faithfulness']['ar']:.2f}")
+    return res
+
+
+def run_main_job(out_dir: str | Path, cfg: MainJobConfig = MainJobConfig(), log=print) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    report = {"vlm": run_captioning(cfg, out_dir, log), "image": run_image_generation(cfg, out_dir, log)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote images, acceptance heat-map and report.json to {out_dir} ({report['seconds']:.0f} s)")
+    return report

@@ -1,0 +1,123 @@
+"""The embedded model zoo: small models trained by this repository on its scene world, shipped as package
+data (safetensors) and loaded without network, each file checked against ``weights/SHA256SUMS``.
+
+Glossary:
+    VLM pair        a LLaVA target captioning 64 px scenes from 256 visual tokens, a LLaVA drafter
+                    several times cheaper per token, and their shared ``LlavaProcessor``
+    image models    a VQ tokenizer (64 px <-> 16 x 16 tokens, 256 codes), a text-conditioned AR target,
+                    a smaller AR drafter, an 8 x 8 low-resolution AR model (MuLo-SD's multi-scale
+                    drafter) and the scene classifier used for Fréchet distances
+    reproduce       ``python -m mmspec.zoo.train_vlm --out mmspec/zoo/weights/vlm`` and
+                    ``python -m mmspec.zoo.train_image --out mmspec/zoo/weights/image``, then
+                    ``python -m mmspec.zoo --write-checksums``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmspec.errors import MMSpecError
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+CHECKSUM_FILE = "SHA256SUMS"
+# held-out quality the shipped checkpoints reach (measured by ``python -m mmspec.zoo --evaluate``;
+# tests check it with a tolerance)
+RECORDED_QUALITY = {"vlm_caption_exact_match": None, "image_prompt_faithfulness": None}
+
+
+class ZooError(MMSpecError):
+    """A zoo file is missing or does not match its recorded checksum."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weight_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def write_checksums(root: str | os.PathLike = WEIGHTS_DIR) -> Path:
+    root = Path(root)
+    lines = [f"{_sha256(p)}  {p.relative_to(root).as_posix()}" for p in _weight_files(root)]
+    out = root / CHECKSUM_FILE
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def verify_checksums(subdir: str | None = None, root: str | os.PathLike = WEIGHTS_DIR) -> None:
+    """Raise :class:`ZooError` naming the first missing or altered file (under ``subdir`` if given)."""
+    root = Path(root)
+    sums = root / CHECKSUM_FILE
+    if not sums.is_file():
+        raise ZooError(f"no checksum file at {sums}: the zoo weights are not installed")
+    for line in sums.read_text().splitlines():
+        digest, rel = line.split(maxsplit=1)
+        if subdir and not rel.startswith(subdir.rstrip("/") + "/"):
+            continue
+        path = root / rel
+        if not path.is_file():
+            raise ZooError(f"zoo file missing: {path}")
+        if _sha256(path) != digest:
+            raise ZooError(f"zoo file {path} does not match its checksum in {sums} (corrupt or retrained "
+                           f"without `python -m mmspec.zoo --write-checksums`)")
+
+
+@dataclass(frozen=True)
+class VLMPair:
+    target: Any  # LlavaForConditionalGeneration
+    drafter: Any  # LlavaForConditionalGeneration
+    processor: Any  # LlavaProcessor
+
+
+@dataclass(frozen=True)
+class ImageModels:
+    tokenizer: Any  # VQTokenizer
+    target: Any  # ARImageModel (16 x 16)
+    drafter: Any  # ARImageModel (16 x 16)
+    lowres: Any  # ARImageModel (8 x 8): MuLo-SD's multi-scale drafter at scale 2
+    classifier: Any  # SceneClassifier
+
+
+def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     verify: bool = True) -> VLMPair:
+    """The zoo's LLaVA target and drafter (eager attention: the verifier-guided pruning reads it)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if verify:
+        verify_checksums("vlm")
+    root = WEIGHTS_DIR / "vlm"
+    kw = dict(dtype=dtype, attn_implementation="eager")
+    target = LlavaForConditionalGeneration.from_pretrained(root / "target", **kw).to(device).eval()
+    drafter = LlavaForConditionalGeneration.from_pretrained(root / "drafter", **kw).to(device).eval()
+    return VLMPair(target, drafter, AutoProcessor.from_pretrained(root / "target"))
+
+
+def load_default_image_models(*, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                              verify: bool = True) -> ImageModels:
+    from mmspec.image_gen import ARImageModel, VQTokenizer
+
+    from .quality import SceneClassifier
+
+    if verify:
+        verify_checksums("image")
+    root = WEIGHTS_DIR / "image"
+    tok = VQTokenizer.from_pretrained(root / "tokenizer")
+    tok.vq_model.to(device)
+    models = [ARImageModel.from_pretrained(root / name, dtype=dtype).to(device) for name in ("target", "drafter", "lowres")]
+    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"))
+
+
+__all__ = ["ImageModels", "VLMPair", "ZooError", "load_default_image_models", "load_default_vlm",
+           "verify_checksums", "write_checksums"]

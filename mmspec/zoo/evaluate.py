@@ -1,0 +1,60 @@
+"""Held-out quality of the zoo models (the numbers recorded in ``mmspec.zoo.RECORDED_QUALITY``).
+
+Glossary:
+    caption exact match   greedy captions of held-out scenes equal to their true captions (HF generate)
+    prompt faithfulness   AR samples (CFG, default sampling) whose parsed scene has the prompt's objects
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmspec.scenes import render
+
+from .data import IMAGE_SIZE, heldout_scenes
+from .quality import caption_exact_match, prompt_faithfulness
+
+# the image models' default sampling (the README's main job and the benchmarks use it too)
+IMAGE_SAMPLING = dict(cfg_scale=3.0, temperature=1.0, top_k=16)
+
+
+@torch.no_grad()
+def caption_scenes(model, processor, scenes, batch: int = 50, max_new_tokens: int = 32) -> list[str]:
+    from .train_vlm import caption_prompt
+
+    out: list[str] = []
+    for i in range(0, len(scenes), batch):
+        images = [render(s, IMAGE_SIZE) for s in scenes[i: i + batch]]
+        inputs = caption_prompt(processor, images)
+        ids = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out += processor.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def evaluate_vlm(num_scenes: int = 200, pair=None) -> dict:
+    from . import load_default_vlm
+
+    pair = pair or load_default_vlm()
+    scenes = heldout_scenes(max(num_scenes, 1))[:num_scenes]
+    return {"vlm_caption_exact_match": caption_exact_match(caption_scenes(pair.target, pair.processor, scenes), scenes),
+            "vlm_drafter_caption_exact_match":
+                caption_exact_match(caption_scenes(pair.drafter, pair.processor, scenes), scenes)}
+
+
+def sample_images(models, prompts: list[str], *, method: str = "ar", seed: int = 0, **kw):
+    from mmspec.image_gen import generate
+
+    g = torch.Generator().manual_seed(seed)
+    args = {**IMAGE_SAMPLING, **kw}
+    return generate(models.target, models.tokenizer, condition=prompts, method=method, generator=g, **args)
+
+
+def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
+    from . import load_default_image_models
+
+    models = models or load_default_image_models()
+    prompts = [s.caption() for s in heldout_scenes(max(num_prompts, 1))[:num_prompts]]
+    images = []
+    for i in range(0, len(prompts), batch):
+        images += sample_images(models, prompts[i: i + batch], seed=i).images
+    return {"image_prompt_faithfulness": prompt_faithfulness(images, prompts), "image_sampling": IMAGE_SAMPLING}

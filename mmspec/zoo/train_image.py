@@ -1,0 +1,229 @@
+"""Train the zoo's image-generation models on the scene world: VQ tokenizer, AR target, AR drafter and
+the low-resolution model of MuLo-SD's multi-scale drafter.
+
+Papers: van den Oord et al., "Neural Discrete Representation Learning" (VQ-VAE, 2017) for the
+tokenizer; Sun et al., "LlamaGen" (2024) for the text-conditioned raster AR models with a dropped
+condition for classifier-free guidance.
+
+Glossary:
+    stage         one model: ``vq`` (must run first), then ``target``, ``drafter``, ``lowres`` (need the
+                  tokenizer); each resumes from ``--run-dir`` and exports to ``--out/<stage>``
+    round-trip    an extra tokenizer loss ||E(D(z_q)) - sg(z_q)||^2 that keeps encode(decode(t)) == t,
+                  so tokens survive a decode/re-encode (needed by MuLo-SD's resolution changes)
+    code restart  codes unused over the last ``restart_every`` steps are moved onto random encoder
+                  outputs (early steps only), so the codebook is used
+    cond drop     10 % of the AR training prompts are replaced by the null prompt (the CFG "uncond" half)
+
+Usage::
+
+    python -m mmspec.zoo.train_image --out mmspec/zoo/weights/image          # the shipped models
+    python -m mmspec.zoo.train_image --out /tmp/m --preset smoke             # seconds, for tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mmspec.image_gen.model import ARImageConfig, ARImageModel
+from mmspec.image_gen.multiscale import resize_images
+from mmspec.image_gen.tokenizer import VQTokenizer
+from mmspec.scenes import CELLS, COLOURS, SHAPES
+
+from .quality import SceneClassifier
+from .data import IMAGE_SIZE, render_batch, train_scenes
+from .training import StageBudget, run_stage
+
+STAGES = ("vq", "target", "drafter", "lowres", "classifier")
+WORDS = tuple(sorted({"a", "and", "at", "the", *COLOURS, *SHAPES, *(w for c in CELLS for w in c.split())}))
+COND_DROP = 0.1
+LOWRES_SCALE = 2
+
+
+@dataclass(frozen=True)
+class ImageZooConfig:
+    codebook_size: int = 256
+    vq_channels: tuple[int, ...] = (16, 32, 64)
+    code_dim: int = 8
+    vq: StageBudget = StageBudget(steps=1200, lr=2e-3, warmup=50)
+    vq_batch: int = 16
+    restart_every: int = 100
+    roundtrip_weight: float = 1.0
+    target: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=16, words=WORDS, hidden_size=128,
+                                          num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384)
+    drafter: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=16, words=WORDS, hidden_size=64,
+                                           num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192)
+    lowres: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=8, words=WORDS, hidden_size=96,
+                                          num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=288)
+    ar: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
+    ar_batch: int = 24
+    classifier: StageBudget = StageBudget(steps=600, lr=2e-3, warmup=30)
+    classifier_batch: int = 32
+    seed: int = 0
+
+
+PRESETS = {
+    "full": ImageZooConfig(),
+    # seconds-long run of the same shapes (tests): a few steps each
+    "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2, restart_every=2,
+                            ar=StageBudget(steps=3, warmup=1, save_every=2), ar_batch=2,
+                            classifier=StageBudget(steps=3, warmup=1, save_every=2), classifier_batch=2),
+}
+
+
+def build_tokenizer(cfg: ImageZooConfig, seed: int) -> VQTokenizer:
+    n = len(cfg.vq_channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VQTokenizer.from_config(
+            image_size=IMAGE_SIZE, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=cfg.vq_channels, layers_per_block=1,
+            latent_channels=cfg.code_dim, num_vq_embeddings=cfg.codebook_size, norm_num_groups=8)
+
+
+def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    tok = build_tokenizer(cfg, cfg.seed)
+    vq = tok.vq_model
+    usage = torch.zeros(cfg.codebook_size)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x = render_batch(train_scenes(cfg.seed, step, cfg.vq_batch))
+        total = x.new_zeros(())
+        # the full size and the half size (MuLo-SD's low-resolution grid goes through the same tokenizer)
+        for i, img in enumerate((x, resize_images(x[: max(1, cfg.vq_batch // 2)], IMAGE_SIZE // LOWRES_SCALE))):
+            z = vq.encode(img).latents
+            zq, commit, (_, _, idx) = vq.quantize(z)
+            rec = vq.decode(zq, force_not_quantize=True).sample
+            total = total + F.mse_loss(rec, img) + commit.mean()
+            if i == 0:
+                usage.index_add_(0, idx.flatten().cpu(), torch.ones(idx.numel()))
+                if cfg.roundtrip_weight:
+                    z2 = vq.encode(rec).latents
+                    total = total + cfg.roundtrip_weight * F.mse_loss(z2, zq.detach())
+                if step % cfg.restart_every == cfg.restart_every - 1 and step < 0.6 * cfg.vq.steps:
+                    dead = (usage == 0).nonzero().flatten()
+                    if len(dead):
+                        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                        pick = flat[torch.randint(len(flat), (len(dead),), generator=torch.Generator().manual_seed(step))]
+                        with torch.no_grad():
+                            vq.quantize.embedding.weight[dead] = pick + 0.01 * torch.randn_like(pick)
+                    usage.zero_()
+        return total
+
+    res = run_stage("vq", vq, loss_fn, replace(cfg.vq, minutes=minutes), run_dir, progress=progress)
+    tok.vq_model.eval()
+    tok.save_pretrained(out / "tokenizer")
+    return res
+
+
+def ar_batch(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, image_size: int):
+    """Left-padded (prefix + image tokens) ids, mask, positions and next-token targets of one step."""
+    scenes = train_scenes(seed, step, batch)
+    x = render_batch(scenes)
+    if image_size != IMAGE_SIZE:
+        x = resize_images(x, image_size)
+    with torch.no_grad():
+        codes = tok.encode(x).flatten(1)  # [B, N]
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    drop = torch.rand(batch, generator=g) < COND_DROP
+    prefixes = [model.prefix_ids(s.caption(), unconditional=bool(d)) for s, d in zip(scenes, drop)]
+    P = max(len(p) for p in prefixes)
+    N = codes.shape[1]
+    ids = torch.zeros(batch, P + N - 1, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prefixes):
+        ids[b, P - len(p): P] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    ids[:, P:] = codes[:, :-1]
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    pos = torch.where(mask.bool(), pos, torch.ones_like(pos))
+    return ids, mask, pos, codes, P
+
+
+def train_ar(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    arch = getattr(cfg, stage)
+    tok = VQTokenizer.from_pretrained(out / "tokenizer")
+    image_size = IMAGE_SIZE * arch.grid_size // tok.grid_size[0]
+    tok = VQTokenizer(tok.vq_model, image_size)
+    if tok.grid_size[0] != arch.grid_size or tok.vocab_size != arch.codebook_size:
+        raise ValueError(f"{stage}: tokenizer grid/codebook {tok.grid_size}/{tok.vocab_size} != model's")
+    torch.manual_seed(cfg.seed + STAGES.index(stage))
+    model = ARImageModel(arch)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        ids, mask, pos, codes, P = ar_batch(model, tok, cfg.seed + 17 * STAGES.index(stage), step, cfg.ar_batch,
+                                           image_size)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        return F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+
+    res = run_stage(stage, model, loss_fn, replace(cfg.ar, minutes=minutes), run_dir, progress=progress)
+    model.save_pretrained(out / stage)
+    return res
+
+
+def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    """The scene classifier whose features the benchmarks' Fréchet distance uses."""
+    torch.manual_seed(cfg.seed + 99)
+    model = SceneClassifier()
+
+    def loss_fn(step: int) -> torch.Tensor:
+        scenes = train_scenes(cfg.seed + 5, step, cfg.classifier_batch)
+        x = render_batch(scenes)
+        x = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(step))  # decoder-like noise
+        return model.loss(x.clamp(-1, 1), scenes)
+
+    res = run_stage("classifier", model, loss_fn, replace(cfg.classifier, minutes=minutes), run_dir, progress=progress)
+    model.save_pretrained(out / "classifier")
+    return res
+
+
+TRAINERS = {"vq": train_vq, "classifier": train_classifier}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="export directory (tokenizer/, target/, drafter/, lowres/)")
+    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_image)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"error: unknown stage(s) {bad}; choose from {STAGES}", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = PRESETS[a.preset]
+    out = Path(a.out)
+    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_image"
+    out.mkdir(parents=True, exist_ok=True)
+    if "vq" not in stages and set(stages) - {"classifier"} and not (out / "tokenizer").is_dir():
+        print(f"error: {out / 'tokenizer'} missing: run the vq stage first", file=sys.stderr)
+        return 2
+    log_file = out / "training.json"
+    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        trainer = TRAINERS.get(stage) or (lambda *x, stage=stage: train_ar(stage, *x))
+        res = trainer(cfg, out, run_dir, not a.no_progress, a.minutes)
+        log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
+        log_file.write_text(json.dumps(log, indent=2) + "\n")
+        if not res.finished:
+            print(f"{stage}: stopped at step {res.steps_done} (time cap); run again to resume", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Train the zoo's VLM pair on the scene world: a LLaVA target that captions scenes from 256 visual
+tokens and a LLaVA drafter that is several times cheaper per token.
+
+Paper: Liu et al., "Visual Instruction Tuning" (LLaVA, 2023): a CLIP vision tower, a two-layer MLP
+projector and a Llama decoder, here all trained from scratch (no pretrained weights exist here).
+
+Glossary:
+    prompt      ``<s> <image>x256 describe`` then the caption words and ``</s>``; the loss covers the
+                caption and ``</s>`` only
+    processor   a real ``LlavaProcessor`` (word-level tokenizer over the world's words + CLIP image
+                processor at 64 px, patch 4 -> 256 visual tokens), saved next to both models so
+                ``from_pretrained`` serves them like any HF checkpoint
+    stage       ``target`` or ``drafter``; each resumes from ``--run-dir`` and exports to ``--out/<stage>``
+
+Usage::
+
+    python -m mmspec.zoo.train_vlm --out mmspec/zoo/weights/vlm
+    python -m mmspec.zoo.train_vlm --out /tmp/v --preset smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmspec.scenes import render
+
+from .data import IMAGE_SIZE, train_scenes
+from .train_image import WORDS
+from .training import StageBudget, run_stage
+
+STAGES = ("target", "drafter")
+PAD, BOS, EOS, UNK, IMAGE = 0, 1, 2, 3, 4
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+PROMPT_WORDS = ("describe",)
+PATCH = 4
+PROMPT = "<image> describe"
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_intermediate: int
+
+
+@dataclass(frozen=True)
+class VLMZooConfig:
+    target: TowerShape = TowerShape(64, 3, 4, 128, 3, 4, 2, 256)
+    drafter: TowerShape = TowerShape(32, 2, 2, 64, 1, 2, 1, 128)
+    budget: StageBudget = StageBudget(steps=2000, lr=1.5e-3, warmup=100, weight_decay=0.01)
+    batch: int = 16
+    seed: int = 1
+
+
+PRESETS = {
+    "full": VLMZooConfig(),
+    "smoke": VLMZooConfig(budget=StageBudget(steps=3, warmup=1, save_every=2), batch=2),
+}
+
+
+def build_processor():
+    """The zoo's ``LlavaProcessor`` (offline: the vocabulary is the scene world's words)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + PROMPT_WORDS + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
+
+
+def build_model(shape: TowerShape, vocab_size: int, seed: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
+                          num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                          image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=shape.vision_hidden)
+    tc = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.text_hidden, intermediate_size=shape.text_intermediate,
+                     num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
+                     num_key_value_heads=shape.text_kv_heads, max_position_embeddings=512,
+                     bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=True)
+    model = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vc, text_config=tc, image_token_id=IMAGE, vision_feature_layer=-1,
+        vision_feature_select_strategy="default"))
+    gc = model.generation_config
+    gc.bos_token_id, gc.eos_token_id, gc.pad_token_id = BOS, EOS, PAD
+    gc.max_new_tokens = 32
+    return model
+
+
+def caption_batch(processor, seed: int, step: int, batch: int):
+    """input ids / attention mask / labels / pixel values of one training step (right padded)."""
+    scenes = train_scenes(seed, step, batch)
+    images = [render(s, IMAGE_SIZE) for s in scenes]
+    prompt = processor(text=PROMPT, images=images[0], return_tensors="pt")["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    rows = [prompt + tok.convert_tokens_to_ids(s.caption().split()) + [EOS] for s in scenes]
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), PAD, dtype=torch.long)
+    labels = torch.full((batch, width), -100, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+        labels[b, len(prompt): len(r)] = torch.tensor(r[len(prompt):])
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
+
+
+def caption_prompt(processor, images: list[Image.Image]) -> dict:
+    """Processor inputs for captioning ``images`` (the prompt the zoo models were trained on)."""
+    return processor(text=[PROMPT] * len(images), images=images, return_tensors="pt")
+
+
+def train_one(stage: str, cfg: VLMZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    processor = build_processor()
+    model = build_model(getattr(cfg, stage), len(processor.tokenizer), cfg.seed + STAGES.index(stage))
+    data_seed = cfg.seed * 31 + STAGES.index(stage)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return model(**caption_batch(processor, data_seed, step, cfg.batch), use_cache=False).loss
+
+    res = run_stage(f"vlm_{stage}", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
+    model.save_pretrained(out / stage, safe_serialization=True)
+    processor.save_pretrained(out / stage)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="export directory (target/, drafter/)")
+    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_vlm)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"error: unknown stage(s) {bad}; choose from {STAGES}", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = PRESETS[a.preset]
+    out = Path(a.out)
+    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_vlm"
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "training.json"
+    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
+    for stage in stages:
+        t0 = time.perf_counter()
+        res = train_one(stage, cfg, out, run_dir, not a.no_progress, a.minutes)
+        log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
+        log_file.write_text(json.dumps(log, indent=2) + "\n")
+        if not res.finished:
+            print(f"{stage}: stopped at step {res.steps_done} (time cap); run again to resume", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
