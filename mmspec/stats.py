@@ -26,6 +26,7 @@ class GenerationStats:
     emitted_tokens: int = 0
     accepted_at_position: list[int] = field(default_factory=list)
     drafted_at_position: list[int] = field(default_factory=list)
+    accepted_length_counts: list[int] = field(default_factory=list)  # [n]: row steps that accepted n drafts
     prefill_time: float = 0.0  # target prefill
     drafter_prefill_time: float = 0.0  # drafter start (its own, possibly pruned, prefill); part of drafter_time
     target_time: float = 0.0
@@ -43,6 +44,10 @@ class GenerationStats:
         width = max(num_draft, default=0)
         for acc in (self.accepted_at_position, self.drafted_at_position):
             acc.extend([0] * (width - len(acc)))
+        counts = self.accepted_length_counts
+        counts.extend([0] * (max(num_accepted, default=0) + 1 - len(counts)))
+        for n in num_accepted:
+            counts[n] += 1
         for n, d in zip(num_accepted, num_draft):
             for i in range(d):
                 self.drafted_at_position[i] += 1
