@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="append/replace the VLM section of this markdown file")
+    ap.add_argument("--plots", type=Path, default=None, help="directory for the acceptance-histogram PNG")
     args = ap.parse_args(argv)
     if args.quick:
         args.image_size, args.layers, args.hidden, args.max_new_tokens, args.repeats, args.prompts = 32, 2, 64, 8, 1, 1
@@ -213,6 +214,19 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out is not None:
         write_section(args.out, SECTION, table)
+    if args.plots is not None:
+        from ._plots import plot_accept_histogram
+
+        args.plots.mkdir(parents=True, exist_ok=True)
+        counts = {}
+        for n, v in summary.items():
+            if v["stats"] and ("keep 0.25" in n or "none" in n):
+                st = v["stats"]
+                width = max(len(s.accepted_length_counts) for s in st)
+                counts[n] = [sum(s.accepted_length_counts[i] if i < len(s.accepted_length_counts) else 0 for s in st)
+                             for i in range(width)]
+        plot_accept_histogram(counts, args.plots / "vlm_acceptance_histogram.png",
+                              title="VLM: accepted drafted tokens per step (zoo pair)")
     main.last_summary = summary  # for benchmarks.__main__ (histograms)
     return 0 if all(outputs[n] == ref for n in outputs) else 1
 

@@ -62,18 +62,21 @@ class ImageZooConfig:
                                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192)
     lowres: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=8, words=WORDS, hidden_size=96,
                                           num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=288)
-    ar: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
+    target_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
+    drafter_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
+    lowres_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     ar_batch: int = 24
     classifier: StageBudget = StageBudget(steps=600, lr=2e-3, warmup=30)
     classifier_batch: int = 32
     seed: int = 0
 
 
+_SMOKE = StageBudget(steps=3, warmup=1, save_every=2)
 PRESETS = {
     "full": ImageZooConfig(),
     # seconds-long run of the same shapes (tests): a few steps each
     "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2, restart_every=2,
-                            ar=StageBudget(steps=3, warmup=1, save_every=2), ar_batch=2,
+                            target_budget=_SMOKE, drafter_budget=_SMOKE, lowres_budget=_SMOKE, ar_batch=2,
                             classifier=StageBudget(steps=3, warmup=1, save_every=2), classifier_batch=2),
 }
 
@@ -163,7 +166,7 @@ def train_ar(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         return F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
 
-    res = run_stage(stage, model, loss_fn, replace(cfg.ar, minutes=minutes), run_dir, progress=progress)
+    res = run_stage(stage, model, loss_fn, replace(getattr(cfg, f"{stage}_budget"), minutes=minutes), run_dir, progress=progress)
     model.save_pretrained(out / stage)
     return res
 

@@ -62,6 +62,8 @@ class VLMZooConfig:
     drafter: TowerShape = TowerShape(32, 2, 2, 64, 1, 2, 1, 128)
     budget: StageBudget = StageBudget(steps=2000, lr=1.5e-3, warmup=100, weight_decay=0.01)
     batch: int = 16
+    # the drafter trains on pruned visual tokens this often (keep ratio uniform in [0.05, 1])
+    drafter_pruned_fraction: float = 0.75
     seed: int = 1
 
 
@@ -128,6 +130,35 @@ def caption_batch(processor, seed: int, step: int, batch: int):
     return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=pixels)
 
 
+def pruned_caption_loss(model, batch: dict, keep_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """Caption loss of a LLaVA model that sees a random ``keep_ratio`` of the visual tokens, removed from
+    its sequence with their original positions kept: how ``mmspec.vision`` prefills a pruned drafter
+    (``positions="original"``), so the drafter learns to caption from what pruning leaves it."""
+    m = model.model
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    B, L = ids.shape
+    feats = m.get_image_features(pixel_values=batch["pixel_values"], vision_feature_layer=-1,
+                                 vision_feature_select_strategy="default").pooler_output
+    feats = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B, N, H]
+    emb = m.get_input_embeddings()(ids)  # [B, L, H]
+    is_img = ids == IMAGE
+    emb = emb.masked_scatter(is_img.unsqueeze(-1).expand_as(emb), feats.to(emb.dtype))
+    n_img = int(is_img[0].sum())
+    n_keep = max(1, round(keep_ratio * n_img))
+    keep = ~is_img
+    for b in range(B):  # every row has its image at the same positions (same prompt)
+        img_pos = is_img[b].nonzero().flatten()
+        keep[b, img_pos[torch.randperm(n_img, generator=generator)[:n_keep]]] = True
+    W = int(keep[0].sum())
+    pos = torch.arange(L).expand(B, L)[keep].view(B, W)
+    out = m.language_model(inputs_embeds=emb[keep].view(B, W, -1), attention_mask=mask[keep].view(B, W),
+                           position_ids=pos, use_cache=False)
+    logits = model.lm_head(out.last_hidden_state)[:, :-1]
+    target = labels[keep].view(B, W)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                                             ignore_index=-100)
+
+
 def caption_prompt(processor, images: list[Image.Image]) -> dict:
     """Processor inputs for captioning ``images`` (the prompt the zoo models were trained on)."""
     return processor(text=[PROMPT] * len(images), images=images, return_tensors="pt")
@@ -139,7 +170,11 @@ def train_one(stage: str, cfg: VLMZooConfig, out: Path, run_dir: Path, progress:
     data_seed = cfg.seed * 31 + STAGES.index(stage)
 
     def loss_fn(step: int) -> torch.Tensor:
-        return model(**caption_batch(processor, data_seed, step, cfg.batch), use_cache=False).loss
+        batch = caption_batch(processor, data_seed, step, cfg.batch)
+        g = torch.Generator().manual_seed(data_seed * 1_000_003 + step)
+        if stage == "drafter" and float(torch.rand((), generator=g)) < cfg.drafter_pruned_fraction:
+            return pruned_caption_loss(model, batch, 0.05 + 0.95 * float(torch.rand((), generator=g)), g)
+        return model(**batch, use_cache=False).loss
 
     res = run_stage(f"vlm_{stage}", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
     model.save_pretrained(out / stage, safe_serialization=True)

@@ -1,0 +1,42 @@
+"""``python -m benchmarks``: every table of benchmarks/RESULTS.md and its figures, in one command.
+
+Runs, one after the other (never concurrently: 2-core timings), the text benchmark, the VLM
+benchmark on the zoo pair and the image-generation benchmark on the zoo image models, each an
+interleaved run against its own baseline, and writes the sections of ``--out`` plus the PNGs
+(speed-quality, acceptance histograms) into ``--plots``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import image_gen, text, vlm
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    ap.add_argument("--plots", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--only", default="text,vlm,image", help="comma-separated subset of text,vlm,image")
+    ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
+    a = ap.parse_args(argv)
+    parts = {p.strip() for p in a.only.split(",") if p.strip()}
+    unknown = parts - {"text", "vlm", "image"}
+    if unknown:
+        print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+    common = ["--out", str(a.out)] + (["--quick"] if a.quick else [])
+    rc = 0
+    if "text" in parts:
+        rc |= text.main(common)
+    if "vlm" in parts:
+        rc |= vlm.main(common + ["--plots", str(a.plots)])
+    if "image" in parts:
+        rc |= image_gen.main(common + ["--plots", str(a.plots)])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
