@@ -202,3 +202,29 @@ def test_named_errors():
     q_inputs, _ = reference("qwen2_vl", 1)
     with pytest.raises(mv.PruningError, match="needs a vision encoder with a \\[CLS\\] token"):
         mv.generate(q_target, q_drafter, q_inputs, pruning="cls", max_new_tokens=2)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_stream_commits_exactly_the_tokens_of_generate(arch):
+    """generate_stream (the demos' API) yields the tokens of generate, and reports the kept visual tokens."""
+    target = build_vlm(arch)
+    drafter = truncated_vlm_drafter(target)
+    inputs = vlm_inputs(arch, 2)
+    out = mv.generate(target, drafter, inputs, keep_ratio=0.25, max_new_tokens=10)
+    streamed = [[] for _ in range(2)]
+    events = list(mv.generate_stream(target, drafter, inputs, keep_ratio=0.25, max_new_tokens=10))
+    for ev in events:
+        for row, toks, n_acc in zip(ev.rows, ev.tokens, ev.num_accepted):
+            assert n_acc <= len(toks)
+            streamed[row] += toks
+    assert out.sequences[:, inputs["input_ids"].shape[1]:].tolist() == streamed
+    extra = events[-1].stats.extra
+    kept = extra["drafter_kept_visual_indices"]
+    assert [len(k) for k in kept] == extra["drafter_visual_tokens"]
+    assert all(k == sorted(set(k)) and 0 <= min(k) and max(k) < n for k, n in zip(kept, extra["visual_tokens"]))
+
+
+def test_stream_validates_eagerly():
+    target = build_vlm("llava")
+    with pytest.raises(mv.KeepRatioError, match="keep_ratio"):
+        mv.generate_stream(target, target, vlm_inputs("llava"), keep_ratio=2.0, max_new_tokens=4)

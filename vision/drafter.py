@@ -122,7 +122,7 @@ class VLMDrafter(ModelDrafter):
             lm = capture_lm_inputs(self.model, input_ids, attention_mask, **model_inputs)
         target_scores = self._capture.scores if self._capture is not None else None
         keep = valid & ~image
-        kept_counts = []
+        kept_counts, kept_indices = [], []
         cls_all = self._cls_scores_per_token(cls_box, image) if cls_box else None
         for b in range(input_ids.shape[0]):
             cols = image[b].nonzero().flatten()
@@ -141,6 +141,7 @@ class VLMDrafter(ModelDrafter):
                 chosen = self.strategy.select(evidence, budget).to(cols.device)
             keep[b, cols[chosen]] = True
             kept_counts.append(int(chosen.numel()))
+            kept_indices.append(sorted(int(i) for i in chosen.tolist()))
         index, new_valid = compact(keep)
         embeds = lm.inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, lm.inputs_embeds.shape[-1]))
         if self.positions == "original":
@@ -158,7 +159,7 @@ class VLMDrafter(ModelDrafter):
         self.pending = input_ids[:, -1:]
         self.pending_valid = attention_mask[:, -1:].to(torch.long)
         self._info = dict(visual_tokens=n_visual.tolist(), drafter_visual_tokens=kept_counts,
-                          pruning=self.strategy.name, keep_ratio=self.keep_ratio, positions=self.positions)
+                          drafter_kept_visual_indices=kept_indices, pruning=self.strategy.name, keep_ratio=self.keep_ratio, positions=self.positions)
 
     def _cls_scores_per_token(self, box: dict, image: torch.Tensor) -> list[torch.Tensor]:
         """Map [CLS] attention of each encoded image onto the image tokens of each row."""

@@ -9,14 +9,15 @@ visual tokens line up with the target's before pruning.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from mmspec.drafters.adaptive import DraftLengthPolicy
 from mmspec.drafters.base import Drafter
 from mmspec.drafters.model import ModelDrafter
-from mmspec.engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationOutput, generate as generate_text
+from mmspec.engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationOutput, StepEvent, generate as generate_text
+from mmspec.engine import generate_stream as generate_text_stream
 from mmspec.errors import MMSpecError, ShapeError
 from mmspec.verify.rule import AcceptRule
 
@@ -44,6 +45,7 @@ def generate(
     generator: torch.Generator | None = None,
     eos_token_id: int | list[int] | None = None,
     rule: AcceptRule | None = None,
+    _stream: bool = False,
 ) -> GenerationOutput:
     """Speculative decoding of ``target`` (a HF VLM) with a drafter that sees pruned visual tokens.
 
@@ -75,9 +77,25 @@ def generate(
         raise TypeError(f"drafter must be a model or a Drafter, got {type(drafter).__name__}")
     if isinstance(drafter, ModelDrafter) and not isinstance(drafter, VLMDrafter):
         raise MMSpecError("wrap model drafters in VLMDrafter (or pass the model) for VLM targets")
-    return generate_text(
+    run = generate_text_stream if _stream else generate_text
+    return run(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator,
         eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, prefill=prefill_multimodal,
         **inputs,
     )
+
+
+def generate_stream(target: torch.nn.Module, drafter: torch.nn.Module | Drafter, inputs: Mapping[str, Any], *,
+                    pruning: str | PruningStrategy = "verifier", keep_ratio: float = 0.25, positions: str = "original",
+                    max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None,
+                    num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
+                    generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
+                    rule: AcceptRule | None = None) -> Iterator[StepEvent]:
+    """:func:`generate` as a stream of :class:`mmspec.StepEvent` (one per verification step; the
+    drafter's pruning facts are in ``event.stats.extra``).  Input is validated eagerly."""
+    return generate(target, drafter, inputs, pruning=pruning, keep_ratio=keep_ratio, positions=positions,
+                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    num_draft_tokens=num_draft_tokens, generator=generator, eos_token_id=eos_token_id, rule=rule,
+                    _stream=True)
