@@ -1,0 +1,210 @@
+"""The Gradio demos on loopback: driven through gradio_client (API) and through headless Chromium (page).
+
+Browser tests need Debian's chromium and the playwright package; they skip without them unless
+MMSPEC_REQUIRE_BROWSER=1 (set by .ci/run, which installs both). MMSPEC_WRITE_SCREENSHOTS=1 writes
+the screenshots shown in the README to docs/screenshots/.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from mmspec import zoo
+
+gradio = pytest.importorskip("gradio")
+pytestmark = pytest.mark.skipif(not (zoo.WEIGHTS_DIR / zoo.CHECKSUM_FILE).is_file(), reason="zoo weights missing")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "demos" / "examples"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(demo):
+    from demos.common import launch
+
+    port = _free_port()
+    launch(demo, "127.0.0.1", port, block=False)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def vlm_url():
+    from demos.vlm_chat import build_demo, load_session
+
+    demo = build_demo(load_session())
+    url = _serve(demo)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def image_url():
+    from demos.image_gen import build_demo, load_session
+
+    demo = build_demo(load_session())
+    url = _serve(demo)
+    yield url
+    demo.close()
+
+
+def _caption_of(scene_png: Path) -> str:
+    """The zoo target's own greedy caption of an example (what the demo must show)."""
+    import torch
+    from PIL import Image
+
+    from mmspec.zoo.train_vlm import caption_prompt
+
+    pair = zoo.load_default_vlm()
+    inputs = caption_prompt(pair.processor, [Image.open(scene_png).convert("RGB")])
+    with torch.no_grad():
+        ids = pair.target.generate(**inputs, do_sample=False, max_new_tokens=48)
+    return pair.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- API (gradio_client)
+
+
+def test_vlm_demo_streams_the_targets_answer(vlm_url):
+    from gradio_client import Client, handle_file
+
+    client = Client(vlm_url, verbose=False)
+    scene = EXAMPLES / "scene_0.png"
+    pieces, md, overlay = client.predict(handle_file(str(scene)), "describe", "verifier", 0.25, 4, 0.0,
+                                         api_name="/answer")
+    text = "".join(p["token"] for p in pieces)
+    assert text.strip() == _caption_of(scene).strip()
+    labels = {p["class_or_confidence"] for p in pieces}
+    assert labels <= {"drafted", "target"} and "target" in labels
+    assert "identical to plain AR | yes" in md and "speedup over plain AR" in md
+    assert "64 of 256" in md  # keep 0.25 of the 256 visual tokens
+    assert overlay and Path(overlay).is_file()
+
+
+def test_vlm_demo_queues_concurrent_requests_without_mixing(vlm_url):
+    from gradio_client import Client, handle_file
+
+    client = Client(vlm_url, verbose=False)
+    scenes = [EXAMPLES / "scene_1.png", EXAMPLES / "scene_2.png"]
+    jobs = [client.submit(handle_file(str(s)), "describe", "uniform", 0.5, 3, 0.0, api_name="/answer") for s in scenes]
+    for job, scene in zip(jobs, scenes):
+        pieces, _, _ = job.result(timeout=120)
+        assert "".join(p["token"] for p in pieces).strip() == _caption_of(scene).strip()
+
+
+@pytest.mark.parametrize("kind", ["not_an_image", "long_question", "empty_question"])
+def test_vlm_demo_bad_input_gets_a_message(vlm_url, tmp_path, kind):
+    from gradio_client import Client, handle_file
+
+    client = Client(vlm_url, verbose=False)
+    image, question, expect = EXAMPLES / "scene_0.png", "describe", ""
+    if kind == "not_an_image":
+        image = tmp_path / "notes.png"
+        image.write_text("this is text, not pixels")
+        expect = "not an image"
+    elif kind == "long_question":
+        question, expect = "describe " * 50, "limit is 300"
+    else:
+        question, expect = "   ", "question is empty"
+    with pytest.raises(Exception, match=expect):
+        client.predict(handle_file(str(image)), question, "verifier", 0.25, 4, 0.0, api_name="/answer")
+
+
+def test_image_demo_generates_method_and_ar_side_by_side(image_url):
+    from gradio_client import Client
+
+    client = Client(image_url, verbose=False)
+    images, ar_images, heat, md = client.predict(
+        "a red circle at the top left", "lantern", 0, 2, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, api_name="/generate")
+    assert len(images) == 2 and len(ar_images) == 2 and Path(heat).is_file()
+    assert "target forwards per image" in md and "| 256.0 |" in md  # plain AR column: one forward per token
+
+
+@pytest.mark.parametrize("prompt,expect", [("", "prompt is empty"), ("x" * 400, "limit is 300"),
+                                           ("a zebra at the top", "unknown word")])
+def test_image_demo_bad_prompt_gets_a_message(image_url, prompt, expect):
+    from gradio_client import Client
+
+    client = Client(image_url, verbose=False)
+    with pytest.raises(Exception, match=expect):
+        client.predict(prompt, "ar", 0, 1, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, api_name="/generate")
+
+
+# ---------------------------------------------------------------- browser (headless Chromium)
+
+
+def _browser():
+    require = os.environ.get("MMSPEC_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        if require:
+            raise
+        pytest.skip("playwright is not installed")
+    if CHROMIUM is None:
+        if require:
+            raise RuntimeError("chromium is not installed (apt-get install -y --no-install-recommends chromium)")
+        pytest.skip("chromium is not installed")
+    return sync_playwright
+
+
+def _shot(page, name: str, tmp_path: Path) -> None:
+    out = ROOT / "docs" / "screenshots" if os.environ.get("MMSPEC_WRITE_SCREENSHOTS") == "1" else tmp_path
+    out.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out / name), full_page=True)
+
+
+@pytest.fixture
+def page():
+    sync_playwright = _browser()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        pg = browser.new_page(viewport={"width": 1280, "height": 860})
+        pg.set_default_timeout(90_000)
+        yield pg
+        browser.close()
+
+
+def test_browser_vlm_demo(vlm_url, page, tmp_path):
+    scene = EXAMPLES / "scene_0.png"
+    page.goto(vlm_url)
+    page.locator("#image input[type=file]").set_input_files(str(scene))
+    page.locator("#ask").click()
+    page.locator("#stats").get_by_text("speedup over plain AR").wait_for()
+    answer = page.locator("#answer").inner_text()
+    for word in _caption_of(scene).split():
+        assert word in answer
+    assert "yes" in page.locator("#stats").inner_text()
+    page.locator("#overlay img").wait_for()
+    _shot(page, "vlm_chat.png", tmp_path)
+    # a non-image file gets a visible message, not a stack trace
+    bad = tmp_path / "notes.png"
+    bad.write_text("not pixels")
+    page.locator("#image input[type=file]").set_input_files(str(bad))
+    page.locator("#ask").click()
+    page.get_by_text("not an image").first.wait_for()
+    assert "Traceback" not in page.content()
+
+
+def test_browser_image_demo(image_url, page, tmp_path):
+    page.goto(image_url)
+    page.locator("#generate").click()
+    page.locator("#stats").get_by_text("target forwards per image").wait_for()
+    assert page.locator("#images img").count() >= 2 and page.locator("#ar_images img").count() >= 2
+    page.locator("#heatmap img").wait_for()
+    _shot(page, "image_gen.png", tmp_path)
+    page.locator("#prompt textarea").fill("x" * 400)
+    page.locator("#generate").click()
+    page.get_by_text("limit is 300").first.wait_for()
+    assert "Traceback" not in page.content()
