@@ -28,7 +28,8 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CHECKSUM_FILE = "SHA256SUMS"
 # held-out quality the shipped checkpoints reach (measured by ``python -m mmspec.zoo --evaluate``;
 # tests check it with a tolerance)
-RECORDED_QUALITY = {"vlm_caption_exact_match": None, "image_prompt_faithfulness": None}
+RECORDED_QUALITY = {"vlm_caption_exact_match": None, "image_prompt_faithfulness": None,
+                    "tokenizer_round_trip_stable": None}
 
 
 class ZooError(MMSpecError):

@@ -3,6 +3,7 @@
 Glossary:
     caption exact match   greedy captions of held-out scenes equal to their true captions (HF generate)
     prompt faithfulness   AR samples (CFG, default sampling) whose parsed scene has the prompt's objects
+    round trip            tokens of held-out scenes that survive decode -> encode unchanged
 """
 
 from __future__ import annotations
@@ -57,4 +58,14 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
     images = []
     for i in range(0, len(prompts), batch):
         images += sample_images(models, prompts[i: i + batch], seed=i).images
-    return {"image_prompt_faithfulness": prompt_faithfulness(images, prompts), "image_sampling": IMAGE_SAMPLING}
+    return {"image_prompt_faithfulness": prompt_faithfulness(images, prompts), "image_sampling": IMAGE_SAMPLING,
+            "tokenizer_round_trip_stable": tokenizer_round_trip(models.tokenizer)}
+
+
+@torch.no_grad()
+def tokenizer_round_trip(tokenizer, num_scenes: int = 32) -> float:
+    """Fraction of tokens t = encode(scene) with encode(decode(t)) == t on held-out scenes."""
+    from .data import render_batch
+
+    t0 = tokenizer.encode(render_batch(list(heldout_scenes(max(num_scenes, 1))[:num_scenes])))
+    return float((tokenizer.encode(tokenizer.decode_tensor(t0)) == t0).float().mean())

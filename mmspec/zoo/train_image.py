@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out / 'tokenizer'} missing: run the vq stage first", file=sys.stderr)
         return 2
     log_file = out / "training.json"
-    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     for stage in stages:
         t0 = time.perf_counter()
         trainer = TRAINERS.get(stage) or (lambda *x, stage=stage: train_ar(stage, *x))
         res = trainer(cfg, out, run_dir, not a.no_progress, a.minutes)
+        log = json.loads(log_file.read_text()) if log_file.is_file() else {}  # other stages may run in parallel
         log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
         log_file.write_text(json.dumps(log, indent=2) + "\n")
         if not res.finished:

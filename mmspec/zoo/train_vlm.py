@@ -204,10 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_vlm"
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "training.json"
-    log = json.loads(log_file.read_text()) if log_file.is_file() else {}
     for stage in stages:
         t0 = time.perf_counter()
         res = train_one(stage, cfg, out, run_dir, not a.no_progress, a.minutes)
+        log = json.loads(log_file.read_text()) if log_file.is_file() else {}  # other stages may run in parallel
         log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
         log_file.write_text(json.dumps(log, indent=2) + "\n")
         if not res.finished:
