@@ -58,6 +58,21 @@ def load_image(path: str | None, limits: InputLimits = LIMITS) -> Image.Image:
         raise limit_error(not_image) from None
 
 
+def checked_image(**kwargs):
+    """A ``gr.Image`` input whose upload is checked by :func:`load_image` first, so a file that is too big
+    or not an image gets that message instead of Gradio's component-processing error."""
+    import gradio as gr
+
+    class CheckedImage(gr.Image):
+        def preprocess(self, payload):
+            path = getattr(payload, "path", None)
+            if path:
+                load_image(path)
+            return super().preprocess(payload)
+
+    return CheckedImage(**kwargs)
+
+
 def check_prompt(text: str | None, limits: InputLimits = LIMITS, what: str = "prompt") -> str:
     text = (text or "").strip()
     if not text:
@@ -101,5 +116,5 @@ def kept_overlay(image: Image.Image, kept: list[int], num_tokens: int, scale: in
     for i in kept:
         mask[i // side, i % side] = 1.0
     m = torch.nn.functional.interpolate(mask[None, None], size=(big.height, big.width), mode="nearest")[0, 0]
-    arr = torch.from_numpy(__import__("numpy").asarray(big)).float() * m.unsqueeze(-1)
+    arr = torch.tensor(__import__("numpy").array(big), dtype=torch.float32) * m.unsqueeze(-1)
     return Image.fromarray(arr.round().clamp(0, 255).to(torch.uint8).numpy(), "RGB")

@@ -142,10 +142,12 @@ def build_demo(session: ImageSession):
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 with gr.Row():
-                    images = gr.Gallery(label="method", columns=2, height=230, elem_id="images")
-                    ar_images = gr.Gallery(label="plain AR, same seed", columns=2, height=230, elem_id="ar_images")
+                    images = gr.Gallery(label="method", columns=2, height=230, elem_id="images", format="png")
+                    ar_images = gr.Gallery(label="plain AR, same seed", columns=2, height=230, elem_id="ar_images",
+                                           format="png")
                 with gr.Row():
-                    heat = gr.Image(label="acceptance heat-map", elem_id="heatmap", interactive=False, height=200)
+                    heat = gr.Image(label="acceptance heat-map", elem_id="heatmap", interactive=False, height=200,
+                                    format="png")
                     stats = gr.Markdown(elem_id="stats")
         go.click(lambda *a: make_images(session, *a), [prompt, method, seed, num, cfg, temperature, top_k, k, delta,
                                                        lam, tau],

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .common import check_prompt, kept_overlay, launch, launch_parser, load_image, processed_image
+from .common import check_prompt, checked_image, kept_overlay, launch, launch_parser, load_image, processed_image
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 PRUNING = ["verifier", "cls", "diversity", "uniform", "none"]
@@ -140,7 +140,7 @@ def build_demo(session: VLMSession):
                     "<span style='background:#4a90d9;color:white'>from the target</span>")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="image", elem_id="image", sources=["upload", "clipboard"])
+                image = checked_image(type="filepath", label="image", elem_id="image", sources=["upload", "clipboard"])
                 question = gr.Textbox(value="describe", label="question", elem_id="question", max_lines=3)
                 with gr.Accordion("settings", open=True):
                     pruning = gr.Dropdown(PRUNING, value="verifier", label="pruning strategy", elem_id="pruning")
@@ -155,7 +155,7 @@ def build_demo(session: VLMSession):
                                          elem_id="answer")
                 stats = gr.Markdown(elem_id="stats")
                 overlay = gr.Image(label="visual tokens the drafter kept (dark = pruned)", elem_id="overlay",
-                                   interactive=False)
+                                   interactive=False, format="png")
         def on_ask(image_path, question_text, strategy, keep_ratio, draft_len, temp):
             yield from answer(session, image_path, question_text, strategy, keep_ratio, draft_len, temp)
 

@@ -17,7 +17,7 @@ import pytest
 from mmspec import zoo
 
 gradio = pytest.importorskip("gradio")
-pytestmark = pytest.mark.skipif(not (zoo.WEIGHTS_DIR / zoo.CHECKSUM_FILE).is_file(), reason="zoo weights missing")
+HAVE_ZOO = (zoo.WEIGHTS_DIR / zoo.CHECKSUM_FILE).is_file()
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "demos" / "examples"
@@ -32,6 +32,8 @@ def _free_port() -> int:
 
 
 def _serve(demo):
+    if not HAVE_ZOO:
+        pytest.skip("zoo weights missing")
     from demos.common import launch
 
     port = _free_port()
@@ -41,6 +43,8 @@ def _serve(demo):
 
 @pytest.fixture(scope="module")
 def vlm_url():
+    if not HAVE_ZOO:
+        pytest.skip("zoo weights missing")
     from demos.vlm_chat import build_demo, load_session
 
     demo = build_demo(load_session())
@@ -51,6 +55,8 @@ def vlm_url():
 
 @pytest.fixture(scope="module")
 def image_url():
+    if not HAVE_ZOO:
+        pytest.skip("zoo weights missing")
     from demos.image_gen import build_demo, load_session
 
     demo = build_demo(load_session())
@@ -208,3 +214,32 @@ def test_browser_image_demo(image_url, page, tmp_path):
     page.locator("#generate").click()
     page.get_by_text("limit is 300").first.wait_for()
     assert "Traceback" not in page.content()
+
+
+# ---------------------------------------------------------------- helpers (no server)
+
+
+def test_input_limits_name_the_problem(tmp_path):
+    from PIL import Image
+
+    from demos.common import InputLimits, check_prompt, kept_overlay, load_image
+
+    small = InputLimits(max_upload_mb=0.01, max_pixels=100 * 100, max_prompt_chars=10)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(big)
+    with pytest.raises(gradio.Error, match=r"200x200 pixels; the limit is 10,000"):
+        load_image(str(big), small)
+    noisy = tmp_path / "noisy.bmp"
+    Image.effect_noise((128, 128), 64).convert("RGB").save(noisy)  # ~48 KB uncompressed
+    with pytest.raises(gradio.Error, match=r"MB; the limit is 0.01 MB"):
+        load_image(str(noisy), small)
+    with pytest.raises(gradio.Error, match="upload an image"):
+        load_image(None)
+    assert load_image(str(big)).mode == "RGB"
+    with pytest.raises(gradio.Error, match="11 characters; the limit is 10"):
+        check_prompt("x" * 11, small)
+    img = Image.new("RGB", (8, 8), (200, 200, 200))
+    out = kept_overlay(img, kept=[0, 3], num_tokens=4, scale=2)  # 2x2 token grid over a 16x16 view
+    px = out.load()
+    assert px[0, 0] == (200, 200, 200) and px[15, 15] == (200, 200, 200)  # kept: tokens 0 and 3
+    assert px[15, 0] == (50, 50, 50) and px[0, 15] == (50, 50, 50)  # pruned: darkened to 25 %
