@@ -17,8 +17,8 @@ from . import image_gen, text, vlm
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
-    ap.add_argument("--plots", type=Path, default=Path("benchmarks"))
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
+    ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
     ap.add_argument("--only", default="text,vlm,image", help="comma-separated subset of text,vlm,image")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
@@ -27,14 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
-    common = ["--out", str(a.out)] + (["--quick"] if a.quick else [])
+    if not a.quick:  # a smoke run never overwrites the recorded results
+        a.out = a.out or Path("benchmarks/RESULTS.md")
+        a.plots = a.plots or Path("benchmarks")
+    common = (["--out", str(a.out)] if a.out else []) + (["--quick"] if a.quick else [])
+    plots = ["--plots", str(a.plots)] if a.plots else []
     rc = 0
     if "text" in parts:
         rc |= text.main(common)
     if "vlm" in parts:
-        rc |= vlm.main(common + ["--plots", str(a.plots)])
+        rc |= vlm.main(common + plots)
     if "image" in parts:
-        rc |= image_gen.main(common + ["--plots", str(a.plots)])
+        rc |= image_gen.main(common + plots)
     return rc
 
 

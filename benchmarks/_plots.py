@@ -31,8 +31,6 @@ def plot_speed_quality(summary: dict, path: Path) -> None:
         for i, (name, v) in enumerate(summary.items()):
             y = v.get(key)
             if y is None:
-                y = v.get("tv") if key == "faithful" else None
-            if y is None:
                 continue
             ax.scatter(v["speedup"], y, s=40, color=f"C{i % 10}", label=name)
             ax.annotate(name.split(" (")[0], (v["speedup"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         target, drafter = build_pair(args.grid, args.codebook, args.layers, args.hidden, args.damp)
         tokenizer = ig.tiny_vq_tokenizer(image_size=4 * args.grid, num_vq_embeddings=args.codebook)
         low = build_low_res(target)
-        conditions = list(range(args.images))
+        conditions = [i % target.config.num_classes for i in range(args.images)]
         what = (f"synthetic class-conditional AR model, {args.grid}x{args.grid} tokens, codebook {args.codebook}, "
                 f"{args.layers} layers x {args.hidden} (damp {args.damp}); drafter = its first layer")
     else:

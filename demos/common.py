@@ -47,6 +47,8 @@ def load_image(path: str | None, limits: InputLimits = LIMITS) -> Image.Image:
     try:
         im = Image.open(path)  # lazy: reads the header only
         width, height = im.size
+    except Image.DecompressionBombError:
+        raise limit_error(f"The image has too many pixels; the limit is {limits.max_pixels:,} pixels.") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise limit_error(not_image) from None
     if width * height > limits.max_pixels:
@@ -63,14 +65,17 @@ def checked_image(**kwargs):
     or not an image gets that message instead of Gradio's component-processing error."""
     import gradio as gr
 
-    class CheckedImage(gr.Image):
-        def preprocess(self, payload):
-            path = getattr(payload, "path", None)
-            if path:
-                load_image(path)
-            return super().preprocess(payload)
+    component = gr.Image(**kwargs)
+    preprocess = component.preprocess
 
-    return CheckedImage(**kwargs)
+    def checked_preprocess(payload):  # an instance attribute: a gr.Image subclass would make Gradio write a .pyi
+        path = getattr(payload, "path", None)
+        if path:
+            load_image(path)
+        return preprocess(payload)
+
+    component.preprocess = checked_preprocess
+    return component
 
 
 def check_prompt(text: str | None, limits: InputLimits = LIMITS, what: str = "prompt") -> str:

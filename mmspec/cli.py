@@ -1,9 +1,10 @@
-"""Command-line entry point: ``mmspec text ...`` runs speculative decoding on a causal LM pair.
+"""Command-line entry point: ``mmspec run`` (the main job on the zoo models), ``mmspec text``,
+``mmspec vlm``, ``mmspec imagegen``.
 
-Glossary: without ``--target`` the command builds a small self-contained example because no
-pretrained weights ship yet: a random Llama target whose later layers are damped (their output
-projections scaled by 0.2) and a drafter made of its first layer, a synthetic pair whose agreement
-is controlled (acceptance around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints
+Glossary: ``mmspec text`` without ``--target`` builds a small self-contained text example (the zoo
+has no text pair): a random Llama target whose later layers are damped (their output projections
+scaled by 0.2) and a drafter made of its first layer, a synthetic pair whose agreement is
+controlled (acceptance around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints
 (``from_pretrained``, local paths or hub names when online).
 """
 
@@ -221,7 +222,6 @@ def _run_main_job(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt is empty", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = MainJobConfig(pruning=args.pruning, keep_ratio=args.keep_ratio, prompt=args.prompt,
                         image_method=args.method, num_images=args.num_images, seed=args.seed)
     try:

@@ -76,12 +76,25 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
     log(f"[VLM] true scene : {res['scene']}")
     log(f"[VLM] caption    : {caption}")
     log(f"[VLM] identical to HF generate: {identical}; speedup x{res['speedup_vs_hf_generate']:.2f} "
-        f"(mean accepted length {res['mean_accepted_length']:.2f}, drafter kept {res['drafter_visual_tokens']} of "
-        f"{res['visual_tokens']} visual tokens, pruning {cfg.pruning})")
+        f"(mean accepted length {res['mean_accepted_length']:.2f}, drafter kept {res['drafter_visual_tokens'][0]} of "
+        f"{res['visual_tokens'][0]} visual tokens, pruning {cfg.pruning})")
     return res
 
 
-def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
+def faithfulness_or_none(images, prompt: str) -> float | None:
+    """Prompt faithfulness, or None for a prompt outside the scene-caption grammar (nothing to judge)."""
+    from mmspec.scenes import parse_caption
+
+    from .zoo.quality import prompt_faithfulness
+
+    try:
+        parse_caption(prompt)
+    except ValueError:
+        return None
+    return prompt_faithfulness(images, [prompt] * len(images))
+
+
+def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=None) -> dict:
     from PIL import Image
 
     from mmspec.image_gen import generate
@@ -90,9 +103,8 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
     from .zoo import load_default_image_models
     from .zoo.data import heldout_scenes
     from .zoo.evaluate import IMAGE_SAMPLING
-    from .zoo.quality import prompt_faithfulness
 
-    models = load_default_image_models()
+    models = models or load_default_image_models()
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
 
     def run(method: str):
@@ -114,20 +126,27 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
            "ar_seconds": round(t_ar, 3), "method_seconds": round(t_rel, 3),
            "target_forwards_per_image": {"ar": ar.stats.target_forwards_per_image,
                                          cfg.image_method: rel.stats.target_forwards_per_image},
-           "prompt_faithfulness": {"ar": prompt_faithfulness(ar.images, [prompt] * len(ar.images)),
-                                   cfg.image_method: prompt_faithfulness(rel.images, [prompt] * len(rel.images))}}
+           "prompt_faithfulness": {"ar": faithfulness_or_none(ar.images, prompt),
+                                   cfg.image_method: faithfulness_or_none(rel.images, prompt)}}
+    fa = res["prompt_faithfulness"]
+    faith = ("prompt faithfulness n/a (prompt outside the scene grammar)" if fa["ar"] is None else
+             f"prompt faithfulness {fa[cfg.image_method]:.2f} vs {fa['ar']:.2f}")
     log(f"[image] prompt: {prompt!r}, {cfg.num_images} images each")
     log(f"[image] {cfg.image_method} vs AR: speedup x{res['speedup_vs_ar']:.2f}; target forwards per image "
-        f"{rel.stats.target_forwards_per_image:.1f} vs {ar.stats.target_forwards_per_image:.1f}; prompt faithfulness "
-        f"{res['prompt_faithfulness'][cfg.image_method]:.2f} vs {res['prompt_faithfulness']['ar']:.2f}")
+        f"{rel.stats.target_forwards_per_image:.1f} vs {ar.stats.target_forwards_per_image:.1f}; {faith}")
     return res
 
 
 def run_main_job(out_dir: str | Path, cfg: MainJobConfig = MainJobConfig(), log=print) -> dict:
+    from .zoo import load_default_image_models
+
+    t0 = time.perf_counter()
+    models = load_default_image_models()
+    if cfg.prompt is not None:  # a bad prompt fails before any work (ConditionError names the problem)
+        models.target.prefix_ids(cfg.prompt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    report = {"vlm": run_captioning(cfg, out_dir, log), "image": run_image_generation(cfg, out_dir, log)}
+    report = {"vlm": run_captioning(cfg, out_dir, log), "image": run_image_generation(cfg, out_dir, log, models)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote images, acceptance heat-map and report.json to {out_dir} ({report['seconds']:.0f} s)")

@@ -63,16 +63,20 @@ def verify_checksums(subdir: str | None = None, root: str | os.PathLike = WEIGHT
     sums = root / CHECKSUM_FILE
     if not sums.is_file():
         raise ZooError(f"no checksum file at {sums}: the zoo weights are not installed")
+    checked = 0
     for line in sums.read_text().splitlines():
         digest, rel = line.split(maxsplit=1)
         if subdir and not rel.startswith(subdir.rstrip("/") + "/"):
             continue
+        checked += 1
         path = root / rel
         if not path.is_file():
             raise ZooError(f"zoo file missing: {path}")
         if _sha256(path) != digest:
             raise ZooError(f"zoo file {path} does not match its checksum in {sums} (corrupt or retrained "
                            f"without `python -m mmspec.zoo --write-checksums`)")
+    if checked == 0:
+        raise ZooError(f"{sums} lists no files{f' under {subdir}/' if subdir else ''}: the zoo weights are not installed")
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,19 @@ IMAGE_SIZE = 64
 HELDOUT_SEED = 987_654_321
 
 
+HELDOUT_MAX = 1024  # training excludes these many held-out scenes
+
+
 @lru_cache(maxsize=4)
 def heldout_scenes(n: int = 256) -> tuple[Scene, ...]:
+    if not 0 < n <= HELDOUT_MAX:
+        raise ValueError(f"held-out scenes: 1..{HELDOUT_MAX} (training excludes only the first {HELDOUT_MAX}), got {n}")
     return tuple(scenes(n, seed=HELDOUT_SEED))
 
 
 @lru_cache(maxsize=1)
 def _heldout_keys() -> frozenset:
-    return frozenset((s.caption(), s.background) for s in heldout_scenes(1024))
+    return frozenset((s.caption(), s.background) for s in heldout_scenes(HELDOUT_MAX))
 
 
 def train_scenes(seed: int, step: int, batch: int) -> list[Scene]:

@@ -58,7 +58,13 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
     images = []
     for i in range(0, len(prompts), batch):
         images += sample_images(models, prompts[i: i + batch], seed=i).images
-    return {"image_prompt_faithfulness": prompt_faithfulness(images, prompts), "image_sampling": IMAGE_SAMPLING,
+    by_count = {}
+    for n_obj in (1, 2, 3):  # 1- and 2-object captions are mostly seen in training; 3-object ones mostly not
+        sel = [i for i, p in enumerate(prompts) if p.count(" and ") == n_obj - 1]
+        if sel:
+            by_count[n_obj] = prompt_faithfulness([images[i] for i in sel], [prompts[i] for i in sel])
+    return {"image_prompt_faithfulness": prompt_faithfulness(images, prompts),
+            "image_prompt_faithfulness_by_objects": by_count, "image_sampling": IMAGE_SAMPLING,
             "tokenizer_round_trip_stable": tokenizer_round_trip(models.tokenizer)}
 
 

@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -125,8 +126,9 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
                     if len(dead):
                         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
                         pick = flat[torch.randint(len(flat), (len(dead),), generator=torch.Generator().manual_seed(step))]
+                        noise = torch.randn(pick.shape, generator=torch.Generator().manual_seed(step + 1))
                         with torch.no_grad():
-                            vq.quantize.embedding.weight[dead] = pick + 0.01 * torch.randn_like(pick)
+                            vq.quantize.embedding.weight[dead] = pick + 0.01 * noise
                     usage.zero_()
         return total
 
@@ -135,7 +137,8 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
         return res
     res = consolidate_codebook(tok, cfg, run_dir, progress, minutes)
     tok.vq_model.eval()
-    tok.save_pretrained(out / "tokenizer")
+    if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
+        tok.save_pretrained(out / "tokenizer")
     return res
 
 
@@ -233,8 +236,12 @@ def train_ar(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         return F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
 
-    res = run_stage(stage, model, loss_fn, replace(getattr(cfg, f"{stage}_budget"), minutes=minutes), run_dir, progress=progress)
-    model.save_pretrained(out / stage)
+    # the checkpoint name carries the tokenizer's hash: a retrained tokenizer never resumes stale AR weights
+    tok_hash = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in tok.vq_model.parameters())).hexdigest()
+    res = run_stage(f"{stage}-{tok_hash[:10]}", model, loss_fn, replace(getattr(cfg, f"{stage}_budget"), minutes=minutes),
+                    run_dir, progress=progress)
+    if res.finished:
+        model.save_pretrained(out / stage)
     return res
 
 
@@ -250,7 +257,8 @@ def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bo
         return model.loss(x.clamp(-1, 1), scenes)
 
     res = run_stage("classifier", model, loss_fn, replace(cfg.classifier, minutes=minutes), run_dir, progress=progress)
-    model.save_pretrained(out / "classifier")
+    if res.finished:
+        model.save_pretrained(out / "classifier")
     return res
 
 
@@ -260,7 +268,7 @@ TRAINERS = {"vq": train_vq, "classifier": train_classifier}
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="export directory (tokenizer/, target/, drafter/, lowres/)")
-    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_image)")
+    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_image/PRESET)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
@@ -272,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"error: unknown stage(s) {bad}; choose from {STAGES}", file=sys.stderr)
         return 2
+    stages = sorted(set(stages), key=STAGES.index)  # the tokenizer always comes first
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = PRESETS[a.preset]
     out = Path(a.out)
-    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_image"
+    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_image" / a.preset
     out.mkdir(parents=True, exist_ok=True)
     if "vq" not in stages and set(stages) - {"classifier"} and not (out / "tokenizer").is_dir():
         print(f"error: {out / 'tokenizer'} missing: run the vq stage first", file=sys.stderr)

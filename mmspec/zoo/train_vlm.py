@@ -177,15 +177,16 @@ def train_one(stage: str, cfg: VLMZooConfig, out: Path, run_dir: Path, progress:
         return model(**batch, use_cache=False).loss
 
     res = run_stage(f"vlm_{stage}", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
-    model.save_pretrained(out / stage, safe_serialization=True)
-    processor.save_pretrained(out / stage)
+    if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
+        model.save_pretrained(out / stage, safe_serialization=True)
+        processor.save_pretrained(out / stage)
     return res
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="export directory (target/, drafter/)")
-    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_vlm)")
+    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_vlm/PRESET)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     cfg = PRESETS[a.preset]
     out = Path(a.out)
-    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_vlm"
+    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_vlm" / a.preset
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "training.json"
     for stage in stages:

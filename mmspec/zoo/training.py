@@ -39,7 +39,7 @@ class StageResult:
     name: str
     steps_done: int
     finished: bool  # the schedule ran to its end (not cut by the time cap)
-    final_loss: float
+    final_loss: float | None  # EMA of the loss; None when this call ran no step (resumed a finished stage)
     seconds: float
 
 
@@ -98,4 +98,5 @@ def run_stage(name: str, module: torch.nn.Module, loss_fn: Callable[[int], torch
     bar.close()
     save()
     module.eval()
-    return StageResult(name, step, step >= budget.steps, loss_ema, time.perf_counter() - start)
+    return StageResult(name, step, step >= budget.steps, None if math.isnan(loss_ema) else loss_ema,
+                       time.perf_counter() - start)
