@@ -182,9 +182,33 @@ def page():
         browser.close()
 
 
+def _oversized_image(tmp_path: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    from demos.common import LIMITS
+
+    side = int((LIMITS.max_upload_mb * 2**20 / 3) ** 0.5) + 64  # an uncompressed BMP just over the limit
+    path = tmp_path / "big.bmp"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)).save(path)
+    assert path.stat().st_size > LIMITS.max_upload_mb * 2**20
+    return path
+
+
+def test_vlm_demo_refuses_oversized_upload(vlm_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(vlm_url, verbose=False)
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
+        client.predict(handle_file(str(_oversized_image(tmp_path))), "describe", "verifier", 0.25, 4, 0.0,
+                       api_name="/answer")
+
+
 def test_browser_vlm_demo(vlm_url, page, tmp_path):
     scene = EXAMPLES / "scene_0.png"
     page.goto(vlm_url)
+    page.locator("#image input[type=file]").set_input_files(str(_oversized_image(tmp_path)))
+    page.get_by_text("exceed the maximum allowed size").first.wait_for()
     page.locator("#image input[type=file]").set_input_files(str(scene))
     page.locator("#ask").click()
     page.locator("#stats").get_by_text("speedup over plain AR").wait_for()
