@@ -76,7 +76,7 @@ class ImageZooConfig:
     drafter_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     lowres_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     ar_batch: int = 24
-    classifier: StageBudget = StageBudget(steps=600, lr=2e-3, warmup=30)
+    classifier: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=30)
     classifier_batch: int = 32
     seed: int = 0
 
