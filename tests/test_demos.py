@@ -134,7 +134,7 @@ def test_image_demo_generates_method_and_ar_side_by_side(image_url):
     images, ar_images, heat, md = client.predict(
         "a red circle at the top left", "lantern", 0, 2, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, api_name="/generate")
     assert len(images) == 2 and len(ar_images) == 2 and Path(heat).is_file()
-    assert "target forwards per image" in md and "| 256.0 |" in md  # plain AR column: one forward per token
+    assert "target forwards per image" in md and "| 257.0 |" in md  # plain AR: prompt prefill + one per token
 
 
 @pytest.mark.parametrize("prompt,expect", [("", "prompt is empty"), ("x" * 400, "limit is 300"),

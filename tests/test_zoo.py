@@ -235,7 +235,7 @@ def test_main_job_writes_images_heatmap_and_report(tmp_path):
     assert report["vlm"]["drafter_visual_tokens"][0] < report["vlm"]["visual_tokens"][0]
     for name in ("vlm_input.png", "ar_0.png", "lantern_0.png", "acceptance_heatmap.png"):
         assert (tmp_path / name).is_file()
-    assert report["image"]["target_forwards_per_image"]["ar"] == 256  # one forward per token (prefill included)
+    assert report["image"]["target_forwards_per_image"]["ar"] == 257  # the prompt prefill + one forward per token
 
 
 @needs_zoo
