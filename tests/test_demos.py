@@ -207,8 +207,6 @@ def test_vlm_demo_refuses_oversized_upload(vlm_url, tmp_path):
 def test_browser_vlm_demo(vlm_url, page, tmp_path):
     scene = EXAMPLES / "scene_0.png"
     page.goto(vlm_url)
-    page.locator("#image input[type=file]").set_input_files(str(_oversized_image(tmp_path)))
-    page.get_by_text("exceed the maximum allowed size").first.wait_for()
     page.locator("#image input[type=file]").set_input_files(str(scene))
     page.locator("#ask").click()
     page.locator("#stats").get_by_text("speedup over plain AR").wait_for()
@@ -217,7 +215,9 @@ def test_browser_vlm_demo(vlm_url, page, tmp_path):
     assert "yes" in page.locator("#stats").inner_text()
     page.locator("#overlay img").wait_for()
     _shot(page, "vlm_chat.png", tmp_path)
-    # a non-image file gets a visible message, not a stack trace
+    # an oversized upload and a non-image file get visible messages, not a stack trace
+    page.locator("#image input[type=file]").set_input_files(str(_oversized_image(tmp_path)))
+    page.get_by_text("exceed the maximum allowed size").first.wait_for()
     bad = tmp_path / "notes.png"
     bad.write_text("not pixels")
     page.locator("#image input[type=file]").set_input_files(str(bad))
