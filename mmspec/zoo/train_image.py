@@ -84,6 +84,8 @@ class ImageZooConfig:
 _SMOKE = StageBudget(steps=3, warmup=1, save_every=2)
 PRESETS = {
     "full": ImageZooConfig(),
+    # the AR target trained twice as long (an experiment on colour/shape binding; same shapes)
+    "long": ImageZooConfig(target_budget=StageBudget(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01)),
     # seconds-long run of the same shapes (tests): a few steps each
     "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2, restart_every=2,
                             consolidate=_SMOKE,
