@@ -20,3 +20,9 @@ def write_section(path: Path, heading: str, table: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + table
     path.write_text(text)
+
+
+def pool_accepted_lengths(stats) -> list[int]:
+    """Sum the ``accepted_length_counts`` of several GenerationStats (lists of different lengths)."""
+    width = max((len(s.accepted_length_counts) for s in stats), default=0)
+    return [sum(s.accepted_length_counts[i] for s in stats if i < len(s.accepted_length_counts)) for i in range(width)]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ._report import write_section
+from ._report import pool_accepted_lengths, write_section
 
 SECTION = "## Image generation (issue: image generation)"
 
@@ -193,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
             faithful = prompt_faithfulness(images[n], prompts_all)
             fd = frechet_distance(feats[n], feats[ar]) if n != ar else None
-        counts = [sum(s.accepted_length_counts[i] if i < len(s.accepted_length_counts) else 0 for s in st)
-                  for i in range(max(len(s.accepted_length_counts) for s in st))]
+        counts = pool_accepted_lengths(st)
         summary[n] = dict(speedup=speed, fwd=fwd, tau=tau, faithful=faithful, fd=fd, tv=tv, counts=counts,
                           method=methods[n]["method"])
         rows.append(f"| {n} | {statistics.median(ips):.2f} | x{speed:.2f} | {fwd:.1f} | {tau:.2f} | "

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ._report import write_section
+from ._report import pool_accepted_lengths, write_section
 
 SECTION = "## VLM (issue: vision)"
 
@@ -218,13 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         from ._plots import plot_accept_histogram
 
         args.plots.mkdir(parents=True, exist_ok=True)
-        counts = {}
-        for n, v in summary.items():
-            if v["stats"] and ("keep 0.25" in n or "none" in n):
-                st = v["stats"]
-                width = max(len(s.accepted_length_counts) for s in st)
-                counts[n] = [sum(s.accepted_length_counts[i] if i < len(s.accepted_length_counts) else 0 for s in st)
-                             for i in range(width)]
+        counts = {n: pool_accepted_lengths(v["stats"]) for n, v in summary.items()
+                  if v["stats"] and ("keep 0.25" in n or "none" in n)}
         plot_accept_histogram(counts, args.plots / "vlm_acceptance_histogram.png",
                               title="VLM: accepted drafted tokens per step (zoo pair)")
     main.last_summary = summary  # for benchmarks.__main__ (histograms)

@@ -7,6 +7,7 @@ the screenshots shown in the README to docs/screenshots/.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -32,8 +33,6 @@ def _free_port() -> int:
 
 
 def _serve(demo):
-    if not HAVE_ZOO:
-        pytest.skip("zoo weights missing")
     from demos.common import launch
 
     port = _free_port()
@@ -41,30 +40,28 @@ def _serve(demo):
     return f"http://127.0.0.1:{port}/"
 
 
-@pytest.fixture(scope="module")
-def vlm_url():
+def _demo_url(module_name: str):
     if not HAVE_ZOO:
         pytest.skip("zoo weights missing")
-    from demos.vlm_chat import build_demo, load_session
+    import importlib
 
-    demo = build_demo(load_session())
-    url = _serve(demo)
-    yield url
+    mod = importlib.import_module(module_name)
+    demo = mod.build_demo(mod.load_session())
+    yield _serve(demo)
     demo.close()
+
+
+@pytest.fixture(scope="module")
+def vlm_url():
+    yield from _demo_url("demos.vlm_chat")
 
 
 @pytest.fixture(scope="module")
 def image_url():
-    if not HAVE_ZOO:
-        pytest.skip("zoo weights missing")
-    from demos.image_gen import build_demo, load_session
-
-    demo = build_demo(load_session())
-    url = _serve(demo)
-    yield url
-    demo.close()
+    yield from _demo_url("demos.image_gen")
 
 
+@functools.lru_cache(maxsize=None)
 def _caption_of(scene_png: Path) -> str:
     """The zoo target's own greedy caption of an example (what the demo must show)."""
     import torch

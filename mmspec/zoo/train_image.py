@@ -27,12 +27,8 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +41,7 @@ from mmspec.scenes import CELLS, COLOURS, SHAPES
 
 from .quality import SceneClassifier
 from .data import IMAGE_SIZE, render_batch, train_scenes
-from .training import StageBudget, run_stage
+from .training import StageBudget, run_stage, training_cli
 
 STAGES = ("vq", "target", "drafter", "lowres", "classifier")
 WORDS = tuple(sorted({"a", "and", "at", "the", *COLOURS, *SHAPES, *(w for c in CELLS for w in c.split())}))
@@ -267,43 +263,22 @@ def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bo
 TRAINERS = {"vq": train_vq, "classifier": train_classifier}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="export directory (tokenizer/, target/, drafter/, lowres/)")
-    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_image/PRESET)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        print(f"error: unknown stage(s) {bad}; choose from {STAGES}", file=sys.stderr)
-        return 2
-    stages = sorted(set(stages), key=STAGES.index)  # the tokenizer always comes first
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    cfg = PRESETS[a.preset]
-    out = Path(a.out)
-    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_image" / a.preset
-    out.mkdir(parents=True, exist_ok=True)
+def train_stage(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    if stage in TRAINERS:
+        return TRAINERS[stage](cfg, out, run_dir, progress, minutes)
+    return train_ar(stage, cfg, out, run_dir, progress, minutes)
+
+
+def _check(stages: list[str], out: Path) -> str | None:
     if "vq" not in stages and set(stages) - {"classifier"} and not (out / "tokenizer").is_dir():
-        print(f"error: {out / 'tokenizer'} missing: run the vq stage first", file=sys.stderr)
-        return 2
-    log_file = out / "training.json"
-    for stage in stages:
-        t0 = time.perf_counter()
-        trainer = TRAINERS.get(stage) or (lambda *x, stage=stage: train_ar(stage, *x))
-        res = trainer(cfg, out, run_dir, not a.no_progress, a.minutes)
-        log = json.loads(log_file.read_text()) if log_file.is_file() else {}  # other stages may run in parallel
-        log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
-        log_file.write_text(json.dumps(log, indent=2) + "\n")
-        if not res.finished:
-            print(f"{stage}: stopped at step {res.steps_done} (time cap); run again to resume", file=sys.stderr)
-            return 3
-    return 0
+        return f"{out / 'tokenizer'} missing: run the vq stage first"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training_cli(argv, description=__doc__.split("\n\n")[0], family="image", stages=STAGES, presets=PRESETS,
+                        out_help="export directory (tokenizer/, target/, drafter/, lowres/, classifier/)",
+                        check=_check, train=train_stage)
 
 
 if __name__ == "__main__":

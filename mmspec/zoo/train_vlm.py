@@ -20,11 +20,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +30,7 @@ from mmspec.scenes import render
 
 from .data import IMAGE_SIZE, train_scenes
 from .train_image import WORDS
-from .training import StageBudget, run_stage
+from .training import StageBudget, run_stage, training_cli
 
 STAGES = ("target", "drafter")
 PAD, BOS, EOS, UNK, IMAGE = 0, 1, 2, 3, 4
@@ -184,37 +180,8 @@ def train_one(stage: str, cfg: VLMZooConfig, out: Path, run_dir: Path, progress:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="export directory (target/, drafter/)")
-    p.add_argument("--run-dir", default=None, help="checkpoints for resuming (default: ~/.cache/mmspec/train_vlm/PRESET)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        print(f"error: unknown stage(s) {bad}; choose from {STAGES}", file=sys.stderr)
-        return 2
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    cfg = PRESETS[a.preset]
-    out = Path(a.out)
-    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / "train_vlm" / a.preset
-    out.mkdir(parents=True, exist_ok=True)
-    log_file = out / "training.json"
-    for stage in stages:
-        t0 = time.perf_counter()
-        res = train_one(stage, cfg, out, run_dir, not a.no_progress, a.minutes)
-        log = json.loads(log_file.read_text()) if log_file.is_file() else {}  # other stages may run in parallel
-        log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
-        log_file.write_text(json.dumps(log, indent=2) + "\n")
-        if not res.finished:
-            print(f"{stage}: stopped at step {res.steps_done} (time cap); run again to resume", file=sys.stderr)
-            return 3
-    return 0
+    return training_cli(argv, description=__doc__.split("\n\n")[0], family="vlm", stages=STAGES, presets=PRESETS,
+                        out_help="export directory (target/, drafter/)", train=train_one)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,15 @@ Schedule: linear warm-up then cosine decay to 10 % (the usual recipe for small t
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -100,3 +103,50 @@ def run_stage(name: str, module: torch.nn.Module, loss_fn: Callable[[int], torch
     module.eval()
     return StageResult(name, step, step >= budget.steps, None if math.isnan(loss_ema) else loss_ema,
                        time.perf_counter() - start)
+
+
+def training_cli(argv: list[str] | None, *, description: str, family: str, stages: Sequence[str],
+                 presets: dict[str, Any], out_help: str,
+                 check: Callable[[list[str], Path], str | None] | None = None,
+                 train: Callable[[str, Any, Path, Path, bool, float], StageResult]) -> int:
+    """The command line shared by the zoo's training scripts: parse, run the chosen stages in their
+    canonical order, log each to ``OUT/training.json``; exit 2 on bad input, 3 when the time cap cut a
+    stage (run again to resume).  ``train(stage, cfg, out, run_dir, progress, minutes)`` trains one stage;
+    ``check(stages, out)`` may return an error message before anything runs."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--run-dir", default=None,
+                   help=f"checkpoints for resuming (default: ~/.cache/mmspec/train_{family}/PRESET)")
+    p.add_argument("--stages", default=",".join(stages), help=f"comma-separated subset of {','.join(stages)}")
+    p.add_argument("--preset", default="full", choices=sorted(presets))
+    p.add_argument("--minutes", type=float, default=float("inf"), help="wall-clock cap per stage (resume later)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    chosen = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in stages]
+    if bad:
+        print(f"error: unknown stage(s) {bad}; choose from {tuple(stages)}", file=sys.stderr)
+        return 2
+    chosen = sorted(set(chosen), key=list(stages).index)  # dependencies come first
+    out = Path(a.out)
+    problem = check(chosen, out) if check else None
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = presets[a.preset]
+    run_dir = Path(a.run_dir) if a.run_dir else Path.home() / ".cache" / "mmspec" / f"train_{family}" / a.preset
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "training.json"
+    for stage in chosen:
+        t0 = time.perf_counter()
+        res = train(stage, cfg, out, run_dir, not a.no_progress, a.minutes)
+        log = json.loads(log_file.read_text()) if log_file.is_file() else {}  # other stages may run in parallel
+        log[stage] = {**asdict(res), "preset": a.preset, "wall_s": round(time.perf_counter() - t0, 1)}
+        log_file.write_text(json.dumps(log, indent=2) + "\n")
+        if not res.finished:
+            print(f"{stage}: stopped at step {res.steps_done} (time cap); run again to resume", file=sys.stderr)
+            return 3
+    return 0
