@@ -278,3 +278,17 @@ def test_asdict_of_configs_is_json():
     from mmspec.zoo.train_image import PRESETS
 
     json.dumps(asdict(PRESETS["full"]))
+
+
+def test_time_capped_stage_exports_nothing_and_resumes(tmp_path):
+    """--minutes 0 stops before the first step (exit 3, nothing exported); a later run finishes the stage."""
+    from mmspec.zoo import train_image
+
+    args = ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--preset", "smoke",
+            "--stages", "classifier", "--no-progress"]
+    assert train_image.main(args + ["--minutes", "0"]) == 3
+    assert not (tmp_path / "out" / "classifier").exists()
+    log = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert log["classifier"]["finished"] is False and log["classifier"]["steps_done"] == 0
+    assert train_image.main(args) == 0
+    assert (tmp_path / "out" / "classifier" / "model.safetensors").is_file()
