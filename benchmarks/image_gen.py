@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
         plot_speed_quality(summary, args.plots / "image_speed_quality.png")
         plot_accept_histogram({n: v["counts"] for n, v in summary.items() if v["method"] != "ar"},
                               args.plots / "acceptance_histogram.png")
-    main.last_summary = summary
     return 0
 
 

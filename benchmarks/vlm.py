@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
                   if v["stats"] and ("keep 0.25" in n or "none" in n)}
         plot_accept_histogram(counts, args.plots / "vlm_acceptance_histogram.png",
                               title="VLM: accepted drafted tokens per step (zoo pair)")
-    main.last_summary = summary  # for benchmarks.__main__ (histograms)
     return 0 if all(outputs[n] == ref for n in outputs) else 1
 
 
