@@ -43,7 +43,8 @@ class MultiScaleDrafter:
                               f"tokenizer's grid {hi_grid}")
         if low_ctx.model.config.codebook_size != tokenizer.vocab_size:
             raise MMSpecError("the low-res model and the tokenizer must share the codebook")
-        self.low, self.hi_tok = low_ctx, tokenizer
+        # resolution changes re-encode with one nearest-code pass (a proposal: the target verifies it)
+        self.low, self.hi_tok = low_ctx, VQTokenizer(tokenizer.vq_model, tokenizer.image_size)
         self.lo_tok = VQTokenizer(tokenizer.vq_model, tokenizer.image_size // scale)
         self.scale, self.sampling, self.seed = scale, sampling, seed
         self.hi_grid, self.lo_grid = hi_grid, lo_grid

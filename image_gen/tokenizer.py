@@ -28,10 +28,13 @@ changes the training loss; ``lookup_from_codebook=True`` models are decoded from
 
 Round trips.  The quantisation step is a projection: every code maps to itself
 (``quantize(embed(t)) == t`` for a codebook with distinct rows), so ``embed . quantize`` is
-idempotent.  The full token -> image -> token map ``encode(decode(t))`` is *not* idempotent in
-general: it is only as close to the identity as the encoder is to an inverse of the decoder.
-Untrained (random) VQ models change most tokens on every pass (measured in
-tests/test_image_tokenizer.py); a trained VQGAN is closer to idempotent, but not exactly.
+idempotent.  The full token -> image -> token map ``encode(decode(t))`` of nearest-code encoding
+is *not* idempotent in general: it is only as close to the identity as the encoder is to an inverse
+of the decoder.  Untrained (random) VQ models change most tokens on every pass (measured in
+tests/test_image_tokenizer.py); a trained VQGAN is closer to idempotent, but not exactly (the zoo
+tokenizer keeps 97.9 % of the tokens).  ``encoding=FixedPointEncoding()`` makes it exact: ``encode``
+then returns fixed points of the round trip (see :mod:`mmspec.image_gen.fixed_point`), so
+``encode(decode(encode(x))) == encode(x)`` through PIL images and float tensors alike.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ from PIL import Image
 
 from mmspec.errors import MMSpecError, ShapeError
 
+from .fixed_point import FixedPointEncoding, FixedPointResult, find_fixed_points, snap_to_8bit
+
 __all__ = [
     "ImageTokenizer",
     "VQTokenizer",
@@ -61,7 +66,8 @@ __all__ = [
 
 TOKENIZER_CONFIG_NAME = "mmspec_tokenizer.json"
 _FORMAT = "mmspec.VQTokenizer"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 1  # version 1 files without "encoding" load with nearest-code encoding
+_SAVED = object()  # from_pretrained: keep the encoding the directory was saved with
 # Tolerance for float pixel tensors slightly outside [-1, 1] (float rounding of a decoder).
 _PIXEL_RANGE_TOL = 1e-3
 
@@ -165,9 +171,12 @@ class VQTokenizer:
         vq_model: the autoencoder; put in eval mode.  Its quantizer's embedding is the codebook.
         image_size: side S of the square images; must be a multiple of the downsampling factor
             f = 2**(len(block_out_channels) - 1).  Grid: (S / f, S / f).
+        encoding: how ``encode`` picks tokens: ``None`` (default) the nearest code of every latent
+            (one encoder pass, the VQModel's own quantisation); ``FixedPointEncoding()`` a fixed point
+            of decode -> encode, so round trips are exact (a few encoder/decoder passes per image).
     """
 
-    def __init__(self, vq_model: Any, image_size: int):
+    def __init__(self, vq_model: Any, image_size: int, *, encoding: FixedPointEncoding | None = None):
         quantize = getattr(vq_model, "quantize", None)
         if quantize is None or not hasattr(quantize, "embedding") or not hasattr(vq_model, "config"):
             raise TokenizerConfigError(
@@ -182,9 +191,14 @@ class VQTokenizer:
                 f"image_size {image_size} is not a multiple of the encoder's downsampling factor "
                 f"{factor} (2**(len(block_out_channels) - 1)); the token grid would not be an integer"
             )
+        if encoding is not None and not isinstance(encoding, FixedPointEncoding):
+            raise TokenizerConfigError(
+                f"encoding must be None (nearest code) or a FixedPointEncoding, got {_describe(encoding)}"
+            )
         self.vq_model = vq_model.eval()
         self._image_size = int(image_size)
         self._factor = factor
+        self.encoding = encoding
 
     # ------------------------------------------------------------------ construction / io
 
@@ -198,9 +212,10 @@ class VQTokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, image_size: int | None = None,
-                        **kw: Any) -> "VQTokenizer":
+                        encoding: Any = _SAVED, **kw: Any) -> "VQTokenizer":
         """Load a directory written by ``save_pretrained`` (or a plain diffusers VQModel
-        directory; then image_size defaults to the model's ``sample_size``).  ``kw`` goes to
+        directory; then image_size defaults to the model's ``sample_size``).  ``encoding`` defaults
+        to the saved one (nearest code for plain VQModel directories).  ``kw`` goes to
         ``VQModel.from_pretrained`` (``torch_dtype``, ``subfolder``, ...)."""
         from diffusers import VQModel
 
@@ -217,14 +232,20 @@ class VQTokenizer:
         vq = VQModel.from_pretrained(path, **kw)
         if image_size is None:
             image_size = meta.get("image_size", vq.config.sample_size)
-        return cls(vq, image_size)
+        if encoding is _SAVED:
+            try:
+                encoding = FixedPointEncoding.from_json(meta.get("encoding"))
+            except MMSpecError as e:
+                raise TokenizerConfigError(f"{meta_file}: {e}") from None
+        return cls(vq, image_size, encoding=encoding)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the VQModel (config.json + safetensors) and ``mmspec_tokenizer.json``."""
         path = os.fspath(path)
         os.makedirs(path, exist_ok=True)
         self.vq_model.save_pretrained(path, safe_serialization=True)
-        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "image_size": self._image_size}
+        meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "image_size": self._image_size,
+                "encoding": None if self.encoding is None else self.encoding.to_json()}
         with open(os.path.join(path, TOKENIZER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -266,7 +287,7 @@ class VQTokenizer:
 
     def __repr__(self) -> str:
         return (f"VQTokenizer(image_size={self.image_size}, grid_size={self.grid_size}, "
-                f"vocab_size={self.vocab_size}, code_dim={self.code_dim})")
+                f"vocab_size={self.vocab_size}, code_dim={self.code_dim}, encoding={self.encoding})")
 
     # ------------------------------------------------------------------ validation
 
@@ -376,8 +397,40 @@ class VQTokenizer:
 
     @torch.no_grad()
     def encode(self, images: ImageInput) -> torch.LongTensor:
-        """PIL image(s) (any size / mode) or float [B, 3, h, w] in [-1, 1] -> tokens [B, H, W]."""
+        """PIL image(s) (any size / mode) or float [B, 3, h, w] in [-1, 1] -> tokens [B, H, W], by
+        the tokenizer's ``encoding`` (nearest codes, or fixed points of decode -> encode)."""
+        if self.encoding is None:
+            return self.encode_nearest(images)
+        return self.encode_fixed_points(images).tokens
+
+    @torch.no_grad()
+    def encode_nearest(self, images: ImageInput) -> torch.LongTensor:
+        """One encoder pass: the nearest code of every latent, tokens [B, H, W]."""
         return self.quantize(self.encode_latents(images))
+
+    @torch.no_grad()
+    def round_trip(self, tokens: torch.Tensor) -> torch.LongTensor:
+        """g(t) = nearest codes of the 8-bit decoding of t: what ``encode_nearest(decode(t))`` gives
+        through PIL, long [B, H, W]."""
+        return self.encode_nearest(snap_to_8bit(self.decode_tensor(tokens)))
+
+    @torch.no_grad()
+    def encode_fixed_points(self, images: ImageInput, max_passes: int | None = None) -> FixedPointResult:
+        """Tokens that decode -> encode maps to themselves, with the orbit statistics (passes, tail,
+        cycle length per image); see :mod:`mmspec.image_gen.fixed_point`.  ``max_passes`` defaults
+        to the tokenizer's ``FixedPointEncoding`` (256 without one)."""
+        if max_passes is None:
+            max_passes = (self.encoding or FixedPointEncoding()).max_passes
+        else:
+            max_passes = FixedPointEncoding(max_passes).max_passes
+        x = snap_to_8bit(self.preprocess(images)).to(self.device, self.dtype)  # [B, 3, S, S]
+
+        def step(grids: torch.Tensor, rows: torch.Tensor):
+            y = snap_to_8bit(self.decode_tensor(grids)).to(self.dtype)
+            cost = (y.double() - x[rows.to(x.device)].double()).pow(2).flatten(1).sum(1)
+            return self.encode_nearest(y), cost.cpu()
+
+        return find_fixed_points(self.encode_nearest(x), step, max_passes)
 
     # ------------------------------------------------------------------ decode
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mmspec.image_gen.fixed_point import FixedPointEncoding
 from mmspec.image_gen.model import ARImageConfig, ARImageModel
 from mmspec.image_gen.multiscale import resize_images
 from mmspec.image_gen.tokenizer import VQTokenizer
@@ -68,10 +69,13 @@ class ImageZooConfig:
                                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192)
     lowres: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=8, words=WORDS, hidden_size=96,
                                           num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=288)
-    target_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
+    # 1500 fp32 steps bound colours/shapes to the prompt in 25 % of samples, 3000 in 70 %; bf16 autocast
+    # (avx512_bf16 on this CPU: 0.62 s against 0.96 s a step) buys the longer run within the 60-min script
+    target_budget: StageBudget = StageBudget(steps=2600, lr=2e-3, warmup=100, weight_decay=0.01)
     drafter_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     lowres_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     ar_batch: int = 24
+    ar_bf16: bool = True  # bf16 autocast of the AR stages' forward pass (weights and optimiser stay fp32)
     classifier: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=30)
     classifier_batch: int = 32
     seed: int = 0
@@ -80,7 +84,7 @@ class ImageZooConfig:
 _SMOKE = StageBudget(steps=3, warmup=1, save_every=2)
 PRESETS = {
     "full": ImageZooConfig(),
-    # the AR target trained twice as long (an experiment on colour/shape binding; same shapes)
+    # the AR target trained longer (3000 steps; over the 60-min script budget with the vq stage)
     "long": ImageZooConfig(target_budget=StageBudget(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01)),
     # seconds-long run of the same shapes (tests): a few steps each
     "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2, restart_every=2,
@@ -136,7 +140,8 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
     res = consolidate_codebook(tok, cfg, run_dir, progress, minutes)
     tok.vq_model.eval()
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
-        tok.save_pretrained(out / "tokenizer")
+        # shipped with fixed-point encoding (exact round trips); training re-encodes with nearest codes
+        VQTokenizer(tok.vq_model, IMAGE_SIZE, encoding=FixedPointEncoding()).save_pretrained(out / "tokenizer")
     return res
 
 
@@ -231,12 +236,16 @@ def train_ar(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress
     def loss_fn(step: int) -> torch.Tensor:
         ids, mask, pos, codes, P = ar_batch(model, tok, cfg.seed + 17 * STAGES.index(stage), step, cfg.ar_batch,
                                            image_size)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.ar_bf16):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         return F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
 
-    # the checkpoint name carries the tokenizer's hash: a retrained tokenizer never resumes stale AR weights
-    tok_hash = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in tok.vq_model.parameters())).hexdigest()
-    res = run_stage(f"{stage}-{tok_hash[:10]}", model, loss_fn, replace(getattr(cfg, f"{stage}_budget"), minutes=minutes),
+    # the checkpoint name carries the tokenizer's and the recipe's hash: a retrained tokenizer or a changed
+    # budget never resumes stale AR weights
+    budget = getattr(cfg, f"{stage}_budget")
+    h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in tok.vq_model.parameters()))
+    h.update(repr((arch, budget, cfg.ar_batch, cfg.ar_bf16, cfg.seed)).encode())
+    res = run_stage(f"{stage}-{h.hexdigest()[:10]}", model, loss_fn, replace(budget, minutes=minutes),
                     run_dir, progress=progress)
     if res.finished:
         model.save_pretrained(out / stage)
