@@ -17,8 +17,11 @@ the chosen member of cycle C.  Re-encoding x' = D(t*) starts the orbit at g(t*),
 the new orbit runs round the same cycle C.  Inside C, t* is the unique member decoding to exactly
 snap(x') (distance 0): another member with the same 8-bit decoding would have the same successor,
 and in a cycle no two members share one.  So the projection returns t* again.  The argument needs g
-to be a function, i.e. deterministic and independent of the other images in the batch; the tests
-check both for the shipped tokenizer.
+to be a function of the grid: deterministic, and independent of the other images in the batch.
+Convolutions round differently for different batch sizes (measured: 17 of 196,608 8-bit pixels of
+16 zoo scenes differ between batch 16 and batch 1), so the tokenizer encodes and decodes one image
+at a time in this mode, and needs float32 weights (in bf16 the round trip hardly ever settles).
+Exactness is for the same weights, device and kernels.
 
 A trained VQGAN is nearly idempotent: most orbits end in a fixed point after a few passes (the zoo
 tokenizer: median 2 passes, longest tail 20 on 256 held-out scenes; a few 2-cycles).  The price is
@@ -69,12 +72,12 @@ class FixedPointEncoding:
             return None
         if not isinstance(d, dict) or d.get("name") != "fixed_point":
             raise FixedPointError(f"unknown encoding {d!r}: expected null or {{'name': 'fixed_point', ...}}")
-        return cls(max_passes=int(d.get("max_passes", 256)))
+        return cls(max_passes=d.get("max_passes", 256))
 
 
 class FixedPointResult(NamedTuple):
-    tokens: torch.Tensor        # long [B, H, W]: fixed points / chosen cycle members, g-stable
-    passes: torch.Tensor        # long [B]: round trips computed (tail + cycle length)
+    tokens: torch.Tensor        # long [B, H, W] on the start grids' device: fixed points / chosen cycle members
+    passes: torch.Tensor        # long [B] (CPU, as the two below): round trips computed (tail + cycle length)
     tail: torch.Tensor          # long [B]: transient grids before the cycle (0: t0 is on it)
     cycle_length: torch.Tensor  # long [B]: 1 for a fixed point; NO_CYCLE never appears in a result
 
@@ -84,6 +87,10 @@ def snap_to_8bit(x: torch.Tensor) -> torch.Tensor:
     ``pil_to_tensor(tensor_to_pil(x))``)."""
     u = ((x.to(torch.float32).clamp(-1.0, 1.0) + 1.0) * 127.5).round()
     return u / 127.5 - 1.0
+
+
+def _key(grid: torch.Tensor) -> bytes:
+    return grid.to("cpu", torch.long).contiguous().numpy().tobytes()
 
 
 def find_fixed_points(
@@ -117,12 +124,12 @@ def find_fixed_points(
         nxt, cost = round_trip(current[rows], rows)
         still = []
         for i, b in enumerate(active):
-            key = current[b].contiguous().cpu().numpy().tobytes()
+            key = _key(current[b])
             history[b][key] = k
             grids[b].append(current[b].clone())
             costs[b].append(float(cost[i]))
             passes[b] = k + 1
-            j = history[b].get(nxt[i].contiguous().cpu().numpy().tobytes())
+            j = history[b].get(_key(nxt[i]))
             if j is None:
                 current[b] = nxt[i]
                 still.append(b)
@@ -135,7 +142,7 @@ def find_fixed_points(
             break
     if active:
         raise FixedPointError(
-            f"decode -> encode did not return to an earlier token grid within {max_passes} passes for "
+            f"decode -> encode did not return to an earlier token grid within {max_passes} pass(es) for "
             f"{len(active)} of {B} image(s) (first: index {active[0]}); raise FixedPointEncoding(max_passes=...) "
             f"or encode with nearest codes (encoding=None)"
         )

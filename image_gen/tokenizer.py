@@ -398,7 +398,9 @@ class VQTokenizer:
     @torch.no_grad()
     def encode(self, images: ImageInput) -> torch.LongTensor:
         """PIL image(s) (any size / mode) or float [B, 3, h, w] in [-1, 1] -> tokens [B, H, W], by
-        the tokenizer's ``encoding`` (nearest codes, or fixed points of decode -> encode)."""
+        the tokenizer's ``encoding``: nearest codes (one encoder pass), or fixed points of
+        decode -> encode (a few encoder and decoder passes per image, one image at a time; far more
+        for images unlike the training data; raises ``FixedPointError`` past ``max_passes``)."""
         if self.encoding is None:
             return self.encode_nearest(images)
         return self.encode_fixed_points(images).tokens
@@ -417,20 +419,32 @@ class VQTokenizer:
     @torch.no_grad()
     def encode_fixed_points(self, images: ImageInput, max_passes: int | None = None) -> FixedPointResult:
         """Tokens that decode -> encode maps to themselves, with the orbit statistics (passes, tail,
-        cycle length per image); see :mod:`mmspec.image_gen.fixed_point`.  ``max_passes`` defaults
-        to the tokenizer's ``FixedPointEncoding`` (256 without one)."""
+        cycle length per image; on the CPU); see :mod:`mmspec.image_gen.fixed_point`.  ``max_passes``
+        defaults to the tokenizer's ``FixedPointEncoding`` (256 without one).
+
+        Every image is encoded and decoded on its own (batch size 1): convolution kernels round
+        differently for different batch sizes, and exactness needs g to be a function of the grid
+        alone.  Needs float32/float64 weights (in bf16/fp16 the round trip hardly ever settles)."""
         if max_passes is None:
             max_passes = (self.encoding or FixedPointEncoding()).max_passes
         else:
             max_passes = FixedPointEncoding(max_passes).max_passes
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TokenizerConfigError(
+                f"fixed-point encoding needs float32 or float64 weights, the tokenizer has {self.dtype}: load "
+                f"it with torch_dtype=torch.float32, or encode with nearest codes (encoding=None)"
+            )
         x = snap_to_8bit(self.preprocess(images)).to(self.device, self.dtype)  # [B, 3, S, S]
 
-        def step(grids: torch.Tensor, rows: torch.Tensor):
-            y = snap_to_8bit(self.decode_tensor(grids)).to(self.dtype)
-            cost = (y.double() - x[rows.to(x.device)].double()).pow(2).flatten(1).sum(1)
-            return self.encode_nearest(y), cost.cpu()
+        def nearest_one_by_one(pixels: torch.Tensor) -> torch.Tensor:
+            return torch.cat([self.encode_nearest(pixels[i:i + 1]) for i in range(pixels.shape[0])])
 
-        return find_fixed_points(self.encode_nearest(x), step, max_passes)
+        def step(grids: torch.Tensor, rows: torch.Tensor):
+            y = snap_to_8bit(self._decode_one_by_one(grids)).to(self.dtype)  # [n, 3, S, S], clamped
+            cost = (y.double() - x[rows.to(x.device)].double()).pow(2).flatten(1).sum(1)
+            return nearest_one_by_one(y), cost.cpu()
+
+        return find_fixed_points(nearest_one_by_one(x), step, max_passes)
 
     # ------------------------------------------------------------------ decode
 
@@ -443,16 +457,24 @@ class VQTokenizer:
 
     @torch.no_grad()
     def decode_tensor(self, tokens: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Tokens [B, H, W] -> float pixels [B, 3, S, S] (clamped to [-1, 1] unless clamp=False)."""
+        """Tokens [B, H, W] -> float pixels [B, 3, S, S] (clamped to [-1, 1] unless clamp=False).
+        With a fixed-point encoding, images are decoded one at a time, so that a grid decodes to
+        the same pixels whatever batch it comes in (what exact round trips need)."""
         tokens = self.check_tokens(tokens)
+        x = self._decode_one_by_one(tokens) if self.encoding is not None else self._decode(tokens)
+        return x.clamp(-1.0, 1.0) if clamp else x
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
         B, H, W = tokens.shape
         if self.vq_model.config.lookup_from_codebook:
             out = self.vq_model.decode(tokens.reshape(-1), force_not_quantize=True,
                                        shape=(B, H, W, self.code_dim))
         else:
             out = self.vq_model.decode(self.embed(tokens), force_not_quantize=True)
-        x = out.sample
-        return x.clamp(-1.0, 1.0) if clamp else x
+        return out.sample
+
+    def _decode_one_by_one(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self._decode(tokens[i:i + 1]) for i in range(tokens.shape[0])])
 
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Tokens [B, H, W] -> B RGB PIL images of image_size x image_size (uint8)."""

@@ -57,9 +57,42 @@ def test_batch_follows_each_orbit_and_drops_finished_ones():
     assert calls == [4, 3, 2]  # finished orbits leave the batch
 
 
+def test_each_image_is_scored_against_its_own_row():
+    """Rows finish at different passes; costs must still be those of the right image."""
+    prefer_4 = [0, 0, 0, 5, 1, 0, 0, 0, 0, 0]
+    prefer_3 = [0, 0, 0, 1, 5, 0, 0, 0, 0, 0]
+    step, _ = table_round_trip([ZERO, prefer_4, prefer_3])
+    r = find_fixed_points(torch.tensor([2, 3, 3]).view(3, 1, 1), step, max_passes=10)
+    assert r.tokens.flatten().tolist() == [2, 4, 3]
+
+
+def test_equal_costs_pick_the_lexicographically_smaller_grid():
+    """1x2 grids: the 2-cycle [1, 0] <-> [0, 9] with equal costs resolves to [0, 9] from either side."""
+    swap = {(1, 0): (0, 9), (0, 9): (1, 0)}
+
+    def step(grids, rows):
+        nxt = torch.tensor([swap[tuple(g.flatten().tolist())] for g in grids]).view_as(grids)
+        return nxt, torch.zeros(len(rows))
+
+    r = find_fixed_points(torch.tensor([[[1, 0]], [[0, 9]]]), step, max_passes=5)
+    assert r.tokens.tolist() == [[[0, 9]], [[0, 9]]]
+    assert r.cycle_length.tolist() == [2, 2]
+
+
+def test_int32_grids_still_close_their_orbit():
+    step, _ = table_round_trip([ZERO])
+
+    def step32(grids, rows):
+        nxt, cost = step(grids.long(), rows)
+        return nxt.int(), cost
+
+    r = find_fixed_points(torch.tensor([[[0]]], dtype=torch.int32), step32, max_passes=10)
+    assert r.tokens.flatten().tolist() == [2]
+
+
 def test_open_orbit_raises_with_count():
     step, _ = table_round_trip([ZERO, ZERO])
-    with pytest.raises(FixedPointError, match=r"within 2 passes for 1 of 2 image\(s\) \(first: index 0\)"):
+    with pytest.raises(FixedPointError, match=r"within 2 pass\(es\) for 1 of 2 image\(s\) \(first: index 0\)"):
         find_fixed_points(torch.tensor([0, 2]).view(2, 1, 1), step, max_passes=2)
 
 
@@ -110,8 +143,45 @@ def test_fixed_point_encoding_round_trips_exactly(fixed_tok):
     assert torch.equal(fixed_tok.encode(fixed_tok.decode_tensor(r.tokens)), r.tokens)
     assert torch.equal(fixed_tok.encode(fixed_tok.decode(r.tokens)), r.tokens)
     # a chosen cycle member is a fixed point of g only when the cycle has length 1
-    fixed = r.cycle_length == 1
-    assert torch.equal(fixed_tok.round_trip(r.tokens)[fixed], r.tokens[fixed])
+    fixed, two = r.cycle_length == 1, r.cycle_length == 2
+    g1 = fixed_tok.round_trip(r.tokens)
+    assert torch.equal(g1[fixed], r.tokens[fixed])
+    if two.any():
+        assert (g1[two] != r.tokens[two]).flatten(1).any(1).all()
+        assert torch.equal(fixed_tok.round_trip(g1)[two], r.tokens[two])
+    # decoded in another order, or one image at a time, re-encoded one by one: still the same grids
+    rev = fixed_tok.decode_tensor(r.tokens.flip(0)).flip(0)
+    assert torch.equal(fixed_tok.encode(rev), r.tokens)
+    singles = [fixed_tok.decode(r.tokens[i:i + 1])[0] for i in range(len(r.tokens))]
+    assert torch.equal(torch.cat([fixed_tok.encode(im) for im in singles]), r.tokens)
+
+
+def test_batch_composition_does_not_change_tokens():
+    """48 images through a random tokenizer on which batched convolutions round differently from
+    batch-1 ones (found in review: 2 tokens of image 25 moved).  Encoding runs one image at a time."""
+    tok = tiny_vq_tokenizer(seed=1)
+    tok = VQTokenizer(tok.vq_model, 32, encoding=FixedPointEncoding())
+    x = random_images(48, 11)
+    t = tok.encode(x)
+    assert torch.equal(tok.encode(x[25:26]), t[25:26])
+    assert torch.equal(tok.encode(tok.decode_tensor(t)), t)
+    assert torch.equal(tok.encode(tok.decode(t[20:30])), t[20:30])
+
+
+def test_fixed_point_is_found_for_other_sizes_and_pil_modes(fixed_tok):
+    x = random_images(2, 5, size=40)[..., :, :36]  # float [2, 3, 40, 36]: resized to 32 x 32 first
+    t = fixed_tok.encode(x)
+    assert torch.equal(fixed_tok.encode(fixed_tok.decode(t)), t)
+    gray = tensor_to_pil(random_images(1, 6, size=50))[0].convert("L")
+    t = fixed_tok.encode(gray)
+    assert torch.equal(fixed_tok.encode(fixed_tok.decode(t)), t)
+
+
+def test_half_precision_weights_are_refused():
+    tok = tiny_vq_tokenizer()
+    tok = VQTokenizer(tok.vq_model.to(torch.bfloat16), 32, encoding=FixedPointEncoding())
+    with pytest.raises(TokenizerConfigError, match="needs float32 or float64 weights.*bfloat16"):
+        tok.encode(random_images(1, 0))
 
 
 def test_fixed_point_encoding_is_deterministic_and_batch_independent(fixed_tok):
@@ -123,7 +193,7 @@ def test_fixed_point_encoding_is_deterministic_and_batch_independent(fixed_tok):
 
 
 def test_max_passes_too_small_raises(fixed_tok):
-    with pytest.raises(FixedPointError, match="did not return to an earlier token grid within 1 passes"):
+    with pytest.raises(FixedPointError, match=r"did not return to an earlier token grid within 1 pass\(es\)"):
         fixed_tok.encode_fixed_points(random_images(2, 4), max_passes=1)
 
 
@@ -143,12 +213,18 @@ def test_encoding_is_saved_and_restored(tmp_path):
     assert VQTokenizer.from_pretrained(tmp_path / "f").encoding is None
 
 
-def test_unknown_saved_encoding_is_a_config_error(tmp_path):
+@pytest.mark.parametrize("encoding, message", [
+    ({"name": "lookahead"}, "unknown encoding"),
+    ("fixed_point", "unknown encoding"),
+    ({"name": "fixed_point", "max_passes": "8"}, "max_passes must be an int"),
+    ({"name": "fixed_point", "max_passes": 0}, "max_passes must be an int"),
+])
+def test_bad_saved_encoding_is_a_config_error(tmp_path, encoding, message):
     tiny_vq_tokenizer().save_pretrained(tmp_path)
     meta = json.loads((tmp_path / TOKENIZER_CONFIG_NAME).read_text())
-    meta["encoding"] = {"name": "lookahead"}
+    meta["encoding"] = encoding
     (tmp_path / TOKENIZER_CONFIG_NAME).write_text(json.dumps(meta))
-    with pytest.raises(TokenizerConfigError, match="unknown encoding"):
+    with pytest.raises(TokenizerConfigError, match=message):
         VQTokenizer.from_pretrained(tmp_path)
 
 
