@@ -71,15 +71,6 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
 
 
 @torch.no_grad()
-def tokenizer_round_trip(tokenizer, num_scenes: int = 32) -> float:
-    """Fraction of tokens t = encode(scene) with encode(decode(t)) == t on held-out scenes."""
-    from .data import render_batch
-
-    t0 = tokenizer.encode(render_batch(list(heldout_scenes(max(num_scenes, 1))[:num_scenes])))
-    return float((tokenizer.encode(tokenizer.decode_tensor(t0)) == t0).float().mean())
-
-
-@torch.no_grad()
 def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
     """Round-trip stability of the tokenizer's own encoding, of one nearest-code pass, and what the
     fixed-point projection costs: tokens it moves, passes, and scenes the parser still reads exactly."""
@@ -97,7 +88,8 @@ def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
     def parsed(tokens):
         return sum(parse_image(im).objects == s.objects for im, s in zip(tokenizer.decode(tokens), scenes)) / len(scenes)
 
-    return {"tokenizer_round_trip_stable": tokenizer_round_trip(tokenizer),
+    stable = tokenizer.encode(tokenizer.decode_tensor(fixed.tokens)) == fixed.tokens
+    return {"tokenizer_round_trip_stable": float(stable.float().mean()),
             "tokenizer_nearest_round_trip_stable": float((nearest.round_trip(t_near) == t_near).float().mean()),
             "tokenizer_fixed_point_moved_tokens": float((fixed.tokens != t_near).float().mean()),
             "tokenizer_fixed_point_mean_passes": float(fixed.passes.float().mean()),
