@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from mmspec.zoo.evaluate import IMAGE_SAMPLING
+
 from .common import check_prompt, launch, launch_parser, limit_error
 
 METHODS = ["ar", "exact", "sjd", "lantern", "lantern++", "mulo"]
@@ -132,9 +134,11 @@ def build_demo(session: ImageSession):
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     num = gr.Slider(1, session.max_images, value=2, step=1, label="images", elem_id="num")
                 with gr.Accordion("parameters", open=False):
-                    cfg = gr.Slider(1.0, 8.0, value=3.0, step=0.5, label="CFG scale")
-                    temperature = gr.Slider(0.0, 1.5, value=1.0, step=0.1, label="temperature (0 = greedy)")
-                    top_k = gr.Slider(0, 256, value=16, step=1, label="top-k (0 = off)")
+                    # defaults: the sampling the zoo's prompt faithfulness is measured with
+                    cfg = gr.Slider(1.0, 8.0, value=IMAGE_SAMPLING["cfg_scale"], step=0.5, label="CFG scale")
+                    temperature = gr.Slider(0.0, 1.5, value=IMAGE_SAMPLING["temperature"], step=0.1,
+                                            label="temperature (0 = greedy)")
+                    top_k = gr.Slider(0, 256, value=IMAGE_SAMPLING["top_k"], step=1, label="top-k (0 = off)")
                     k = gr.Slider(1, 16, value=8, step=1, label="draft length / SJD window")
                     delta = gr.Slider(0.0, 0.5, value=0.2, step=0.05, label="LANTERN δ")
                     lam = gr.Slider(1.0, 8.0, value=2.0, step=0.5, label="LANTERN++ λ")
