@@ -13,6 +13,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module, whatever an earlier test set (tiny convolutions: thread hand-off
+    costs more than it saves, badly so on a loaded CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

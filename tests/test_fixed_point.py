@@ -11,6 +11,8 @@ from mmspec.image_gen import FixedPointEncoding, FixedPointError, VQTokenizer, t
 from mmspec.image_gen.fixed_point import find_fixed_points, snap_to_8bit
 from mmspec.image_gen.tokenizer import TOKENIZER_CONFIG_NAME, TokenizerConfigError, pil_to_tensor, tensor_to_pil
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ---------------------------------------------------------------- exact cases on a hand-made map
 
 # states are 1x1 grids holding 0..9;  0->1->2->2 | 3->4->3 | 5->6->7->5 | 8->9->9
@@ -109,14 +111,6 @@ def test_snap_is_the_png_round_trip_bit_for_bit():
 
 
 # ---------------------------------------------------------------- tiny random VQ tokenizers
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def random_images(n, seed, size=32):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1

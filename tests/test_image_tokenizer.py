@@ -36,16 +36,9 @@ from mmspec.image_gen.tokenizer import (
     tiny_vq_tokenizer,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 S, G, V, D = 32, 8, 64, 4  # image size, grid side, vocabulary, code dim of the default tiny VQ
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions: thread hand-off costs more than it saves, badly so on a loaded CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
