@@ -413,8 +413,13 @@ class VQTokenizer:
     @torch.no_grad()
     def round_trip(self, tokens: torch.Tensor) -> torch.LongTensor:
         """g(t) = nearest codes of the 8-bit decoding of t: what ``encode_nearest(decode(t))`` gives
-        through PIL, long [B, H, W]."""
-        return self.encode_nearest(snap_to_8bit(self.decode_tensor(tokens)))
+        through PIL, long [B, H, W] (one image at a time with a fixed-point encoding, the g that
+        ``encode`` iterates)."""
+        y = snap_to_8bit(self.decode_tensor(tokens)).to(self.dtype)
+        return self._nearest_one_by_one(y) if self.encoding is not None else self.encode_nearest(y)
+
+    def _nearest_one_by_one(self, pixels: torch.Tensor) -> torch.LongTensor:
+        return torch.cat([self.encode_nearest(pixels[i:i + 1]) for i in range(pixels.shape[0])])
 
     @torch.no_grad()
     def encode_fixed_points(self, images: ImageInput, max_passes: int | None = None) -> FixedPointResult:
@@ -436,15 +441,12 @@ class VQTokenizer:
             )
         x = snap_to_8bit(self.preprocess(images)).to(self.device, self.dtype)  # [B, 3, S, S]
 
-        def nearest_one_by_one(pixels: torch.Tensor) -> torch.Tensor:
-            return torch.cat([self.encode_nearest(pixels[i:i + 1]) for i in range(pixels.shape[0])])
-
         def step(grids: torch.Tensor, rows: torch.Tensor):
             y = snap_to_8bit(self._decode_one_by_one(grids)).to(self.dtype)  # [n, 3, S, S], clamped
             cost = (y.double() - x[rows.to(x.device)].double()).pow(2).flatten(1).sum(1)
-            return nearest_one_by_one(y), cost.cpu()
+            return self._nearest_one_by_one(y), cost.cpu()
 
-        return find_fixed_points(nearest_one_by_one(x), step, max_passes)
+        return find_fixed_points(self._nearest_one_by_one(x), step, max_passes)
 
     # ------------------------------------------------------------------ decode
 
