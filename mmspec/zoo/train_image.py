@@ -18,7 +18,7 @@ Glossary:
                   cross-entropy: re-encoding a decoded image must pick the same codes.  Without it,
                   codes 0.01 apart swap on re-encoding and half the tokens change
     cond drop     10 % of the AR training prompts are replaced by the null prompt (the CFG "uncond" half)
-    bf16 autocast the AR stages' forward passes run in bf16 (weights, their gradients and the AdamW
+    bf16 autocast the AR stages' forward passes run in bf16 (weights, their gradients and the AdamW state
                   stay fp32); ``--preset fp32`` turns it off
     fixed points  the exported tokenizer encodes to fixed points of decode -> encode (exact round
                   trips, :mod:`mmspec.image_gen.fixed_point`); the AR stages train on one-pass
