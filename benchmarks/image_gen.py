@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hidden", type=int, default=256, help="--synthetic only")
     ap.add_argument("--damp", type=float, default=0.3, help="--synthetic only")
     ap.add_argument("--images", type=int, default=16, help="images per call (one batch; one per prompt)")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the zoo's sampling (3.0)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the zoo's sampling (1.5)")
     ap.add_argument("--temperature", type=float, default=None, help="default: the zoo's sampling (1.0)")
     ap.add_argument("--top-k", type=int, default=None, help="default: the zoo's sampling (16)")
     ap.add_argument("--k", type=int, default=8, help="draft length of exact SD / LANTERN / LANTERN++")

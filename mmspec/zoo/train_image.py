@@ -75,8 +75,9 @@ class ImageZooConfig:
                                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192)
     lowres: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=8, words=WORDS, hidden_size=96,
                                           num_layers=3, num_heads=3, num_kv_heads=1, intermediate_size=288)
-    # 1500 fp32 steps bound colours/shapes to the prompt in 25 % of samples, 3000 in 70 %; bf16 autocast
-    # (avx512_bf16 on this CPU: 0.57 s against 0.96 s a step) buys the longer run within the 60-min script
+    # 1500 fp32 steps bound colours/shapes to the prompt in 25 % of samples; 3000 bf16-autocast steps in 53 %
+    # (avx512_bf16 on this CPU: 588 against 719 ms a step, python -m benchmarks.zoo_training), inside the
+    # 60-min script
     target_budget: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01)
     drafter_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
     lowres_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
