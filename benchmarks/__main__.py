@@ -2,8 +2,9 @@
 
 Runs, one after the other (never concurrently: 2-core timings), the text benchmark, the VLM
 benchmark on the zoo pair, the image-generation benchmark on the zoo image models and the zoo's
-training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own baseline, and writes the sections of ``--out`` plus the PNGs
-(speed-quality, acceptance histograms) into ``--plots``.
+training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own
+baseline, and writes the sections of ``--out`` plus the PNGs (speed-quality, acceptance histograms)
+into ``--plots``.
 """
 
 from __future__ import annotations

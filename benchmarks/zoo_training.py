@@ -22,25 +22,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HEADING = "## Zoo training step (bf16 autocast)"
 
 
 def time_steps(model, opt, tok, cfg, bf16: bool, first_step: int, steps: int) -> list[float]:
-    from mmspec.zoo.train_image import ar_batch
+    """Seconds of each of ``steps`` training steps of the target stage's recipe."""
+    from mmspec.zoo.train_image import ar_loss
+    from mmspec.zoo.training import optimizer_step
 
     times = []
     for step in range(first_step, first_step + steps):
         t0 = time.perf_counter()
-        ids, mask, pos, codes, P = ar_batch(model, tok, cfg.seed, step, cfg.ar_batch, 64)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        loss = F.cross_entropy(logits[:, P - 1:].reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimizer_step(model, opt, ar_loss(model, tok, cfg.seed, step, cfg.ar_batch, 64, bf16))
         times.append(time.perf_counter() - t0)
     return times
 

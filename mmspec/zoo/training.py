@@ -53,6 +53,15 @@ def lr_at(step: int, budget: StageBudget) -> float:
     return budget.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
+def optimizer_step(module: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Backward, clip the gradient norm to 1, step; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+    return float(loss.detach())
+
+
 def run_stage(name: str, module: torch.nn.Module, loss_fn: Callable[[int], torch.Tensor], budget: StageBudget,
               run_dir: str | os.PathLike, *, progress: bool = True,
               on_save: Callable[[int], None] | None = None) -> StageResult:
@@ -86,12 +95,7 @@ def run_stage(name: str, module: torch.nn.Module, loss_fn: Callable[[int], torch
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, budget)
-        loss = loss_fn(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-        opt.step()
-        value = float(loss.detach())
+        value = optimizer_step(module, opt, loss_fn(step))
         loss_ema = value if math.isnan(loss_ema) else 0.95 * loss_ema + 0.05 * value
         step += 1
         bar.update(1)
