@@ -37,3 +37,15 @@ class InvalidLengthError(MMSpecError):
 
 class ShapeError(MMSpecError):
     """A tensor does not have the documented shape or dtype."""
+
+
+class TokenIdError(MMSpecError):
+    """A token id outside the vocabulary [0, V) (prompt ids, drafted ids inside ``num_draft``)."""
+
+
+class NonFiniteError(MMSpecError):
+    """NaN or +inf where finite numbers are required (logits, pixel values, scales, parameters)."""
+
+
+class MethodParameterError(MMSpecError):
+    """A parameter the chosen method does not use, or a value the method cannot take."""
