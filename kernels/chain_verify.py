@@ -15,13 +15,41 @@ Glossary:
 The kernel runs one program per row, walks the k positions without host synchronisation and
 scans the vocabulary in blocks; given the same uniforms and noise it returns exactly what the
 reference returns (tested under ``TRITON_INTERPRET=1``).
+
+Input contract (checked by both backends before any work, :func:`check_draft_tokens`): drafted ids
+in the real columns (``col < num_draft``) lie in ``[0, V)``, else :class:`~mmspec.errors.TokenIdError`;
+``0 <= num_draft <= k``. Ids in padding columns (``col >= num_draft``) are never read as token ids:
+any value there, -1 or >= V included, gives the result a valid id would give. The check is the
+only host synchronisation of a call.
 """
 
 from __future__ import annotations
 
 import torch
 
+from mmspec.errors import InvalidDraftLengthError, TokenIdError
+
 PLACEHOLDER = -1  # mirrors mmspec.verify.types.PLACEHOLDER_TOKEN_ID
+
+
+def check_draft_tokens(draft_tokens: torch.Tensor, num_draft: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Raise a named error for an out-of-vocabulary id among the real drafts or a bad ``num_draft``;
+    return the drafts with padding columns set to id 0 (safe to gather by, never emitted)."""
+    batch, k = draft_tokens.shape
+    real = torch.arange(k, device=draft_tokens.device) < num_draft.unsqueeze(1)  # [B, k]
+    bad_ids = real & ((draft_tokens < 0) | (draft_tokens >= vocab))
+    bad_nd = (num_draft < 0) | (num_draft > k)
+    any_bad_nd, any_bad_ids = torch.stack([bad_nd.any(), bad_ids.any()]).tolist()  # one host sync
+    if any_bad_nd:
+        row = int(bad_nd.nonzero()[0, 0])
+        raise InvalidDraftLengthError(
+            f"num_draft must be in [0, k] = [0, {k}] per row, got {int(num_draft[row])} in row {row}")
+    if any_bad_ids:
+        row, col = bad_ids.nonzero()[0].tolist()
+        raise TokenIdError(
+            f"drafted token id {int(draft_tokens[row, col])} (row {row}, column {col}, inside num_draft = "
+            f"{int(num_draft[row])}) is outside the vocabulary [0, {vocab})")
+    return torch.where(real, draft_tokens, torch.zeros_like(draft_tokens))
 
 
 def chain_verify_torch(
@@ -34,8 +62,10 @@ def chain_verify_torch(
     noise: torch.Tensor,  # float32 [B, V]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference. Returns (tokens long [B, k+1], num_accepted long [B])."""
+    if mode not in ("greedy", "exact"):
+        raise ValueError(f"unknown chain-verify mode {mode!r}; expected 'greedy' or 'exact'")
     batch, k = draft_tokens.shape
-    vocab = target.shape[-1]
+    draft_tokens = check_draft_tokens(draft_tokens, num_draft, target.shape[-1])
     rows = torch.arange(batch, device=target.device)
     x = draft_tokens.unsqueeze(-1)  # [B, k, 1]
     if mode == "greedy":
@@ -44,8 +74,6 @@ def chain_verify_torch(
         p_x = target[:, :k].gather(-1, x).squeeze(-1)
         q_x = torch.ones_like(p_x) if draft_probs is None else draft_probs.gather(-1, x).squeeze(-1)
         ok = (uniforms * q_x < p_x) & (q_x > 0)
-    else:
-        raise ValueError(f"unknown chain-verify mode {mode!r}; expected 'greedy' or 'exact'")
     ok = ok & (torch.arange(k, device=target.device) < num_draft.unsqueeze(1))
     n = ok.long().cumprod(dim=1).sum(dim=1)  # [B]
     p_n = target[rows, n]  # [B, V]
@@ -66,7 +94,6 @@ def chain_verify_torch(
     padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), PLACEHOLDER)], dim=1)
     tokens = torch.where(cols < n.unsqueeze(1), padded, torch.full_like(padded, PLACEHOLDER))
     tokens = torch.where(cols == n.unsqueeze(1), final.unsqueeze(1), tokens)
-    del vocab
     return tokens, n
 
 
@@ -108,11 +135,13 @@ if HAS_TRITON:
                     best_v = tl.where(take, bv, best_v)
                 ok = x == best_i
             else:
-                p_x = tl.load(t_row + x)
+                # a padding column (i >= nd) may hold any id: never read outside this row
+                x_ok = (i < nd) & (x >= 0) & (x < V)
+                p_x = tl.load(t_row + x, mask=x_ok, other=0.0)
                 if HAS_Q:
-                    q_x = tl.load(q_ptr + (row * K + i) * V + x)
+                    q_x = tl.load(q_ptr + (row * K + i) * V + x, mask=x_ok, other=0.0)
                 else:
-                    q_x = p_x * 0.0 + 1.0
+                    q_x = tl.where(x_ok, 1.0, 0.0)
                 u = tl.load(u_ptr + row * K + i)
                 ok = (u * q_x < p_x) & (q_x > 0.0)
             ok = ok & (i < nd)
@@ -183,9 +212,10 @@ def chain_verify_triton(
         raise ValueError(f"unknown chain-verify mode {mode!r}; expected 'greedy' or 'exact'")
     batch, k = draft_tokens.shape
     vocab = target.shape[-1]
+    num_draft = num_draft.to(torch.long).contiguous()
+    check_draft_tokens(draft_tokens, num_draft, vocab)  # padding ids are masked in the kernel itself
     draft_tokens = draft_tokens.contiguous()
     target = target.contiguous()
-    num_draft = num_draft.to(torch.long).contiguous()
     tokens = torch.empty((batch, k + 1), dtype=torch.long, device=target.device)
     n = torch.empty((batch,), dtype=torch.long, device=target.device)
     has_q = draft_probs is not None and k > 0

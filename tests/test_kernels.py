@@ -113,3 +113,70 @@ def test_pooled_kernel_matches_reference_with_ties_and_zero_mass(mode, param, wi
         tri = pooled_acceptance_triton(mode, x, qq, p.float(), nbr, u, param)
         for a, b in zip(ref, tri):
             assert torch.equal(a, b)
+
+
+# ---- drafted ids outside the vocabulary (issue 12) -----------------------------------------------
+
+from mmspec.errors import TokenIdError  # noqa: E402
+
+CHAIN_BACKENDS = ("torch", "triton", "generic")
+
+
+def _run_chain(backend, mode, x, nd, q, p, u, e):
+    if backend == "generic":
+        rule = ExactRule() if mode == "exact" else GreedyRule()
+        res = verify_chain_probs(x, q, p, rule, u, e if mode == "exact" else torch.ones_like(e), nd, backend="generic")
+        return res.tokens, res.num_accepted
+    fn = chain_verify_torch if backend == "torch" else chain_verify_triton
+    return fn(mode, x, nd, q, p, u, e if mode == "exact" else torch.ones_like(e))
+
+
+@pytest.mark.parametrize("backend", CHAIN_BACKENDS)
+@pytest.mark.parametrize("mode,with_q", [("exact", True), ("exact", False), ("greedy", False)])
+def test_padding_ids_beyond_num_draft_never_matter(backend, mode, with_q):
+    """Padding columns (col >= num_draft) holding -1 or >= V give exactly the result of padding with a
+    valid id, on every backend (the kernel masks its reads to its own row)."""
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(8):
+        x, nd, p, q, u, e = random_case(gen)
+        B, k = x.shape
+        V = p.shape[-1]
+        if k == 0:
+            continue
+        nd = torch.randint(0, k, (B,), generator=gen)  # every row has padding
+        nd[0] = 0
+        pad = torch.arange(k) >= nd.unsqueeze(1)
+        qq = q if with_q else None
+        ref = _run_chain(backend, mode, torch.where(pad, torch.zeros_like(x), x), nd, qq, p, u, e)
+        torch_ref = _run_chain("torch", mode, torch.where(pad, torch.zeros_like(x), x), nd, qq, p, u, e)
+        assert torch.equal(ref[0], torch_ref[0]) and torch.equal(ref[1], torch_ref[1])
+        for bad in (-1, V, V + 7, -V - 3):
+            got = _run_chain(backend, mode, torch.where(pad, torch.full_like(x, bad), x), nd, qq, p, u, e)
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (bad, backend)
+            assert not ((got[0] < -1) | (got[0] >= V)).any()
+
+
+@pytest.mark.parametrize("backend", CHAIN_BACKENDS)
+@pytest.mark.parametrize("mode,with_q", [("exact", True), ("exact", False), ("greedy", False)])
+@pytest.mark.parametrize("bad", [-1, 7, 1000])
+def test_out_of_vocabulary_draft_inside_num_draft_raises(backend, mode, with_q, bad):
+    gen = torch.Generator().manual_seed(9)
+    B, k, V = 3, 4, 7
+    p = torch.softmax(torch.randn(B, k + 1, V, generator=gen), -1)
+    q = torch.softmax(torch.randn(B, k, V, generator=gen), -1)
+    x = torch.randint(0, V, (B, k), generator=gen)
+    nd = torch.tensor([4, 2, 3])
+    x[1, 1] = bad  # column 1 < num_draft 2: a real draft
+    u, e = torch.rand(B, k, generator=gen), torch.ones(B, V)
+    with pytest.raises(TokenIdError, match=rf"drafted token id {bad} \(row 1, column 1.*outside the vocabulary \[0, 7\)"):
+        _run_chain(backend, mode, x, nd, q if with_q else None, p, u, e)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_num_draft_outside_zero_to_k_raises(backend):
+    from mmspec.errors import InvalidDraftLengthError
+
+    x, p, u, e = torch.zeros(1, 2, dtype=torch.long), torch.full((1, 3, 4), 0.25), torch.zeros(1, 2), torch.ones(1, 4)
+    for nd in (3, -1):
+        with pytest.raises(InvalidDraftLengthError, match=r"num_draft must be in \[0, k\] = \[0, 2\]"):
+            chain_verify("exact", x, torch.tensor([nd]), None, p, u, e, backend=backend)

@@ -18,7 +18,7 @@ from mmspec.drafters.base import Drafter
 from mmspec.drafters.model import ModelDrafter
 from mmspec.engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationOutput, StepEvent, generate as generate_text
 from mmspec.engine import generate_stream as generate_text_stream
-from mmspec.errors import MMSpecError, ShapeError
+from mmspec.errors import MMSpecError, NonFiniteError, ShapeError
 from mmspec.verify.rule import AcceptRule
 
 from .adapters import NoImageError, check_drafter_family, prefill_multimodal, require_family
@@ -66,6 +66,12 @@ def generate(
     if not has_pixels or not bool((input_ids == fam.image_token_id).any()):
         raise NoImageError("no image in the inputs: expected image tokens in input_ids and pixel_values "
                            "(use mmspec.generate for text-only prompts)")
+    for key in IMAGE_INPUT_KEYS:  # NaN / inf pixels would decode silently into garbage (or pad tokens)
+        pixels = inputs.get(key)
+        if isinstance(pixels, torch.Tensor) and torch.is_floating_point(pixels) and not bool(torch.isfinite(pixels).all()):
+            n_bad = int((~torch.isfinite(pixels)).sum())
+            raise NonFiniteError(f"inputs[{key!r}] holds {n_bad} non-finite value(s) (NaN or inf) out of "
+                                 f"{pixels.numel()}: check the image and the processor's normalisation")
     strategy = get_strategy(pruning)
     if isinstance(drafter, torch.nn.Module):
         check_drafter_family(target, drafter)

@@ -11,7 +11,13 @@ Glossary:
     noise       float [B, V]: Exp(1) noise of the exponential race that draws the single
                 sampled token of each row (ones for greedy)
 
-All functions are pure tensor code: no ``.item()``, no Python RNG, no model handles.
+Input checks (before any work): drafted ids inside ``num_draft`` must lie in ``[0, V)``
+(:class:`~mmspec.errors.TokenIdError`) on every backend, while ids in the padding columns beyond
+``num_draft`` never matter; :func:`verify_chain` raises :class:`~mmspec.errors.NonFiniteError` for
+target logits holding NaN or +inf, or a row that is all -inf (single -inf entries are legal
+masking), and for draft probabilities holding NaN or inf, in the positions a row can use
+(drafted columns ``< num_draft``, target columns ``<= num_draft``). These checks are the only host
+synchronisations; otherwise the functions are pure tensor code: no Python RNG, no model handles.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SamplingParams
-from ..errors import ShapeError
+from ..errors import NonFiniteError, ShapeError
 from ..sampling import draw_exponential, logits_to_probs, process_logits
 from .exact import ExactRule
 from .greedy import GreedyRule
@@ -82,13 +88,17 @@ def verify_chain_probs(
     if num_draft is None:
         num_draft = torch.full((batch,), k, dtype=torch.long, device=draft_tokens.device)
     if rule.fused_mode is not None and backend != "generic":
-        from mmspec.kernels import chain_verify
+        from mmspec.kernels import chain_verify  # both backends check the drafted ids
 
         tokens, num_accepted = chain_verify(
             rule.fused_mode, draft_tokens, num_draft, draft_probs, target_probs, uniforms, noise,
             backend=backend,
         )
         return VerifyResult(num_accepted=num_accepted, tokens=tokens)
+    from mmspec.kernels.chain_verify import check_draft_tokens
+
+    # padding columns become id 0: rules gather (or index neighbour tables) by every column
+    draft_tokens = check_draft_tokens(draft_tokens, num_draft, target_probs.shape[-1])
     judgement = rule.judge(draft_tokens, draft_probs, target_probs[:, :k], uniforms)
     return walk_chain(judgement.accepted, judgement.residual, draft_tokens, target_probs, num_draft, noise)
 
@@ -114,6 +124,29 @@ def _check_shapes(draft_tokens, draft_probs, target_logits, num_draft) -> None:
         raise ShapeError(f"draft_tokens is on {draft_tokens.device} but target_logits is on {target_logits.device}")
 
 
+def _check_finite(draft_probs, target_logits, num_draft) -> None:
+    """NonFiniteError for NaN / +inf / all -inf target rows and non-finite draft rows a row can use."""
+    batch, k1 = target_logits.shape[:2]
+    row_max = target_logits.amax(dim=-1)  # NaN if any NaN, +inf if any +inf, -inf if all -inf
+    cols = torch.arange(k1, device=target_logits.device)
+    nd = torch.full((batch, 1), k1 - 1, device=target_logits.device) if num_draft is None else num_draft.unsqueeze(1)
+    bad_t = ~torch.isfinite(row_max) & (cols <= nd)
+    flags = [bad_t.any()]
+    if draft_probs is not None:  # NaN, +inf or -inf anywhere in a real draft's distribution
+        bad_q = ~torch.isfinite(draft_probs.sum(dim=-1)) & (cols[: k1 - 1] < nd)
+        flags.append(bad_q.any())
+    found = torch.stack(flags).tolist()  # one host sync
+    if found[0]:
+        row, col = bad_t.nonzero()[0].tolist()
+        m = float(row_max[row, col])
+        what = "NaN" if m != m else ("+inf" if m > 0 else "only -inf (every token masked)")
+        raise NonFiniteError(f"target_logits hold {what} at row {row}, position {col}: the target model's "
+                             f"output is not usable (NaN/+inf, or every token masked)")
+    if len(found) > 1 and found[1]:
+        row, col = bad_q.nonzero()[0].tolist()
+        raise NonFiniteError(f"draft_probs hold NaN or inf at row {row}, position {col}")
+
+
 def verify_chain(
     draft_tokens: torch.Tensor,  # long [B, k]
     draft_probs: torch.Tensor | None,  # float [B, k, V] | None (processed drafter distribution)
@@ -133,6 +166,7 @@ def verify_chain(
     Randomness comes only from ``generator``.
     """
     _check_shapes(draft_tokens, draft_probs, target_logits, num_draft)
+    _check_finite(draft_probs, target_logits, num_draft)
     batch, k = draft_tokens.shape
     vocab = target_logits.shape[-1]
     device = target_logits.device
