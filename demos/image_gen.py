@@ -70,7 +70,7 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
     """-> (method images, AR images, heat-map, stats markdown)."""
     import mmspec
     import mmspec.image_gen as ig
-    from mmspec.cli import heatmap_image
+    from mmspec.heatmap import heatmap_image
 
     condition = _condition(session, prompt)
     if method not in METHODS:

@@ -47,8 +47,8 @@ def load_session(target: str | None = None, drafter: str | None = None, processo
         return VLMSession(pair.target, pair.drafter, pair.processor)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    t = AutoModelForImageTextToText.from_pretrained(target, attn_implementation="eager").eval()
-    d = AutoModelForImageTextToText.from_pretrained(drafter, attn_implementation="eager").eval() if drafter else t
+    t = AutoModelForImageTextToText.from_pretrained(target, attn_implementation="sdpa").eval()
+    d = AutoModelForImageTextToText.from_pretrained(drafter, attn_implementation="sdpa").eval() if drafter else t
     return VLMSession(t, d, AutoProcessor.from_pretrained(processor or target))
 
 

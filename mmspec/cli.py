@@ -1,20 +1,160 @@
 """Command-line entry point: ``mmspec run`` (the main job on the zoo models), ``mmspec text``,
-``mmspec vlm``, ``mmspec imagegen``.
+``mmspec vlm``, ``mmspec imagegen`` (also installed as ``mmspec-imagegen``).
 
 Glossary: ``mmspec text`` without ``--target`` builds a small self-contained text example (the zoo
 has no text pair): a random Llama target whose later layers are damped (their output projections
 scaled by 0.2) and a drafter made of its first layer, a synthetic pair whose agreement is
 controlled (acceptance around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints
 (``from_pretrained``, local paths or hub names when online).
+
+Failures: every argument is checked before any model is loaded or any output written; a failure
+prints one line ``error: ...`` on stderr and ends with one of the exit codes below (``EXIT_*``,
+listed in every ``--help``). ``main`` returns the code; ``mmspec vlm`` with an unreadable image
+raises ``SystemExit`` with the code (its ``str`` is the message).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+from .heatmap import heatmap_image  # noqa: F401  (re-exported: ``mmspec.cli.heatmap_image`` used to live here)
+
+#: exit codes of ``mmspec`` and ``mmspec-imagegen``, one per kind of outcome
+EXIT_OK = 0
+EXIT_NOT_IDENTICAL = 1  # ran, but the speculative output differs from the reference (greedy checks)
+EXIT_BAD_INPUT = 2  # bad arguments or input: usage, non-finite / out-of-range numbers, empty prompt,
+#                     unreadable image, a model path that cannot be loaded, a library input error
+EXIT_OUTPUT = 3  # --out cannot be written (an existing file, a path under a file, no permission)
+EXIT_ZOO = 4  # the embedded zoo weights are missing or fail their checksums (mmspec run)
+
+EXIT_CODES_HELP = f"""exit codes:
+  {EXIT_OK}  success
+  {EXIT_NOT_IDENTICAL}  the speculative output differs from the reference (text at temperature 0, vlm --check, run)
+  {EXIT_BAD_INPUT}  bad arguments or input (non-finite or out-of-range numbers, empty prompt, unreadable
+     image, a model path that cannot be loaded, an input error reported by the library)
+  {EXIT_OUTPUT}  --out cannot be written (an existing file, a path under a file, no permission)
+  {EXIT_ZOO}  the embedded zoo weights are missing or fail their checksums
+"""
+
+
+class CLIError(Exception):
+    """A failure the CLI reports as one line on stderr and an exit code (``main`` returns ``code``)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class CLIExit(SystemExit):
+    """``SystemExit(code)`` whose ``str`` is its one-line message (already printed on stderr)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit ``EXIT_BAD_INPUT``) and the exit codes in every help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", EXIT_CODES_HELP)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_number(args: argparse.Namespace, dest: str, *, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, integer: bool = False) -> None:
+    """``args.<dest>`` (None = not given) must be finite and inside the range, else :class:`CLIError`."""
+    value = getattr(args, dest)
+    if value is None:
+        return
+    ok = math.isfinite(value) and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if not ok:
+        parts = [f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "", f"<= {hi:g}" if hi is not None else ""]
+        bound = " and ".join(p for p in parts if p)
+        kind = "an integer" if integer else "a number"
+        flag = "--" + dest.replace("_", "-") if dest != "k" else "-k/--num-draft-tokens"
+        raise CLIError(EXIT_BAD_INPUT, f"{dest} must be {kind} {bound}, got {value} ({flag})".replace("  ", " "))
+
+
+def _looks_local(path: str) -> bool:
+    return os.path.isabs(path) or path.startswith(("./", "../", "~")) or path in (".", "..") or os.path.exists(path)
+
+
+def _check_model_path(flag: str, path: str | None, what: str = "checkpoint", *, local_only: bool = False) -> None:
+    """A local-looking model path (any path with ``local_only``) must be an existing directory; hub names
+    are checked when loading."""
+    if path is None:
+        return
+    if not path.strip():
+        raise CLIError(EXIT_BAD_INPUT, f"{flag} is empty")
+    local = os.path.expanduser(path)
+    if (local_only or _looks_local(path)) and not os.path.isdir(local):
+        why = "not a directory" if os.path.exists(local) else "no such directory"
+        raise CLIError(EXIT_BAD_INPUT, f"{flag}: no {what} at {path} ({why})")
+
+
+def _load(what: str, path: str, fn):
+    """``fn(path)``, with a one-line :class:`CLIError` when the checkpoint cannot be loaded."""
+    try:
+        return fn(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CLIError(EXIT_BAD_INPUT, f"cannot load the {what} from {path!r}: {_one_line(exc)}") from None
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Raise :class:`CLIError` (``EXIT_OUTPUT``) unless ``path`` is, or can be created as, a writable
+    directory. Checked by trying: missing directories are created, probed with a temporary file and
+    removed again, so a later failure leaves nothing behind."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CLIError(EXIT_OUTPUT, f"{flag} {out} exists and is not a directory")
+    missing, base = [], out
+    while not base.exists() and base != base.parent:
+        missing.append(base)
+        base = base.parent
+    if not base.is_dir():
+        raise CLIError(EXIT_OUTPUT, f"{flag} {out}: {base} is not a directory")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as exc:
+                raise CLIError(EXIT_OUTPUT, f"{flag} {out}: cannot create directory {d}: "
+                                            f"{exc.strerror or _one_line(exc)}") from None
+            created.append(d)
+        try:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        except OSError as exc:
+            raise CLIError(EXIT_OUTPUT, f"cannot write to {flag} {out}: {exc.strerror or _one_line(exc)}") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+    return out
 
 
 def _example_models(seed: int):
@@ -38,37 +178,57 @@ def _example_models(seed: int):
     return target, drafter
 
 
+def _check_sampling(args: argparse.Namespace) -> None:
+    """Decoding numbers shared by the subcommands (only those the subcommand has)."""
+    limits = {"max_new_tokens": dict(lo=1, integer=True), "k": dict(lo=1, integer=True), "temperature": dict(lo=0),
+              "top_k": dict(lo=0, integer=True), "top_p": dict(lo=0, hi=1, lo_open=True)}
+    for dest, kw in limits.items():
+        if hasattr(args, dest):
+            _check_number(args, dest, **kw)
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    if args.target is None:
+        for flag, value in (("--drafter", args.drafter), ("--tokenizer", args.tokenizer)):
+            if value is not None:
+                raise CLIError(EXIT_BAD_INPUT, f"{flag} needs --target (without --target the built-in example "
+                                               f"pair is used)")
+    if args.drafter is not None and args.prompt_lookup:
+        raise CLIError(EXIT_BAD_INPUT, "give --drafter or --prompt-lookup, not both")
+    for flag, path in (("--target", args.target), ("--drafter", args.drafter), ("--tokenizer", args.tokenizer)):
+        _check_model_path(flag, path)
+    _check_sampling(args)
+    if not args.prompt or (args.target is not None and not args.prompt.strip()):
+        raise CLIError(EXIT_BAD_INPUT, "--prompt is empty")
+
+
 def _run_text(args: argparse.Namespace) -> int:
     import mmspec
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    _check_text_args(args)
     tokenizer = None
     if args.target:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        target = AutoModelForCausalLM.from_pretrained(args.target).eval()
+        def causal_lm(path):
+            return AutoModelForCausalLM.from_pretrained(path).eval()
+
+        target = _load("target model", args.target, causal_lm)
         drafter = "prompt_lookup" if args.prompt_lookup or not args.drafter else \
-            AutoModelForCausalLM.from_pretrained(args.drafter).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.target)
+            _load("drafter model", args.drafter, causal_lm)
+        tokenizer = _load("tokenizer", args.tokenizer or args.target, AutoTokenizer.from_pretrained)
         if not isinstance(drafter, str):
             try:
-                mmspec.check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(args.drafter))
+                mmspec.check_same_tokenizer(tokenizer, _load("drafter tokenizer", args.drafter,
+                                                             AutoTokenizer.from_pretrained))
             except mmspec.MMSpecError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-        if not args.prompt.strip():
-            print("error: --prompt is empty", file=sys.stderr)
-            return 2
+                raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
         input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
         target, drafter = _example_models(args.seed)
         if args.prompt_lookup:
             drafter = "prompt_lookup"
-        data = args.prompt.encode("utf-8")
-        if not data:
-            print("error: --prompt is empty", file=sys.stderr)
-            return 2
-        input_ids = torch.tensor([list(data)], dtype=torch.long)
+        input_ids = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p)
@@ -77,8 +237,7 @@ def _run_text(args: argparse.Namespace) -> int:
         out = mmspec.generate(target, input_ids, drafter=drafter, num_draft_tokens=args.k, generator=gen, **common)
         t_spec = time.perf_counter() - t0
     except mmspec.MMSpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
     new = out.sequences[0, input_ids.shape[1]:]
     print("generated tokens:", new.tolist())
     if tokenizer is not None:
@@ -96,11 +255,12 @@ def _run_text(args: argparse.Namespace) -> int:
         print(f"plain AR (HF generate): {t_ar:.2f}s; speculative: {t_spec:.2f}s; "
               f"speedup x{t_ar / t_spec:.2f}; identical to AR: {same}")
         if not same:
-            return 1
-    return 0
+            return EXIT_NOT_IDENTICAL
+    return EXIT_OK
 
 
 def _load_image(path: str):
+    """The image as RGB; an unreadable image prints one line and raises :class:`CLIExit`."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -108,9 +268,11 @@ def _load_image(path: str):
             im.load()
             return im.convert("RGB")  # grayscale / RGBA / palette images become RGB
     except (FileNotFoundError, IsADirectoryError):
-        raise SystemExit(f"error: image file not found: {path}")
+        message = f"error: image file not found: {path}"
     except (UnidentifiedImageError, OSError) as exc:
-        raise SystemExit(f"error: cannot read image {path!r}: {exc}")
+        message = f"error: cannot read image {path!r}: {_one_line(exc)}"
+    print(message, file=sys.stderr)
+    raise CLIExit(EXIT_BAD_INPUT, message)
 
 
 def _run_vlm(args: argparse.Namespace) -> int:
@@ -118,20 +280,26 @@ def _run_vlm(args: argparse.Namespace) -> int:
     import mmspec.vision as mv
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    image = _load_image(args.image)
+    for flag, path in (("--target", args.target), ("--drafter", args.drafter), ("--processor", args.processor)):
+        _check_model_path(flag, path)
+    _check_sampling(args)
+    _check_number(args, "keep_ratio", lo=0, hi=1)
     if not args.prompt.strip():
-        print("error: --prompt is empty", file=sys.stderr)
-        return 2
-    processor = AutoProcessor.from_pretrained(args.processor or args.target)
-    target = AutoModelForImageTextToText.from_pretrained(args.target).eval()
-    drafter = AutoModelForImageTextToText.from_pretrained(args.drafter).eval() if args.drafter else target
+        raise CLIError(EXIT_BAD_INPUT, "--prompt is empty")
+    image = _load_image(args.image)
+
+    def vlm(path):  # SDPA: the verifier-guided pruning captures the attention it needs under SDPA
+        return AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa").eval()
+
+    processor = _load("processor", args.processor or args.target, AutoProcessor.from_pretrained)
+    target = _load("target model", args.target, vlm)
+    drafter = _load("drafter model", args.drafter, vlm) if args.drafter else target
     image_token = getattr(processor, "image_token", "<image>")
     prompt = args.prompt if image_token in args.prompt else f"{image_token} {args.prompt}"
     try:
         inputs = processor(images=image, text=prompt, return_tensors="pt")
     except Exception as exc:  # the processor's own message names the problem
-        print(f"error: the processor cannot prepare this image/prompt: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(EXIT_BAD_INPUT, f"the processor cannot prepare this image/prompt: {_one_line(exc)}") from None
     dtype = next(target.parameters()).dtype
     inputs = {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
     try:
@@ -139,8 +307,7 @@ def _run_vlm(args: argparse.Namespace) -> int:
                           max_new_tokens=args.max_new_tokens, num_draft_tokens=args.k,
                           temperature=args.temperature, generator=torch.Generator().manual_seed(args.seed))
     except mmspec.MMSpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
     new = out.sequences[0, inputs["input_ids"].shape[1]:]
     print("generated text:", processor.decode(new, skip_special_tokens=True))
     print("mmspec:", out.stats.summary())
@@ -151,63 +318,76 @@ def _run_vlm(args: argparse.Namespace) -> int:
             ref = target.generate(**inputs, do_sample=False, max_new_tokens=args.max_new_tokens)
         same = torch.equal(ref, out.sequences)
         print("identical to target.generate:", same)
-        return 0 if same else 1
-    return 0
+        return EXIT_OK if same else EXIT_NOT_IDENTICAL
+    return EXIT_OK
 
 
-def heatmap_image(accepted_map: torch.Tensor, cell: int = 24):
-    """[H, W] in [0, 1] -> PIL heat-map (dark blue = target-sampled, yellow = drafted and accepted)."""
-    from PIL import Image
-
-    m = accepted_map.clamp(0, 1).float()
-    lo, hi = torch.tensor([30.0, 30.0, 110.0]), torch.tensor([250.0, 220.0, 40.0])
-    rgb = (lo + (hi - lo) * m.unsqueeze(-1)).round().to(torch.uint8)  # [H, W, 3]
-    img = Image.fromarray(rgb.numpy(), "RGB")
-    return img.resize((img.width * cell, img.height * cell), Image.NEAREST)
+def _check_imagegen_args(args: argparse.Namespace) -> None:
+    """Argument-level checks of ``mmspec imagegen`` (the library checks what depends on the models)."""
+    if args.prompt is not None and args.class_ids:
+        raise CLIError(EXIT_BAD_INPUT, "give --class or --prompt, not both")
+    if args.prompt is None and not args.class_ids:
+        raise CLIError(EXIT_BAD_INPUT, "give a condition: --class ID (class-conditional) or --prompt TEXT")
+    for flag, path, what in (("--model", args.model, "AR image model"), ("--tokenizer", args.tokenizer, "VQ tokenizer"),
+                             ("--drafter", args.drafter, "AR image model")):
+        _check_model_path(flag, path, what, local_only=True)
+    _check_sampling(args)
+    _check_number(args, "num_images", lo=1, integer=True)
+    _check_number(args, "cfg_scale", lo=0)
+    _check_number(args, "lantern_k", lo=1, integer=True)
+    _check_number(args, "lantern_delta", lo=0, hi=1)
+    _check_number(args, "lantern_lambda", lo=1)
+    _check_number(args, "mulo_tau", lo=0)
+    _check_number(args, "mulo_l", lo=0, integer=True)
+    _check_number(args, "mulo_k", lo=1, integer=True)
+    _check_number(args, "mulo_scale", lo=1, integer=True)
+    check_out_dir(args.out)
 
 
 def _run_imagegen(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     import mmspec
     import mmspec.image_gen as ig
 
+    _check_imagegen_args(args)
+    # the method's parameters are passed only when given: unset ones take the method's defaults, and one
+    # the method does not use is the library's named error (mmspec.image_gen.METHODS declares them)
+    method_args = {name: getattr(args, dest) for name, dest in (
+        ("num_draft_tokens", "k"), ("lantern_k", "lantern_k"), ("lantern_delta", "lantern_delta"),
+        ("lantern_lambda", "lantern_lambda"), ("mulo_tau", "mulo_tau"), ("mulo_l", "mulo_l"),
+        ("mulo_k", "mulo_k"), ("mulo_scale", "mulo_scale")) if getattr(args, dest) is not None}
     try:
         target = ig.ARImageModel.from_pretrained(args.model)
         tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-        drafter = ig.ARImageModel.from_pretrained(args.drafter) if args.drafter else None
-        if args.prompt is not None and args.class_ids:
-            raise mmspec.MMSpecError("give --class or --prompt, not both")
-        condition = args.prompt if args.prompt is not None else (args.class_ids or None)
-        if condition is None:
-            raise mmspec.MMSpecError("give a condition: --class ID (class-conditional) or --prompt TEXT")
-        out = ig.generate(target, tokenizer, condition=condition, drafter=drafter, method=args.method,
-                          cfg_scale=args.cfg_scale, cfg_schedule=args.cfg_schedule, num_draft_tokens=args.k,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          generator=torch.Generator().manual_seed(args.seed), num_images=args.num_images,
-                          lantern_k=args.lantern_k, lantern_delta=args.lantern_delta,
-                          lantern_lambda=args.lantern_lambda, mulo_tau=args.mulo_tau, mulo_l=args.mulo_l,
-                          mulo_k=args.lantern_k, mulo_scale=args.mulo_scale, progress=True)
+        if args.drafter:
+            method_args["drafter"] = ig.ARImageModel.from_pretrained(args.drafter)
+        condition = args.prompt if args.prompt is not None else args.class_ids
+        out = ig.generate(target, tokenizer, condition=condition, method=args.method, cfg_scale=args.cfg_scale,
+                          cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, generator=torch.Generator().manual_seed(args.seed),
+                          num_images=args.num_images, progress=True, **method_args)
     except (mmspec.MMSpecError, FileNotFoundError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    outdir = Path(args.out).expanduser()
     files = []
-    for i, cond in enumerate(out.conditions):
-        if out.images is not None:
-            name = f"image_{i:03d}.png"
-            out.images[i].save(outdir / name)
-            files.append(name)
-    heatmap_image(out.stats.accepted_map).save(outdir / "acceptance_heatmap.png")
-    stats = out.stats.as_dict()
-    stats.update(method=args.method, conditions=out.conditions, images=files, seed=args.seed,
-                 tokens=out.tokens.tolist())
-    (outdir / "stats.json").write_text(json.dumps(stats, indent=2))
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for i, cond in enumerate(out.conditions):
+            if out.images is not None:
+                name = f"image_{i:03d}.png"
+                out.images[i].save(outdir / name)
+                files.append(name)
+        heatmap_image(out.stats.accepted_map).save(outdir / "acceptance_heatmap.png")
+        stats = out.stats.as_dict()
+        stats.update(method=args.method, conditions=out.conditions, images=files, seed=args.seed,
+                     tokens=out.tokens.tolist())
+        (outdir / "stats.json").write_text(json.dumps(stats, indent=2))
+    except OSError as exc:
+        raise CLIError(EXIT_OUTPUT, f"cannot write to --out {outdir}: {exc.strerror or _one_line(exc)}") from None
     print(f"{len(out.conditions)} image(s) -> {outdir}: {out.stats.summary()}; "
           f"target forwards per image {out.stats.target_forwards_per_image:.1f}")
-    return 0
+    return EXIT_OK
 
 
 def imagegen_main(argv: list[str] | None = None) -> int:
@@ -218,22 +398,26 @@ def imagegen_main(argv: list[str] | None = None) -> int:
 def _run_main_job(args: argparse.Namespace) -> int:
     import mmspec
     from mmspec.main_job import MainJobConfig, run_main_job
+    from mmspec.zoo import ZooError
 
     if args.prompt is not None and not args.prompt.strip():
-        print("error: --prompt is empty", file=sys.stderr)
-        return 2
+        raise CLIError(EXIT_BAD_INPUT, "--prompt is empty")
+    _check_number(args, "num_images", lo=1, integer=True)
+    _check_number(args, "keep_ratio", lo=0, hi=1)
+    check_out_dir(args.out)
     cfg = MainJobConfig(pruning=args.pruning, keep_ratio=args.keep_ratio, prompt=args.prompt,
                         image_method=args.method, num_images=args.num_images, seed=args.seed)
     try:
         report = run_main_job(args.out, cfg)
+    except ZooError as exc:
+        raise CLIError(EXIT_ZOO, _one_line(exc)) from None
     except mmspec.MMSpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0 if report["vlm"]["identical_to_hf_generate"] else 1
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    return EXIT_OK if report["vlm"]["identical_to_hf_generate"] else EXIT_NOT_IDENTICAL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmspec", description="Speculative decoding for multimodal models.")
+    parser = _Parser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the main job on the embedded zoo models: caption a scene with the VLM pair "
                                      "(pruned drafter) and draw images (AR vs a relaxed method)")
@@ -275,23 +459,28 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--check", action="store_true", help="also run target.generate and compare (greedy)")
     vlm.set_defaults(func=_run_vlm)
 
-    img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD)")
+    img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD, LANTERN, "
+                                          "LANTERN++, MuLo-SD)")
     img.add_argument("--model", required=True, help="AR image model directory (ARImageModel.save_pretrained)")
     img.add_argument("--tokenizer", help="VQ tokenizer directory (to write PNGs)")
     img.add_argument("--drafter", help="smaller AR image model (exact, lantern); low-resolution model (mulo)")
     img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
     img.add_argument("--prompt", help="prompt for a text-conditional model")
     img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++", "mulo"])
-    img.add_argument("--mulo-tau", type=float, default=0.3, help="MuLo-SD pooled-probability threshold")
-    img.add_argument("--mulo-l", type=int, default=1, help="MuLo-SD resampling neighbourhood radius")
+    method_default = " (default: the method's; an option the method does not use is an error)"
+    img.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=None,
+                     help="drafted tokens per step / SJD window" + method_default)
+    img.add_argument("--lantern-k", type=int, default=None,
+                     help="latent neighbours per codebook entry (lantern, lantern++)" + method_default)
+    img.add_argument("--lantern-delta", type=float, default=None, help="LANTERN total-variation budget in [0, 1]")
+    img.add_argument("--lantern-lambda", type=float, default=None, help="LANTERN++ multiplicative cap, >= 1")
+    img.add_argument("--mulo-tau", type=float, default=None, help="MuLo-SD pooled-probability threshold, >= 0")
+    img.add_argument("--mulo-l", type=int, default=None, help="MuLo-SD resampling neighbourhood radius, >= 0")
+    img.add_argument("--mulo-k", type=int, default=None, help="MuLo-SD latent neighbours per codebook entry")
     img.add_argument("--mulo-scale", type=int, default=None,
                      help="MuLo-SD resolution ratio (checked against the drafter's grid)")
-    img.add_argument("--lantern-k", type=int, default=8, help="latent neighbours per codebook entry (LANTERN)")
-    img.add_argument("--lantern-delta", type=float, default=0.1, help="LANTERN total-variation budget")
-    img.add_argument("--lantern-lambda", type=float, default=2.0, help="LANTERN++ multiplicative cap")
     img.add_argument("--cfg-scale", type=float, default=4.0)
     img.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
-    img.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=4)
     img.add_argument("--temperature", type=float, default=1.0)
     img.add_argument("--top-k", type=int, default=None)
     img.add_argument("--top-p", type=float, default=None)
@@ -303,8 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code (``EXIT_*``). A failure prints one line on stderr."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
 
     from mmspec.image_gen import generate
 
-    from .cli import heatmap_image
+    from .heatmap import heatmap_image
     from .zoo import load_default_image_models
     from .zoo.data import heldout_scenes
     from .zoo.evaluate import IMAGE_SAMPLING
@@ -136,9 +136,45 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
     return res
 
 
+IMAGE_METHODS = ("exact", "sjd", "lantern", "lantern++", "mulo")
+PRUNINGS = ("verifier", "cls", "diversity", "uniform", "none")
+
+
+def check_config(cfg: MainJobConfig) -> None:
+    """Named errors for a config the job cannot run, before any model is loaded."""
+    import math
+
+    from .errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not integer(cfg.num_images) or cfg.num_images < 1:
+        raise InvalidLengthError(f"num_images must be an integer >= 1, got {cfg.num_images!r}")
+    if not integer(cfg.num_draft_tokens) or cfg.num_draft_tokens < 1:
+        raise InvalidDraftLengthError(f"num_draft_tokens must be an integer >= 1, got {cfg.num_draft_tokens!r}")
+    if not isinstance(cfg.keep_ratio, (int, float)) or isinstance(cfg.keep_ratio, bool) \
+            or not 0.0 <= cfg.keep_ratio <= 1.0:
+        raise MethodParameterError(f"keep_ratio must be in [0, 1], got {cfg.keep_ratio!r}")
+    if not isinstance(cfg.lantern_delta, (int, float)) or not math.isfinite(cfg.lantern_delta) \
+            or not 0.0 <= cfg.lantern_delta <= 1.0:
+        raise MethodParameterError(f"lantern_delta must be in [0, 1], got {cfg.lantern_delta!r}")
+    if cfg.image_method not in IMAGE_METHODS:
+        raise MethodParameterError(f"unknown image method {cfg.image_method!r}; expected one of {IMAGE_METHODS}")
+    if cfg.pruning not in PRUNINGS:
+        raise MethodParameterError(f"unknown pruning {cfg.pruning!r}; expected one of {PRUNINGS}")
+    from .zoo.data import heldout_scenes
+
+    n_scenes = len(heldout_scenes())
+    if not integer(cfg.scene_index) or not 0 <= cfg.scene_index < n_scenes:
+        raise MethodParameterError(f"scene_index must be an integer in [0, {n_scenes}), got {cfg.scene_index!r}")
+
+
 def run_main_job(out_dir: str | Path, cfg: MainJobConfig = MainJobConfig(), log=print) -> dict:
+    """Caption part, then image part; every input is checked before any model is loaded or run."""
     from .zoo import load_default_image_models
 
+    check_config(cfg)
     t0 = time.perf_counter()
     models = load_default_image_models()
     if cfg.prompt is not None:  # a bad prompt fails before any work (ConditionError names the problem)

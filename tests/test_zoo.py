@@ -327,3 +327,36 @@ def test_time_capped_stage_exports_nothing_and_resumes(tmp_path):
     assert log["classifier"]["finished"] is False and log["classifier"]["steps_done"] == 0
     assert train_image.main(args) == 0
     assert (tmp_path / "out" / "classifier" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- WEIGHTS_DIR read at call time, SDPA (issue 12)
+
+
+@needs_zoo
+def test_functions_read_weights_dir_when_called(tmp_path, monkeypatch):
+    """Pointing ``mmspec.zoo.WEIGHTS_DIR`` at a corrupted copy checks that copy (the default root is not
+    bound at import), so the copy is never loaded."""
+    root = tmp_path / "weights"
+    shutil.copytree(WEIGHTS, root)
+    for rel in ("vlm/target/model.safetensors", "image/target/model.safetensors"):
+        victim = root / rel
+        data = bytearray(victim.read_bytes())
+        data[-1] ^= 1
+        victim.write_bytes(bytes(data))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", root)
+    with pytest.raises(zoo.ZooError, match=r"vlm/target/model.safetensors does not match its checksum"):
+        zoo.verify_checksums("vlm")
+    with pytest.raises(zoo.ZooError, match=r"vlm/target/model.safetensors does not match its checksum"):
+        zoo.load_default_vlm()
+    with pytest.raises(zoo.ZooError, match=r"image/target/model.safetensors does not match its checksum"):
+        zoo.load_default_image_models()
+    assert zoo.write_checksums().parent == root  # writes into the copy, not the package
+    zoo.verify_checksums()
+
+
+@needs_zoo
+def test_zoo_vlm_runs_under_sdpa(vlm_pair):
+    """The verifier-guided pruning captures attention under SDPA: the zoo pair no longer needs eager."""
+    for model in (vlm_pair.target, vlm_pair.drafter):
+        assert model.config._attn_implementation == "sdpa"
+        assert model.model.language_model.config._attn_implementation == "sdpa"

@@ -10,6 +10,8 @@ Glossary:
     reproduce       ``python -m mmspec.zoo.train_vlm --out mmspec/zoo/weights/vlm`` and
                     ``python -m mmspec.zoo.train_image --out mmspec/zoo/weights/image``, then
                     ``python -m mmspec.zoo --write-checksums``
+    WEIGHTS_DIR     the weights root; every function reads this module attribute when it is called, so
+                    pointing it elsewhere (``mmspec.zoo.WEIGHTS_DIR = path``) checks and loads that copy
 """
 
 from __future__ import annotations
@@ -54,17 +56,24 @@ def _weight_files(root: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
-def write_checksums(root: str | os.PathLike = WEIGHTS_DIR) -> Path:
-    root = Path(root)
+def _root(root: str | os.PathLike | None) -> Path:
+    """``root``, or the module's ``WEIGHTS_DIR`` as it is now (not as it was at import)."""
+    return Path(WEIGHTS_DIR if root is None else root)
+
+
+def write_checksums(root: str | os.PathLike | None = None) -> Path:
+    """Write ``SHA256SUMS`` for every weight file under ``root`` (default: ``WEIGHTS_DIR``)."""
+    root = _root(root)
     lines = [f"{_sha256(p)}  {p.relative_to(root).as_posix()}" for p in _weight_files(root)]
     out = root / CHECKSUM_FILE
     out.write_text("\n".join(lines) + "\n")
     return out
 
 
-def verify_checksums(subdir: str | None = None, root: str | os.PathLike = WEIGHTS_DIR) -> None:
-    """Raise :class:`ZooError` naming the first missing or altered file (under ``subdir`` if given)."""
-    root = Path(root)
+def verify_checksums(subdir: str | None = None, root: str | os.PathLike | None = None) -> None:
+    """Raise :class:`ZooError` naming the first missing or altered file (under ``subdir`` if given) of
+    ``root`` (default: ``WEIGHTS_DIR``)."""
+    root = _root(root)
     sums = root / CHECKSUM_FILE
     if not sums.is_file():
         raise ZooError(f"no checksum file at {sums}: the zoo weights are not installed")
@@ -102,13 +111,15 @@ class ImageModels:
 
 def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      verify: bool = True) -> VLMPair:
-    """The zoo's LLaVA target and drafter (eager attention: the verifier-guided pruning reads it)."""
+    """The zoo's LLaVA target and drafter, under SDPA attention (the verifier-guided pruning captures the
+    attention it needs under SDPA, :mod:`mmspec.vision.attention_capture`)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    base = _root(None)  # one read of WEIGHTS_DIR: the checked copy is the loaded copy
     if verify:
-        verify_checksums("vlm")
-    root = WEIGHTS_DIR / "vlm"
-    kw = dict(dtype=dtype, attn_implementation="eager")
+        verify_checksums("vlm", root=base)
+    root = base / "vlm"
+    kw = dict(dtype=dtype, attn_implementation="sdpa")
     target = LlavaForConditionalGeneration.from_pretrained(root / "target", **kw).to(device).eval()
     drafter = LlavaForConditionalGeneration.from_pretrained(root / "drafter", **kw).to(device).eval()
     return VLMPair(target, drafter, AutoProcessor.from_pretrained(root / "target"))
@@ -120,9 +131,10 @@ def load_default_image_models(*, dtype: torch.dtype | None = None, device: str |
 
     from .quality import SceneClassifier
 
+    base = _root(None)  # one read of WEIGHTS_DIR: the checked copy is the loaded copy
     if verify:
-        verify_checksums("image")
-    root = WEIGHTS_DIR / "image"
+        verify_checksums("image", root=base)
+    root = base / "image"
     tok = VQTokenizer.from_pretrained(root / "tokenizer")
     tok.vq_model.to(device)
     models = [ARImageModel.from_pretrained(root / name, dtype=dtype).to(device) for name in ("target", "drafter", "lowres")]
