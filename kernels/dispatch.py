@@ -13,6 +13,7 @@ import torch
 
 from .chain_verify import HAS_TRITON, chain_verify_torch, chain_verify_triton
 from .pooled_acceptance import pooled_acceptance_torch, pooled_acceptance_triton
+from .tree_verify import tree_verify_torch, tree_verify_triton
 
 BACKENDS = ("triton", "torch")
 
@@ -40,3 +41,11 @@ def pooled_acceptance(mode, draft_tokens, q_x, target_probs, neighbours, uniform
     if select_backend(target_probs.device, backend) == "triton":
         return pooled_acceptance_triton(mode, draft_tokens, q_x, target_probs, neighbours, uniforms, param)
     return pooled_acceptance_torch(mode, draft_tokens, q_x, target_probs, neighbours, uniforms, param)
+
+
+def tree_verify(mode, draft_tokens, parents, num_draft, draft_probs, target, uniforms, noise, max_depth, *,
+                backend=None):
+    """Fused draft-tree verification; returns (tokens long [B, D+1], accepted_nodes long [B, D],
+    num_accepted long [B]) with D = ``max_depth``."""
+    fn = tree_verify_triton if select_backend(target.device, backend) == "triton" else tree_verify_torch
+    return fn(mode, draft_tokens, parents, num_draft, draft_probs, target, uniforms, noise, max_depth)
