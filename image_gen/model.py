@@ -33,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmspec.errors import MMSpecError
+from mmspec.guidance import guidance_scale, guide  # noqa: F401  (re-exported: CFG lives in the core)
 
 CONFIG_NAME = "mmspec_ar_image.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -149,6 +150,9 @@ class ARImageModel(torch.nn.Module):
         return CausalLMOutputWithPast(logits=out.logits[..., : self.config.codebook_size],
                                       past_key_values=out.past_key_values)
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.backbone.get_input_embeddings()
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -177,25 +181,3 @@ class ARImageModel(torch.nn.Module):
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
-
-
-def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """Classifier-free guidance on logits: uncond + scale * (cond - uncond) (LlamaGen's form).
-
-    ``scale`` is a float or a tensor broadcastable to the logits (e.g. [B, k+1, 1] for a schedule).
-    """
-    return uncond + (cond - uncond) * scale
-
-
-def guidance_scale(cfg_scale: float, schedule: str, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Per-position CFG scale. positions long [...] (0-based image-token index) -> float [...].
-
-    "constant": cfg_scale everywhere; "linear": 1 at the first token rising to cfg_scale at the last
-    (a common schedule that lets early tokens follow the conditional model less strictly).
-    """
-    if schedule == "constant":
-        return torch.full(positions.shape, float(cfg_scale), dtype=torch.float32, device=positions.device)
-    if schedule == "linear":
-        frac = positions.to(torch.float32) / max(num_tokens - 1, 1)
-        return 1.0 + (cfg_scale - 1.0) * frac
-    raise MMSpecError(f"unknown cfg schedule {schedule!r}; expected 'constant' or 'linear'")

@@ -17,79 +17,100 @@ Glossary:
 
 In greedy mode (temperature 0) this is plain Jacobi decoding: guesses are argmaxes, accepted
 while they equal the target's argmax.
+
+SJD is a :class:`~mmspec.drafters.base.Drafter` of the one decoding loop: it needs no model, and
+``observe`` refines the window from the target logits of the verification forward
+(``StepOutcome.target_logits``). Guesses for position t of a row are drawn with the row's keyed
+uniform ``rng.uniform(JACOBI, t)`` (fresh guesses: a uniform code; refined ones: inverse CDF of p_t),
+so a row's images never depend on its batch neighbours.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mmspec.config import SamplingParams
-from mmspec.drafters.base import Draft
+from mmspec.drafters.base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
 from mmspec.errors import InvalidDraftLengthError
-from mmspec.sampling import logits_to_probs, sample
+from mmspec.rng import JACOBI, RowRandom
+from mmspec.sampling import logits_to_probs, sample_inverse_cdf
 
-from .drafting import GuidanceSpec, ImageDrafter, ImageStepOutcome
 
-
-class JacobiDrafter(ImageDrafter):
+class JacobiDrafter(Drafter):
     """SJD's self-drafting window; needs no second model (the target refines its own guesses)."""
 
     def __init__(self, window: int = 16, vocab_size: int | None = None):
-        if not isinstance(window, int) or window < 1:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise InvalidDraftLengthError(f"SJD window must be an int >= 1, got {window!r}")
         self.window = window
         self.vocab_size = vocab_size
 
-    def start(self, guidance: GuidanceSpec, *, sampling: SamplingParams, generator: torch.Generator | None) -> None:
+    def check_compatible(self, target: torch.nn.Module) -> None:
+        if self.vocab_size is None:
+            from mmspec.drafters.model import model_vocab_size
+
+            self.vocab_size = model_vocab_size(target)
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: SamplingParams,
+              rng: RowRandom, guidance: Any = None, **model_inputs: Any) -> None:
         if self.vocab_size is None:
             raise RuntimeError("JacobiDrafter needs vocab_size (the codebook size)")
-        self.sampling, self.generator = sampling, generator
-        self.batch = len(guidance.cond)
-        self.tokens: list[torch.Tensor] = []  # per image: long [n_b] current guesses
-        self.q: list[torch.Tensor | None] = []  # per image: float [n_b, V] (None when greedy)
-        self.device = None
+        self.sampling, self.rng = sampling, rng
+        self.device = input_ids.device
+        batch = input_ids.shape[0]
+        self.position = torch.zeros((batch,), dtype=torch.long)  # committed tokens per row
+        self.tokens = self._fresh(self.position.unsqueeze(1) + torch.arange(self.window))  # [B, W]
+        self.q = None if sampling.is_greedy else torch.full(
+            (batch, self.window, self.vocab_size), 1.0 / self.vocab_size, device=self.device)  # [B, W, V]
 
-    def _fresh(self, count: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Random initial guesses with uniform q."""
-        V = self.vocab_size
+    def _fresh(self, positions: torch.Tensor) -> torch.Tensor:
+        """Random initial guesses (uniform q) for positions long [B, n] -> long [B, n]."""
         if self.sampling.is_greedy:
-            return torch.zeros(count, dtype=torch.long, device=device), None
-        toks = torch.randint(0, V, (count,), generator=self.generator, device=device)
-        return toks, torch.full((count, V), 1.0 / V, device=device)
+            return torch.zeros(positions.shape, dtype=torch.long, device=self.device)
+        u = self.rng.uniform(JACOBI, positions, device=self.device)
+        return (u.to(torch.float64) * self.vocab_size).long().clamp_max(self.vocab_size - 1)
 
-    def propose(self, max_tokens: int, next_pos: torch.Tensor) -> Draft:
-        device = next_pos.device
-        if not self.tokens:
-            self.tokens, self.q = [], []
-            for _ in range(self.batch):
-                t, q = self._fresh(self.window, device)
-                self.tokens.append(t)
-                self.q.append(q)
-        k = max(1, min(self.window, max_tokens))
-        draft = torch.stack([t[:k] for t in self.tokens])
-        probs = None if self.sampling.is_greedy else torch.stack([q[:k] for q in self.q])
-        num = torch.full((len(self.tokens),), k, dtype=torch.long, device=device)
-        return Draft(tokens=draft, probs=probs, num_draft=num)
+    def propose(self, max_tokens: torch.Tensor | int) -> Draft:
+        widest, per_row = as_max_tokens(max_tokens)
+        k = max(1, min(self.window, widest))
+        probs = None if self.q is None else self.q[:, :k]
+        num = torch.full((self.tokens.shape[0],), k, dtype=torch.long, device=self.device)
+        return Draft(tokens=self.tokens[:, :k], probs=probs, num_draft=clamp_num_draft(num, per_row))
 
-    def observe(self, outcome: ImageStepOutcome) -> None:
+    def observe(self, outcome: StepOutcome) -> None:
         k = outcome.draft.k
-        p = logits_to_probs(outcome.target_logits, self.sampling)  # [B, k+1, V]
-        n = outcome.result.num_accepted.tolist()
-        new_tokens, new_q = [], []
-        for b in range(len(n)):
-            # positions n+1 .. k of this block predict the guesses after the emitted token
-            rest_p = p[b, n[b] + 1: k + 1]  # [k - n, V]
-            refined = sample(rest_p, self.sampling, self.generator) if rest_p.shape[0] else rest_p.new_zeros(0, dtype=torch.long)
-            tail = self.tokens[b][k + 1:]  # old guesses beyond the block's last column
-            tail_q = None if self.q[b] is None else self.q[b][k + 1:]
-            toks = torch.cat([refined, tail])
-            q = None if self.sampling.is_greedy else torch.cat([rest_p, tail_q])
-            fresh_t, fresh_q = self._fresh(self.window - toks.numel(), toks.device)
-            new_tokens.append(torch.cat([toks, fresh_t]))
-            new_q.append(None if q is None else torch.cat([q, fresh_q]))
-        self.tokens, self.q = new_tokens, new_q
+        batch, W, V = self.tokens.shape[0], self.window, self.vocab_size
+        p = logits_to_probs(outcome.target_logits, self.sampling)  # [B, k+1, V]: column j predicts position + j
+        n = outcome.result.num_accepted.to(self.device)  # [B]
+        emitted = torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
+        # candidates per row: refined guesses for every column (position + j), the old guesses beyond the
+        # block, fresh guesses for the new window's slots (next + s); the new window picks from them
+        cols = self.position.unsqueeze(1) + torch.arange(k + 1)  # [B, k+1]
+        if self.sampling.is_greedy:
+            refined = p.argmax(dim=-1)
+        else:
+            u = self.rng.uniform(JACOBI, cols, device=self.device)
+            refined = sample_inverse_cdf(p.reshape(-1, V), u.reshape(-1)).view(batch, k + 1)
+        tail = self.tokens[:, k + 1:]  # [B, W-k-1] (empty when the window was fully used)
+        nxt = self.position + emitted
+        fresh = self._fresh(nxt.unsqueeze(1) + torch.arange(W))  # [B, W]
+        cand = torch.cat([refined, tail, fresh], dim=1)  # [B, k+1 + T + W]
+        n_ref = (k - n).clamp_min(0)  # [B]: refined guesses kept (columns n+1 .. k)
+        T = tail.shape[1]
+        s = torch.arange(W, device=self.device).unsqueeze(0)  # [1, W]
+        idx = torch.where(s < n_ref.unsqueeze(1), n.unsqueeze(1) + 1 + s,  # refined
+                          torch.where(s < (n_ref + T).unsqueeze(1), k + 1 + s - n_ref.unsqueeze(1),  # tail
+                                      k + 1 + T + s))  # fresh, keyed by its own position
+        self.tokens = cand.gather(1, idx)
+        if self.q is not None:
+            uniform = torch.full((batch, W, V), 1.0 / V, device=self.device)
+            qc = torch.cat([p, self.q[:, k + 1:], uniform], dim=1)
+            self.q = qc.gather(1, idx.unsqueeze(-1).expand(-1, -1, V))
+        self.position = nxt
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        idx = rows.tolist()
-        self.tokens = [self.tokens[i] for i in idx]
-        self.q = [self.q[i] for i in idx]
+        self.tokens = self.tokens[rows]
+        self.q = None if self.q is None else self.q[rows]
+        self.position = self.position[rows.cpu()]

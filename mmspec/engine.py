@@ -1,4 +1,4 @@
-"""The speculative-decoding loop for HF causal LMs (batched, lossless).
+"""The one speculative-decoding loop: text, VLMs and AR image generation (batched, lossless).
 
 Paper: Leviathan et al. (ICML 2023); Chen et al. (2023).
 
@@ -10,8 +10,16 @@ Glossary:
     finished    a row that emitted EOS or reached ``max_new_tokens``; it leaves the batch
                 (its cache rows are dropped from target and drafter)
 
-The loop only talks to the target through :class:`~mmspec.cache.CacheSession` (forward +
-rollback) and to the drafter through the :class:`~mmspec.drafters.base.Drafter` protocol.
+    row seeds   per-row randomness (:class:`~mmspec.rng.RowRandom`): ``seed=[s_0, .., s_B-1]`` gives
+                row b its own stream, so its sampled output depends only on its prompt and s_b,
+                never on the other rows of the batch or their order; ``seed=s`` derives row seeds
+                from (s, b); without a seed they are drawn from ``generator``
+
+:func:`decode` is the loop (propose -> one target forward -> verify -> commit -> observe -> event).
+It talks to the target only through a session (:class:`~mmspec.cache.CacheSession`, or
+:class:`~mmspec.guidance.GuidedSession` for classifier-free guidance) and to the drafter only
+through the :class:`~mmspec.drafters.base.Drafter` protocol; :mod:`mmspec.vision` and
+:mod:`mmspec.image_gen` plug in their prefill, drafters and guidance and reuse it.
 ``generate_stream`` yields one :class:`StepEvent` per verification step; ``generate``
 consumes the stream.
 """
@@ -27,11 +35,13 @@ import torch
 from .cache import CacheSession
 from .config import SamplingParams
 from .drafters.adaptive import DraftLengthPolicy
-from .drafters.base import Drafter, StepOutcome
-from .drafters.model import ModelDrafter, model_device
+from .drafters.base import Draft, Drafter, NoDrafter, StepOutcome
+from .drafters.model import ModelDrafter, model_device, model_vocab_size
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError,
-                     InvalidLengthError, ShapeError)
+                     InvalidLengthError, ShapeError, TokenIdError)
+from .guidance import Guidance, GuidedSession, open_session
+from .rng import ACCEPT, EMIT, RowRandom
 from .stats import GenerationStats
 from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
@@ -129,7 +139,9 @@ def warn_ignored_generation_settings(model: torch.nn.Module) -> list[str]:
 
 
 def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | None) -> Drafter:
-    """Accept a Drafter, a HF model (-> ModelDrafter) or ``"prompt_lookup"``."""
+    """Accept a Drafter, a HF model (-> ModelDrafter), ``"prompt_lookup"`` or None (plain AR)."""
+    if drafter is None:
+        return NoDrafter()
     if isinstance(drafter, str):
         if drafter != "prompt_lookup":
             raise ValueError(f"unknown drafter {drafter!r}; pass a Drafter, a model or 'prompt_lookup'")
@@ -143,7 +155,28 @@ def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | No
     return drafter
 
 
-def _validate(target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator):
+def input_vocab_size(model: torch.nn.Module) -> int | None:
+    """Rows of the input embedding table (ids >= this crash the embedding lookup)."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        emb = None
+    weight = getattr(emb, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def check_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int | None) -> None:
+    """:class:`TokenIdError` for a prompt id < 0 or >= the model's vocabulary (padding included)."""
+    if vocab is None or input_ids.numel() == 0:
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+        raise TokenIdError(f"input_ids hold ids outside the vocabulary [0, {vocab}): {sorted(set(bad.tolist()))[:5]}")
+
+
+def _validate(target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator, embeds_vocab=None):
     if not isinstance(input_ids, torch.Tensor):
         raise ShapeError(f"input_ids must be a torch.LongTensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -170,6 +203,7 @@ def _validate(target, input_ids, attention_mask, max_new_tokens, num_draft_token
             raise DeviceMismatchError(f"{name} is on {t.device} but the target model is on {device}")
     if generator is not None and torch.device(generator.device).type != device.type:
         raise DeviceMismatchError(f"generator is on {generator.device} but the target model is on {device}")
+    check_token_ids(input_ids, attention_mask, embeds_vocab)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise InvalidLengthError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
     if num_draft_tokens is not None and not isinstance(num_draft_tokens, DraftLengthPolicy):
@@ -189,10 +223,13 @@ def generate_stream(
     top_p: float | None = None,
     num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
     generator: torch.Generator | None = None,
+    seed: int | list[int] | None = None,
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     rule: AcceptRule | None = None,
     prefill: PrefillFn | None = None,
+    guidance: Guidance | None = None,
+    stats: GenerationStats | None = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
     """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`).
@@ -200,16 +237,20 @@ def generate_stream(
     Input is validated eagerly (before the first ``next``).
     """
     input_ids, attention_mask, device = _validate(
-        target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator)
+        target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator, input_vocab_size(target))
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    rng = RowRandom.from_seed(seed, input_ids.shape[0], generator)
     warn_ignored_generation_settings(target)
     drafter = resolve_drafter(drafter, num_draft_tokens)
     drafter.check_compatible(target)
+    if guidance is not None and prefill is not None:
+        raise ValueError("guidance and a custom prefill cannot be combined")
     if eos_token_id is None:
         eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-    return _stream(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
-                   rule if rule is not None else default_rule(sampling), generator,
-                   _as_eos_set(eos_token_id), model_inputs, prefill or prefill_causal_lm)
+    return _run(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
+                rule if rule is not None else default_rule(sampling), rng,
+                _as_eos_set(eos_token_id), model_inputs, prefill or prefill_causal_lm, guidance,
+                stats if stats is not None else GenerationStats())
 
 
 def _sync(device: torch.device) -> None:
@@ -217,44 +258,78 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens, sampling, rule, rng,
+         eos, model_inputs, prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats) -> Iterator[StepEvent]:
+    """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``)."""
+    with torch.no_grad():
+        t_start = time.perf_counter()
+        if guidance is not None:
+            session = open_session(target, input_ids, attention_mask, guidance=guidance)
+        else:
+            session = CacheSession(target, input_ids.shape[0], device)
+            with drafter.target_prefill_context(target, input_ids, attention_mask):
+                prefill(session, input_ids, attention_mask, model_inputs)
+        _sync(device)
+        stats.prefill_time = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng, guidance=guidance, **model_inputs)
+        _sync(device)
+        stats.drafter_prefill_time = time.perf_counter() - t0
+        stats.drafter_time += stats.drafter_prefill_time
+        stats.extra.update(drafter.info)
+    budget = [max_new_tokens] * input_ids.shape[0]
+    yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=budget, sampling=sampling, rule=rule,
+                      rng=rng, eos=eos, stats=stats, t_start=t_start)
+
+
+def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
+                         device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniforms float [B, k], noise float [B, V]) of one verification step, keyed by each row's
+    first position ``position`` long [B] (zeros / ones when greedy)."""
+    batch = position.numel()
+    if sampling.is_greedy:
+        return (torch.zeros((batch, k), dtype=torch.float32, device=device),
+                torch.ones((batch, vocab), dtype=torch.float32, device=device))
+    cols = position.unsqueeze(1) + torch.arange(k, dtype=torch.long)  # [B, k]
+    return rng.uniform(ACCEPT, cols, device=device), rng.exponential(EMIT, position, vocab, device=device)
+
+
 @torch.no_grad()
-def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens,
-            sampling: SamplingParams, rule: AcceptRule, generator, eos: set[int],
-            model_inputs: dict, prefill: PrefillFn) -> Iterator[StepEvent]:
-    stats = GenerationStats()
-    t_start = time.perf_counter()
-    batch = input_ids.shape[0]
-    session = CacheSession(target, batch, device)
-    with drafter.target_prefill_context(target, input_ids, attention_mask):
-        prefill(session, input_ids, attention_mask, model_inputs)
-    _sync(device)
-    stats.prefill_time = time.perf_counter() - t_start
-    t0 = time.perf_counter()
-    drafter.start(input_ids, attention_mask, sampling=sampling, generator=generator, **model_inputs)
-    _sync(device)
-    stats.drafter_prefill_time = time.perf_counter() - t0
-    stats.drafter_time += stats.drafter_prefill_time
-    stats.extra.update(drafter.info)
-    pending = input_ids[:, -1:]  # [B, 1]
+def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: torch.Tensor, *,
+           max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
+           eos: set[int] = frozenset(), stats: GenerationStats | None = None,
+           t_start: float | None = None) -> Iterator[StepEvent]:
+    """The loop. ``session`` holds every prompt token but ``pending`` (long [B, 1]); ``drafter`` is
+    started; row b generates at most ``max_new_tokens[b]`` tokens. Yields one event per step."""
+    stats = stats if stats is not None else GenerationStats()
+    t_start = time.perf_counter() if t_start is None else t_start
+    device = pending.device
+    batch = pending.shape[0]
     active = list(range(batch))  # original indices of the rows still in the batch
     generated: list[list[int]] = [[] for _ in range(batch)]
+    position = torch.zeros((batch,), dtype=torch.long)  # committed tokens per active row (cpu)
     step = 0
     while active:
-        remaining = [max_new_tokens - len(generated[r]) for r in active]
+        remaining = [max_new_tokens[r] - len(generated[r]) for r in active]
         t0 = time.perf_counter()
-        draft = drafter.propose(max(1, max(remaining) - 1))
+        caps = (torch.tensor(remaining, dtype=torch.long) - 1).clamp_min(0)
+        draft = drafter.propose(caps.to(device))
+        num_draft = torch.minimum(draft.num_draft, caps.to(draft.num_draft.device))
+        if not torch.equal(num_draft, draft.num_draft):
+            draft = Draft(tokens=draft.tokens, probs=draft.probs, num_draft=num_draft)
         _sync(device)
         t1 = time.perf_counter()
         block = torch.cat([pending, draft.tokens], dim=1)  # [B', k+1]
         logits = session.extend(block)  # [B', k+1, V]
         _sync(device)
         t2 = time.perf_counter()
-        result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, generator,
-                              num_draft=draft.num_draft)
+        k = draft.k
+        uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
+        result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
+                              uniforms=uniforms, noise=noise)
         n_acc = result.num_accepted.tolist()
         out = result.tokens.tolist()
         t3 = time.perf_counter()
-        k = draft.k
         session.rollback(k - result.num_accepted)
         pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
         committed, finished = [], []
@@ -263,7 +338,8 @@ def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new
             generated[row].extend(toks)
             committed.append(toks)
             finished.append(done)
-        drafter.observe(StepOutcome(draft=draft, result=result, committed=committed))
+        position = position + torch.tensor([len(c) for c in committed], dtype=torch.long)
+        drafter.observe(StepOutcome(draft=draft, result=result, committed=committed, target_logits=logits))
         _sync(device)
         t4 = time.perf_counter()
         stats.drafter_time += (t1 - t0) + (t4 - t3)
@@ -283,7 +359,9 @@ def _stream(target, drafter: Drafter, input_ids, attention_mask, device, max_new
                 rows = torch.tensor(keep, dtype=torch.long, device=device)
                 session.select_rows(rows)
                 drafter.select_rows(rows)
+                rng.select(rows)
                 pending = pending[rows]
+                position = position[rows.cpu()]
     stats.total_time = time.perf_counter() - t_start
 
 
@@ -298,6 +376,7 @@ def generate(
     top_p: float | None = None,
     num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
     generator: torch.Generator | None = None,
+    seed: int | list[int] | None = None,
     eos_token_id: int | list[int] | None = None,
     attention_mask: torch.Tensor | None = None,
     rule: AcceptRule | None = None,
@@ -315,7 +394,10 @@ def generate(
         max_new_tokens: tokens to generate per row (> 0).
         temperature, top_k, top_p: sampling as HF's warpers; ``temperature=0`` is greedy.
         num_draft_tokens: k (>= 1) or a draft-length policy; used unless the drafter has its own.
-        generator: the only source of randomness.
+        generator: draws the row seeds when ``seed`` is not given.
+        seed: one int per row (row b's sampled output then depends only on its prompt and seed b,
+            whatever else is in the batch), or one int for the batch (row b gets a seed mixed from
+            it and b).
         eos_token_id: defaults to ``target.generation_config.eos_token_id``.
         rule: acceptance rule; default greedy (temperature 0) or exact rejection sampling.
         pad_token_id: fills finished rows; defaults to the generation config's pad, else EOS, else 0.
@@ -328,7 +410,7 @@ def generate(
     """
     stream = generate_stream(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator,
+        top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator, seed=seed,
         eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, prefill=prefill, **model_inputs)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)

@@ -12,10 +12,16 @@ Glossary:
 ``CounterRNG.from_generator(g, B)`` draws the B row seeds from a ``torch.Generator``, so a seeded
 run is reproducible, and row b gets the same stream whether it runs alone or beside others.
 
-Status: groundwork. The engines still draw from one ``torch.Generator`` per batch; making sampled
-output independent of batch layout also needs the draws keyed by token position (the number of
-values a row consumes per step depends on the batch's common draft width), and the same hash inside
-the Triton kernels (DESIGN: counter-based seed + position).
+Row streams (:class:`RowRandom`, what the decoding loop uses): every random number a row draws
+is keyed by (row seed, purpose, token position), never by a batch-wide counter. A step that starts
+at position t0 of a row draws its acceptance uniforms at keys t0 .. t0+k-1, its one sampled token's
+noise at key t0, and a drafter draws the token it proposes for position t at key t. A key is only
+reused for a position whose earlier number did not influence anything committed (a position
+beyond the first rejection), so each decision still sees a fresh number, and a row's output
+depends only on its prompt, its seed and its own draft lengths, not on its batch neighbours.
+
+Purposes (named streams): ``DRAFT``, ``ACCEPT``, ``EMIT``, ``JACOBI`` (SJD's guesses),
+``RESAMPLE`` (MuLo-SD's island redraws).
 """
 
 from __future__ import annotations
@@ -101,3 +107,83 @@ def keyed_exponential(seed: int, keys: torch.Tensor, n: int) -> torch.Tensor:
     """float32 [N, n] ~ Exp(1) keyed like :func:`keyed_uniform`."""
     u = keyed_uniform(seed, keys, n).to(torch.float64)
     return (-torch.log1p(-u)).clamp_min(1e-20).to(torch.float32)
+
+
+def _wrap(x: int) -> int:
+    """A Python int as the signed int64 with the same low 64 bits."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+#: named streams of :class:`RowRandom`
+DRAFT, ACCEPT, EMIT, JACOBI, RESAMPLE = 1, 2, 3, 4, 5
+_PURPOSE_MIX = 0x2545F4914F6CDD1D
+
+
+class RowRandom:
+    """Per-row random numbers keyed by (seed_b, purpose, position): batch-layout independent.
+
+    ``seeds`` long [B]. Uniforms are computed by SplitMix64 in vectorised torch ops (cheap for a few
+    values per row); V-sized Exp(1) noise vectors come from a ``torch.Generator`` seeded with the
+    row's key (one generator per row and draw), which is much faster for large vocabularies.
+    """
+
+    def __init__(self, seeds: torch.Tensor):
+        self.seeds = torch.as_tensor(seeds, dtype=torch.long).flatten().cpu()  # [B]
+
+    @classmethod
+    def from_seed(cls, seed: "int | list[int] | torch.Tensor | None", batch: int,
+                  generator: torch.Generator | None = None) -> "RowRandom":
+        """Row seeds from ``seed`` (one int per row, or one int: row b gets ``mix(seed, b)``), else drawn
+        from ``generator`` (then a row's numbers depend on its index in the batch), else random."""
+        from .errors import InvalidSamplingError
+
+        if seed is None:
+            s = torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").cpu()
+            return cls(s)
+        if isinstance(seed, bool):
+            raise InvalidSamplingError(f"seed must be an int or one int per row, got {seed!r}")
+        if isinstance(seed, int):
+            return cls(splitmix64(torch.full((batch,), seed, dtype=torch.long) + torch.arange(batch) * _GOLDEN))
+        seeds = list(seed.flatten().tolist()) if isinstance(seed, torch.Tensor) else list(seed)
+        if len(seeds) != batch or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise InvalidSamplingError(f"seed must be an int or a list of {batch} ints (one per row), got {seed!r}")
+        return cls(torch.tensor(seeds, dtype=torch.long))
+
+    @property
+    def batch(self) -> int:
+        return self.seeds.numel()
+
+    def _keys(self, purpose: int, positions: torch.Tensor) -> torch.Tensor:
+        """int64 [B, ...]: the mixed key of every (row, position)."""
+        base = splitmix64(self.seeds * _PURPOSE_MIX + _wrap(purpose * _GOLDEN))  # [B]
+        pos = positions.to(device="cpu", dtype=torch.long)
+        shape = (-1,) + (1,) * (pos.dim() - 1)
+        return splitmix64(base.view(shape) + (pos + 1) * _M1)
+
+    def uniform(self, purpose: int, positions: torch.Tensor, device: "torch.device | str" = "cpu") -> torch.Tensor:
+        """float32 [B, n] in [0, 1): one number per (row, position); positions long [B, n]."""
+        u = _shr(splitmix64(self._keys(purpose, positions)), 11).to(torch.float64) * (2.0 ** -53)
+        return u.to(torch.float32).clamp_max(1.0 - 2.0 ** -24).to(device)
+
+    def exponential(self, purpose: int, positions: torch.Tensor, size: int,
+                    device: "torch.device | str" = "cpu") -> torch.Tensor:
+        """float32 [B, size] ~ Exp(1), strictly positive: row b's vector keyed by positions[b] (long [B])."""
+        keys = self._keys(purpose, positions.flatten()).tolist()
+        out = torch.empty((len(keys), size), dtype=torch.float32, device=device)
+        dev = torch.device(device)
+        for b, key in enumerate(keys):
+            g = torch.Generator(device=dev)
+            g.manual_seed(key & ((1 << 63) - 1))
+            out[b].exponential_(generator=g)
+        return out.clamp_min_(1e-20)
+
+    def row(self, b: int) -> "RowRandom":
+        """Row b's stream alone (a view for per-row draws)."""
+        return RowRandom(self.seeds[b:b + 1])
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (long [B']). The loop owns this call: drafters share the loop's object
+        and must not select it again."""
+        self.seeds = self.seeds[rows.cpu()]

@@ -75,3 +75,13 @@ def sample(probs: torch.Tensor, params: SamplingParams, generator: torch.Generat
         return probs.argmax(dim=-1)
     noise = draw_exponential(tuple(probs.shape), device=probs.device, generator=generator)
     return sample_from_weights(probs, noise)
+
+
+def sample_inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Sample indices proportional to non-negative ``weights`` [B, V] with one uniform per row [B]
+    (inverse CDF: the first index whose cumulative weight exceeds u * total; zero weights are never
+    chosen). Cheaper than the exponential race when the randomness is keyed per row."""
+    cum = weights.to(torch.float64).cumsum(dim=-1)  # [B, V]
+    target = (uniforms.to(torch.float64) * cum[..., -1]).unsqueeze(-1)  # [B, 1]
+    idx = torch.searchsorted(cum, target, right=True).squeeze(-1)
+    return idx.clamp_max(weights.shape[-1] - 1)

@@ -125,7 +125,7 @@ def test_generate_method_mulo():
     rej = ig.generate(hi, tok, condition=[1], drafter=lo, method="mulo", cfg_scale=2.0, temperature=0.0, mulo_tau=2.0)
     assert torch.equal(ar.tokens, rej.tokens)
     import pytest
-    with pytest.raises(ig.MethodError, match="needs a tokenizer and a low-resolution drafter"):
+    with pytest.raises(ig.MethodError, match="needs a drafter model \\(a low-resolution AR image model\\)"):
         ig.generate(hi, condition=[1], method="mulo")
     with pytest.raises(ig.MethodError, match="mulo_scale=4 but the drafter's grid 4 is 1/2"):
         ig.generate(hi, tok, condition=[1], drafter=lo, method="mulo", mulo_scale=4)

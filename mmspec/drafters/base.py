@@ -4,12 +4,21 @@ Glossary:
     Draft        what a drafter proposes for one step: tokens long [B, k], the processed
                  distributions they were sampled from (float [B, k, V], or ``None`` for a
                  deterministic drafter) and ``num_draft`` long [B] (real drafts per row, <= k)
-    StepOutcome  what verification decided: the draft, the ``VerifyResult`` and the tokens each
-                 row really committed (after EOS / max-length truncation)
-    start        called once with the whole prompt (left padded) before the first step
+    StepOutcome  what verification decided: the draft, the ``VerifyResult``, the tokens each
+                 row really committed (after EOS / max-length truncation) and what the target's
+                 verification forward produced (its processed-to-be logits, and the hidden states
+                 of the layers in ``Drafter.hidden_layers`` when the drafter asks for them)
+    start        called once with the whole prompt (left padded) before the first step; ``rng``
+                 gives the per-row keyed random numbers (:class:`mmspec.rng.RowRandom`), ``guidance``
+                 the classifier-free-guidance spec when the target runs with CFG (a drafter with a
+                 model runs the same guidance)
+    propose      ``max_tokens`` long [B]: at most that many real drafts per row (``num_draft``
+                 is clamped to it); the draft has k >= 1 columns unless the drafter drafts nothing
     observe      called after every step; drafters update caches, n-gram indices and the
-                 adaptive draft length here
+                 adaptive draft length here; SJD refines its guesses from the target's logits
     select_rows  called when finished rows leave the batch
+
+One protocol serves text, VLM and image-token drafters.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from typing import Any
 import torch
 
 from ..config import SamplingParams
+from ..guidance import Guidance
+from ..rng import RowRandom
 from ..verify.types import VerifyResult
 
 
@@ -41,6 +52,22 @@ class StepOutcome:
     draft: Draft
     result: VerifyResult
     committed: list[list[int]]  # per row: tokens appended to the sequence this step
+    target_logits: torch.Tensor | None = None  # float [B, k+1, V]: the verification forward's (guided) logits
+    target_hidden: dict[int, torch.Tensor] | None = None  # layer -> float [B, k+1, d], layers the drafter asked for
+
+
+def clamp_num_draft(num_draft: torch.Tensor, max_tokens: torch.Tensor | int) -> torch.Tensor:
+    """long [B]: real drafts per row, at most ``max_tokens`` (an int or long [B])."""
+    if isinstance(max_tokens, int):
+        return num_draft.clamp_max(max(max_tokens, 0))
+    return torch.minimum(num_draft, max_tokens.to(num_draft.device).clamp_min(0))
+
+
+def as_max_tokens(max_tokens: torch.Tensor | int) -> tuple[int, torch.Tensor | int]:
+    """(the widest row's budget, the per-row budgets) from an int or long [B]."""
+    if isinstance(max_tokens, int):
+        return max_tokens, max_tokens
+    return int(max_tokens.max()) if max_tokens.numel() else 0, max_tokens
 
 
 class Drafter(ABC):
@@ -48,6 +75,9 @@ class Drafter(ABC):
 
     #: vocabulary size of the drafter's distributions, or None if it has none (n-gram lookup)
     vocab_size: int | None = None
+    #: target layers whose hidden states ``observe`` needs (feature-level drafters); the target
+    #: forward requests hidden states only when this is non-empty
+    hidden_layers: tuple[int, ...] = ()
 
     @abstractmethod
     def start(
@@ -56,15 +86,16 @@ class Drafter(ABC):
         attention_mask: torch.Tensor,  # long [B, L]
         *,
         sampling: SamplingParams,
-        generator: torch.Generator | None,
+        rng: RowRandom,
+        guidance: Guidance | None = None,
         **model_inputs: Any,
     ) -> None:
         """Reset state for a new batch of prompts (``model_inputs``: the target's extra inputs,
         e.g. ``pixel_values``; text drafters ignore them)."""
 
     @abstractmethod
-    def propose(self, max_tokens: int) -> Draft:
-        """Propose up to ``max_tokens`` tokens per row (k >= 1 columns)."""
+    def propose(self, max_tokens: torch.Tensor | int) -> Draft:
+        """Propose up to ``max_tokens`` (long [B] or an int for every row) tokens per row."""
 
     @abstractmethod
     def observe(self, outcome: StepOutcome) -> None:
@@ -86,3 +117,21 @@ class Drafter(ABC):
     def info(self) -> dict[str, Any]:
         """Facts about the drafter's context for the stats (e.g. visual tokens kept)."""
         return {}
+
+
+class NoDrafter(Drafter):
+    """Drafts nothing: the loop then samples one target token per step (plain AR decoding)."""
+
+    def start(self, input_ids, attention_mask, *, sampling, rng, guidance=None, **model_inputs) -> None:
+        self.device = input_ids.device
+
+    def propose(self, max_tokens: torch.Tensor | int) -> Draft:
+        batch = max_tokens.numel() if isinstance(max_tokens, torch.Tensor) else 1
+        return Draft(tokens=torch.zeros((batch, 0), dtype=torch.long, device=self.device), probs=None,
+                     num_draft=torch.zeros((batch,), dtype=torch.long, device=self.device))
+
+    def observe(self, outcome: StepOutcome) -> None:
+        pass
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        pass

@@ -8,8 +8,15 @@ Glossary:
     fed       drafted tokens that went into the drafter's cache while drafting (all but the
               last one); those beyond the accepted prefix are rolled back in ``observe``
 
-The drafter keeps its own :class:`~mmspec.cache.CacheSession`, so its context length may differ
-from the target's (e.g. a VLM drafter that saw fewer image tokens).
+The drafter keeps its own session, so its context length may differ from the target's (e.g. a
+VLM drafter that saw fewer image tokens): a :class:`~mmspec.cache.CacheSession`, or, when the
+target runs with classifier-free guidance (AR image models), a
+:class:`~mmspec.guidance.GuidedSession` with the same guidance, so drafts are sampled from the
+drafter's guided distribution. One class serves HF causal LMs, VLM drafters (pruned prefill, in
+:mod:`mmspec.vision`) and AR image models.
+
+Randomness: the token drafted for position t of row b is drawn by inverse CDF with the row's keyed
+uniform (``rng.uniform(DRAFT, t)``), so drafts never depend on the batch layout.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import torch
 from ..cache import CacheSession
 from ..config import SamplingParams
 from ..errors import DeviceMismatchError, VocabularyMismatchError
-from ..sampling import logits_to_probs, sample
+from ..guidance import Guidance, open_session
+from ..rng import DRAFT, RowRandom
+from ..sampling import logits_to_probs, sample_inverse_cdf
 from .adaptive import DraftLengthPolicy, as_policy
-from .base import Draft, Drafter, StepOutcome
+from .base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
 
 
 def model_vocab_size(model: torch.nn.Module) -> int | None:
@@ -33,6 +42,8 @@ def model_vocab_size(model: torch.nn.Module) -> int | None:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     config = getattr(model, "config", None)
+    if getattr(config, "codebook_size", None) is not None:  # AR image models: logits over the codebook
+        return int(config.codebook_size)
     size = getattr(config, "vocab_size", None)
     if size is None and config is not None and hasattr(config, "get_text_config"):
         size = getattr(config.get_text_config(), "vocab_size", None)
@@ -103,14 +114,20 @@ class ModelDrafter(Drafter):
     def num_calls(self) -> int:
         return 0 if self.session is None else self.session.calls
 
-    def start(self, input_ids, attention_mask, *, sampling: SamplingParams,
-              generator: torch.Generator | None, **model_inputs: Any) -> None:
+    def start(self, input_ids, attention_mask, *, sampling: SamplingParams, rng: RowRandom,
+              guidance: Guidance | None = None, **model_inputs: Any) -> None:
         if self.policy is None:
             raise RuntimeError("ModelDrafter has no draft length: pass draft_length or num_draft_tokens")
         self.sampling = sampling
-        self.generator = generator
-        self.session = CacheSession(self.model, input_ids.shape[0], input_ids.device)
-        self.prefill(input_ids, attention_mask, **model_inputs)
+        self.rng = rng
+        self.position = torch.zeros((input_ids.shape[0],), dtype=torch.long)  # committed tokens per row
+        if guidance is not None:
+            self.session = open_session(self.model, input_ids, attention_mask, guidance=guidance)
+            self.pending = input_ids[:, -1:]
+            self.pending_valid = attention_mask[:, -1:].to(torch.long)
+        else:
+            self.session = CacheSession(self.model, input_ids.shape[0], input_ids.device)
+            self.prefill(input_ids, attention_mask, **model_inputs)
         self.fed = 0
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> None:
@@ -123,9 +140,10 @@ class ModelDrafter(Drafter):
         self.pending_valid = attention_mask[:, -1:].to(torch.long)
 
     @torch.no_grad()
-    def propose(self, max_tokens: int) -> Draft:
+    def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         assert self.session is not None and self.policy is not None
-        k = max(1, min(self.policy.current(), max_tokens))
+        widest, per_row = as_max_tokens(max_tokens)
+        k = max(1, min(self.policy.current(), widest))
         batch = self.session.batch_size
         device = self.pending.device
         tokens, probs = [], []
@@ -135,7 +153,11 @@ class ModelDrafter(Drafter):
         for i in range(k):
             logits = self.session.extend(inp, valid, num_logits=1)[:, -1]  # [B, V]
             p = logits_to_probs(logits, self.sampling)
-            tok = sample(p, self.sampling, self.generator)  # [B]
+            if self.sampling.is_greedy:
+                tok = p.argmax(dim=-1)  # [B]
+            else:
+                u = self.rng.uniform(DRAFT, (self.position + i).unsqueeze(1), device=device)[:, 0]
+                tok = sample_inverse_cdf(p, u)  # [B]
             tokens.append(tok)
             probs.append(p)
             if i == k - 1:
@@ -152,7 +174,8 @@ class ModelDrafter(Drafter):
         self.fed = len(tokens) - 1
         draft_tokens = torch.stack(tokens, dim=1)
         draft_probs = None if self.sampling.is_greedy else torch.stack(probs, dim=1)
-        return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft.clamp_max(len(tokens)))
+        num_draft = clamp_num_draft(num_draft.clamp_max(len(tokens)), per_row)
+        return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft)
 
     def observe(self, outcome: StepOutcome) -> None:
         assert self.session is not None and self.policy is not None
@@ -162,11 +185,13 @@ class ModelDrafter(Drafter):
         kept_list = kept.tolist()
         rest = [row[m:] for row, m in zip(outcome.committed, kept_list)]
         self.pending, self.pending_valid = right_align(rest, self.pending.device)
+        self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
         self.policy.update(n, outcome.draft.num_draft)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         assert self.session is not None
         self.session.select_rows(rows)
+        self.position = self.position[rows.cpu()]
         self.pending = self.pending[rows]
         self.pending_valid = self.pending_valid[rows]
         while self.pending_valid.shape[1] > 1 and not bool(self.pending_valid[:, 0].any()):

@@ -19,7 +19,7 @@ import torch
 from ..config import SamplingParams
 from ..errors import InvalidDraftLengthError
 from .adaptive import DraftLengthPolicy, as_policy
-from .base import Draft, Drafter, StepOutcome
+from .base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
 
 
 def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int) -> list[int]:
@@ -50,24 +50,25 @@ class PromptLookupDrafter(Drafter):
         if not self._own_policy:
             self.policy = as_policy(k)
 
-    def start(self, input_ids, attention_mask, *, sampling: SamplingParams,
-              generator: torch.Generator | None, **model_inputs: Any) -> None:
+    def start(self, input_ids, attention_mask, *, sampling: SamplingParams, rng: Any = None,
+              guidance: Any = None, **model_inputs: Any) -> None:
         if self.policy is None:
             raise RuntimeError("PromptLookupDrafter has no draft length: pass draft_length or num_draft_tokens")
         self.device = input_ids.device
         ids, mask = input_ids.tolist(), attention_mask.tolist()
         self.contexts = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]
 
-    def propose(self, max_tokens: int) -> Draft:
+    def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         assert self.policy is not None
-        k = max(1, min(self.policy.current(), max_tokens))
+        widest, per_row = as_max_tokens(max_tokens)
+        k = max(1, min(self.policy.current(), widest))
         found = [find_candidate(c, self.max_ngram_size, k) for c in self.contexts]
         width = max(1, max(len(f) for f in found))
         tokens = torch.zeros((len(found), width), dtype=torch.long)
         for b, f in enumerate(found):
             if f:
                 tokens[b, :len(f)] = torch.tensor(f, dtype=torch.long)
-        num_draft = torch.tensor([len(f) for f in found], dtype=torch.long)
+        num_draft = clamp_num_draft(torch.tensor([len(f) for f in found], dtype=torch.long), per_row)
         return Draft(tokens=tokens.to(self.device), probs=None, num_draft=num_draft.to(self.device))
 
     def observe(self, outcome: StepOutcome) -> None:

@@ -157,13 +157,16 @@ def verify_chain(
     *,
     num_draft: torch.Tensor | None = None,  # long [B]
     backend: str | None = None,
+    uniforms: torch.Tensor | None = None,  # float [B, k]
+    noise: torch.Tensor | None = None,  # float [B, V]
 ) -> VerifyResult:
     """Verify drafted tokens against the target's logits.
 
     The target logits are processed with ``sampling`` exactly as HF's warpers would;
     ``draft_probs`` must already be the processed distribution the drafter sampled from
     (``None`` for deterministic drafters such as prompt lookup or greedy drafting).
-    Randomness comes only from ``generator``.
+    Randomness comes from ``uniforms`` and ``noise`` when given (the decoding loop passes per-row
+    keyed numbers), else from ``generator``; greedy sampling uses none.
     """
     _check_shapes(draft_tokens, draft_probs, target_logits, num_draft)
     _check_finite(draft_probs, target_logits, num_draft)
@@ -183,8 +186,10 @@ def verify_chain(
         draft_probs = None
     else:
         target = logits_to_probs(target_logits, sampling)
-        uniforms = torch.rand((batch, k), dtype=torch.float32, device=device, generator=generator)
-        noise = draw_exponential((batch, vocab), device=device, generator=generator)
+        if uniforms is None:
+            uniforms = torch.rand((batch, k), dtype=torch.float32, device=device, generator=generator)
+        if noise is None:
+            noise = draw_exponential((batch, vocab), device=device, generator=generator)
         if draft_probs is not None:
             draft_probs = draft_probs.to(torch.float32)
     return verify_chain_probs(draft_tokens, draft_probs, target, rule, uniforms, noise, num_draft, backend=backend)

@@ -1,0 +1,166 @@
+"""Classifier-free guidance as a target-session wrapper (one cache, conditional and unconditional halves).
+
+Paper: Ho & Salimans, "Classifier-Free Diffusion Guidance" (2022), in the logit form LlamaGen uses
+for AR image models: guided = uncond + s * (cond - uncond).
+
+Glossary:
+    halves      rows [0, B) of the wrapped cache carry the condition, rows [B, 2B) its unconditional
+                twin (null class / null prompt); both halves always receive the same generated tokens
+    schedule    the scale s per generated position: "constant" (s everywhere) or "linear" (1 at the
+                first token rising to s at the last)
+    position    the index (0-based, among generated tokens) of the token a column's logits predict;
+                the session counts the tokens it was fed since the prompt, so callers never pass it
+    Guidance    what a caller gives: the unconditional prompts, the scale, the schedule and the
+                number of generated tokens the schedule spans
+
+:class:`GuidedSession` has the interface of :class:`~mmspec.cache.CacheSession` (``extend``,
+``rollback``, ``select_rows``, ``calls``, ``batch_size``), in per-sequence terms, so the one decoding
+loop and the model drafter use it unchanged; :func:`open_session` builds either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import CacheSession
+from .errors import MMSpecError, NonFiniteError
+
+SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    uncond: list[list[int]]  # per sequence: the unconditional prompt's ids
+    scale: float
+    schedule: str = "constant"
+    num_tokens: int = 1  # generated tokens the schedule spans
+
+    def __post_init__(self) -> None:
+        check_guidance_scale(self.scale)
+        if self.schedule not in SCHEDULES:
+            raise MMSpecError(f"unknown cfg schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if any(len(u) == 0 for u in self.uncond):
+            raise MMSpecError("an unconditional prompt is empty")
+
+
+def check_guidance_scale(scale: Any, name: str = "cfg_scale") -> float:
+    """A finite number >= 0, else a named error."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise MMSpecError(f"{name} must be a number >= 0, got {scale!r}")
+    if not math.isfinite(scale):
+        raise NonFiniteError(f"{name} must be finite, got {scale!r}")
+    if scale < 0:
+        raise MMSpecError(f"{name} must be >= 0, got {scale!r}")
+    return float(scale)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond) (LlamaGen's form).
+
+    ``scale`` is a float or a tensor broadcastable to the logits (e.g. [B, w, 1] for a schedule).
+    """
+    return uncond + (cond - uncond) * scale
+
+
+def guidance_scale(cfg_scale: float, schedule: str, positions: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Per-position CFG scale. positions long [...] (0-based generated-token index) -> float [...]."""
+    if schedule == "constant":
+        return torch.full(positions.shape, float(cfg_scale), dtype=torch.float32, device=positions.device)
+    if schedule == "linear":
+        frac = positions.to(torch.float32) / max(num_tokens - 1, 1)
+        return 1.0 + (cfg_scale - 1.0) * frac
+    raise MMSpecError(f"unknown cfg schedule {schedule!r}; expected one of {SCHEDULES}")
+
+
+def _right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    from .drafters.model import right_align
+
+    return right_align(rows, device)
+
+
+class GuidedSession:
+    """One model's cache over 2B rows (both halves) returning guided logits [B, w, V]."""
+
+    def __init__(self, model: torch.nn.Module, cond: list[list[int]], guidance: Guidance, device: torch.device):
+        if len(guidance.uncond) != len(cond):
+            raise MMSpecError(f"{len(cond)} prompts but {len(guidance.uncond)} unconditional prompts")
+        self.guidance = guidance
+        self.batch = len(cond)
+        ids, mask = _right_align(cond + guidance.uncond, device)  # left padding
+        self.inner = CacheSession(model, ids.shape[0], device)
+        if ids.shape[1] > 1:
+            self.inner.extend(ids[:, :-1], mask[:, :-1], num_logits=1)
+        # the first fed column is each half's last prompt token: the caller feeds the condition's,
+        # the unconditional half gets its own here
+        self._uncond_last: torch.Tensor | None = ids[self.batch:, -1]  # [B]
+        self.fed = torch.zeros((self.batch,), dtype=torch.long, device=device)  # tokens fed since the prompt
+
+    # -- CacheSession interface ---------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.inner.model
+
+    @property
+    def calls(self) -> int:
+        return self.inner.calls
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch
+
+    def both(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence [B, ...] -> per-row [2B, ...]."""
+        return torch.cat([t, t], dim=0)
+
+    def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *,
+               num_logits: int | None = None, **model_inputs: Any) -> torch.Tensor:
+        """Feed tokens [B, w] (both halves); returns guided logits [B, n, V] (n = ``num_logits`` or w)."""
+        valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
+        rows = self.both(tokens)
+        if self._uncond_last is not None:
+            first = valid.argmax(dim=1)  # [B]: first valid column (the pending prompt token)
+            rows = rows.clone()
+            rows[self.batch + torch.arange(self.batch, device=rows.device), first] = self._uncond_last
+            self._uncond_last = None
+        logits = self.inner.extend(rows, self.both(valid), num_logits=num_logits, **model_inputs)
+        pos = self.fed.unsqueeze(1) + valid.cumsum(dim=1) - 1  # [B, w]: generated index each column predicts
+        self.fed = self.fed + valid.sum(dim=1)
+        pos = pos[:, -logits.shape[1]:]
+        g = self.guidance
+        scale = guidance_scale(g.scale, g.schedule, pos.clamp_min(0), g.num_tokens).unsqueeze(-1)
+        return guide(logits[: self.batch].float(), logits[self.batch:].float(), scale.to(logits.device))
+
+    def rollback(self, num_remove: torch.Tensor) -> None:
+        """Remove the last num_remove[b] tokens of sequence b (long [B]) from both halves."""
+        self.inner.rollback(self.both(num_remove))
+        self.fed = self.fed - num_remove
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only sequences ``rows`` (long [B'])."""
+        self.inner.select_rows(torch.cat([rows, rows + self.batch]))
+        self.fed = self.fed[rows]
+        if self._uncond_last is not None:
+            self._uncond_last = self._uncond_last[rows]
+        self.batch = rows.numel()
+
+
+def open_session(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 guidance: Guidance | None = None) -> CacheSession | GuidedSession:
+    """A session holding every prompt token but the last (which stays pending): a plain cache, or a
+    CFG pair of halves when ``guidance`` is given. input_ids / attention_mask long [B, L], left padded."""
+    device = input_ids.device
+    if guidance is None:
+        session = CacheSession(model, input_ids.shape[0], device)
+        if input_ids.shape[1] > 1:
+            session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1)
+        return session
+    cond = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+    return GuidedSession(model, cond, guidance, device)
