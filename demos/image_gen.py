@@ -27,7 +27,7 @@ from mmspec.zoo.evaluate import IMAGE_SAMPLING
 
 from .common import check_prompt, launch, launch_parser, limit_error
 
-METHODS = ["ar", "exact", "sjd", "lantern", "lantern++", "mulo"]
+from mmspec.image_gen.methods import METHOD_NAMES as METHODS  # noqa: E402  (the registry's names)
 DEFAULT_PROMPT = "a red circle at the top left and a blue square at the bottom right"
 
 
@@ -80,18 +80,14 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
         raise limit_error(f"Number of images must be 1..{session.max_images}.")
     common = dict(condition=condition, num_images=n, cfg_scale=float(cfg_scale), temperature=float(temperature),
                   top_k=int(top_k) if top_k else None)
-    extra: dict = {}
-    if method in ("exact", "lantern", "lantern++"):
-        if session.drafter is None:
-            raise limit_error(f"Method {method!r} needs a drafter model (start the demo with --drafter).")
-        extra = dict(drafter=session.drafter, num_draft_tokens=int(k), lantern_delta=float(lantern_delta),
-                     lantern_lambda=float(lantern_lambda))
-    elif method == "sjd":
-        extra = dict(num_draft_tokens=int(k))
-    elif method == "mulo":
-        if session.lowres is None:
-            raise limit_error("MuLo-SD needs a low-resolution model (start the demo with --lowres).")
-        extra = dict(drafter=session.lowres, mulo_tau=float(mulo_tau))
+    spec = ig.METHODS[method]  # the registry says which drafter and parameters the method takes
+    model = {None: None, "same": session.drafter, "lowres": session.lowres}[spec.drafter]
+    if spec.drafter is not None and model is None:
+        flag = "--drafter" if spec.drafter == "same" else "--lowres"
+        raise limit_error(f"Method {method!r} needs a {'low-resolution ' if spec.drafter == 'lowres' else ''}"
+                          f"drafter model (start the demo with {flag}).")
+    extra = spec.select(dict(drafter=model, num_draft_tokens=int(k), lantern_delta=float(lantern_delta),
+                             lantern_lambda=float(lantern_lambda), mulo_tau=float(mulo_tau)))
 
     def run(m, kw):
         t0 = time.perf_counter()

@@ -1,24 +1,30 @@
 """mmspec: speculative decoding for multimodal models.
 
 Text decoding (this module): :func:`generate` / :func:`generate_stream` run lossless
-speculative decoding of any HF causal LM with a drafter model or prompt lookup, batched.
+speculative decoding of any HF causal LM with a drafter model, a draft tree or prompt lookup,
+batched; the same loop serves :mod:`mmspec.vision` and :mod:`mmspec.image_gen`.
 """
 
 from .config import SamplingParams
-from .drafters import (ConfidenceDraftLength, Draft, Drafter, FixedDraftLength, HeuristicDraftLength,
-                       ModelDrafter, PromptLookupDrafter, check_same_tokenizer)
+from .drafters import (ConfidenceDraftLength, Draft, Drafter, DynamicTree, FixedDraftLength, HeuristicDraftLength,
+                       ModelDrafter, PromptLookupDrafter, StaticTree, TreeDrafter, check_same_tokenizer)
 from .engine import GenerationOutput, StepEvent, generate, generate_stream
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError, InvalidLengthError,
-                     InvalidSamplingError, MMSpecError, ShapeError, VocabularyMismatchError)
+                     InvalidSamplingError, MethodParameterError, MMSpecError, NonFiniteError, ShapeError,
+                     TokenIdError, VocabularyMismatchError)
+from .guidance import Guidance
+from .rng import RowRandom
 from .stats import GenerationStats
-from .verify import ExactRule, GreedyRule, VerifyResult, verify_chain
+from .verify import ExactRule, GreedyRule, TreeVerifyResult, VerifyResult, verify_chain, verify_tree
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfidenceDraftLength", "DeviceMismatchError", "Draft", "Drafter", "EmptyPromptError", "ExactRule",
-    "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "HeuristicDraftLength",
-    "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError", "MMSpecError", "ModelDrafter",
-    "PromptLookupDrafter", "SamplingParams", "ShapeError", "StepEvent", "VerifyResult",
-    "VocabularyMismatchError", "check_same_tokenizer", "generate", "generate_stream", "verify_chain",
+    "ConfidenceDraftLength", "DeviceMismatchError", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
+    "ExactRule", "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "Guidance",
+    "HeuristicDraftLength", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
+    "MMSpecError", "MethodParameterError", "ModelDrafter", "NonFiniteError", "PromptLookupDrafter", "RowRandom",
+    "SamplingParams", "ShapeError", "StaticTree", "StepEvent", "TokenIdError", "TreeDrafter",
+    "TreeVerifyResult", "VerifyResult", "VocabularyMismatchError", "check_same_tokenizer", "generate",
+    "generate_stream", "verify_chain", "verify_tree",
 ]

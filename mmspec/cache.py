@@ -10,6 +10,14 @@ Glossary:
     rollback    remove the last r valid tokens of each row (r may differ per row): their slots
                 become holes, and columns that are invalid for every row are cropped off the end
 
+    tree        slots fed by :meth:`extend_tree` after :meth:`begin_tree`: each node attends the
+                committed slots of its row and its own tree ancestors (a 4-D additive mask built
+                here), at position (committed tokens + its number of tree ancestors); one call
+                may feed a whole tree (the target) or one level (a tree drafter)
+    keep path   :meth:`keep_path` ends a tree: the kept root-to-leaf nodes are gathered into
+                contiguous slots right after the committed ones and every other node slot is
+                dropped (a hole, or cropped at the end)
+
 This is what lets a batch of rows accept different numbers of drafted tokens, and lets the
 drafter keep its own (shorter, e.g. pruned) context: each model owns one session.
 """
@@ -27,6 +35,13 @@ def _supports(model: torch.nn.Module, arg: str) -> bool:
         return arg in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
         return False
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    try:
+        return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    except StopIteration:  # pragma: no cover
+        return torch.float32
 
 
 class CacheSession:
@@ -98,6 +113,82 @@ class CacheSession:
         if num_logits is not None:
             logits = logits[:, -num_logits:]
         return logits
+
+    def begin_tree(self) -> None:
+        """Start a tree: the slots fed from now on by :meth:`extend_tree` are tree nodes, indexed 0, 1, ..."""
+        batch = self.batch_size
+        self._tree_start = self.num_slots
+        self._tree_anc = torch.zeros((batch, 0, 0), dtype=torch.bool, device=self.device)  # [B, T, T]
+        self._tree_depth = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # [B, T]
+
+    @property
+    def tree_size(self) -> int:
+        return self._tree_anc.shape[1]
+
+    def extend_tree(
+        self,
+        tokens: torch.Tensor,  # long [B, w]: new tree nodes T .. T+w-1
+        parents: torch.Tensor,  # long [B, w]: parent tree-node index (< own index), -1: child of the committed context
+        valid: torch.Tensor | None = None,  # long [B, w]; invalid nodes (padding) are attended by nobody
+        **model_inputs: Any,
+    ) -> torch.Tensor:
+        """Feed tree nodes in one forward; returns logits [B, w, V]. A node attends the row's committed
+        slots and its tree ancestors (4-D additive mask) at position (committed tokens + depth), where
+        depth counts its tree ancestors."""
+        batch, w = tokens.shape
+        device = tokens.device
+        t_old = self.tree_size
+        valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
+        anc = torch.zeros((batch, t_old + w, t_old + w), dtype=torch.bool, device=device)
+        anc[:, :t_old, :t_old] = self._tree_anc
+        depth = torch.cat([self._tree_depth, torch.zeros((batch, w), dtype=torch.long, device=device)], dim=1)
+        rows = torch.arange(batch, device=device)
+        for j in range(w):  # topological: parents come first
+            g = t_old + j
+            p = parents[:, j]
+            has = p >= 0
+            pc = p.clamp_min(0)
+            anc[:, g] = anc[rows, pc] & has.unsqueeze(1)
+            anc[:, g, g] = True
+            depth[:, g] = torch.where(has, depth[rows, pc] + 1, torch.zeros_like(p))
+        self._tree_anc, self._tree_depth = anc, depth
+        tree_valid = torch.cat([self.valid[:, self._tree_start:], valid], dim=1)  # [B, T+w]
+        allowed_tree = anc[:, t_old:] & tree_valid.bool().unsqueeze(1)  # [B, w, T+w]
+        allowed_tree[:, torch.arange(w), t_old + torch.arange(w)] = True  # each query sees itself
+        past = self.valid[:, : self._tree_start].bool().unsqueeze(1).expand(batch, w, self._tree_start)
+        allowed = torch.cat([past, allowed_tree], dim=2)  # [B, w, S + w]
+        dtype = _float_dtype(self.model)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        pos = self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + depth[:, t_old:]
+        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=pos,
+                         past_key_values=self.cache, use_cache=True, **model_inputs)
+        self.calls += 1
+        self.cache = out.past_key_values
+        self.valid = torch.cat([self.valid, valid], dim=1)
+        return out.logits
+
+    def keep_path(self, path: torch.Tensor, num_keep: torch.Tensor) -> None:
+        """End a tree: keep the tree nodes ``path`` (long [B, D], root-to-leaf, -1 padded), the first
+        ``num_keep[b]`` of them, in contiguous slots right after the committed ones; drop the others."""
+        start = self._tree_start
+        width = self.num_slots - start
+        batch, depth = path.shape
+        device = self.valid.device
+        src = torch.arange(width, device=device).expand(batch, width).clone()
+        if depth and width:
+            d = min(depth, width)
+            src[:, :d] = torch.where(path[:, :d] >= 0, path[:, :d], src[:, :d])
+        if self.cache is not None and width:
+            for layer in self.cache.layers:
+                for name in ("keys", "values"):
+                    t = getattr(layer, name)  # [B, H, S, D]
+                    idx = src.view(batch, 1, width, 1).expand(-1, t.shape[1], -1, t.shape[3])
+                    setattr(layer, name, torch.cat([t[:, :, :start], t[:, :, start:].gather(2, idx)], dim=2))
+        cols = torch.arange(width, device=device).unsqueeze(0)
+        self.valid = torch.cat([self.valid[:, :start], (cols < num_keep.unsqueeze(1)).long()], dim=1)
+        self.next_pos = self.next_pos + num_keep
+        self._crop_dead_tail()
+        self.begin_tree()  # no tree open
 
     def rollback(self, num_remove: torch.Tensor) -> None:
         """Remove the last ``num_remove[b]`` valid tokens of each row b (long [B])."""

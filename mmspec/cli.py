@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .image_gen.methods import METHOD_NAMES, get_method
 from .heatmap import heatmap_image  # noqa: F401  (re-exported: ``mmspec.cli.heatmap_image`` used to live here)
 
 #: exit codes of ``mmspec`` and ``mmspec-imagegen``, one per kind of outcome
@@ -357,6 +358,10 @@ def _run_imagegen(args: argparse.Namespace) -> int:
         ("num_draft_tokens", "k"), ("lantern_k", "lantern_k"), ("lantern_delta", "lantern_delta"),
         ("lantern_lambda", "lantern_lambda"), ("mulo_tau", "mulo_tau"), ("mulo_l", "mulo_l"),
         ("mulo_k", "mulo_k"), ("mulo_scale", "mulo_scale")) if getattr(args, dest) is not None}
+    try:  # the registry checks the method's parameters before any model is loaded
+        get_method(args.method).resolve({**method_args, "drafter": args.drafter or None})
+    except mmspec.MMSpecError as exc:
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
     try:
         target = ig.ARImageModel.from_pretrained(args.model)
         tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
@@ -423,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(pruned drafter) and draw images (AR vs a relaxed method)")
     run.add_argument("--out", default="mmspec_out", help="directory for the images, heat-map and report.json")
     run.add_argument("--prompt", default=None, help="image prompt (default: a held-out scene's caption)")
-    run.add_argument("--method", default="lantern", choices=["exact", "sjd", "lantern", "lantern++", "mulo"])
+    run.add_argument("--method", default="lantern", choices=[m for m in METHOD_NAMES if m != "ar"])
     run.add_argument("--pruning", default="verifier", choices=["verifier", "cls", "diversity", "uniform", "none"])
     run.add_argument("--keep-ratio", type=float, default=0.25)
     run.add_argument("--num-images", type=int, default=4)
@@ -466,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--drafter", help="smaller AR image model (exact, lantern); low-resolution model (mulo)")
     img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
     img.add_argument("--prompt", help="prompt for a text-conditional model")
-    img.add_argument("--method", default="sjd", choices=["ar", "exact", "sjd", "lantern", "lantern++", "mulo"])
+    img.add_argument("--method", default="sjd", choices=list(METHOD_NAMES))
     method_default = " (default: the method's; an option the method does not use is an error)"
     img.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=None,
                      help="drafted tokens per step / SJD window" + method_default)

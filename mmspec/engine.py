@@ -26,6 +26,7 @@ consumes the stream.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -294,6 +295,51 @@ def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: tor
     return rng.uniform(ACCEPT, cols, device=device), rng.exponential(EMIT, position, vocab, device=device)
 
 
+def cap_draft(draft: Draft, caps: torch.Tensor) -> torch.Tensor:
+    """long [B]: real drafts per row so that no row can accept more than ``caps[b]`` tokens (a chain:
+    at most caps[b] drafts; a tree, whose nodes come in order of depth: the nodes of depth <= caps[b])."""
+    if not draft.is_tree:
+        return torch.minimum(draft.num_draft, caps)
+    from .verify.tree import compute_depths
+
+    depth = compute_depths(draft.parents, draft.num_draft)  # [B, N], 0 for padding
+    real = (depth > 0) & (depth <= caps.unsqueeze(1))
+    shallow = real.long().cumprod(dim=1).sum(dim=1)  # the prefix of nodes within the cap
+    return torch.minimum(draft.num_draft, shallow)
+
+
+def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: AcceptRule, sampling: SamplingParams,
+                      rng: RowRandom, position: torch.Tensor, device: torch.device):
+    """One forward over [pending, tree] (4-D ancestor mask), :func:`verify_tree`, keep the accepted path."""
+    from .verify.tree import default_tree_rule, verify_tree
+
+    if not rule.lossless:
+        raise ValueError(f"draft trees are verified by lossless tree rules only; got {type(rule).__name__}")
+    n = draft.k
+    batch = pending.shape[0]
+    node_valid = (torch.arange(n, device=device) < draft.num_draft.unsqueeze(1)).long()  # [B, N]
+    par = torch.where(draft.parents >= 0, draft.parents + 1, torch.zeros_like(draft.parents))
+    parents = torch.cat([torch.full((batch, 1), -1, dtype=torch.long, device=device), par], dim=1)
+    valid = torch.cat([torch.ones((batch, 1), dtype=torch.long, device=device), node_valid], dim=1)
+    session.begin_tree()
+    logits = session.extend_tree(torch.cat([pending, draft.tokens.clamp_min(0)], dim=1), parents, valid)  # [B, 1+N, V]
+    tree_rule = draft.tree_rule if draft.tree_rule is not None else default_tree_rule(sampling, draft.probs)
+    if sampling.is_greedy:
+        uniforms, noise = None, None
+    else:
+        # one uniform per node, keyed by (row position, node index): rows never share numbers
+        keys = position.unsqueeze(1) * 4096 + torch.arange(n, dtype=torch.long)
+        uniforms = rng.uniform(ACCEPT, keys, device=device)
+        noise = rng.exponential(EMIT, position, logits.shape[-1], device=device)
+    result = verify_tree(draft.tokens, draft.parents, draft.probs, logits, tree_rule, sampling,
+                         num_draft=draft.num_draft, uniforms=uniforms, noise=noise)
+    nodes = result.accepted_nodes
+    path = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=device),
+                      torch.where(nodes >= 0, nodes + 1, nodes)], dim=1)
+    session.keep_path(path, result.num_accepted + 1)
+    return logits, result, None
+
+
 @torch.no_grad()
 def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: torch.Tensor, *,
            max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
@@ -314,23 +360,27 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         t0 = time.perf_counter()
         caps = (torch.tensor(remaining, dtype=torch.long) - 1).clamp_min(0)
         draft = drafter.propose(caps.to(device))
-        num_draft = torch.minimum(draft.num_draft, caps.to(draft.num_draft.device))
+        num_draft = cap_draft(draft, caps.to(draft.num_draft.device))
         if not torch.equal(num_draft, draft.num_draft):
-            draft = Draft(tokens=draft.tokens, probs=draft.probs, num_draft=num_draft)
+            draft = dataclasses.replace(draft, num_draft=num_draft)
         _sync(device)
         t1 = time.perf_counter()
-        block = torch.cat([pending, draft.tokens], dim=1)  # [B', k+1]
-        logits = session.extend(block)  # [B', k+1, V]
-        _sync(device)
-        t2 = time.perf_counter()
         k = draft.k
-        uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
-        result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
-                              uniforms=uniforms, noise=noise)
+        if draft.is_tree:
+            logits, result, emitted = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device)
+            t2 = t3 = time.perf_counter()  # one fused verification call; counted as target time
+        else:
+            block = torch.cat([pending, draft.tokens], dim=1)  # [B', k+1]
+            logits = session.extend(block)  # [B', k+1, V]
+            _sync(device)
+            t2 = time.perf_counter()
+            uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
+            result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
+                                  uniforms=uniforms, noise=noise)
+            t3 = time.perf_counter()
+            session.rollback(k - result.num_accepted)
         n_acc = result.num_accepted.tolist()
         out = result.tokens.tolist()
-        t3 = time.perf_counter()
-        session.rollback(k - result.num_accepted)
         pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
         committed, finished = [], []
         for i, row in enumerate(active):

@@ -124,19 +124,43 @@ class GuidedSession:
                num_logits: int | None = None, **model_inputs: Any) -> torch.Tensor:
         """Feed tokens [B, w] (both halves); returns guided logits [B, n, V] (n = ``num_logits`` or w)."""
         valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
-        rows = self.both(tokens)
-        if self._uncond_last is not None:
-            first = valid.argmax(dim=1)  # [B]: first valid column (the pending prompt token)
-            rows = rows.clone()
-            rows[self.batch + torch.arange(self.batch, device=rows.device), first] = self._uncond_last
-            self._uncond_last = None
+        rows = self._first_column_fix(self.both(tokens), valid)
         logits = self.inner.extend(rows, self.both(valid), num_logits=num_logits, **model_inputs)
         pos = self.fed.unsqueeze(1) + valid.cumsum(dim=1) - 1  # [B, w]: generated index each column predicts
         self.fed = self.fed + valid.sum(dim=1)
-        pos = pos[:, -logits.shape[1]:]
+        return self._guided(logits, pos[:, -logits.shape[1]:])
+
+    def _first_column_fix(self, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self._uncond_last is None:
+            return rows
+        first = valid.argmax(dim=1)  # [B]: first valid column (the pending prompt token)
+        rows = rows.clone()
+        rows[self.batch + torch.arange(self.batch, device=rows.device), first] = self._uncond_last
+        self._uncond_last = None
+        return rows
+
+    def _guided(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         g = self.guidance
         scale = guidance_scale(g.scale, g.schedule, pos.clamp_min(0), g.num_tokens).unsqueeze(-1)
         return guide(logits[: self.batch].float(), logits[self.batch:].float(), scale.to(logits.device))
+
+    # -- draft trees (see CacheSession.extend_tree) ---------------------------------------------
+    def begin_tree(self) -> None:
+        self.inner.begin_tree()
+
+    def extend_tree(self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor | None = None,
+                    **model_inputs: Any) -> torch.Tensor:
+        """Tree nodes [B, w] in both halves; guided logits [B, w, V] (a node at tree depth d predicts
+        generated index fed + d)."""
+        valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
+        rows = self._first_column_fix(self.both(tokens), valid)
+        logits = self.inner.extend_tree(rows, self.both(parents), self.both(valid), **model_inputs)
+        depth = self.inner._tree_depth[: self.batch, -tokens.shape[1]:]
+        return self._guided(logits, self.fed.unsqueeze(1) + depth)
+
+    def keep_path(self, path: torch.Tensor, num_keep: torch.Tensor) -> None:
+        self.inner.keep_path(self.both(path), self.both(num_keep))
+        self.fed = self.fed + num_keep
 
     def rollback(self, num_remove: torch.Tensor) -> None:
         """Remove the last num_remove[b] tokens of sequence b (long [B]) from both halves."""

@@ -96,7 +96,7 @@ def faithfulness_or_none(images, prompt: str) -> float | None:
 def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=None) -> dict:
     from PIL import Image
 
-    from mmspec.image_gen import generate
+    from mmspec.image_gen import METHODS, generate
 
     from .heatmap import heatmap_image
     from .zoo import load_default_image_models
@@ -107,10 +107,9 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
 
     def run(method: str):
-        extra = dict(drafter=models.drafter, num_draft_tokens=8, lantern_delta=cfg.lantern_delta) \
-            if method != "ar" else {}
-        if method == "mulo":
-            extra = dict(drafter=models.lowres)
+        spec = METHODS[method]  # the registry picks the drafter and the parameters the method takes
+        model = {None: None, "same": models.drafter, "lowres": models.lowres}[spec.drafter]
+        extra = spec.select(dict(drafter=model, num_draft_tokens=8, lantern_delta=cfg.lantern_delta))
         return generate(models.target, models.tokenizer, condition=prompt, num_images=cfg.num_images, method=method,
                         generator=torch.Generator().manual_seed(cfg.seed), **IMAGE_SAMPLING, **extra)
 

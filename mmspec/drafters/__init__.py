@@ -5,8 +5,9 @@ from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLengt
 from .base import Draft, Drafter, StepOutcome
 from .model import ModelDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
+from .tree import DynamicTree, StaticTree, TreeDrafter
 
 __all__ = [
     "ConfidenceDraftLength", "Draft", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
-    "HeuristicDraftLength", "ModelDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
+    "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
 ]

@@ -3,7 +3,9 @@
 Glossary:
     Draft        what a drafter proposes for one step: tokens long [B, k], the processed
                  distributions they were sampled from (float [B, k, V], or ``None`` for a
-                 deterministic drafter) and ``num_draft`` long [B] (real drafts per row, <= k)
+                 deterministic drafter) and ``num_draft`` long [B] (real drafts per row, <= k);
+                 a tree also carries ``parents`` long [B, N] (-1 for children of the root; a chain
+                 is parents[i] = i - 1) and the tree rule matching how its children were drawn
     StepOutcome  what verification decided: the draft, the ``VerifyResult``, the tokens each
                  row really committed (after EOS / max-length truncation) and what the target's
                  verification forward produced (its processed-to-be logits, and the hidden states
@@ -38,13 +40,19 @@ from ..verify.types import VerifyResult
 
 @dataclass(frozen=True)
 class Draft:
-    tokens: torch.Tensor  # long [B, k]
-    probs: torch.Tensor | None  # float [B, k, V] | None
+    tokens: torch.Tensor  # long [B, k] (k = N nodes for a tree)
+    probs: torch.Tensor | None  # float [B, k, V] | None (tree: the distribution at each node's parent)
     num_draft: torch.Tensor  # long [B]
+    parents: torch.Tensor | None = None  # long [B, N]: a tree (-1: child of the root); None: a chain
+    tree_rule: Any = None  # the lossless TreeRule matching how children were drawn (None: the default)
 
     @property
     def k(self) -> int:
         return self.tokens.shape[1]
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,17 @@ def right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tens
 class ModelDrafter(Drafter):
     """Drafts autoregressively with ``model`` (any HF causal LM sharing the target's vocabulary)."""
 
-    def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = None):
+    def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = None, *,
+                 tree: Any = None):
+        from .tree import DynamicTree, StaticTree
+
+        if tree is not None and not isinstance(tree, (StaticTree, DynamicTree)):
+            raise TypeError(f"tree must be a StaticTree, a DynamicTree or None (chains), got {type(tree).__name__}")
         self.model = model
         self.vocab_size = model_vocab_size(model)
+        self.tree = tree  # None: chains; else the shape of the draft tree (mmspec.drafters.tree)
+        if tree is not None:
+            draft_length = tree.depth
         self.policy: DraftLengthPolicy | None = None if draft_length is None else as_policy(draft_length)
         self._own_policy = draft_length is not None
         self.session: CacheSession | None = None
@@ -142,6 +150,10 @@ class ModelDrafter(Drafter):
     @torch.no_grad()
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         assert self.session is not None and self.policy is not None
+        if self.tree is not None:
+            from .tree import propose_tree
+
+            return propose_tree(self, self.tree, max_tokens)
         widest, per_row = as_max_tokens(max_tokens)
         k = max(1, min(self.policy.current(), widest))
         batch = self.session.batch_size
@@ -179,6 +191,12 @@ class ModelDrafter(Drafter):
 
     def observe(self, outcome: StepOutcome) -> None:
         assert self.session is not None and self.policy is not None
+        if outcome.draft.is_tree:
+            from .tree import observe_tree
+
+            observe_tree(self, outcome)
+            self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
+            return
         n = outcome.result.num_accepted
         kept = n.clamp_max(self.fed)  # drafted tokens already in the cache that stay
         self.session.rollback(self.fed - kept)

@@ -236,8 +236,11 @@ def verify_tree(
     *,
     num_draft: torch.Tensor | None = None,  # long [B]
     backend: str | None = None,
+    uniforms: torch.Tensor | None = None,  # float [B, N]
+    noise: torch.Tensor | None = None,  # float [B, V]
 ) -> TreeVerifyResult:
-    """Verify one draft tree per row against the target's logits.
+    """Verify one draft tree per row against the target's logits (``uniforms`` / ``noise``: explicit
+    randomness, e.g. the decoding loop's per-row keyed numbers; else drawn from ``generator``).
 
     The logits are processed with ``sampling`` exactly as the non-speculative sampler would; every
     lossless rule reduces to :class:`GreedyTreeRule` at temperature 0. Randomness (uniforms [B, N],
@@ -260,8 +263,10 @@ def verify_tree(
         draft_probs = None
     else:
         target = logits_to_probs(target_logits, sampling)
-        uniforms = torch.rand((batch, n), dtype=torch.float32, device=device, generator=generator)
-        noise = draw_exponential((batch, vocab), device=device, generator=generator)
+        if uniforms is None:
+            uniforms = torch.rand((batch, n), dtype=torch.float32, device=device, generator=generator)
+        if noise is None:
+            noise = draw_exponential((batch, vocab), device=device, generator=generator)
         if draft_probs is not None:
             draft_probs = draft_probs.to(torch.float32)
     return _verify_valid_tree(draft_tokens, parents, draft_probs, target, rule, uniforms, noise, num_draft, max_depth,
