@@ -7,6 +7,7 @@ drafter for text, VLMs and images): under CFG it keeps its own
 :class:`~mmspec.guidance.GuidedSession` with the target's guidance, samples each drafted token from
 its guided, processed distribution and returns those distributions so the exact rule stays
 lossless. The only image-specific part is the compatibility check (same codebook, same conditions).
+``tree=StaticTree(...) | DynamicTree(...)`` drafts trees, verified in one guided target forward.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from mmspec.errors import VocabularyMismatchError
 
 
 class ARDrafter(ModelDrafter):
-    def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = 4):
-        super().__init__(model, draft_length)
+    def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = 4, *, tree=None):
+        super().__init__(model, None if tree is not None else draft_length, tree=tree)
 
     def check_compatible(self, target: torch.nn.Module) -> None:
         a, b = target.config, self.model.config

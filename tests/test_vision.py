@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mmspec
 import mmspec.vision as mv
 from mmspec import SamplingParams, VocabularyMismatchError
+from mmspec.rng import RowRandom
 from tiny_vlms import VLM_ARCHS, build_vlm, truncated_vlm_drafter, vlm_inputs
 
 MAX_NEW = 10
@@ -113,7 +114,7 @@ def test_drafter_prefill_really_removes_tokens(arch, ratio):
     ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
     n = int((ids == 100).sum())
     d = mv.VLMDrafter(drafter_model, pruning="uniform", keep_ratio=ratio, draft_length=3)
-    d.start(ids, mask, sampling=SamplingParams(), generator=None, **inputs)
+    d.start(ids, mask, sampling=SamplingParams(), rng=RowRandom.from_seed(0, 1), **inputs)
     kept = mv.pruning.keep_budget(n, ratio)
     expected_slots = ids.shape[1] - n + kept - 1
     assert d.session.cache.get_seq_length() == expected_slots
@@ -165,14 +166,24 @@ def test_sampling_distribution_matches_target_with_pruning():
     assert pvalue > 1e-3
 
 
-def test_sampling_test_rejects_a_wrong_rule():
+def test_sampling_test_rejects_a_wrong_rule(monkeypatch):
+    """Negative control: a plausible lossy bug, accepting a draft with probability p(x) instead of
+    min(1, p(x) / q(x)). It only accepts tokens the target can emit (p(x) > 0) and redraws rejections from
+    max(0, p - q), so every sample stays inside the target's top-k support: the support shortcut of
+    first_two_pvalue never fires, and only the chi-square statistic can reject it."""
     from mmspec.verify import AcceptRule, Judgement
 
-    class AcceptAll(AcceptRule):
+    class ForgetsQ(AcceptRule):
         def judge(self, draft_tokens, draft_probs, target_probs, uniforms):
-            return Judgement(torch.ones_like(draft_tokens, dtype=torch.bool), target_probs)
+            p_x = target_probs.gather(-1, draft_tokens.unsqueeze(-1)).squeeze(-1)
+            return Judgement(uniforms < p_x, (target_probs - draft_probs).clamp_min(0.0))
 
-    pvalue, _ = first_two_pvalue(AcceptAll())
+    statistic_used = []
+    chisquare = stats.chisquare
+    monkeypatch.setattr(stats, "chisquare", lambda *a, **kw: statistic_used.append(True) or chisquare(*a, **kw))
+    pvalue, st = first_two_pvalue(ForgetsQ())
+    assert statistic_used == [True]  # the p-value is the statistic's, not the support check's 0.0
+    assert 0.05 < st.acceptance_rate < 0.95  # accepted drafts and residual draws both shape the samples
     assert pvalue < 1e-6
 
 

@@ -66,8 +66,8 @@ class VLMDrafter(ModelDrafter):
 
     def __init__(self, model: torch.nn.Module, *, pruning: str | PruningStrategy = "verifier",
                  keep_ratio: float = 0.25, positions: str = "original", image_token_id: int | None = None,
-                 draft_length: int | DraftLengthPolicy | None = None, attention_layers=None):
-        super().__init__(model, draft_length)
+                 draft_length: int | DraftLengthPolicy | None = None, attention_layers=None, tree=None):
+        super().__init__(model, draft_length, tree=tree)
         if not isinstance(keep_ratio, (int, float)) or not 0.0 <= float(keep_ratio) <= 1.0:
             raise KeepRatioError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
         if positions not in POSITION_MODES:

@@ -43,8 +43,10 @@ def generate(
     top_p: float | None = None,
     num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
     generator: torch.Generator | None = None,
+    seed: int | list[int] | None = None,
     eos_token_id: int | list[int] | None = None,
     rule: AcceptRule | None = None,
+    tree: Any = None,
     _stream: bool = False,
 ) -> GenerationOutput:
     """Speculative decoding of ``target`` (a HF VLM) with a drafter that sees pruned visual tokens.
@@ -78,7 +80,9 @@ def generate(
         if strategy.name == "cls" and keep_ratio > 0 and getattr(drafter.config, "model_type", None) == fam.model_type:
             vision_encoder_layers(drafter)  # raises a named error when the encoder has no [CLS]
         drafter = VLMDrafter(drafter, pruning=strategy, keep_ratio=keep_ratio, positions=positions,
-                             image_token_id=fam.image_token_id)
+                             image_token_id=fam.image_token_id, tree=tree)
+    elif tree is not None:
+        raise MMSpecError("tree= shapes a drafter model's drafts; pass the model (or build VLMDrafter(tree=...))")
     elif not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must be a model or a Drafter, got {type(drafter).__name__}")
     if isinstance(drafter, ModelDrafter) and not isinstance(drafter, VLMDrafter):
@@ -86,7 +90,7 @@ def generate(
     run = generate_text_stream if _stream else generate_text
     return run(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator,
+        top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator, seed=seed,
         eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, prefill=prefill_multimodal,
         **inputs,
     )
@@ -97,11 +101,12 @@ def generate_stream(target: torch.nn.Module, drafter: torch.nn.Module | Drafter,
                     max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                     top_p: float | None = None,
                     num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
-                    generator: torch.Generator | None = None, eos_token_id: int | list[int] | None = None,
-                    rule: AcceptRule | None = None) -> Iterator[StepEvent]:
+                    generator: torch.Generator | None = None, seed: int | list[int] | None = None,
+                    eos_token_id: int | list[int] | None = None, rule: AcceptRule | None = None,
+                    tree: Any = None) -> Iterator[StepEvent]:
     """:func:`generate` as a stream of :class:`mmspec.StepEvent` (one per verification step; the
     drafter's pruning facts are in ``event.stats.extra``).  Input is validated eagerly."""
     return generate(target, drafter, inputs, pruning=pruning, keep_ratio=keep_ratio, positions=positions,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    num_draft_tokens=num_draft_tokens, generator=generator, eos_token_id=eos_token_id, rule=rule,
-                    _stream=True)
+                    num_draft_tokens=num_draft_tokens, generator=generator, seed=seed, eos_token_id=eos_token_id,
+                    rule=rule, tree=tree, _stream=True)

@@ -1,0 +1,130 @@
+"""The one loop across modalities: per-row randomness (a row's sampled output depends only on its own
+prompt and seed: alone, or inside a batch of other prompts in either order) for text, VLM and image
+generation; draft trees for VLM and image drafters; eager prompt validation."""
+
+import functools
+
+import pytest
+import torch
+
+import mmspec
+import mmspec.image_gen as ig
+import mmspec.vision as mv
+from mmspec.drafters.tree import DynamicTree, StaticTree
+from tiny_image_models import reference_greedy, tiny_ar, truncated_ar
+from tiny_models import build, left_padded_prompts, truncated_drafter
+from tiny_vlms import build_vlm, truncated_vlm_drafter, vlm_inputs
+
+
+@functools.lru_cache(maxsize=None)
+def text_models():
+    target = build("llama")
+    return target, truncated_drafter(target)
+
+
+def _rows(out, n):
+    return [out.sequences[b, -n:].tolist() for b in range(out.sequences.shape[0])]
+
+
+def _left_pad(rows: list[list[int]]):
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("drafter_kind", ["model", "tree", "prompt_lookup", "none"])
+def test_text_row_depends_only_on_its_prompt_and_seed(drafter_kind):
+    target, small = text_models()
+    drafter = {"model": small, "tree": mmspec.TreeDrafter(small, StaticTree((2, 2))), "prompt_lookup": "prompt_lookup",
+               "none": None}[drafter_kind]
+    ids, _ = left_padded_prompts(4, 10, 96, seed=5)
+    prompts = [ids[b, b:].tolist() for b in range(4)]  # four different lengths
+    n = 20
+
+    def run(order, seeds):
+        x, m = _left_pad([prompts[i] for i in order])
+        out = mmspec.generate(target, x, attention_mask=m, drafter=drafter, max_new_tokens=n, temperature=1.0,
+                              num_draft_tokens=3, seed=seeds, eos_token_id=[])
+        return _rows(out, n)
+
+    alone = run([2], [77])[0]
+    assert run([0, 2, 1, 3], [5, 77, 6, 7])[1] == alone
+    assert run([3, 1, 0, 2], [7, 6, 5, 77])[3] == alone
+    assert run([2], [78])[0] != alone  # the seed matters
+
+
+def test_same_seed_reproduces_and_generator_still_works():
+    target, small = text_models()
+    ids, mask = left_padded_prompts(2, 8, 96, seed=1)
+    kw = dict(attention_mask=mask, drafter=small, max_new_tokens=12, temperature=1.0, eos_token_id=[])
+    a = mmspec.generate(target, ids, seed=3, **kw).sequences
+    assert torch.equal(a, mmspec.generate(target, ids, seed=3, **kw).sequences)
+    g1 = mmspec.generate(target, ids, generator=torch.Generator().manual_seed(9), **kw).sequences
+    g2 = mmspec.generate(target, ids, generator=torch.Generator().manual_seed(9), **kw).sequences
+    assert torch.equal(g1, g2)
+    with pytest.raises(mmspec.InvalidSamplingError, match="one per row"):
+        mmspec.generate(target, ids, seed=[1, 2, 3], **kw)
+
+
+def test_vlm_row_depends_only_on_its_prompt_and_seed():
+    target = build_vlm("llava", dtype=torch.float64)
+    drafter = truncated_vlm_drafter(target)
+    inputs = vlm_inputs("llava", 3, seed=4)  # three images / prompts
+    n = 12
+
+    def run(rows, seeds):
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == 3 else v) for k, v in inputs.items()}
+        out = mv.generate(target, drafter, sub, keep_ratio=0.5, pruning="uniform", max_new_tokens=n,
+                          temperature=1.0, num_draft_tokens=2, seed=seeds, eos_token_id=[])
+        return _rows(out, n)
+
+    alone = run([1], [41])[0]
+    assert run([0, 1, 2], [1, 41, 2])[1] == alone
+    assert run([2, 0, 1], [2, 1, 41])[2] == alone
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_vlm_trees_match_hf_generate(arch, batch):
+    target = build_vlm(arch)
+    drafter = truncated_vlm_drafter(target)
+    inputs = vlm_inputs(arch, batch, seed=batch)
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=16)
+    for tree in (StaticTree((3, 2, 1)), DynamicTree(depth=4, top_k=3, num_nodes=8)):
+        out = mv.generate(target, drafter, inputs, pruning="verifier", keep_ratio=0.25, max_new_tokens=16, tree=tree)
+        assert torch.equal(out.sequences, expected)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_image_trees_equal_the_reference_decoder(cfg):
+    target = tiny_ar()
+    conds = [3, 7, 0]
+    expected = [list(reference_greedy(target, c, cfg, "linear")) for c in conds]
+    for tree in (StaticTree((3, 2, 1)), DynamicTree(depth=4, top_k=3, num_nodes=8)):
+        d = ig.ARDrafter(truncated_ar(target), tree=tree)
+        out = ig.generate(target, condition=conds, method="exact", drafter=d, cfg_scale=cfg, cfg_schedule="linear",
+                          temperature=0.0)
+        assert out.tokens.view(3, -1).tolist() == expected
+
+
+def test_image_trees_per_row_randomness():
+    target = tiny_ar()
+    d = ig.ARDrafter(truncated_ar(target), tree=StaticTree((2, 2)))
+    run = lambda conds, seeds: ig.generate(target, condition=conds, method="exact", drafter=d, cfg_scale=2.0,
+                                           temperature=1.0, seed=seeds).tokens
+    alone = run([3], [5])[0]
+    assert torch.equal(run([1, 3, 2], [8, 5, 9])[1], alone)
+
+
+def test_prompt_ids_are_checked_eagerly():
+    target, small = text_models()
+    for bad in (96, -1):
+        ids = torch.tensor([[5, 6, bad, 7]])
+        with pytest.raises(mmspec.TokenIdError, match="outside the vocabulary \\[0, 96\\)"):
+            mmspec.generate_stream(target, ids, drafter=small, max_new_tokens=4)  # before the first next()
+    with pytest.raises(mmspec.TokenIdError):
+        mmspec.generate(target, torch.tensor([[5, 6, 200]]), drafter="prompt_lookup", max_new_tokens=4)
