@@ -37,6 +37,16 @@ def _supports(model: torch.nn.Module, arg: str) -> bool:
         return False
 
 
+def _pick_hidden(out: Any, layers: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
+    """layer -> hidden states [B, w, d] of the requested layers (negative indices count from the top)."""
+    if not layers:
+        return None
+    hs = getattr(out, "hidden_states", None)
+    if hs is None:
+        raise ValueError(f"{type(out).__name__} has no hidden_states: this model cannot serve a feature drafter")
+    return {layer: hs[layer] for layer in layers}
+
+
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     try:
         return next(p.dtype for p in model.parameters() if p.is_floating_point())
@@ -58,6 +68,7 @@ class CacheSession:
         self.position_delta = torch.zeros((batch_size,), dtype=torch.long, device=device)  # [B]
         self._logits_to_keep = _supports(model, "logits_to_keep")
         self.calls = 0
+        self.last_hidden: dict[int, torch.Tensor] | None = None  # hidden states of the last forward
 
     @property
     def batch_size(self) -> int:
@@ -75,12 +86,15 @@ class CacheSession:
         inputs_embeds: torch.Tensor | None = None,  # float [B, w, d] instead of tokens
         position_ids: torch.Tensor | None = None,  # explicit positions ([B, w] or [3, B, w])
         num_logits: int | None = None,
+        hidden_layers: tuple[int, ...] = (),
         **model_inputs: Any,
     ) -> torch.Tensor:
         """Append w slots (invalid ones become holes), run the model, return logits [B, n, V].
 
         ``num_logits`` (default w) keeps only the logits of the last n columns. Positions default
-        to (valid tokens before the slot + ``position_delta``).
+        to (valid tokens before the slot + ``position_delta``). ``hidden_layers``: hidden states to
+        keep in :attr:`last_hidden` (layer -> float [B, w, d]; 0 = embeddings, as HF counts them);
+        the model is asked for hidden states only when this is non-empty.
         """
         ref = tokens if tokens is not None else inputs_embeds[..., 0]
         valid = torch.ones_like(ref, dtype=torch.long) if valid is None else valid.to(torch.long)
@@ -99,9 +113,12 @@ class CacheSession:
             kwargs["inputs_embeds"] = inputs_embeds
         if num_logits is not None and self._logits_to_keep:
             kwargs["logits_to_keep"] = num_logits
+        if hidden_layers:
+            kwargs["output_hidden_states"] = True
         kwargs.update(model_inputs)
         out = self.model(**kwargs)
         self.calls += 1
+        self.last_hidden = _pick_hidden(out, hidden_layers)
         self.cache = out.past_key_values
         if isinstance(self.cache, tuple):  # legacy tuple caches (older transformers)
             from transformers import DynamicCache
@@ -130,6 +147,7 @@ class CacheSession:
         tokens: torch.Tensor,  # long [B, w]: new tree nodes T .. T+w-1
         parents: torch.Tensor,  # long [B, w]: parent tree-node index (< own index), -1: child of the committed context
         valid: torch.Tensor | None = None,  # long [B, w]; invalid nodes (padding) are attended by nobody
+        hidden_layers: tuple[int, ...] = (),
         **model_inputs: Any,
     ) -> torch.Tensor:
         """Feed tree nodes in one forward; returns logits [B, w, V]. A node attends the row's committed
@@ -160,9 +178,12 @@ class CacheSession:
         dtype = _float_dtype(self.model)
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         pos = self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + depth[:, t_old:]
+        if hidden_layers:
+            model_inputs = dict(model_inputs, output_hidden_states=True)
         out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=pos,
                          past_key_values=self.cache, use_cache=True, **model_inputs)
         self.calls += 1
+        self.last_hidden = _pick_hidden(out, hidden_layers)
         self.cache = out.past_key_values
         self.valid = torch.cat([self.valid, valid], dim=1)
         return out.logits

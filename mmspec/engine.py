@@ -309,7 +309,7 @@ def cap_draft(draft: Draft, caps: torch.Tensor) -> torch.Tensor:
 
 
 def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: AcceptRule, sampling: SamplingParams,
-                      rng: RowRandom, position: torch.Tensor, device: torch.device):
+                      rng: RowRandom, position: torch.Tensor, device: torch.device, hidden_layers: tuple = ()):
     """One forward over [pending, tree] (4-D ancestor mask), :func:`verify_tree`, keep the accepted path."""
     from .verify.tree import default_tree_rule, verify_tree
 
@@ -322,7 +322,8 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
     parents = torch.cat([torch.full((batch, 1), -1, dtype=torch.long, device=device), par], dim=1)
     valid = torch.cat([torch.ones((batch, 1), dtype=torch.long, device=device), node_valid], dim=1)
     session.begin_tree()
-    logits = session.extend_tree(torch.cat([pending, draft.tokens.clamp_min(0)], dim=1), parents, valid)  # [B, 1+N, V]
+    logits = session.extend_tree(torch.cat([pending, draft.tokens.clamp_min(0)], dim=1), parents, valid,
+                                 hidden_layers=hidden_layers)  # [B, 1+N, V]
     tree_rule = draft.tree_rule if draft.tree_rule is not None else default_tree_rule(sampling, draft.probs)
     if sampling.is_greedy:
         uniforms, noise = None, None
@@ -367,11 +368,12 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         t1 = time.perf_counter()
         k = draft.k
         if draft.is_tree:
-            logits, result, emitted = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device)
+            logits, result, _ = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device,
+                                                  drafter.hidden_layers)
             t2 = t3 = time.perf_counter()  # one fused verification call; counted as target time
         else:
             block = torch.cat([pending, draft.tokens], dim=1)  # [B', k+1]
-            logits = session.extend(block)  # [B', k+1, V]
+            logits = session.extend(block, hidden_layers=drafter.hidden_layers)  # [B', k+1, V]
             _sync(device)
             t2 = time.perf_counter()
             uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
@@ -389,7 +391,8 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
             committed.append(toks)
             finished.append(done)
         position = position + torch.tensor([len(c) for c in committed], dtype=torch.long)
-        drafter.observe(StepOutcome(draft=draft, result=result, committed=committed, target_logits=logits))
+        drafter.observe(StepOutcome(draft=draft, result=result, committed=committed, target_logits=logits,
+                                    target_hidden=session.last_hidden if drafter.hidden_layers else None))
         _sync(device)
         t4 = time.perf_counter()
         stats.drafter_time += (t1 - t0) + (t4 - t3)

@@ -120,6 +120,12 @@ class GuidedSession:
         """Per-sequence [B, ...] -> per-row [2B, ...]."""
         return torch.cat([t, t], dim=0)
 
+    @property
+    def last_hidden(self) -> dict[int, torch.Tensor] | None:
+        """The conditional half's hidden states of the last forward (see CacheSession.extend)."""
+        h = self.inner.last_hidden
+        return None if h is None else {k: v[: self.batch] for k, v in h.items()}
+
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *,
                num_logits: int | None = None, **model_inputs: Any) -> torch.Tensor:
         """Feed tokens [B, w] (both halves); returns guided logits [B, n, V] (n = ``num_logits`` or w)."""

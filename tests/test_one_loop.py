@@ -128,3 +128,39 @@ def test_prompt_ids_are_checked_eagerly():
             mmspec.generate_stream(target, ids, drafter=small, max_new_tokens=4)  # before the first next()
     with pytest.raises(mmspec.TokenIdError):
         mmspec.generate(target, torch.tensor([[5, 6, 200]]), drafter="prompt_lookup", max_new_tokens=4)
+
+
+class _HiddenRecorder(mmspec.ModelDrafter):
+    """A model drafter that asks for two target layers and records what observe receives."""
+
+    hidden_layers = (1, -1)
+
+    def observe(self, outcome):
+        self.seen.append(outcome)
+        super().observe(outcome)
+
+
+def test_drafters_get_the_target_hidden_states_they_ask_for_and_only_then():
+    target, small = text_models()
+    ids = torch.tensor([[5, 9, 17, 33, 40]])
+    calls = []
+    hook = target.register_forward_pre_hook(lambda m, a, kw: calls.append(bool(kw.get("output_hidden_states"))),
+                                            with_kwargs=True)
+    try:
+        d = _HiddenRecorder(small)
+        d.seen = []
+        out = mmspec.generate(target, ids, drafter=d, max_new_tokens=8, num_draft_tokens=3, eos_token_id=[])
+        assert calls[0] is False and all(calls[1:])  # the prefill never asks; verification forwards do
+        calls.clear()
+        mmspec.generate(target, ids, drafter=small, max_new_tokens=8, num_draft_tokens=3, eos_token_id=[])
+        assert not any(calls)
+    finally:
+        hook.remove()
+    full = target(out.sequences, output_hidden_states=True).hidden_states
+    first = d.seen[0]
+    assert sorted(first.target_hidden) == [-1, 1]
+    k = first.draft.k
+    assert first.target_hidden[1].shape == (1, k + 1, target.config.hidden_size)
+    # the verification forward's column 0 is the last prompt token: its states equal the full forward's
+    for layer in (1, -1):
+        assert torch.allclose(first.target_hidden[layer][0, 0], full[layer][0, ids.shape[1] - 1], atol=1e-8)
