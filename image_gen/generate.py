@@ -13,16 +13,15 @@ Glossary:
     row seeds   ``seed=[s_0, ...]`` (one per image) makes image i depend only on its condition and
                 s_i, never on the other images of the call or their order
 
-Every method except "mulo" runs on the one decoding loop (:func:`mmspec.engine.decode`) with the
-target in a CFG session: "ar" with no drafter, "exact" / "lantern" / "lantern++" with the AR model
+Every method runs on the one decoding loop (:func:`mmspec.engine.decode`) with the target in a
+cached CFG session: "ar" with no drafter, "exact" / "lantern" / "lantern++" with the AR model
 drafter (:class:`~mmspec.image_gen.ar_drafter.ARDrafter`) and their rule, "sjd" with the Jacobi
-drafter that reads the target's logits. "mulo" still runs the cache-free reference loop of
-:mod:`mmspec.image_gen.mulo` (one event per image).
+drafter that reads the target's logits, "mulo" with the multi-scale drafter, the pooled-threshold
+rule and local island resampling as the loop's repair step (:mod:`mmspec.image_gen.mulo`).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -133,11 +132,14 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
     rng = RowRandom.from_seed(seed, len(conds), generator)
     stats = stats if stats is not None else ImageGenerationStats()
     stats.images = len(conds)
+    repair = None
     if m.name == "mulo":
-        return _mulo_events(target, tokenizer, conds, params, cfg_scale=float(cfg_scale), cfg_schedule=cfg_schedule,
-                            sampling=sampling, rng=rng, stats=stats)
-    d = make_drafter(m, target, params)
-    r = make_rule(m, params, sampling, tokenizer)
+        d, r, repair = make_mulo(target, tokenizer, params, sampling)
+        stats.extra.update(mulo_tau=params["mulo_tau"], mulo_l=params["mulo_l"], mulo_k=r.neighbours.shape[1],
+                           scale=d.scale)
+    else:
+        d = make_drafter(m, target, params)
+        r = make_rule(m, params, sampling, tokenizer)
     device = target.device
     ids, mask = right_align([target.prefix_ids(c) for c in conds], device)
     guidance = None
@@ -146,30 +148,20 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
                             scale=float(cfg_scale), schedule=cfg_schedule, num_tokens=target.config.num_image_tokens)
     events = decode_stream(target, ids, attention_mask=mask, drafter=d, max_new_tokens=target.config.num_image_tokens,
                            temperature=temperature, top_k=top_k, top_p=top_p, num_draft_tokens=None, seed=rng.seeds,
-                           eos_token_id=[], rule=r, guidance=guidance, stats=stats)
+                           eos_token_id=[], rule=r, guidance=guidance, stats=stats, repair=repair)
     return _with_map(events, stats, len(conds), target.config.grid_size)
 
 
-def _with_map(events: Iterator[StepEvent], stats: ImageGenerationStats, n: int, grid: int) -> Iterator[StepEvent]:
-    amap = AcceptanceMap(n, grid)
-    for ev in events:
-        amap.add(ev.rows, ev.tokens, ev.num_accepted)
-        stats.target_forwards = stats.target_calls
-        if all(f >= grid * grid for f in amap.filled):
-            stats.accepted_map = amap.mean()
-        yield ev
-
-
-def _mulo_events(target, tokenizer, conds, params, *, cfg_scale, cfg_schedule, sampling, rng,
-                 stats: ImageGenerationStats) -> Iterator[StepEvent]:
+def make_mulo(target: ARImageModel, tokenizer: Any, params: dict, sampling: SamplingParams):
+    """MuLo-SD on the one loop: (multi-scale drafter, pooled-threshold rule, local-resampling repair)."""
     from mmspec.verify.pooled_threshold import PooledThresholdRule
 
-    from .mulo import GuidedContext, decode_mulo
+    from .mulo import LocalResampling
     from .multiscale import MultiScaleDrafter
 
     low = params["drafter"]
     if tokenizer is None:
-        raise MethodError("method 'mulo' needs a tokenizer and a low-resolution drafter model")
+        raise MethodError("method 'mulo' needs a tokenizer (the drafts are up-sampled through pixels)")
     grid, lo_grid = target.config.grid_size, low.config.grid_size
     if grid % lo_grid or grid // lo_grid < 2:
         raise MethodError(f"method 'mulo' needs a drafter grid dividing the target grid by >= 2 ({lo_grid} vs {grid})")
@@ -177,37 +169,20 @@ def _mulo_events(target, tokenizer, conds, params, *, cfg_scale, cfg_schedule, s
     if params["mulo_scale"] is not None and params["mulo_scale"] != scale:
         raise MethodError(f"mulo_scale={params['mulo_scale']} but the drafter's grid {lo_grid} is 1/{scale} of "
                           f"the target's {grid}")
-    table = _neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k")
-    rule = PooledThresholdRule(table, params["mulo_tau"])
-    seeds = [int(s) for s in rng.seeds.tolist()]
-    use_cfg = cfg_scale != 1.0
-    stats.extra.update(mulo_tau=params["mulo_tau"], mulo_l=params["mulo_l"], mulo_k=table.shape[1], scale=scale)
+    if (low.config.num_classes, tuple(low.config.words)) != (target.config.num_classes, tuple(target.config.words)):
+        raise MethodError("the low-resolution drafter and the target use different conditions (classes or words)")
+    rule = PooledThresholdRule(_neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k"), params["mulo_tau"])
+    return MultiScaleDrafter(low, tokenizer, scale), rule, LocalResampling(rule, grid, params["mulo_l"], sampling)
 
-    def run() -> Iterator[StepEvent]:
-        maps = []
-        t_start = time.perf_counter()
-        for i, c in enumerate(conds):
-            ctx = GuidedContext(target, target.prefix_ids(c),
-                                target.prefix_ids(c, unconditional=True) if use_cfg else None, cfg_scale, cfg_schedule)
-            lctx = GuidedContext(low, low.prefix_ids(c), low.prefix_ids(c, unconditional=True) if use_cfg else None,
-                                 cfg_scale, cfg_schedule)
-            tokens, st = decode_mulo(ctx, MultiScaleDrafter(lctx, tokenizer, scale, sampling, seeds[i]), rule, grid=grid,
-                                     rows_per_step=scale, l=params["mulo_l"], sampling=sampling, seed=seeds[i])
-            maps.append(st.kept_map.float())
-            stats.steps += st.target_forwards
-            stats.row_steps += st.target_forwards
-            stats.target_forwards += st.target_forwards
-            stats.target_calls = stats.target_forwards
-            stats.drafted_tokens += st.drafted
-            stats.accepted_tokens += st.drafted - st.resampled
-            stats.emitted_tokens += grid * grid
-            stats.total_time = time.perf_counter() - t_start
-            if i == len(conds) - 1:
-                stats.accepted_map = torch.stack(maps).mean(dim=0)
-            yield StepEvent(step=i, rows=[i], tokens=[tokens.flatten().tolist()], num_accepted=[st.drafted - st.resampled],
-                            num_draft=[st.drafted], finished=[True], stats=stats)
 
-    return run()
+def _with_map(events: Iterator[StepEvent], stats: ImageGenerationStats, n: int, grid: int) -> Iterator[StepEvent]:
+    amap = AcceptanceMap(n, grid)
+    for ev in events:
+        amap.add(ev.rows, ev.tokens, ev.num_accepted, ev.kept)
+        stats.target_forwards = stats.target_calls
+        if all(f >= grid * grid for f in amap.filled):
+            stats.accepted_map = amap.mean()
+        yield ev
 
 
 def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, method: str = "exact",

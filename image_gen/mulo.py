@@ -1,4 +1,4 @@
-"""MuLo-SD local rejection and island resampling (the verification side of multi-scale local SD).
+"""MuLo-SD local rejection and island resampling, as the repair step of the one cached decoding loop.
 
 Paper: Peruzzo, Sautière, Habibian, "Multi-Scale Local Speculative Decoding for Image Generation"
 (CVPR 2026); our reading of it is in ``docs/design/mulo_sd.md``.
@@ -6,32 +6,34 @@ Paper: Peruzzo, Sautière, Habibian, "Multi-Scale Local Speculative Decoding for
 Glossary:
     block       the candidate tokens of the rows being verified, raster positions [t0, t0 + m)
     accept      per token, independently: the target's mass on the token's latent neighbourhood
-                >= tau (:class:`~mmspec.verify.PooledThresholdRule`), one target pass for the block
-    resample    the union of the rejected tokens' neighbourhoods N(t, l) (u >= t0); every other
-                candidate is kept
-    island      an 8-connected component of the resample set; islands are resampled in parallel
-                (one batched target forward per step, step s redrawing each island's s-th token in
-                raster order); while island A is redrawn, the positions of the *other* islands are
-                hidden from attention, so islands never see each other's new or old tokens
-    keyed noise the exponential-race noise of position u depends only on (seed, u), so resampling
-                islands together or one by one gives the same tokens
+                >= tau (:class:`~mmspec.verify.PooledThresholdRule`), judged on the logits of the one
+                verification forward of the block
+    resample    the union of the rejected tokens' neighbourhoods N(t, l) inside the block; every
+                other candidate is kept
+    island      an 8-connected component of the resample set; islands are redrawn in parallel: step
+                s redraws each island's s-th token in raster order, all islands of all images in one
+                batched forward of the block over a fork of the target's cache (the committed prefix
+                is shared, never recomputed); while island A is redrawn, the positions of the *other*
+                islands and A's not-yet-redrawn tokens are attention holes that keep their positions
+    keyed noise the exponential-race noise of position u depends only on (the image's seed, u), so
+                resampling islands together or one by one gives the same tokens
 
-This module is cache-free (full forwards with attention holes): exact and simple; a KV-cached
-variant belongs to the MuLo decoding loop.
+The loop (:func:`mmspec.engine.decode` with ``repair=``) drops the block's cache slots after the
+verification forward (they were computed with the drafts), calls :class:`LocalResampling`, commits
+the repaired block whole (no bonus token) and feeds it as pending with the next block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mmspec.config import SamplingParams
-from mmspec.rng import keyed_exponential
+from mmspec.guidance import GuidedSession
+from mmspec.rng import RowRandom, keyed_exponential
 from mmspec.sampling import logits_to_probs
+from mmspec.verify.rule import AcceptRule
 
 from .locality import expand_rejections, rejection_islands
-from .model import ARImageModel, guidance_scale, guide
 
 
 def draw_keyed(probs: torch.Tensor, sampling: SamplingParams, seed: int, key: int) -> int:
@@ -43,160 +45,76 @@ def draw_keyed(probs: torch.Tensor, sampling: SamplingParams, seed: int, key: in
     return int((probs / noise).argmax())
 
 
-@dataclass(frozen=True)
-class GuidedContext:
-    """The image's condition for cache-free guided forwards."""
-
-    model: ARImageModel
-    cond: list[int]  # prefix ids of the condition
-    uncond: list[int] | None  # unconditional prefix (None: CFG off)
-    cfg_scale: float = 1.0
-    schedule: str = "constant"
-
-
-@torch.no_grad()
-def guided_logits(ctx: GuidedContext, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Guided next-token logits for R candidate grids at once.
-
-    tokens long [R, N] (raster image tokens), visible bool [R, N] (hidden tokens are attention holes
-    but keep their positions). Returns float [R, N, V]: column j predicts image token j.
-    """
-    rows, n = tokens.shape
-    halves = [ctx.cond] + ([ctx.uncond] if ctx.uncond is not None else [])
-    out = []
-    for prefix in halves:
-        p = len(prefix)
-        ids = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(rows, p), tokens], dim=1)
-        mask = torch.cat([torch.ones(rows, p, dtype=torch.long), visible.long()], dim=1)
-        pos = torch.arange(p + n).expand(rows, -1)
-        logits = ctx.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        out.append(logits[:, p - 1: p - 1 + n].float())
-    if ctx.uncond is None:
-        return out[0]
-    # the two prefixes may differ in length; both were sliced to the image columns above
-    scale = guidance_scale(ctx.cfg_scale, ctx.schedule, torch.arange(n), n).view(1, n, 1)
-    return guide(out[0], out[1], scale)
-
-
-@dataclass(frozen=True)
-class LocalResampleResult:
-    tokens: torch.Tensor  # long [H, W]: the block after local resampling (earlier tokens unchanged)
-    resampled: torch.Tensor  # bool [H, W]: union of N(t, l) over rejected tokens, u >= t0
-    islands: torch.Tensor  # long [H, W]: island label, -1 elsewhere
-    forwards: int  # batched target forwards spent on resampling
-
-
-@torch.no_grad()
-def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Tensor, sampling: SamplingParams,
-                     seed: int, *, batched: bool = True) -> LocalResampleResult:
-    """Redraw the tokens of ``resample`` (bool [H, W]) island by island (see module glossary).
-
-    grid long [H, W] holds the current tokens (values under ``resample`` are ignored)."""
-    h, w = grid.shape
-    labels = rejection_islands(resample)
-    n_islands = int(labels.max()) + 1 if resample.any() else 0
-    flat = grid.flatten().clone()
-    lab = labels.flatten()
-    members = [torch.nonzero(lab == i).flatten() for i in range(n_islands)]  # raster order
-    groups = [list(range(n_islands))] if batched else [[i] for i in range(n_islands)]
-    forwards = 0
-    for group in groups:
-        if not group:
-            continue
-        steps = max(len(members[i]) for i in group)
-        # per island row: tokens, and visibility = not in any island, or already redrawn in own island
-        rows = flat.expand(len(group), -1).clone()
-        visible = (lab < 0).expand(len(group), -1).clone()
-        for s in range(steps):
-            active = [(r, i) for r, i in enumerate(group) if s < len(members[i])]
-            logits = guided_logits(ctx, rows, visible)
-            forwards += 1
-            for r, i in active:
-                u = int(members[i][s])
-                tok = draw_keyed(logits_to_probs(logits[r, u], sampling), sampling, seed, u)
-                rows[r, u] = tok
-                visible[r, u] = True
-                flat[u] = tok
-    return LocalResampleResult(tokens=flat.view(h, w), resampled=resample, islands=labels, forwards=forwards)
-
-
 def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
     """The positions MuLo-SD redraws: ∪ N(t, l) over rejected tokens t, restricted to u >= t0."""
     return expand_rejections(rejected, l, t0)
 
 
-@dataclass
-class MuLoStats:
-    steps: int = 0
-    verify_forwards: int = 0
-    resample_forwards: int = 0
-    drafted: int = 0
-    accepted: int = 0  # candidates that passed the pooled test
-    resampled: int = 0  # tokens redrawn (rejected ones and their neighbourhoods)
-    kept_map: torch.Tensor | None = None  # bool [H, W]: drafted tokens kept (not redrawn)
-
-    @property
-    def target_forwards(self) -> int:
-        return self.verify_forwards + self.resample_forwards
+def _block_logits(fork, last: torch.Tensor, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Logits [R, m, V] predicting each block token, for candidate blocks ``rows`` long [R, m] with key
+    visibility ``visible`` bool [R, m]; ``fork`` holds the committed prefix but its last token ``last``."""
+    r, m = rows.shape
+    tokens = torch.cat([last.unsqueeze(1), rows[:, :-1]], dim=1)  # column j predicts block token j
+    valid = torch.cat([torch.ones((r, 1), dtype=torch.long, device=rows.device), visible[:, :-1].long()], dim=1)
+    ar = torch.arange(m, device=rows.device).unsqueeze(0)
+    f = fork.fork(torch.arange(r, device=rows.device))
+    if isinstance(f, GuidedSession):
+        return f.extend(tokens, valid, positions=f.fed.unsqueeze(1) + ar)
+    return f.extend(tokens, valid, position_ids=f.next_pos.unsqueeze(1) + ar)
 
 
-@torch.no_grad()
-def decode_mulo(ctx: GuidedContext, propose_block, rule, *, grid: int, rows_per_step: int, l: int,
-                sampling: SamplingParams, seed: int) -> tuple[torch.Tensor, MuLoStats]:
-    """MuLo-SD decoding of one image (cache-free reference loop).
+class LocalResampling:
+    """MuLo-SD's repair step: pooled per-token acceptance, then local island resampling (see glossary)."""
 
-    ``propose_block(tokens long [t0], t0, m) -> long [m]`` drafts the next ``m = rows_per_step * grid``
-    raster tokens (whole rows) given the final tokens so far; ``rule`` judges each candidate
-    independently (e.g. :class:`~mmspec.verify.PooledThresholdRule`); the union of the rejected
-    tokens' neighbourhoods is redrawn by :func:`resample_islands`. Returns (tokens [grid, grid], stats).
-    """
-    n = grid * grid
-    tokens = torch.zeros(n, dtype=torch.long)
-    stats = MuLoStats(kept_map=torch.zeros(grid, grid, dtype=torch.bool))
-    t0 = 0
-    while t0 < n:
-        m = min(rows_per_step * grid, n - t0)
-        cand = propose_block(tokens[:t0].clone(), t0, m)
-        tokens[t0:t0 + m] = cand
-        visible = torch.zeros(n, dtype=torch.bool)
-        visible[: t0 + m] = True
-        logits = guided_logits(ctx, tokens.unsqueeze(0), visible.unsqueeze(0))[0, t0:t0 + m]  # [m, V]
-        probs = logits_to_probs(logits, sampling).unsqueeze(0)  # [1, m, V]
-        judged = rule.judge(cand.unsqueeze(0), None, probs, torch.zeros(1, m)).accepted[0]  # [m]
-        rejected = torch.zeros(n, dtype=torch.bool)
-        rejected[t0:t0 + m] = ~judged
-        resample = local_resample_set(rejected.view(grid, grid), l, t0)
-        resample.view(-1)[t0 + m:] = False  # only the verified block is redrawn
-        result = resample_islands(ctx, tokens.view(grid, grid), resample, sampling, seed)
-        tokens = result.tokens.flatten().clone()
-        stats.steps += 1
-        stats.verify_forwards += 1
-        stats.resample_forwards += result.forwards
-        stats.drafted += m
-        stats.accepted += int(judged.sum())
-        stats.resampled += int(resample.sum())
-        block = torch.zeros(n, dtype=torch.bool)
-        block[t0:t0 + m] = True
-        stats.kept_map |= (block.view(grid, grid) & ~resample)
-        t0 += m
-    return tokens.view(grid, grid), stats
-
-
-def row_drafter(ctx: GuidedContext, sampling: SamplingParams, seed: int):
-    """A same-resolution block drafter from ``ctx.model`` (stand-in for MuLo's low-resolution drafter):
-    samples the next tokens autoregressively with keyed noise (key offset so it never equals the
-    target's resampling noise)."""
+    def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams):
+        self.rule, self.grid, self.l, self.sampling = rule, grid, l, sampling
+        self.forwards = 0  # batched resampling forwards so far
 
     @torch.no_grad()
-    def propose(prefix: torch.Tensor, t0: int, m: int) -> torch.Tensor:
-        n = ctx.model.config.num_image_tokens
-        toks = torch.zeros(n, dtype=torch.long)
-        toks[:t0] = prefix
-        for u in range(t0, t0 + m):
-            vis = torch.zeros(n, dtype=torch.bool)
-            vis[:u] = True
-            probs = logits_to_probs(guided_logits(ctx, toks.unsqueeze(0), vis.unsqueeze(0))[0, u], sampling)
-            toks[u] = draw_keyed(probs, sampling, seed + 1_000_003, u)
-        return toks[t0:t0 + m]
-
-    return propose
+    def __call__(self, session, block: torch.Tensor, logits: torch.Tensor, position: torch.Tensor,
+                 rng: RowRandom, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """block long [B, m] (raster positions t0 .. t0+m-1, t0 = position[b]), logits [B, m, V] from the
+        verification forward; ``session`` holds every committed token, the last of which is ``last``
+        long [B]. Returns (repaired block long [B, m], kept bool [B, m]: drafted tokens kept as they were)."""
+        batch, m = block.shape
+        device = block.device
+        n = self.grid * self.grid
+        probs = logits_to_probs(logits, self.sampling)  # [B, m, V]
+        accepted = self.rule.judge(block, None, probs, torch.zeros((batch, m), device=device)).accepted  # [B, m]
+        seeds = [int(s) for s in rng.seeds.tolist()]
+        members: list[tuple[int, list[int]]] = []  # (image, block offsets of one island, raster order)
+        kept = torch.ones((batch, m), dtype=torch.bool, device=device)
+        for b in range(batch):
+            t0 = int(position[b])
+            rejected = torch.zeros(n, dtype=torch.bool)
+            rejected[t0:t0 + m] = ~accepted[b].cpu()
+            resample = local_resample_set(rejected.view(self.grid, self.grid), self.l, t0).flatten()
+            resample[t0 + m:] = False  # only the verified block is redrawn
+            kept[b] = ~resample[t0:t0 + m].to(device)
+            labels = rejection_islands(resample.view(self.grid, self.grid)).flatten()[t0:t0 + m]
+            for i in range(int(labels.max()) + 1 if bool(resample.any()) else 0):
+                members.append((b, torch.nonzero(labels == i).flatten().tolist()))
+        final = block.clone()
+        if not members:
+            return final, kept
+        images = torch.tensor([b for b, _ in members], dtype=torch.long, device=device)
+        # the fork drops each image's last committed token: its output predicts the block's first token
+        base = session.fork(images)
+        base.rollback(torch.ones(images.numel(), dtype=torch.long, device=device))
+        rows = block[images].clone()  # [R, m]: each island's own view (other islands keep their drafts)
+        in_any = ~kept  # [B, m]: tokens of any island
+        visible = ~in_any[images]  # [R, m]: kept tokens only, until an island's own tokens are redrawn
+        steps = max(len(offs) for _, offs in members)
+        for s in range(steps):
+            step_logits = _block_logits(base, last[images], rows, visible)  # [R, m, V]
+            self.forwards += 1
+            for r, (b, offs) in enumerate(members):
+                if s < len(offs):
+                    j = offs[s]
+                    u = int(position[b]) + j
+                    tok = draw_keyed(logits_to_probs(step_logits[r, j], self.sampling), self.sampling, seeds[b], u)
+                    rows[r, j] = tok
+                    visible[r, j] = True
+                    final[b, j] = tok
+        (session.inner if isinstance(session, GuidedSession) else session).calls += steps
+        return final, kept

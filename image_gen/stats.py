@@ -49,10 +49,15 @@ class AcceptanceMap:
         self.flags = torch.zeros((num_images, grid * grid), dtype=torch.float32)
         self.filled = [0] * num_images
 
-    def add(self, rows: list[int], tokens: list[list[int]], num_accepted: list[int]) -> None:
-        for r, toks, n in zip(rows, tokens, num_accepted):
+    def add(self, rows: list[int], tokens: list[list[int]], num_accepted: list[int],
+            kept: list[list[bool]] | None = None) -> None:
+        """``kept`` (per row and token) when the kept drafts are not simply the first ``num_accepted``."""
+        for i, (r, toks, n) in enumerate(zip(rows, tokens, num_accepted)):
             start = self.filled[r]
-            self.flags[r, start: start + min(n, len(toks))] = 1.0
+            if kept is None:
+                self.flags[r, start: start + min(n, len(toks))] = 1.0
+            else:
+                self.flags[r, start: start + len(toks)] = torch.tensor(kept[i], dtype=torch.float32)
             self.filled[r] += len(toks)
 
     def mean(self) -> torch.Tensor:

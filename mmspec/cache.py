@@ -230,6 +230,21 @@ class CacheSession:
                 self.cache.crop(-dead)
             self.valid = self.valid[:, :last]
 
+    def fork(self, rows: torch.Tensor) -> "CacheSession":
+        """A new session over copies of ``rows`` (long [R], repeats allowed) of this one: extending the
+        fork never touches this session's cache (e.g. to try several continuations of one row)."""
+        import copy
+
+        fork = copy.copy(self)
+        if self.cache is not None:
+            fork.cache = copy.copy(self.cache)
+            fork.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+            fork.cache.batch_select_indices(rows)  # new tensors; layers update by concatenation
+        fork.valid, fork.next_pos = self.valid[rows], self.next_pos[rows]
+        fork.position_delta = self.position_delta[rows]
+        fork.calls = 0
+        return fork
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (long [B']) of the batch."""
         if self.cache is not None:

@@ -3,8 +3,13 @@
 Paper: Leviathan et al. (ICML 2023); Chen et al. (2023).
 
 Glossary:
-    pending     the last committed token of each row: not yet in the target's cache; every
-                step feeds ``[pending, d_1..d_k]`` and gets k+1 logits
+    pending     committed tokens not yet in the target's cache (right aligned, long [B, P] with a
+                valid mask): the last committed token after a chain or tree step, a whole
+                repaired block after a repair step; every step feeds ``[pending, d_1..d_k]``
+    repair      an optional step between verification and commit (MuLo-SD's local island
+                resampling, :class:`~mmspec.image_gen.mulo.LocalResampling`): it judges a block of
+                drafts token by token and redraws rejected neighbourhoods; the block is then
+                committed whole (no bonus token) and fed again as pending next step
     committed   tokens a row keeps from one step: accepted drafts + the recovered/bonus token,
                 cut after EOS and at ``max_new_tokens``
     finished    a row that emitted EOS or reached ``max_new_tokens``; it leaves the batch
@@ -46,6 +51,7 @@ from .rng import ACCEPT, EMIT, RowRandom
 from .stats import GenerationStats
 from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
+from .verify.types import VerifyResult
 
 DEFAULT_NUM_DRAFT_TOKENS = 5
 
@@ -71,6 +77,8 @@ class StepEvent:
     num_draft:    per row, drafted tokens
     finished:     per row, whether it finished in this step
     stats:        the live statistics of the whole call
+    kept:         per row and committed token, whether it is a drafted token that was kept (None:
+                  the first ``num_accepted``, as for chains and trees; a repair step keeps any subset)
     """
 
     step: int
@@ -80,6 +88,7 @@ class StepEvent:
     num_draft: list[int]
     finished: list[bool]
     stats: GenerationStats
+    kept: list[list[bool]] | None = None
 
 
 @dataclass(frozen=True)
@@ -231,9 +240,12 @@ def generate_stream(
     prefill: PrefillFn | None = None,
     guidance: Guidance | None = None,
     stats: GenerationStats | None = None,
+    repair: Any = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
-    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`).
+    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`;
+    ``guidance``: classifier-free guidance of the target (and of model drafters); ``repair``: a block
+    repair step replacing the chain walk, e.g. MuLo-SD's local resampling).
 
     Input is validated eagerly (before the first ``next``).
     """
@@ -251,7 +263,7 @@ def generate_stream(
     return _run(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
                 rule if rule is not None else default_rule(sampling), rng,
                 _as_eos_set(eos_token_id), model_inputs, prefill or prefill_causal_lm, guidance,
-                stats if stats is not None else GenerationStats())
+                stats if stats is not None else GenerationStats(), repair)
 
 
 def _sync(device: torch.device) -> None:
@@ -260,7 +272,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens, sampling, rule, rng,
-         eos, model_inputs, prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats) -> Iterator[StepEvent]:
+         eos, model_inputs, prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
+         repair: Any = None) -> Iterator[StepEvent]:
     """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``)."""
     with torch.no_grad():
         t_start = time.perf_counter()
@@ -280,7 +293,7 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
         stats.extra.update(drafter.info)
     budget = [max_new_tokens] * input_ids.shape[0]
     yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=budget, sampling=sampling, rule=rule,
-                      rng=rng, eos=eos, stats=stats, t_start=t_start)
+                      rng=rng, eos=eos, stats=stats, t_start=t_start, repair=repair)
 
 
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
@@ -345,13 +358,15 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
 def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: torch.Tensor, *,
            max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
            eos: set[int] = frozenset(), stats: GenerationStats | None = None,
-           t_start: float | None = None) -> Iterator[StepEvent]:
+           t_start: float | None = None, repair: Any = None) -> Iterator[StepEvent]:
     """The loop. ``session`` holds every prompt token but ``pending`` (long [B, 1]); ``drafter`` is
-    started; row b generates at most ``max_new_tokens[b]`` tokens. Yields one event per step."""
+    started; row b generates at most ``max_new_tokens[b]`` tokens; ``repair`` (optional) replaces the
+    chain walk by a block repair step. Yields one event per step."""
     stats = stats if stats is not None else GenerationStats()
     t_start = time.perf_counter() if t_start is None else t_start
     device = pending.device
     batch = pending.shape[0]
+    pending_valid = torch.ones_like(pending)
     active = list(range(batch))  # original indices of the rows still in the batch
     generated: list[list[int]] = [[] for _ in range(batch)]
     position = torch.zeros((batch,), dtype=torch.long)  # committed tokens per active row (cpu)
@@ -359,7 +374,8 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
     while active:
         remaining = [max_new_tokens[r] - len(generated[r]) for r in active]
         t0 = time.perf_counter()
-        caps = (torch.tensor(remaining, dtype=torch.long) - 1).clamp_min(0)
+        # a chain or tree step emits one target token after its drafts; a repaired block is emitted as is
+        caps = (torch.tensor(remaining, dtype=torch.long) - (0 if repair is not None else 1)).clamp_min(0)
         draft = drafter.propose(caps.to(device))
         num_draft = cap_draft(draft, caps.to(draft.num_draft.device))
         if not torch.equal(num_draft, draft.num_draft):
@@ -367,26 +383,43 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         _sync(device)
         t1 = time.perf_counter()
         k = draft.k
+        kept_masks = None
         if draft.is_tree:
+            if pending.shape[1] != 1:
+                raise ValueError("a draft tree must follow a chain or tree step (one pending token per row)")
             logits, result, _ = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device,
                                                   drafter.hidden_layers)
             t2 = t3 = time.perf_counter()  # one fused verification call; counted as target time
         else:
-            block = torch.cat([pending, draft.tokens], dim=1)  # [B', k+1]
-            logits = session.extend(block, hidden_layers=drafter.hidden_layers)  # [B', k+1, V]
+            p = pending.shape[1]
+            block = torch.cat([pending, draft.tokens], dim=1)  # [B', P+k]
+            valid = torch.cat([pending_valid, torch.ones_like(draft.tokens)], dim=1)
+            logits = session.extend(block, valid, hidden_layers=drafter.hidden_layers)[:, p - 1:]  # [B', k+1, V]
             _sync(device)
             t2 = time.perf_counter()
-            uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
-            result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
-                                  uniforms=uniforms, noise=noise)
-            t3 = time.perf_counter()
-            session.rollback(k - result.num_accepted)
+            if repair is None:
+                uniforms, noise = draw_step_randomness(rng, sampling, position, k, logits.shape[-1], device)
+                result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
+                                      uniforms=uniforms, noise=noise)
+                t3 = time.perf_counter()
+                session.rollback(k - result.num_accepted)
+            else:  # the block's slots were computed with the drafts: drop them, repair, feed the result next step
+                session.rollback(torch.full((len(active),), k, dtype=torch.long, device=device))
+                final, kept = repair(session, draft.tokens, logits[:, :k], position, rng, last=pending[:, -1])
+                t3 = time.perf_counter()
+                result = VerifyResult(num_accepted=kept.sum(dim=1), tokens=final)
+                kept_masks = kept.tolist()
         n_acc = result.num_accepted.tolist()
         out = result.tokens.tolist()
-        pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
+        if repair is None or draft.is_tree:
+            pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
+            pending_valid = torch.ones_like(pending)
+        else:
+            pending, pending_valid = result.tokens, torch.ones_like(result.tokens)
         committed, finished = [], []
         for i, row in enumerate(active):
-            toks, done = commit_row(out[i], n_acc[i], remaining[i], eos)
+            emitted = out[i] if kept_masks is not None else out[i][: n_acc[i] + 1]
+            toks, done = commit_row(emitted, len(emitted) - 1, remaining[i], eos)
             generated[row].extend(toks)
             committed.append(toks)
             finished.append(done)
@@ -403,7 +436,8 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         stats.drafter_calls = getattr(drafter, "num_calls", 0)
         stats.total_time = time.perf_counter() - t_start
         yield StepEvent(step=step, rows=list(active), tokens=committed, num_accepted=n_acc,
-                        num_draft=draft.num_draft.tolist(), finished=finished, stats=stats)
+                        num_draft=draft.num_draft.tolist(), finished=finished, stats=stats,
+                        kept=None if kept_masks is None else [m[: len(c)] for m, c in zip(kept_masks, committed)])
         step += 1
         if any(finished):
             keep = [i for i, f in enumerate(finished) if not f]
@@ -413,7 +447,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 session.select_rows(rows)
                 drafter.select_rows(rows)
                 rng.select(rows)
-                pending = pending[rows]
+                pending, pending_valid = pending[rows], pending_valid[rows]
                 position = position[rows.cpu()]
     stats.total_time = time.perf_counter() - t_start
 

@@ -94,9 +94,9 @@ class GuidedSession:
         self.inner = CacheSession(model, ids.shape[0], device)
         if ids.shape[1] > 1:
             self.inner.extend(ids[:, :-1], mask[:, :-1], num_logits=1)
-        # the first fed column is each half's last prompt token: the caller feeds the condition's,
-        # the unconditional half gets its own here
-        self._uncond_last: torch.Tensor | None = ids[self.batch:, -1]  # [B]
+        # while nothing was fed since the prompt, the first fed column is each half's last prompt token:
+        # the caller feeds the condition's, the unconditional half gets its own here
+        self.uncond_last = ids[self.batch:, -1]  # [B]
         self.fed = torch.zeros((self.batch,), dtype=torch.long, device=device)  # tokens fed since the prompt
 
     # -- CacheSession interface ---------------------------------------------------------------
@@ -127,22 +127,43 @@ class GuidedSession:
         return None if h is None else {k: v[: self.batch] for k, v in h.items()}
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *,
-               num_logits: int | None = None, **model_inputs: Any) -> torch.Tensor:
-        """Feed tokens [B, w] (both halves); returns guided logits [B, n, V] (n = ``num_logits`` or w)."""
+               num_logits: int | None = None, positions: torch.Tensor | None = None,
+               **model_inputs: Any) -> torch.Tensor:
+        """Feed tokens [B, w] (both halves); returns guided logits [B, n, V] (n = ``num_logits`` or w).
+
+        ``positions`` long [B, w] (optional): the generated index of each column's token, for blocks
+        whose invalid columns keep their positions (holes that still count); by default the valid
+        columns are numbered consecutively."""
         valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
         rows = self._first_column_fix(self.both(tokens), valid)
+        if positions is None:
+            pos = self.fed.unsqueeze(1) + valid.cumsum(dim=1) - 1  # [B, w]: generated index each column predicts
+        else:
+            pos = positions
+            base = self.inner.next_pos[: self.batch] - self.fed  # prompt tokens per row, both halves
+            base2 = self.inner.next_pos[self.batch:] - self.fed
+            model_inputs["position_ids"] = torch.cat([base.unsqueeze(1) + positions, base2.unsqueeze(1) + positions])
         logits = self.inner.extend(rows, self.both(valid), num_logits=num_logits, **model_inputs)
-        pos = self.fed.unsqueeze(1) + valid.cumsum(dim=1) - 1  # [B, w]: generated index each column predicts
         self.fed = self.fed + valid.sum(dim=1)
         return self._guided(logits, pos[:, -logits.shape[1]:])
 
+    def fork(self, rows: torch.Tensor) -> "GuidedSession":
+        """A new session over copies of sequences ``rows`` (long [R], repeats allowed), both halves."""
+        import copy
+
+        fork = copy.copy(self)
+        fork.inner = self.inner.fork(torch.cat([rows, rows + self.batch]))
+        fork.batch, fork.fed, fork.uncond_last = rows.numel(), self.fed[rows], self.uncond_last[rows]
+        return fork
+
     def _first_column_fix(self, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        if self._uncond_last is None:
+        fresh = self.fed == 0  # [B]: the first fed column is the last prompt token
+        if not bool(fresh.any()):
             return rows
-        first = valid.argmax(dim=1)  # [B]: first valid column (the pending prompt token)
+        first = valid.argmax(dim=1)  # [B]: first valid column
+        b = torch.nonzero(fresh).flatten()
         rows = rows.clone()
-        rows[self.batch + torch.arange(self.batch, device=rows.device), first] = self._uncond_last
-        self._uncond_last = None
+        rows[self.batch + b, first[b]] = self.uncond_last[b]
         return rows
 
     def _guided(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -177,8 +198,7 @@ class GuidedSession:
         """Keep only sequences ``rows`` (long [B'])."""
         self.inner.select_rows(torch.cat([rows, rows + self.batch]))
         self.fed = self.fed[rows]
-        if self._uncond_last is not None:
-            self._uncond_last = self._uncond_last[rows]
+        self.uncond_last = self.uncond_last[rows]
         self.batch = rows.numel()
 
 

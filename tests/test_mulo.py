@@ -1,10 +1,14 @@
-"""MuLo-SD local resampling: exactly the union of neighbourhoods is redrawn, islands are batched."""
+"""MuLo-SD on the one cached loop: exactly the union of neighbourhoods is redrawn, islands are batched,
+and the cached loop gives the cache-free reference loop's tokens (tests/mulo_reference.py) for the
+same seed."""
 
+import pytest
 import torch
 
 from mmspec import SamplingParams
 from mmspec.image_gen.locality import expand_rejections
-from mmspec.image_gen.mulo import GuidedContext, guided_logits, local_resample_set, resample_islands
+from mmspec.image_gen.mulo import local_resample_set
+from mulo_reference import GuidedContext, ReferenceMultiScaleDrafter, decode_mulo, guided_logits, resample_islands, row_drafter
 from mmspec.rng import keyed_exponential, keyed_uniform
 from tiny_image_models import reference_logits, tiny_ar
 
@@ -54,7 +58,6 @@ def test_keyed_noise_depends_only_on_the_key():
 def test_mulo_loop_extremes():
     """tau = 0 keeps every candidate (output = the drafts); tau > 1 rejects everything, so every block
     is one island redrawn in raster order: greedy output = plain AR greedy of the target."""
-    from mmspec.image_gen.mulo import decode_mulo, row_drafter
     from mmspec.image_gen.neighbours import build_latent_neighbours
     from mmspec.verify import PooledThresholdRule
     from tiny_image_models import reference_greedy, truncated_ar
@@ -78,35 +81,66 @@ def test_mulo_loop_extremes():
     assert reject_all.flatten().tolist() == list(reference_greedy(ctx.model, 3, 2.0))
     assert st.resampled == 36 and st.accepted == 0
     mid, st = decode_mulo(ctx, row_drafter(dctx, SamplingParams(1.0), 0), PooledThresholdRule(table, 0.3), grid=6,
-                          rows_per_step=2, l=1, sampling=SamplingParams(temperature=1.0), seed=0)
-    assert mid.shape == (6, 6) and 0 <= st.resampled <= 36
+                          rows_per_step=2, l=0, sampling=SamplingParams(temperature=1.0), seed=0)
+    # l = 0: exactly the rejected tokens are redrawn and the accepted ones kept; both kinds occur
+    assert 0 < st.accepted < 36 and st.resampled == 36 - st.accepted and int(st.kept_map.sum()) == st.accepted
+
+
+def _mulo_pair(dtype=torch.float64):
+    from mmspec.image_gen import tiny_vq_tokenizer
+
+    tok = tiny_vq_tokenizer(image_size=32, num_vq_embeddings=16)  # 8 x 8 grid
+    if dtype == torch.float64:
+        tok = type(tok)(tok.vq_model.double(), 32)
+    return tok, tiny_ar(grid=8, codebook=16, dtype=dtype), tiny_ar(grid=4, codebook=16, seed=3, dtype=dtype)
 
 
 def test_multiscale_drafter_mechanics():
-    """Scale 2: one low-res row drafted per step becomes two high-res rows; the decode loop runs end to end
-    and, at tau = 0, outputs exactly the up-sampled drafts."""
-    from mmspec.image_gen import tiny_vq_tokenizer
+    """Scale 2: one low-res row drafted per step becomes two high-res rows; at tau = 0 the cached loop
+    outputs exactly the up-sampled drafts, every token kept."""
+    import mmspec.image_gen as ig
     from mmspec.image_gen.multiscale import MultiScaleDrafter
-    from mmspec.image_gen.mulo import decode_mulo
+
+    tok, hi, lo = _mulo_pair()
+    drafter = MultiScaleDrafter(lo, tok, 2)
+    assert drafter.downsample(torch.zeros(8, 8, dtype=torch.long)).shape == (4, 4)
+    assert drafter.upsample(torch.zeros(4, 4, dtype=torch.long)).shape == (8, 8)
+    events = list(ig.generate_stream(hi, tok, condition=[2], method="mulo", drafter=lo, mulo_tau=0.0, cfg_scale=2.0,
+                                     temperature=0.0))
+    assert len(events) == 4 and all(ev.num_draft == [16] and ev.num_accepted == [16] for ev in events)
+    assert all(all(ev.kept[0]) for ev in events)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("tau", [0.2, 0.5])
+def test_cached_loop_gives_the_reference_loops_tokens(temperature, tau):
+    """The same seed gives the cache-free reference's tokens, alone or inside a batch of images."""
+    import mmspec.image_gen as ig
     from mmspec.image_gen.neighbours import build_latent_neighbours
     from mmspec.verify import PooledThresholdRule
 
-    tok = tiny_vq_tokenizer(image_size=32, num_vq_embeddings=16)  # 8 x 8 grid
-    tok = type(tok)(tok.vq_model.double(), 32)
-    hi = tiny_ar(grid=8, codebook=16)
-    lo = tiny_ar(grid=4, codebook=16, seed=3)
-    ctx = GuidedContext(hi, hi.prefix_ids(2), hi.prefix_ids(2, unconditional=True), 2.0)
-    lctx = GuidedContext(lo, lo.prefix_ids(2), lo.prefix_ids(2, unconditional=True), 2.0)
-    greedy = SamplingParams(temperature=0.0)
-    drafter = MultiScaleDrafter(lctx, tok, 2, greedy)
-    assert drafter.downsample(torch.zeros(8, 8, dtype=torch.long)).shape == (4, 4)
-    assert drafter.upsample(torch.zeros(4, 4, dtype=torch.long)).shape == (8, 8)
-    seen = []
-    rec = lambda prefix, t0, m: seen.append(drafter(prefix, t0, m)) or seen[-1]
-    table = build_latent_neighbours(tok.codebook, 2)
-    out, st = decode_mulo(ctx, rec, PooledThresholdRule(table, 0.0), grid=8, rows_per_step=2, l=1,
-                          sampling=greedy, seed=0)
-    assert torch.equal(out.flatten(), torch.cat(seen)) and st.steps == 4 and st.verify_forwards == 4
+    tok, hi, lo = _mulo_pair()
+    sampling = SamplingParams(temperature=temperature)
+    table = build_latent_neighbours(tok.codebook, 4)
+    seeds = {1: 11, 2: 12, 5: 15}
+    expected, kept = {}, {}
+    for c, seed in seeds.items():
+        ctx = GuidedContext(hi, hi.prefix_ids(c), hi.prefix_ids(c, unconditional=True), 2.0)
+        lctx = GuidedContext(lo, lo.prefix_ids(c), lo.prefix_ids(c, unconditional=True), 2.0)
+        toks, st = decode_mulo(ctx, ReferenceMultiScaleDrafter(lctx, tok, 2, sampling, seed),
+                               PooledThresholdRule(table, tau), grid=8, rows_per_step=2, l=1, sampling=sampling,
+                               seed=seed)
+        expected[c], kept[c] = toks, st.kept_map
+    out = ig.generate(hi, tok, condition=list(seeds), method="mulo", drafter=lo, neighbours=table, mulo_tau=tau,
+                      cfg_scale=2.0, temperature=temperature, seed=list(seeds.values()))
+    for i, c in enumerate(seeds):
+        assert torch.equal(out.tokens[i], expected[c]), c
+    assert torch.allclose(out.stats.accepted_map, torch.stack([kept[c].float() for c in seeds]).mean(0))
+    if tau == 0.2:
+        assert 0 < float(out.stats.accepted_map.mean()) < 1  # both kept and redrawn tokens occur
+    alone = ig.generate(hi, tok, condition=[5], method="mulo", drafter=lo, neighbours=table, mulo_tau=tau,
+                        cfg_scale=2.0, temperature=temperature, seed=[15])
+    assert torch.equal(alone.tokens[0], expected[5])
 
 
 def test_generate_method_mulo():
