@@ -1,7 +1,8 @@
 """``python -m benchmarks``: every table of benchmarks/RESULTS.md and its figures, in one command.
 
 Runs, one after the other (never concurrently: 2-core timings), the text benchmark, the VLM
-benchmark on the zoo pair, the image-generation benchmark on the zoo image models and the zoo's
+benchmark on the zoo pair, the image-generation benchmark on the zoo image models, draft trees
+against chains (and MuLo-SD on the cached loop), and the zoo's
 training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own
 baseline, and writes the sections of ``--out`` plus the PNGs (speed-quality, acceptance histograms)
 into ``--plots``.
@@ -13,18 +14,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_gen, text, vlm, zoo_training
+from . import image_gen, text, trees, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,vlm,image,train", help="comma-separated subset of text,vlm,image,train")
+    ap.add_argument("--only", default="text,vlm,image,trees,train",
+                    help="comma-separated subset of text,vlm,image,trees,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "vlm", "image", "train"}
+    unknown = parts - {"text", "vlm", "image", "trees", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         rc |= vlm.main(common + plots)
     if "image" in parts:
         rc |= image_gen.main(common + plots)
+    if "trees" in parts:
+        rc |= trees.main(common)
     if "train" in parts:
         rc |= zoo_training.main(common)
     return rc
