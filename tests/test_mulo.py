@@ -122,7 +122,7 @@ def test_cached_loop_gives_the_reference_loops_tokens(temperature, tau):
     tok, hi, lo = _mulo_pair()
     sampling = SamplingParams(temperature=temperature)
     table = build_latent_neighbours(tok.codebook, 4)
-    seeds = {1: 11, 2: 12, 5: 15}
+    seeds = {1: 11, 2: 12, 7: 17, 5: 15}  # image 5 among three others, and alone
     expected, kept = {}, {}
     for c, seed in seeds.items():
         ctx = GuidedContext(hi, hi.prefix_ids(c), hi.prefix_ids(c, unconditional=True), 2.0)

@@ -73,18 +73,18 @@ def test_same_seed_reproduces_and_generator_still_works():
 def test_vlm_row_depends_only_on_its_prompt_and_seed():
     target = build_vlm("llava", dtype=torch.float64)
     drafter = truncated_vlm_drafter(target)
-    inputs = vlm_inputs("llava", 3, seed=4)  # three images / prompts
+    inputs = vlm_inputs("llava", 4, seed=4)  # four images / prompts
     n = 12
 
     def run(rows, seeds):
-        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == 3 else v) for k, v in inputs.items()}
+        sub = {k: (v[rows] if isinstance(v, torch.Tensor) and v.shape[0] == 4 else v) for k, v in inputs.items()}
         out = mv.generate(target, drafter, sub, keep_ratio=0.5, pruning="uniform", max_new_tokens=n,
                           temperature=1.0, num_draft_tokens=2, seed=seeds, eos_token_id=[])
         return _rows(out, n)
 
     alone = run([1], [41])[0]
-    assert run([0, 1, 2], [1, 41, 2])[1] == alone
-    assert run([2, 0, 1], [2, 1, 41])[2] == alone
+    assert run([0, 1, 2, 3], [1, 41, 2, 3])[1] == alone
+    assert run([3, 2, 0, 1], [3, 2, 1, 41])[3] == alone
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
