@@ -57,7 +57,10 @@ class Budget:
     lr_drafter: float
     max_seconds: float
     max_train_bytes: int | None
-    bf16_autocast: bool = True  # CPU bf16 autocast for the training forwards (~1.6x faster here)
+    # CPU bf16 autocast for the training forwards: ~1.6x faster on a CPU with native bf16 (the machine of
+    # 2026-11-22), 11x slower where it is emulated (2026-11-30: 13.2 s vs 1.2 s per step); chosen per
+    # machine by a one-step probe (see bf16_pays)
+    bf16_autocast: bool | None = None
 
 
 FULL = Budget(steps=600, batch=16, seq_len=128, lr_target=3e-3, lr_drafter=4e-3,
@@ -174,12 +177,30 @@ class ThreadChooser:
         self.used[self.current] += 1
 
 
+def bf16_pays() -> bool:
+    """Whether a bf16-autocast training step of the target beats fp32 on this CPU (one probe step each)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config(TARGET_ARCH))
+    x = torch.randint(0, 256, (4, 64))
+    times = {}
+    for enabled in (False, True, False, True):  # the second of each pair counts (warm)
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(input_ids=x).logits.float().mean()
+        loss.backward()
+        times[enabled] = time.perf_counter() - t0
+    return times[True] < times[False]
+
+
 def train(cache_dir: Path, budget: Budget) -> dict:
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
     threads_before = torch.get_num_threads()
     threads = ThreadChooser()
+    use_bf16 = bf16_pays() if budget.bf16_autocast is None else budget.bf16_autocast
     data = _train_ids(budget.max_train_bytes)
     held = _held_out()
     windows = _validation_windows(held)
@@ -213,7 +234,7 @@ def train(cache_dir: Path, budget: Budget) -> dict:
         starts = torch.randint(0, data.numel() - budget.seq_len - 1, (budget.batch,), generator=gen)
         batch = torch.stack([data[s: s + budget.seq_len + 1] for s in starts.tolist()])
         x, y = batch[:, :-1], batch[:, 1:].flatten()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=budget.bf16_autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             tl = target(input_ids=x).logits.flatten(0, 1).float()
             dl = drafter(input_ids=x).logits.flatten(0, 1).float()
         ce_t = F.cross_entropy(tl, y)
@@ -236,7 +257,7 @@ def train(cache_dir: Path, budget: Budget) -> dict:
     meta = dict(
         format_version=FORMAT_VERSION, python=sys.version.split()[0], torch=torch.__version__,
         budget=asdict(budget), steps_done=steps_done, train_seconds=round(train_seconds, 1),
-        steps_per_thread_count={str(k): v for k, v in threads.used.items()},
+        steps_per_thread_count={str(k): v for k, v in threads.used.items()}, bf16_autocast=use_bf16,
         train_tokens=steps_done * budget.batch * budget.seq_len, corpus_train_bytes=int(data.numel()),
         final_train_ce_target=loss_t, final_train_ce_drafter=loss_d,
         target_params=sum(p.numel() for p in target.parameters()),

@@ -79,7 +79,11 @@ def summarise(res: dict, base: str, chain: str | None, tokens_of) -> list[list[s
         fwd = sum(tokens_of(s) for s in stats) / max(len(stats), 1)
         tau = emitted / steps if steps else 0.0
         same = "yes" if r["outputs"] == ref else "no"
-        row = [n, f"{tau:.2f}", f"{fwd:.1f}", f"x{res[base]['seconds'] / r['seconds']:.2f}",
+        n_steps = sum(s.steps for s in stats) or 1
+        target_ms = 1000 * sum(s.target_time for s in stats) / n_steps
+        drafter_ms = 1000 * sum(s.drafter_time - s.drafter_prefill_time for s in stats) / n_steps
+        row = [n, f"{tau:.2f}", f"{fwd:.1f}", f"{target_ms:.1f}", f"{drafter_ms:.1f}",
+               f"x{res[base]['seconds'] / r['seconds']:.2f}",
                "–" if chain is None or n == base else f"x{res[chain]['seconds'] / r['seconds']:.2f}", same]
         rows.append(row)
     return rows
@@ -175,15 +179,16 @@ def image_part(args) -> str:
     res = run_interleaved(methods, prompts, args.repeats)
 
     rows = summarise(res, "plain AR (same loop, no drafter)", f"exact SD, chain k={args.k}",
-                     lambda s: s.target_calls / max(s.images, 1))
+                     lambda s: s.target_forwards_per_image)
     for r in rows:  # sampled: identity to AR is not expected
         r[-1] = "n/a (sampled)"
     return (f"### Image: zoo AR models, {len(prompts)} held-out prompts × {args.images} images, CFG 1.5, T=1, "
-            f"top-k 16, {args.repeats} interleaved repeats (fwd/seq here: target calls per image, prefill "
-            f"included)\n\n" + table(rows, HEAD))
+            f"top-k 16, {args.repeats} interleaved repeats (fwd/seq here: target forwards each image took part "
+            f"in, prefill and MuLo-SD's resampling forwards included)\n\n" + table(rows, HEAD))
 
 
-HEAD = ["method", "τ", "fwd/seq", "speedup vs AR", "speedup vs chain", "identical to AR"]
+HEAD = ["method", "τ", "fwd/seq", "target ms/step", "drafter ms/step", "speedup vs AR", "speedup vs chain",
+        "identical to AR"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,20 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p.strip() for p in args.only.split(",")]
     sections = []
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if "text" in parts:
-            sections.append(text_part(args))
-        if "vlm" in parts:
-            sections.append(vlm_part(args))
-        if "image" in parts:
-            sections.append(image_part(args))
+    if "text" in parts:  # may train the byte-level pair first (outside no_grad)
+        sections.append(text_part(args))
+    if "vlm" in parts:
+        sections.append(vlm_part(args))
+    if "image" in parts:
+        sections.append(image_part(args))
     cmd = "python -m benchmarks.trees " + " ".join(argv if argv is not None else [])
     head = (f"{HEADING}\n\n- command: `{cmd.strip()}`\n- date: {_dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
             f"{platform.machine()}, torch {torch.__version__} ({args.threads} threads); 1/5/15-min load average "
             f"{load_before} before, {_load()} after ({time.perf_counter() - t0:.0f} s)\n- columns: τ = tokens "
-            f"emitted per verification step; fwd/seq = target verification forwards per sequence; speedups are "
-            f"wall-clock ratios in the same interleaved run\n\n")
-    text = head + "\n\n".join(sections) + "\n"
+            f"emitted per verification step; fwd/seq = target verification forwards per sequence; target / "
+            f"drafter ms/step = the loop's time split per verification step (target: the verification forward, "
+            f"for trees with the tree verification; drafter: proposing and observing, its prefill excluded); "
+            f"speedups are wall-clock ratios in the same interleaved run\n\n")
+    text = head + "\n\n".join(sections) + "\n"  # hand-written notes after <!-- notes --> in the file are kept
     print(text)
     if args.out is not None and not args.quick:
         write_section(args.out, HEADING, text)

@@ -32,20 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from mmspec.config import SamplingParams
-from mmspec.rng import keyed_exponential
+from mmspec.image_gen.mulo import draw_keyed  # the keyed draw is the shared contract
 from mmspec.sampling import logits_to_probs
 
 from mmspec.image_gen.locality import expand_rejections, rejection_islands
 from mmspec.image_gen.model import ARImageModel, guidance_scale, guide
-
-
-def draw_keyed(probs: torch.Tensor, sampling: SamplingParams, seed: int, key: int) -> int:
-    """One token from processed probs [V]: argmax when greedy, else the exponential race with noise keyed
-    by (seed, key) (the same key always gets the same noise)."""
-    if sampling.is_greedy:
-        return int(probs.argmax())
-    noise = keyed_exponential(seed, torch.tensor([key]), probs.shape[-1])[0]
-    return int((probs / noise).argmax())
 
 
 @dataclass(frozen=True)
@@ -209,15 +200,10 @@ def row_drafter(ctx: GuidedContext, sampling: SamplingParams, seed: int):
 
 # -- the cache-free multi-scale drafter --------------------------------------------------------------
 
-import torch.nn.functional as F  # noqa: E402
+from mmspec.image_gen.multiscale import resize_images  # noqa: E402
 
 from mmspec.errors import MMSpecError  # noqa: E402
 from mmspec.image_gen.tokenizer import VQTokenizer  # noqa: E402
-
-
-def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """float [B, 3, h, w] in [-1, 1] -> [B, 3, size, size] (bicubic, antialiased when shrinking)."""
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
 
 
 class ReferenceMultiScaleDrafter:

@@ -202,6 +202,22 @@ def test_imagegen_rejects_bad_arguments_before_loading(tmp_path, args, message, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--method", "ar", "--drafter", "D"], "method 'ar' does not use drafter"),
+    (["--method", "ar", "-k", "8"], "method 'ar' does not use num_draft_tokens"),
+    (["--method", "sjd", "--lantern-delta", "0.2"], "method 'sjd' does not use lantern_delta"),
+    (["--method", "exact"], "method 'exact' needs a drafter model"),
+])
+def test_imagegen_checks_method_parameters_against_the_registry_before_loading(tmp_path, args, message, capsys,
+                                                                               no_work):
+    (tmp_path / "model").mkdir()
+    out = tmp_path / "out"
+    args = [str(tmp_path / "model") if a == "D" else a for a in args]
+    assert imagegen_main(["--model", str(tmp_path / "model"), "--class", "1", "--out", str(out), *args]) \
+        == EXIT_BAD_INPUT
+    assert message in one_line_error(capsys)
+
+
 def test_imagegen_without_condition_or_model(tmp_path, capsys, no_work):
     assert imagegen_main(["--model", str(tmp_path), "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
     assert "give a condition" in one_line_error(capsys)

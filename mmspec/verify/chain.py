@@ -22,6 +22,8 @@ synchronisations; otherwise the functions are pure tensor code: no Python RNG, n
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..config import SamplingParams
@@ -147,6 +149,41 @@ def _check_finite(draft_probs, target_logits, num_draft) -> None:
         raise NonFiniteError(f"draft_probs hold NaN or inf at row {row}, position {col}")
 
 
+class PreparedVerification(NamedTuple):
+    """What chain and tree verification share before their walks.
+
+    target:      float [B, n+1, V]  processed target (probabilities; greedy scores when ``greedy``)
+    draft_probs: float [B, n, V] | None (float32; None when greedy)
+    uniforms:    float [B, n]       acceptance randomness (zeros when greedy)
+    noise:       float [B, V]       Exp(1) noise of the row's one sampled token (ones when greedy)
+    greedy:      bool               a lossless rule at temperature 0: use the greedy rule
+    """
+
+    target: torch.Tensor
+    draft_probs: torch.Tensor | None
+    uniforms: torch.Tensor
+    noise: torch.Tensor
+    greedy: bool
+
+
+def prepare_verification(target_logits: torch.Tensor, draft_probs: torch.Tensor | None, sampling: SamplingParams,
+                         lossless: bool, n: int, uniforms: torch.Tensor | None, noise: torch.Tensor | None,
+                         generator: torch.Generator | None) -> PreparedVerification:
+    """Process the target logits as the non-speculative sampler would and fix the randomness: the given
+    ``uniforms`` [B, n] / ``noise`` [B, V], else drawn from ``generator`` (uniforms first)."""
+    batch, vocab, device = target_logits.shape[0], target_logits.shape[-1], target_logits.device
+    if sampling.is_greedy:
+        target = process_logits(target_logits, sampling) if lossless else logits_to_probs(target_logits, sampling)
+        return PreparedVerification(target, None, torch.zeros((batch, n), dtype=torch.float32, device=device),
+                                    torch.ones((batch, vocab), dtype=torch.float32, device=device), lossless)
+    if uniforms is None:
+        uniforms = torch.rand((batch, n), dtype=torch.float32, device=device, generator=generator)
+    if noise is None:
+        noise = draw_exponential((batch, vocab), device=device, generator=generator)
+    return PreparedVerification(logits_to_probs(target_logits, sampling),
+                                None if draft_probs is None else draft_probs.to(torch.float32), uniforms, noise, False)
+
+
 def verify_chain(
     draft_tokens: torch.Tensor,  # long [B, k]
     draft_probs: torch.Tensor | None,  # float [B, k, V] | None (processed drafter distribution)
@@ -170,26 +207,9 @@ def verify_chain(
     """
     _check_shapes(draft_tokens, draft_probs, target_logits, num_draft)
     _check_finite(draft_probs, target_logits, num_draft)
-    batch, k = draft_tokens.shape
-    vocab = target_logits.shape[-1]
-    device = target_logits.device
     rule = rule if rule is not None else default_rule(sampling)
-    if sampling.is_greedy:
-        if rule.lossless:
-            # every lossless rule reduces to greedy verification at temperature 0
-            rule = GreedyRule()
-            target = process_logits(target_logits, sampling)
-        else:
-            target = logits_to_probs(target_logits, sampling)
-        uniforms = torch.zeros((batch, k), dtype=torch.float32, device=device)
-        noise = torch.ones((batch, vocab), dtype=torch.float32, device=device)
-        draft_probs = None
-    else:
-        target = logits_to_probs(target_logits, sampling)
-        if uniforms is None:
-            uniforms = torch.rand((batch, k), dtype=torch.float32, device=device, generator=generator)
-        if noise is None:
-            noise = draw_exponential((batch, vocab), device=device, generator=generator)
-        if draft_probs is not None:
-            draft_probs = draft_probs.to(torch.float32)
+    prep = prepare_verification(target_logits, draft_probs, sampling, rule.lossless, draft_tokens.shape[1],
+                                uniforms, noise, generator)
+    rule = GreedyRule() if prep.greedy else rule  # every lossless rule reduces to greedy at temperature 0
+    draft_probs, target, uniforms, noise = prep.draft_probs, prep.target, prep.uniforms, prep.noise
     return verify_chain_probs(draft_tokens, draft_probs, target, rule, uniforms, noise, num_draft, backend=backend)

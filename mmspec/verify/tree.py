@@ -37,7 +37,7 @@ import torch
 
 from ..config import SamplingParams
 from ..errors import NonFiniteError, ShapeError, TokenIdError
-from ..sampling import draw_exponential, logits_to_probs, process_logits
+from .chain import prepare_verification
 from .tree_rules import DeterministicTreeRule, GreedyTreeRule, SiblingState, SpecInferTreeRule, TreeRule, start_node
 from .types import PLACEHOLDER_TOKEN_ID
 
@@ -248,26 +248,10 @@ def verify_tree(
     from ``generator``.
     """
     num_draft, max_depth = _validate_tree(draft_tokens, parents, draft_probs, target_logits, num_draft)
-    batch, n = draft_tokens.shape
-    vocab = target_logits.shape[-1]
-    device = target_logits.device
     rule = rule if rule is not None else default_tree_rule(sampling, draft_probs)
-    if sampling.is_greedy:
-        if rule.lossless:
-            rule = GreedyTreeRule()
-            target = process_logits(target_logits, sampling)
-        else:
-            target = logits_to_probs(target_logits, sampling)
-        uniforms = torch.zeros((batch, n), dtype=torch.float32, device=device)
-        noise = torch.ones((batch, vocab), dtype=torch.float32, device=device)
-        draft_probs = None
-    else:
-        target = logits_to_probs(target_logits, sampling)
-        if uniforms is None:
-            uniforms = torch.rand((batch, n), dtype=torch.float32, device=device, generator=generator)
-        if noise is None:
-            noise = draw_exponential((batch, vocab), device=device, generator=generator)
-        if draft_probs is not None:
-            draft_probs = draft_probs.to(torch.float32)
+    prep = prepare_verification(target_logits, draft_probs, sampling, rule.lossless, draft_tokens.shape[1],
+                                uniforms, noise, generator)
+    rule = GreedyTreeRule() if prep.greedy else rule  # every lossless rule reduces to greedy at temperature 0
+    draft_probs, target, uniforms, noise = prep.draft_probs, prep.target, prep.uniforms, prep.noise
     return _verify_valid_tree(draft_tokens, parents, draft_probs, target, rule, uniforms, noise, num_draft, max_depth,
                               backend)
