@@ -104,7 +104,7 @@ def test_image_target_reaches_recorded_prompt_faithfulness(image_models, monkeyp
     """The recorded measurement's 64 held-out prompts, sampled as ``python -m mmspec.zoo --evaluate`` samples them
     (seeded per batch of 16: the count is deterministic for a given sampler, and does not depend on the thread
     count). A changed sampler (e.g. its RNG stream) redraws the images, so the count must lie in the central
-    1 - 2e-3 range of Binomial(64, recorded): 22..46 faithful images at 0.53. An evaluation at half the recorded
+    1 - 2e-3 range of Binomial(64, recorded): 24..48 faithful images at 0.5625. An evaluation at half the recorded
     rate fails (the bound rejects a model whose true rate is half with probability 0.90 per draw)."""
     from scipy import stats
 

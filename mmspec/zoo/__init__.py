@@ -32,7 +32,9 @@ CHECKSUM_FILE = "SHA256SUMS"
 # tests check it with a tolerance)
 RECORDED_QUALITY = {
     "vlm_caption_exact_match": 0.92,  # 200 held-out scenes, greedy
-    "image_prompt_faithfulness": 0.53,  # 64 held-out prompts, AR with IMAGE_SAMPLING (1 obj 0.79, 2: 0.44, 3: 0.27)
+    # 64 held-out prompts, AR with IMAGE_SAMPLING (1 obj 0.71, 2: 0.56, 3: 0.33); re-recorded 2026-11-30 when
+    # sampling moved to per-row keyed seeds (same model; the draws differ): 0.53 (0.79 / 0.44 / 0.27) before
+    "image_prompt_faithfulness": 0.5625,
     "tokenizer_round_trip_stable": 1.0,  # tokens of 64 held-out scenes unchanged by decode -> encode (fixed points)
     "tokenizer_nearest_round_trip_stable": 0.9789,  # the same with one nearest-code pass (64 scenes)
     "tokenizer_parse_exact_fixed_point": 1.0,  # 64 scenes the parser reads exactly from their fixed-point tokens
