@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(vlm_part(args))
     if "image" in parts:
         sections.append(image_part(args))
-    cmd = "python -m benchmarks.trees " + " ".join(argv if argv is not None else [])
+    import sys
+
+    cmd = "python -m benchmarks.trees " + " ".join(argv if argv is not None else sys.argv[1:])
     head = (f"{HEADING}\n\n- command: `{cmd.strip()}`\n- date: {_dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
             f"{platform.machine()}, torch {torch.__version__} ({args.threads} threads); 1/5/15-min load average "
             f"{load_before} before, {_load()} after ({time.perf_counter() - t0:.0f} s)\n- columns: τ = tokens "
