@@ -141,6 +141,9 @@ def test_cached_loop_gives_the_reference_loops_tokens(temperature, tau):
     alone = ig.generate(hi, tok, condition=[5], method="mulo", drafter=lo, neighbours=table, mulo_tau=tau,
                         cfg_scale=2.0, temperature=temperature, seed=[15])
     assert torch.equal(alone.tokens[0], expected[5])
+    reverse = ig.generate(hi, tok, condition=list(seeds)[::-1], method="mulo", drafter=lo, neighbours=table,
+                          mulo_tau=tau, cfg_scale=2.0, temperature=temperature, seed=list(seeds.values())[::-1])
+    assert torch.equal(reverse.tokens[0], expected[5])
 
 
 def test_generate_method_mulo():
