@@ -164,3 +164,24 @@ def test_drafters_get_the_target_hidden_states_they_ask_for_and_only_then():
     # the verification forward's column 0 is the last prompt token: its states equal the full forward's
     for layer in (1, -1):
         assert torch.allclose(first.target_hidden[layer][0, 0], full[layer][0, ids.shape[1] - 1], atol=1e-8)
+
+
+def test_image_drafter_honours_a_confidence_draft_length():
+    """ARDrafter is the core ModelDrafter: a ConfidenceDraftLength stops a row's drafting (it used to be
+    ignored), and the output still equals the reference decoder."""
+    target = tiny_ar()
+    conds = [3, 7]
+    expected = [list(reference_greedy(target, c, 3.0)) for c in conds]
+    d = ig.ARDrafter(truncated_ar(target), mmspec.ConfidenceDraftLength(4, threshold=0.9))
+    events = list(ig.generate_stream(target, condition=conds, method="exact", drafter=d, cfg_scale=3.0,
+                                     temperature=0.0))
+    rows = [[], []]
+    for ev in events:
+        for r, toks in zip(ev.rows, ev.tokens):
+            rows[r].extend(toks)
+    assert rows == expected
+    drafted = [n for ev in events for n in ev.num_draft]
+    fixed = [n for ev in ig.generate_stream(target, condition=conds, method="exact", drafter=truncated_ar(target),
+                                            num_draft_tokens=4, cfg_scale=3.0, temperature=0.0) for n in ev.num_draft]
+    assert any(0 < n < 4 for n in drafted)  # rows stop drafting early on low confidence
+    assert sum(drafted) / len(drafted) < sum(fixed) / len(fixed)
