@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from scipy import stats
+from stat_helpers import chisquare_pvalue
 
 from mmspec import SamplingParams
 from mmspec.verify import (PLACEHOLDER_TOKEN_ID, AcceptRule, ExactRule, GreedyRule, Judgement,
@@ -169,17 +169,6 @@ def run_markov(P, Q, start, k, rule, gen, steps_needed=2, sampling=SamplingParam
             out[i].extend(row[: n + 1])
         state = res.tokens.gather(1, res.num_accepted[:, None]).squeeze(1)
     return torch.tensor([o[:steps_needed] for o in out])
-
-
-def chisquare_pvalue(samples_idx, probs):
-    counts = torch.bincount(samples_idx, minlength=probs.numel()).double()
-    expected = probs.double() * samples_idx.numel()
-    keep = expected > 5
-    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
 @pytest.mark.parametrize("k", [1, 3])

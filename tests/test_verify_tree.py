@@ -6,7 +6,7 @@ lists); the chain verifier on chains (parents = i - 1); and the target distribut
 
 import pytest
 import torch
-from scipy import stats
+from stat_helpers import chisquare_pvalue
 
 from mmspec import SamplingParams
 from mmspec.errors import NonFiniteError, ShapeError, TokenIdError
@@ -431,17 +431,6 @@ def first_two_tokens(tables, res, gen):
     nxt = torch.multinomial(P1[first], 1, generator=gen).squeeze(1)
     second = torch.where(res.num_accepted >= 1, res.tokens[:, 1], nxt)
     return torch.stack([first, second], dim=1)
-
-
-def chisquare_pvalue(samples_idx, probs):
-    counts = torch.bincount(samples_idx, minlength=probs.numel()).double()
-    expected = probs.double() * samples_idx.numel()
-    keep = expected > 5
-    obs = torch.cat([counts[keep], counts[~keep].sum()[None]])
-    exp = torch.cat([expected[keep], expected[~keep].sum()[None]])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
 
 
 def run_stat(rule, how, seed, *, ragged=False, backend=None):
