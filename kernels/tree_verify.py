@@ -55,6 +55,51 @@ def _sum_mass(weights: torch.Tensor) -> torch.Tensor:
     return weights.sum(dim=-1, dtype=torch.float64).to(torch.float32)
 
 
+def tree_verify_greedy_torch(
+    draft_tokens: torch.Tensor,  # long [B, N]
+    parents: torch.Tensor,  # long [B, N]
+    num_draft: torch.Tensor,  # long [B]
+    target: torch.Tensor,  # float [B, N+1, V]
+    max_depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The greedy walk without a per-node loop (same results as walking the nodes in order).
+
+    A real node is accepted when its token is the argmax after its parent (first index on ties), no
+    earlier real sibling is, and its parent was accepted (or is the root): one argmax over all rows of
+    ``target``, one [B, N, N] sibling comparison and D rounds of propagation down the tree."""
+    batch, n = draft_tokens.shape
+    device = target.device
+    num_draft = num_draft.clamp(0, n)
+    best = target.argmax(dim=-1)  # [B, N+1]: argmax after the root (column 0) and after each node
+    idx = torch.arange(n, device=device)
+    real = idx < num_draft.unsqueeze(1)  # [B, N]
+    par = torch.where(real, parents, torch.full_like(parents, ROOT)).clamp(min=ROOT)  # [B, N]
+    match = real & (draft_tokens == best.gather(1, par + 1))  # [B, N]
+    same_parent = par.unsqueeze(2) == par.unsqueeze(1)  # [B, N(i), N(j)]
+    earlier = idx.unsqueeze(1) > idx.unsqueeze(0)  # j < i
+    shadowed = (same_parent & earlier & match.unsqueeze(1)).any(dim=2)  # an earlier sibling matches
+    ok = match & ~shadowed
+    on_path = ok & (par == ROOT)
+    for _ in range(max_depth):
+        on_path = ok & ((par == ROOT) | on_path.gather(1, par.clamp_min(0)))
+    depth = torch.zeros((batch, n), dtype=torch.long, device=device)  # depth of on-path nodes (1-based)
+    for _ in range(max_depth):
+        depth = torch.where(on_path, 1 + torch.where(par >= 0, depth.gather(1, par.clamp_min(0)), 0), 0)
+    num_accepted = on_path.long().sum(dim=1)  # [B]
+    slots = torch.arange(max_depth, device=device)
+    nodes = torch.full((batch, max_depth), PLACEHOLDER, dtype=torch.long, device=device)
+    if n and max_depth:
+        at = on_path.unsqueeze(1) & (depth.unsqueeze(1) == slots.view(1, -1, 1) + 1)  # [B, D, N]
+        nodes = torch.where(at.any(dim=2), at.long().argmax(dim=2), nodes)
+    tokens = torch.full((batch, max_depth + 1), PLACEHOLDER, dtype=torch.long, device=device)
+    tokens[:, :max_depth] = torch.where(nodes >= 0, draft_tokens.gather(1, nodes.clamp_min(0)), tokens[:, :max_depth])
+    last = torch.where(num_accepted > 0, nodes.gather(1, (num_accepted - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+                       if max_depth else torch.full_like(num_accepted, ROOT), torch.full_like(num_accepted, ROOT))
+    final = best.gather(1, (last + 1).unsqueeze(1)).squeeze(1)
+    tokens = tokens.scatter(1, num_accepted.unsqueeze(1), final.unsqueeze(1))
+    return tokens, nodes, num_accepted
+
+
 def tree_verify_torch(
     mode: str,
     draft_tokens: torch.Tensor,  # long [B, N]
@@ -68,6 +113,8 @@ def tree_verify_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch reference. Returns (tokens long [B, D+1], accepted_nodes long [B, D], num_accepted long [B])."""
     mode = resolve_mode(mode, draft_probs)
+    if mode == "greedy":
+        return tree_verify_greedy_torch(draft_tokens, parents, num_draft, target, max_depth)
     batch, n = draft_tokens.shape
     vocab = target.shape[-1]
     device = target.device

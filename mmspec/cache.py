@@ -137,6 +137,7 @@ class CacheSession:
         self._tree_start = self.num_slots
         self._tree_anc = torch.zeros((batch, 0, 0), dtype=torch.bool, device=self.device)  # [B, T, T]
         self._tree_depth = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # [B, T]
+        self._tree_parent = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # [B, T]
 
     @property
     def tree_size(self) -> int:
@@ -157,18 +158,19 @@ class CacheSession:
         device = tokens.device
         t_old = self.tree_size
         valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
-        anc = torch.zeros((batch, t_old + w, t_old + w), dtype=torch.bool, device=device)
-        anc[:, :t_old, :t_old] = self._tree_anc
-        depth = torch.cat([self._tree_depth, torch.zeros((batch, w), dtype=torch.long, device=device)], dim=1)
-        rows = torch.arange(batch, device=device)
-        for j in range(w):  # topological: parents come first
-            g = t_old + j
-            p = parents[:, j]
-            has = p >= 0
-            pc = p.clamp_min(0)
-            anc[:, g] = anc[rows, pc] & has.unsqueeze(1)
-            anc[:, g, g] = True
-            depth[:, g] = torch.where(has, depth[rows, pc] + 1, torch.zeros_like(p))
+        # ancestor-or-self closure of the whole tree by repeated squaring of (I + parent edges)
+        par = torch.cat([self._tree_parent, parents.to(torch.long)], dim=1)  # [B, T]
+        t = t_old + w
+        par = torch.where((par >= 0) & (par < torch.arange(t, device=device)), par, torch.full_like(par, -1))
+        edge = torch.zeros((batch, t, t), dtype=torch.float32, device=device)
+        has = par >= 0
+        edge[has.nonzero(as_tuple=True) + (par[has],)] = 1.0
+        anc = edge + torch.eye(t, device=device)
+        for _ in range(max(1, (t - 1).bit_length())):
+            anc = (anc @ anc).clamp_max(1.0)
+        anc = anc.bool()  # [B, T, T]: anc[b, j, i] = node i is j or one of j's ancestors
+        depth = anc.sum(dim=-1) - 1  # [B, T]: tree ancestors (0 for children of the committed context)
+        self._tree_parent = par
         self._tree_anc, self._tree_depth = anc, depth
         tree_valid = torch.cat([self.valid[:, self._tree_start:], valid], dim=1)  # [B, T+w]
         allowed_tree = anc[:, t_old:] & tree_valid.bool().unsqueeze(1)  # [B, w, T+w]
