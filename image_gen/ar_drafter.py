@@ -19,15 +19,20 @@ from mmspec.drafters.model import ModelDrafter
 from mmspec.errors import VocabularyMismatchError
 
 
+def check_image_drafter(target: torch.nn.Module, drafter: torch.nn.Module) -> None:
+    """:class:`VocabularyMismatchError` unless the two AR image models share the codebook and the conditions."""
+    a, b = target.config, drafter.config
+    if a.codebook_size != b.codebook_size:
+        raise VocabularyMismatchError(
+            f"drafter codebook size {b.codebook_size} != target codebook size {a.codebook_size}")
+    if (a.num_classes, tuple(a.words)) != (b.num_classes, tuple(b.words)):
+        raise VocabularyMismatchError("drafter and target use different conditions (classes or prompt words)")
+
+
 class ARDrafter(ModelDrafter):
     def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = 4, *, tree=None):
         super().__init__(model, None if tree is not None else draft_length, tree=tree)
 
     def check_compatible(self, target: torch.nn.Module) -> None:
-        a, b = target.config, self.model.config
-        if a.codebook_size != b.codebook_size:
-            raise VocabularyMismatchError(
-                f"drafter codebook size {b.codebook_size} != target codebook size {a.codebook_size}")
-        if (a.num_classes, tuple(a.words)) != (b.num_classes, tuple(b.words)):
-            raise VocabularyMismatchError("drafter and target use different conditions (classes or prompt words)")
+        check_image_drafter(target, self.model)
         super().check_compatible(target)

@@ -169,8 +169,6 @@ def make_mulo(target: ARImageModel, tokenizer: Any, params: dict, sampling: Samp
     if params["mulo_scale"] is not None and params["mulo_scale"] != scale:
         raise MethodError(f"mulo_scale={params['mulo_scale']} but the drafter's grid {lo_grid} is 1/{scale} of "
                           f"the target's {grid}")
-    if (low.config.num_classes, tuple(low.config.words)) != (target.config.num_classes, tuple(target.config.words)):
-        raise MethodError("the low-resolution drafter and the target use different conditions (classes or words)")
     rule = PooledThresholdRule(_neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k"), params["mulo_tau"])
     return MultiScaleDrafter(low, tokenizer, scale), rule, LocalResampling(rule, grid, params["mulo_l"], sampling)
 

@@ -68,7 +68,6 @@ class LocalResampling:
 
     def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams):
         self.rule, self.grid, self.l, self.sampling = rule, grid, l, sampling
-        self.forwards = 0  # batched resampling forwards so far
 
     @torch.no_grad()
     def __call__(self, session, block: torch.Tensor, logits: torch.Tensor, position: torch.Tensor,
@@ -102,12 +101,10 @@ class LocalResampling:
         base = session.fork(images)
         base.rollback(torch.ones(images.numel(), dtype=torch.long, device=device))
         rows = block[images].clone()  # [R, m]: each island's own view (other islands keep their drafts)
-        in_any = ~kept  # [B, m]: tokens of any island
-        visible = ~in_any[images]  # [R, m]: kept tokens only, until an island's own tokens are redrawn
+        visible = kept[images].clone()  # [R, m]: kept tokens only, until an island's own tokens are redrawn
         steps = max(len(offs) for _, offs in members)
         for s in range(steps):
             step_logits = _block_logits(base, last[images], rows, visible)  # [R, m, V]
-            self.forwards += 1
             for r, (b, offs) in enumerate(members):
                 if s < len(offs):
                     j = offs[s]

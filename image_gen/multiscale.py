@@ -61,6 +61,11 @@ class MultiScaleDrafter(Drafter):
         self.vocab_size = low_model.config.codebook_size
         self.num_calls = 0
 
+    def check_compatible(self, target: torch.nn.Module) -> None:
+        from .ar_drafter import check_image_drafter
+
+        check_image_drafter(target, self.low)
+
     @torch.no_grad()
     def downsample(self, hi_tokens: torch.Tensor) -> torch.Tensor:
         """long [H, W] high-res grid -> long [H/r, W/r] low-res grid."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mmspec.config import SamplingParams
-from mmspec.drafters.base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
+from mmspec.drafters.base import Draft, Drafter, StepOutcome, widest_budget
 from mmspec.errors import InvalidDraftLengthError
 from mmspec.rng import JACOBI, RowRandom
 from mmspec.sampling import logits_to_probs, sample_inverse_cdf
@@ -73,11 +73,10 @@ class JacobiDrafter(Drafter):
         return (u.to(torch.float64) * self.vocab_size).long().clamp_max(self.vocab_size - 1)
 
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
-        widest, per_row = as_max_tokens(max_tokens)
-        k = max(1, min(self.window, widest))
+        k = max(1, min(self.window, widest_budget(max_tokens)))
         probs = None if self.q is None else self.q[:, :k]
         num = torch.full((self.tokens.shape[0],), k, dtype=torch.long, device=self.device)
-        return Draft(tokens=self.tokens[:, :k], probs=probs, num_draft=clamp_num_draft(num, per_row))
+        return Draft(tokens=self.tokens[:, :k], probs=probs, num_draft=num)
 
     def observe(self, outcome: StepOutcome) -> None:
         k = outcome.draft.k

@@ -135,13 +135,12 @@ class CacheSession:
         """Start a tree: the slots fed from now on by :meth:`extend_tree` are tree nodes, indexed 0, 1, ..."""
         batch = self.batch_size
         self._tree_start = self.num_slots
-        self._tree_anc = torch.zeros((batch, 0, 0), dtype=torch.bool, device=self.device)  # [B, T, T]
         self._tree_depth = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # [B, T]
         self._tree_parent = torch.zeros((batch, 0), dtype=torch.long, device=self.device)  # [B, T]
 
     @property
     def tree_size(self) -> int:
-        return self._tree_anc.shape[1]
+        return self._tree_parent.shape[1]
 
     def extend_tree(
         self,
@@ -170,8 +169,7 @@ class CacheSession:
             anc = (anc @ anc).clamp_max(1.0)
         anc = anc.bool()  # [B, T, T]: anc[b, j, i] = node i is j or one of j's ancestors
         depth = anc.sum(dim=-1) - 1  # [B, T]: tree ancestors (0 for children of the committed context)
-        self._tree_parent = par
-        self._tree_anc, self._tree_depth = anc, depth
+        self._tree_parent, self._tree_depth = par, depth
         tree_valid = torch.cat([self.valid[:, self._tree_start:], valid], dim=1)  # [B, T+w]
         allowed_tree = anc[:, t_old:] & tree_valid.bool().unsqueeze(1)  # [B, w, T+w]
         allowed_tree[:, torch.arange(w), t_old + torch.arange(w)] = True  # each query sees itself

@@ -3,9 +3,9 @@
 Paper: Leviathan et al. (ICML 2023); Chen et al. (2023).
 
 Glossary:
-    pending     committed tokens not yet in the target's cache (right aligned, long [B, P] with a
-                valid mask): the last committed token after a chain or tree step, a whole
-                repaired block after a repair step; every step feeds ``[pending, d_1..d_k]``
+    pending     committed tokens not yet in the target's cache (long [B, P], the same P for every
+                row): the last committed token after a chain or tree step, the whole repaired
+                block after a repair step; every step feeds ``[pending, d_1..d_k]``
     repair      an optional step between verification and commit (MuLo-SD's local island
                 resampling, :class:`~mmspec.image_gen.mulo.LocalResampling`): it judges a block of
                 drafts token by token and redraws rejected neighbourhoods; the block is then
@@ -42,7 +42,7 @@ from .cache import CacheSession
 from .config import SamplingParams
 from .drafters.adaptive import DraftLengthPolicy
 from .drafters.base import Draft, Drafter, NoDrafter, StepOutcome
-from .drafters.model import ModelDrafter, model_device, model_vocab_size
+from .drafters.model import ModelDrafter, model_device
 from .drafters.prompt_lookup import PromptLookupDrafter
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError,
                      InvalidLengthError, ShapeError, TokenIdError)
@@ -176,7 +176,7 @@ def input_vocab_size(model: torch.nn.Module) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-def check_token_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int | None) -> None:
+def check_token_ids(input_ids: torch.Tensor, vocab: int | None) -> None:
     """:class:`TokenIdError` for a prompt id < 0 or >= the model's vocabulary (padding included)."""
     if vocab is None or input_ids.numel() == 0:
         return
@@ -213,7 +213,7 @@ def _validate(target, input_ids, attention_mask, max_new_tokens, num_draft_token
             raise DeviceMismatchError(f"{name} is on {t.device} but the target model is on {device}")
     if generator is not None and torch.device(generator.device).type != device.type:
         raise DeviceMismatchError(f"generator is on {generator.device} but the target model is on {device}")
-    check_token_ids(input_ids, attention_mask, embeds_vocab)
+    check_token_ids(input_ids, embeds_vocab)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise InvalidLengthError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
     if num_draft_tokens is not None and not isinstance(num_draft_tokens, DraftLengthPolicy):
@@ -299,11 +299,9 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(uniforms float [B, k], noise float [B, V]) of one verification step, keyed by each row's
-    first position ``position`` long [B] (zeros / ones when greedy)."""
-    batch = position.numel()
+    first position ``position`` long [B]; (None, None) when greedy (verification uses none)."""
     if sampling.is_greedy:
-        return (torch.zeros((batch, k), dtype=torch.float32, device=device),
-                torch.ones((batch, vocab), dtype=torch.float32, device=device))
+        return None, None
     cols = position.unsqueeze(1) + torch.arange(k, dtype=torch.long)  # [B, k]
     return rng.uniform(ACCEPT, cols, device=device), rng.exponential(EMIT, position, vocab, device=device)
 
@@ -351,7 +349,7 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
     path = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=device),
                       torch.where(nodes >= 0, nodes + 1, nodes)], dim=1)
     session.keep_path(path, result.num_accepted + 1)
-    return logits, result, None
+    return logits, result
 
 
 @torch.no_grad()
@@ -366,7 +364,6 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
     t_start = time.perf_counter() if t_start is None else t_start
     device = pending.device
     batch = pending.shape[0]
-    pending_valid = torch.ones_like(pending)
     active = list(range(batch))  # original indices of the rows still in the batch
     generated: list[list[int]] = [[] for _ in range(batch)]
     position = torch.zeros((batch,), dtype=torch.long)  # committed tokens per active row (cpu)
@@ -387,14 +384,13 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         if draft.is_tree:
             if pending.shape[1] != 1:
                 raise ValueError("a draft tree must follow a chain or tree step (one pending token per row)")
-            logits, result, _ = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device,
+            logits, result = _verify_tree_step(session, draft, pending, rule, sampling, rng, position, device,
                                                   drafter.hidden_layers)
             t2 = t3 = time.perf_counter()  # one fused verification call; counted as target time
         else:
             p = pending.shape[1]
             block = torch.cat([pending, draft.tokens], dim=1)  # [B', P+k]
-            valid = torch.cat([pending_valid, torch.ones_like(draft.tokens)], dim=1)
-            logits = session.extend(block, valid, hidden_layers=drafter.hidden_layers)[:, p - 1:]  # [B', k+1, V]
+            logits = session.extend(block, hidden_layers=drafter.hidden_layers)[:, p - 1:]  # [B', k+1, V]
             _sync(device)
             t2 = time.perf_counter()
             if repair is None:
@@ -411,11 +407,8 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 kept_masks = kept.tolist()
         n_acc = result.num_accepted.tolist()
         out = result.tokens.tolist()
-        if repair is None or draft.is_tree:
-            pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1))
-            pending_valid = torch.ones_like(pending)
-        else:
-            pending, pending_valid = result.tokens, torch.ones_like(result.tokens)
+        # the next step feeds the emitted token, or the whole repaired block
+        pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1)) if kept_masks is None else result.tokens
         committed, finished = [], []
         for i, row in enumerate(active):
             emitted = out[i] if kept_masks is not None else out[i][: n_acc[i] + 1]
@@ -447,7 +440,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 session.select_rows(rows)
                 drafter.select_rows(rows)
                 rng.select(rows)
-                pending, pending_valid = pending[rows], pending_valid[rows]
+                pending = pending[rows]
                 position = position[rows.cpu()]
     stats.total_time = time.perf_counter() - t_start
 

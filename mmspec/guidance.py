@@ -76,12 +76,6 @@ def guidance_scale(cfg_scale: float, schedule: str, positions: torch.Tensor, num
     raise MMSpecError(f"unknown cfg schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def _right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from .drafters.model import right_align
-
-    return right_align(rows, device)
-
-
 class GuidedSession:
     """One model's cache over 2B rows (both halves) returning guided logits [B, w, V]."""
 
@@ -90,7 +84,9 @@ class GuidedSession:
             raise MMSpecError(f"{len(cond)} prompts but {len(guidance.uncond)} unconditional prompts")
         self.guidance = guidance
         self.batch = len(cond)
-        ids, mask = _right_align(cond + guidance.uncond, device)  # left padding
+        from .drafters.model import right_align  # (drafters.model imports this module)
+
+        ids, mask = right_align(cond + guidance.uncond, device)  # left padding
         self.inner = CacheSession(model, ids.shape[0], device)
         if ids.shape[1] > 1:
             self.inner.extend(ids[:, :-1], mask[:, :-1], num_logits=1)

@@ -20,8 +20,8 @@ reused for a position whose earlier number did not influence anything committed 
 beyond the first rejection), so each decision still sees a fresh number, and a row's output
 depends only on its prompt, its seed and its own draft lengths, not on its batch neighbours.
 
-Purposes (named streams): ``DRAFT``, ``ACCEPT``, ``EMIT``, ``JACOBI`` (SJD's guesses),
-``RESAMPLE`` (MuLo-SD's island redraws).
+Purposes (named streams): ``DRAFT``, ``ACCEPT``, ``EMIT``, ``JACOBI`` (SJD's guesses). MuLo-SD's
+island redraws use :func:`keyed_exponential` with the image's seed, keyed by raster position.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def _wrap(x: int) -> int:
 
 
 #: named streams of :class:`RowRandom`
-DRAFT, ACCEPT, EMIT, JACOBI, RESAMPLE = 1, 2, 3, 4, 5
+DRAFT, ACCEPT, EMIT, JACOBI = 1, 2, 3, 4
 _PURPOSE_MIX = 0x2545F4914F6CDD1D
 
 

@@ -14,8 +14,9 @@ Glossary:
                  gives the per-row keyed random numbers (:class:`mmspec.rng.RowRandom`), ``guidance``
                  the classifier-free-guidance spec when the target runs with CFG (a drafter with a
                  model runs the same guidance)
-    propose      ``max_tokens`` long [B]: at most that many real drafts per row (``num_draft``
-                 is clamped to it); the draft has k >= 1 columns unless the drafter drafts nothing
+    propose      ``max_tokens`` long [B]: at most that many real drafts per row are usable; the
+                 drafter sizes its draft by the widest row and the loop caps each row's
+                 ``num_draft``; the draft has k >= 1 columns unless the drafter drafts nothing
     observe      called after every step; drafters update caches, n-gram indices and the
                  adaptive draft length here; SJD refines its guesses from the target's logits
     select_rows  called when finished rows leave the batch
@@ -64,18 +65,11 @@ class StepOutcome:
     target_hidden: dict[int, torch.Tensor] | None = None  # layer -> float [B, k+1, d], layers the drafter asked for
 
 
-def clamp_num_draft(num_draft: torch.Tensor, max_tokens: torch.Tensor | int) -> torch.Tensor:
-    """long [B]: real drafts per row, at most ``max_tokens`` (an int or long [B])."""
+def widest_budget(max_tokens: torch.Tensor | int) -> int:
+    """The widest row's draft budget from an int or long [B] (the loop caps each row's ``num_draft``)."""
     if isinstance(max_tokens, int):
-        return num_draft.clamp_max(max(max_tokens, 0))
-    return torch.minimum(num_draft, max_tokens.to(num_draft.device).clamp_min(0))
-
-
-def as_max_tokens(max_tokens: torch.Tensor | int) -> tuple[int, torch.Tensor | int]:
-    """(the widest row's budget, the per-row budgets) from an int or long [B]."""
-    if isinstance(max_tokens, int):
-        return max_tokens, max_tokens
-    return int(max_tokens.max()) if max_tokens.numel() else 0, max_tokens
+        return max_tokens
+    return int(max_tokens.max()) if max_tokens.numel() else 0
 
 
 class Drafter(ABC):

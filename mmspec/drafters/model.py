@@ -32,7 +32,7 @@ from ..guidance import Guidance, open_session
 from ..rng import DRAFT, RowRandom
 from ..sampling import logits_to_probs, sample_inverse_cdf
 from .adaptive import DraftLengthPolicy, as_policy
-from .base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
+from .base import Draft, Drafter, StepOutcome, widest_budget
 
 
 def model_vocab_size(model: torch.nn.Module) -> int | None:
@@ -154,8 +154,7 @@ class ModelDrafter(Drafter):
             from .tree import propose_tree
 
             return propose_tree(self, self.tree, max_tokens)
-        widest, per_row = as_max_tokens(max_tokens)
-        k = max(1, min(self.policy.current(), widest))
+        k = max(1, min(self.policy.current(), widest_budget(max_tokens)))
         batch = self.session.batch_size
         device = self.pending.device
         tokens, probs = [], []
@@ -186,16 +185,15 @@ class ModelDrafter(Drafter):
         self.fed = len(tokens) - 1
         draft_tokens = torch.stack(tokens, dim=1)
         draft_probs = None if self.sampling.is_greedy else torch.stack(probs, dim=1)
-        num_draft = clamp_num_draft(num_draft.clamp_max(len(tokens)), per_row)
-        return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft)
+        return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft.clamp_max(len(tokens)))
 
     def observe(self, outcome: StepOutcome) -> None:
         assert self.session is not None and self.policy is not None
+        self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
         if outcome.draft.is_tree:
             from .tree import observe_tree
 
             observe_tree(self, outcome)
-            self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
             return
         n = outcome.result.num_accepted
         kept = n.clamp_max(self.fed)  # drafted tokens already in the cache that stay
@@ -203,7 +201,6 @@ class ModelDrafter(Drafter):
         kept_list = kept.tolist()
         rest = [row[m:] for row, m in zip(outcome.committed, kept_list)]
         self.pending, self.pending_valid = right_align(rest, self.pending.device)
-        self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
         self.policy.update(n, outcome.draft.num_draft)
 
     def select_rows(self, rows: torch.Tensor) -> None:

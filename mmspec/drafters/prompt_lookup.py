@@ -19,7 +19,7 @@ import torch
 from ..config import SamplingParams
 from ..errors import InvalidDraftLengthError
 from .adaptive import DraftLengthPolicy, as_policy
-from .base import Draft, Drafter, StepOutcome, as_max_tokens, clamp_num_draft
+from .base import Draft, Drafter, StepOutcome, widest_budget
 
 
 def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int) -> list[int]:
@@ -60,15 +60,14 @@ class PromptLookupDrafter(Drafter):
 
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         assert self.policy is not None
-        widest, per_row = as_max_tokens(max_tokens)
-        k = max(1, min(self.policy.current(), widest))
+        k = max(1, min(self.policy.current(), widest_budget(max_tokens)))
         found = [find_candidate(c, self.max_ngram_size, k) for c in self.contexts]
         width = max(1, max(len(f) for f in found))
         tokens = torch.zeros((len(found), width), dtype=torch.long)
         for b, f in enumerate(found):
             if f:
                 tokens[b, :len(f)] = torch.tensor(f, dtype=torch.long)
-        num_draft = clamp_num_draft(torch.tensor([len(f) for f in found], dtype=torch.long), per_row)
+        num_draft = torch.tensor([len(f) for f in found], dtype=torch.long)
         return Draft(tokens=tokens.to(self.device), probs=None, num_draft=num_draft.to(self.device))
 
     def observe(self, outcome: StepOutcome) -> None:

@@ -34,7 +34,7 @@ import torch
 from ..errors import InvalidDraftLengthError
 from ..sampling import logits_to_probs
 from ..verify.tree_rules import DeterministicTreeRule
-from .base import Draft, StepOutcome, as_max_tokens
+from .base import Draft, StepOutcome, widest_budget
 from .model import ModelDrafter, right_align
 
 
@@ -76,8 +76,7 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
     """One draft tree per row from ``drafter``'s model and session (see the module glossary)."""
     s = drafter.session
     assert s is not None
-    widest, _ = as_max_tokens(max_tokens)
-    depth_limit = max(1, min(tree.depth, widest))
+    depth_limit = max(1, min(tree.depth, widest_budget(max_tokens)))
     batch = s.batch_size
     device = drafter.pending.device
     root = ranking_distribution(drafter, s.extend(drafter.pending, drafter.pending_valid, num_logits=1)[:, -1])
