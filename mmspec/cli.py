@@ -421,6 +421,32 @@ def _run_main_job(args: argparse.Namespace) -> int:
     return EXIT_OK if report["vlm"]["identical_to_hf_generate"] else EXIT_NOT_IDENTICAL
 
 
+def _run_train_drafter(args: argparse.Namespace) -> int:
+    from mmspec.distill import train_drafter
+    from mmspec.pretrained import ModelNotFoundError, load_causal_lm
+
+    _check_number(args, "minutes", lo=0, lo_open=True)
+    _check_number(args, "num_prompts", lo=17, integer=True)
+    _check_number(args, "draft_vocab", lo=1, integer=True)
+    _check_number(args, "layers", lo=1, integer=True)
+    _check_number(args, "max_new_tokens", lo=1, integer=True)
+    if not args.target.strip():
+        raise CLIError(EXIT_BAD_INPUT, "--target is empty")
+    check_out_dir(args.out)
+    try:
+        model, tokenizer = load_causal_lm(args.target)
+    except (ModelNotFoundError, OSError, ValueError, KeyError) as exc:
+        raise CLIError(EXIT_BAD_INPUT, f"cannot load the target from {args.target!r}: {_one_line(exc)}") from None
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CLIError(EXIT_BAD_INPUT, f"the tokenizer of {args.target!r} has no chat template (needed for the "
+                                       "self-distillation prompts)")
+    summary = train_drafter(model, tokenizer, kind=args.kind, out=args.out, minutes=args.minutes,
+                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                            draft_vocab_size=args.draft_vocab, num_layers=args.layers, seed=args.seed)
+    print(f"{args.kind} drafter written to {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -463,6 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--seed", type=int, default=0)
     vlm.add_argument("--check", action="store_true", help="also run target.generate and compare (greedy)")
     vlm.set_defaults(func=_run_vlm)
+
+    td = sub.add_parser("train-drafter", help="train a drafter for a causal LM by self-distillation: an EAGLE-3 "
+                                              "head (--kind head) or a small drafter LM (--kind model)")
+    td.add_argument("--target", default="smollm2", help="HF folder, .gguf file or 'smollm2' (default)")
+    td.add_argument("--kind", default="head", choices=["head", "model"])
+    td.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (data + training); "
+                                                                 "re-running with the same --out continues")
+    td.add_argument("--out", default="mmspec_drafter", help="run directory (data, checkpoints, the drafter)")
+    td.add_argument("--num-prompts", type=int, default=1024, help="self-distillation prompts (stdlib docstrings)")
+    td.add_argument("--max-new-tokens", type=int, default=160, help="answer length per prompt")
+    td.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft vocabulary size (head)")
+    td.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
+    td.add_argument("--seed", type=int, default=0)
+    td.set_defaults(func=_run_train_drafter)
 
     img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD, LANTERN, "
                                           "LANTERN++, MuLo-SD)")

@@ -17,6 +17,8 @@ Glossary:
     propose      ``max_tokens`` long [B]: at most that many real drafts per row are usable; the
                  drafter sizes its draft by the widest row and the loop caps each row's
                  ``num_draft``; the draft has k >= 1 columns unless the drafter drafts nothing
+    observe_prefill  feature drafters (``hidden_layers`` non-empty) get the target's hidden states over
+                 the prompt once, after ``start``
     observe      called after every step; drafters update caches, n-gram indices and the
                  adaptive draft length here; SJD refines its guesses from the target's logits
     select_rows  called when finished rows leave the batch
@@ -94,6 +96,11 @@ class Drafter(ABC):
     ) -> None:
         """Reset state for a new batch of prompts (``model_inputs``: the target's extra inputs,
         e.g. ``pixel_values``; text drafters ignore them)."""
+
+    def observe_prefill(self, target_hidden: dict[int, torch.Tensor] | None) -> None:
+        """Called once after ``start`` when ``hidden_layers`` is non-empty: the target's hidden states of
+        those layers over the prompt it prefilled (layer -> float [B, L-1, d], every prompt token but the
+        last; None for one-token prompts)."""
 
     @abstractmethod
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:

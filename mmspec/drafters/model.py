@@ -187,6 +187,20 @@ class ModelDrafter(Drafter):
         draft_probs = None if self.sampling.is_greedy else torch.stack(probs, dim=1)
         return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft.clamp_max(len(tokens)))
 
+    # hooks of the tree proposal (mmspec.drafters.tree.propose_tree); feature drafters override them
+    def tree_root_logits(self) -> torch.Tensor:
+        """Logits [B, V'] of the root's children: feed the pending tokens."""
+        return self.session.extend(self.pending, self.pending_valid, num_logits=1)[:, -1]
+
+    def tree_expand(self, tokens: torch.Tensor, parent_slots: torch.Tensor) -> torch.Tensor:
+        """Feed frontier nodes (target ids long [B, F]; parent_slots long [B, F]: the parent's tree slot,
+        -1 for the root) as tree slots; logits [B, F, V'] of their children."""
+        return self.session.extend_tree(tokens, parent_slots)
+
+    def to_target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Indices into this drafter's distributions -> target token ids (the identity here)."""
+        return ids
+
     def observe(self, outcome: StepOutcome) -> None:
         assert self.session is not None and self.policy is not None
         self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)

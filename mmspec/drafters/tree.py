@@ -78,8 +78,8 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
     assert s is not None
     depth_limit = max(1, min(tree.depth, widest_budget(max_tokens)))
     batch = s.batch_size
-    device = drafter.pending.device
-    root = ranking_distribution(drafter, s.extend(drafter.pending, drafter.pending_valid, num_logits=1)[:, -1])
+    device = s.device
+    root = ranking_distribution(drafter, drafter.tree_root_logits())
     s.begin_tree()
     # per row: node tokens, parents (node ids), cumulative log-probs, depth, drafter slot (-1: not fed)
     tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
@@ -96,7 +96,7 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
         c = min(c, front_dist.shape[-1])
         top = front_dist.topk(c, dim=-1)  # [B, F, c]
         f = front_ids.shape[1]
-        child_tok = top.indices.reshape(batch, f * c)
+        child_tok = drafter.to_target_ids(top.indices.reshape(batch, f * c))
         child_par = front_ids.repeat_interleave(c, dim=1)
         child_score = (front_scores.unsqueeze(-1) + top.values.double().clamp_min(1e-300).log()).reshape(batch, f * c)
         first = tokens.shape[1]
@@ -115,7 +115,7 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
         ids = first + pick  # [B, F'] node ids
         par_ids = parents.gather(1, ids)
         par_slot = torch.where(par_ids >= 0, slot.gather(1, par_ids.clamp_min(0)), torch.full_like(par_ids, -1))
-        logits = s.extend_tree(tokens.gather(1, ids), par_slot)  # [B, F', V]
+        logits = drafter.tree_expand(tokens.gather(1, ids), par_slot)  # [B, F', V]
         slot.scatter_(1, ids, fed + torch.arange(ids.shape[1], device=device).expand(batch, -1))
         fed += ids.shape[1]
         front_ids, front_scores = ids, scores.gather(1, ids)

@@ -1,0 +1,174 @@
+"""Self-distillation data for drafters: the target's own answers to chat prompts made from text that is
+on every machine with Python (the standard library's docstrings), with the target's features.
+
+Paper: Li et al., EAGLE-3 (arXiv 2503.01840) trains on the target's own responses; so does
+Medusa-2's self-distillation (Cai et al., ICML 2024).
+
+Glossary:
+    prompt bank   chat prompts built from stdlib docstrings (explain / summarise / example / story
+                  templates), deterministic for a seed; held-out benchmark prompts are written
+                  elsewhere (``benchmarks``) and never come from here
+    example       one conversation: ``tokens`` long [L] (chat prompt + the target's answer),
+                  ``loss_mask`` bool [L] (True on answer positions), ``features`` half [L, 3, d]
+                  (the target's hidden states at the head's three layers), ``final`` half [L, d]
+                  (the target's last, normed hidden state: the teacher's logits are
+                  ``final @ lm_head.T``, restricted to the draft vocabulary at training time)
+    shard         ``shard_XXXXX.pt``: a list of examples; a run writes shards one batch at a time
+                  and a later run with the same arguments continues after the last shard
+"""
+
+from __future__ import annotations
+
+import inspect
+import pkgutil
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+_TEMPLATES = (
+    "Explain in simple terms what this means: {s}",
+    "Summarize the following text in two sentences: {p}",
+    "Write a short Python example that uses {m}.{f} and explain it.",
+    "What is {m}.{f} used for?",
+    "Rewrite this sentence so that a beginner understands it: {s}",
+    "Give three tips for someone who works with {w}.",
+    "Write a short story about a {w}.",
+    "What is a {w}? Answer in a few sentences.",
+    "Write a friendly email asking a colleague about {w}.",
+    "List the pros and cons of {w}.",
+)
+
+_WORD = re.compile(r"^[a-z]{4,12}$")
+
+
+def _docstrings(limit_modules: int = 400) -> list[tuple[str, str, str]]:
+    """(module, function, docstring) from the standard library (no imports with side effects)."""
+    import sys
+
+    out = []
+    names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
+                   and not m.name.startswith("_") and m.name not in {"antigravity", "this", "idlelib", "tkinter", "turtle",
+                                                                      "turtledemo", "pydoc", "webbrowser"})
+    for name in names[:limit_modules]:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = __import__(name)
+        except Exception:  # noqa: BLE001 - platform-specific modules
+            continue
+        for fname, obj in vars(mod).items():
+            if fname.startswith("_") or not callable(obj):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(obj)
+            if doc and len(doc) > 40:
+                out.append((name, fname, doc))
+    return out
+
+
+def prompt_bank(num: int, seed: int = 0) -> list[str]:
+    """``num`` chat prompts built from stdlib docstrings (deterministic for ``seed``)."""
+    rng = random.Random(seed)
+    docs = _docstrings()
+    words = sorted({w for _, _, d in docs for w in re.findall(r"[a-z]+", d.lower()) if _WORD.match(w)})
+    prompts = []
+    while len(prompts) < num:
+        m, f, doc = rng.choice(docs)
+        paragraphs = [p.replace("\n", " ").strip() for p in doc.split("\n\n") if len(p) > 40]
+        p = rng.choice(paragraphs) if paragraphs else doc.replace("\n", " ")
+        s = re.split(r"(?<=[.!?])\s", p)[0]
+        prompts.append(rng.choice(_TEMPLATES).format(s=s[:300], p=p[:600], m=m, f=f, w=rng.choice(words)))
+    return prompts
+
+
+def feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / middle / high layers as HF ``hidden_states`` indices (0 = embeddings)."""
+    return (min(3, num_layers), max(1, num_layers // 2), max(1, num_layers - 2))
+
+
+@torch.no_grad()
+def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...]):
+    """One teacher-forced forward: (features half [B, L, 3, d], final half [B, L, d])."""
+    pos = (mask.cumsum(1) - 1).clamp_min(0)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    hs = out.hidden_states
+    return torch.stack([hs[i] for i in layers], dim=2).half(), hs[-1].half()
+
+
+@torch.no_grad()
+def generate_examples(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 160,
+                      temperature: float = 0.0, seed: int = 0) -> list[dict]:
+    """The target's answers to ``prompts`` (one batch) and its features along prompt + answer."""
+    from ..pretrained import chat_inputs
+
+    enc = chat_inputs(tokenizer, prompts)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    torch.manual_seed(seed)
+    eos = model.generation_config.eos_token_id
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                         top_p=None, top_k=None, pad_token_id=eos)
+    answer = gen[:, ids.shape[1]:]
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
+    ans_mask = torch.ones_like(answer)
+    for b in range(answer.shape[0]):  # keep the first EOS, drop what follows
+        row = answer[b].tolist()
+        cut = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+        ans_mask[b, cut:] = 0
+    full_mask = torch.cat([mask, ans_mask], dim=1)
+    layers = feature_layers(model.config.num_hidden_layers)
+    feats, final = target_features(model, gen, full_mask, layers)
+    examples = []
+    for b in range(gen.shape[0]):
+        keep = full_mask[b].bool()
+        loss_mask = torch.cat([torch.zeros(ids.shape[1], dtype=torch.bool), ans_mask[b].bool()])[keep]
+        examples.append({"tokens": gen[b][keep].clone(), "loss_mask": loss_mask,
+                         "features": feats[b][keep].clone(), "final": final[b][keep].clone()})
+    return examples
+
+
+def build_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompts: int = 512, batch_size: int = 16,
+                  max_new_tokens: int = 160, seed: int = 0, minutes: float = float("inf"),
+                  progress: bool = True) -> Path:
+    """Write shards of self-distillation examples to ``out_dir`` (resumable; every other batch sampled
+    at temperature 0.7 for variety, the rest greedy); stops after ``minutes`` with what it has."""
+    import time
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = prompt_bank(num_prompts, seed)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    t0 = time.time()
+    bar = tqdm(total=len(batches), desc="self-distillation", unit="batch", disable=not progress)
+    for i, batch in enumerate(batches):
+        shard = out / f"shard_{i:05d}.pt"
+        if not shard.exists():
+            if (time.time() - t0) / 60 > minutes:
+                break
+            temperature = 0.7 if i % 2 else 0.0
+            ex = generate_examples(model, tokenizer, batch, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=seed * 100003 + i)
+            tmp = shard.with_suffix(".tmp")
+            torch.save(ex, tmp)
+            tmp.rename(shard)
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def load_examples(data_dir: str | Path) -> list[dict]:
+    examples = []
+    for shard in sorted(Path(data_dir).glob("shard_*.pt")):
+        examples.extend(torch.load(shard))
+    return examples
+
+
+def iter_token_counts(examples: list[dict]) -> Iterator[torch.Tensor]:
+    for ex in examples:
+        yield ex["tokens"][ex["loss_mask"]]

@@ -1,0 +1,184 @@
+"""A standalone drafter LM distilled from the target: the target's first layers, trained to match its
+distributions (the drafter kind HF assisted generation can use too).
+
+Paper: knowledge distillation for speculative decoding as in DistillSpec (Zhou et al., ICLR 2024),
+on the target's own answers (self-distillation).
+
+Glossary:
+    student      the target's architecture cut to its first ``num_layers`` decoder layers (initialised
+                 from them, with the target's final norm), sharing the target's token embedding and LM
+                 head, which stay frozen and are never saved with the drafter
+    loss         soft cross-entropy of the student's logits against the target's distribution
+                 softmax(final @ lm_head.T) on answer tokens (the full vocabulary)
+    saved        ``drafter.safetensors`` (the student's own weights in float16) + ``config.json`` (the
+                 cut target config) + ``drafter_info.json``; :func:`load_model_drafter` rebuilds a normal
+                 HF causal LM around the target's embedding and head
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def _layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    for name in ("layers", "h"):
+        if base is not None and isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return base, name
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def cut_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
+    """A copy of ``target`` keeping its first ``num_layers`` decoder layers (embedding and head shared)."""
+    embed, head = target.get_input_embeddings(), target.get_output_embeddings()
+    # copy everything but the big shared tables
+    memo = {id(embed.weight): embed.weight, id(head.weight): head.weight}
+    student = copy.deepcopy(target, memo)
+    base, name = _layer_list(student)
+    setattr(base, name, getattr(base, name)[:num_layers])
+    cfg = student.config
+    for attr in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, attr):
+            setattr(cfg, attr, num_layers)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:num_layers]
+    student.set_input_embeddings(embed)
+    student.set_output_embeddings(head)
+    return student
+
+
+def _shared_names(model: torch.nn.Module) -> set[str]:
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p is emb or p is head}
+
+
+def own_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    shared = _shared_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in shared}
+
+
+def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """The distilled drafter as a HF causal LM around ``target``'s embedding and head."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    if not (folder / "drafter.safetensors").is_file():
+        raise FileNotFoundError(f"no distilled drafter at {folder} (drafter.safetensors missing)")
+    config = AutoConfig.from_pretrained(folder)
+    dtype = dtype or next(target.parameters()).dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.to_empty(device=next(target.parameters()).device)
+    model.set_input_embeddings(target.get_input_embeddings())
+    model.set_output_embeddings(target.get_output_embeddings())
+    sd = load_file(str(folder / "drafter.safetensors"))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    shared = _shared_names(model)
+    missing = [m for m in missing if m not in shared]
+    if unexpected or missing:
+        raise ValueError(f"drafter weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    # buffers (rotary frequencies) are not in the state dict: recompute them
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+            inv, _ = module.rope_init_fn(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv)
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq = inv
+    model.generation_config = copy.deepcopy(target.generation_config)
+    return model.to(dtype).eval()
+
+
+def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, *, num_layers: int = 2,
+                        minutes: float = float("inf"), steps: int = 1000, batch_size: int = 4, max_len: int = 256,
+                        lr: float = 3e-4, seed: int = 0, progress: bool = True, holdout: int = 16) -> dict:
+    """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary."""
+    from safetensors.torch import save_file
+
+    from .train_head import _batch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
+    if len(examples) <= holdout:
+        raise ValueError(f"need more than {holdout} usable examples to distil a drafter, got {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+    student = cut_model(target, num_layers)
+    state_path = out / "train_state.pt"
+    shared = _shared_names(student)
+    params = [p for n, p in student.named_parameters() if n not in shared]
+    for n, p in student.named_parameters(remove_duplicate=False):
+        p.requires_grad_(n not in shared)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
+    step = 0
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        student.load_state_dict(state["model"], strict=False)
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+    head_w = target.get_output_embeddings().weight.detach().float()
+    student.train()
+
+    def save_state() -> None:
+        torch.save({"model": own_state(student), "opt": opt.state_dict(), "step": step}, state_path.with_suffix(".tmp"))
+        state_path.with_suffix(".tmp").rename(state_path)
+
+    def loss_of(batch) -> tuple[torch.Tensor, float]:
+        tokens, valid, lmask, _, final = batch
+        pos = (valid.cumsum(1) - 1).clamp_min(0)
+        logits = student(input_ids=tokens, attention_mask=valid, position_ids=pos).logits  # [B, L, V]
+        score = lmask[:, 1:] & valid[:, 1:].bool()  # position t predicts token t + 1
+        lg = logits[:, :-1][score].float()
+        with torch.no_grad():
+            teacher = (final[:, :-1][score] @ head_w.T).softmax(-1)
+        loss = -(teacher * lg.log_softmax(-1)).sum(-1).mean()
+        return loss, float((lg.argmax(-1) == teacher.argmax(-1)).float().mean())
+
+    t0 = time.time()
+    bar = tqdm(total=steps, initial=step, desc=f"distil {num_layers}-layer drafter", unit="step", disable=not progress)
+    ema = acc_ema = None
+    try:
+        while step < steps and (time.time() - t0) / 60 < minutes:
+            g = random.Random(seed * 1_000_003 + step)
+            batch = _batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len)
+            frac = step / max(steps, 1)
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
+            loss, acc = loss_of(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            lv = float(loss.detach())
+            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+            acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
+            bar.set_postfix(loss=f"{ema:.3f}", top1=f"{acc_ema:.2f}")
+            bar.update(1)
+            if step % 25 == 0:
+                save_state()
+    finally:
+        for p in target.parameters():
+            p.requires_grad_(True)
+    bar.close()
+    save_state()
+    student.eval()
+    with torch.no_grad():
+        _, held_acc = loss_of(_batch(held, list(range(len(held))), max_len))
+    summary = {"steps": step, "finished": step >= steps, "num_layers": num_layers, "heldout_top1": round(held_acc, 4),
+               "train_loss_ema": ema, "examples": len(train)}
+    save_file({k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+               for k, v in own_state(student).items()}, str(out / "drafter.safetensors"))
+    student.config.save_pretrained(out)
+    (out / "drafter_info.json").write_text(json.dumps({"kind": "model", "training": summary}, indent=2) + "\n")
+    return summary
