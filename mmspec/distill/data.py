@@ -96,7 +96,8 @@ def feature_layers(num_layers: int) -> tuple[int, int, int]:
 def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...]):
     """One teacher-forced forward: (features half [B, L, 3, d], final half [B, L, d])."""
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, output_hidden_states=True, **kwargs)
     hs = out.hidden_states
     return torch.stack([hs[i] for i in layers], dim=2).half(), hs[-1].half()
 
@@ -162,10 +163,67 @@ def build_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompt
     return out
 
 
+_ASK = ("Explain the following documentation.", "What does this part of the documentation say?",
+        "Tell me about this.", "Describe it in your own words.")
+
+
+@torch.no_grad()
+def forced_examples(model: Any, tokenizer: Any, texts: list[str], *, seed: int = 0, max_len: int = 256) -> list[dict]:
+    """Teacher-forced conversations: a question, and ``texts`` as the assistant's answers (the target's
+    features and distributions along text it did not write; cheap: one forward, no generation)."""
+    from ..pretrained import chat_inputs
+
+    rng = random.Random(seed)
+    convs = []
+    for text in texts:
+        q = rng.choice(_ASK)
+        prompt = chat_inputs(tokenizer, [q])["input_ids"][0]
+        answer = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        tokens = torch.cat([prompt, answer])[:max_len]
+        convs.append((tokens, torch.arange(tokens.shape[0]) >= prompt.shape[0]))
+    width = max(t.shape[0] for t, _ in convs)
+    ids = torch.zeros((len(convs), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (t, _) in enumerate(convs):
+        ids[b, : t.shape[0]] = t
+        mask[b, : t.shape[0]] = 1
+    feats, final = target_features(model, ids, mask, feature_layers(model.config.num_hidden_layers))
+    return [{"tokens": t, "loss_mask": lm, "features": feats[b, : t.shape[0]].clone(), "final": final[b, : t.shape[0]].clone()}
+            for b, (t, lm) in enumerate(convs)]
+
+
+def build_forced_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num_texts: int = 2048,
+                         batch_size: int = 16, seed: int = 0, minutes: float = float("inf"),
+                         progress: bool = True) -> Path:
+    """Shards ``forced_XXXXX.pt`` of teacher-forced stdlib documentation (resumable, stops after ``minutes``)."""
+    import time
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed + 1)
+    texts = [d for _, _, d in _docstrings() if len(d) > 200]
+    rng.shuffle(texts)
+    texts = texts[:num_texts]
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    t0 = time.time()
+    for i, batch in enumerate(tqdm(batches, desc="teacher-forced docs", unit="batch", disable=not progress)):
+        shard = out / f"forced_{i:05d}.pt"
+        if shard.exists():
+            continue
+        if (time.time() - t0) / 60 > minutes:
+            break
+        tmp = shard.with_suffix(".tmp")
+        torch.save(forced_examples(model, tokenizer, batch, seed=seed + i), tmp)
+        tmp.rename(shard)
+    return out
+
+
 def load_examples(data_dir: str | Path) -> list[dict]:
+    """Every example of a run directory: self-distilled (``shard_*``) and teacher-forced (``forced_*``)."""
     examples = []
-    for shard in sorted(Path(data_dir).glob("shard_*.pt")):
-        examples.extend(torch.load(shard))
+    for pattern in ("shard_*.pt", "forced_*.pt"):
+        for shard in sorted(Path(data_dir).glob(pattern)):
+            examples.extend(torch.load(shard))
     return examples
 
 

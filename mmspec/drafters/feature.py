@@ -76,8 +76,9 @@ class FeatureDrafter(ModelDrafter):
         self.session = CacheSession(self.head, batch, input_ids.device)
         self._prompt = (input_ids, attention_mask.to(torch.long))
         self.has_context = torch.zeros((batch,), dtype=torch.bool, device=self.device)
+        dtype = self.head.fc.weight.dtype
         self.next_logits = torch.zeros((batch, self.head.config.draft_vocab_size), device=self.device)
-        self.next_feature = torch.zeros((batch, self.head.config.hidden_size), device=self.device)
+        self.next_feature = torch.zeros((batch, self.head.config.hidden_size), dtype=dtype, device=self.device)
         self.fed = 0
 
     def observe_prefill(self, target_hidden: dict[int, torch.Tensor] | None) -> None:
@@ -152,7 +153,7 @@ class FeatureDrafter(ModelDrafter):
     # tree hooks (propose_tree): the root's children come from next_logits, a node reads its parent's hidden
     def tree_root_logits(self) -> torch.Tensor:
         batch = self.session.batch_size
-        self._node_hidden = torch.zeros((batch, 0, self.head.config.hidden_size), device=self.device)
+        self._node_hidden = self.next_feature.new_zeros((batch, 0, self.head.config.hidden_size))
         return self.next_logits
 
     def tree_expand(self, tokens: torch.Tensor, parent_slots: torch.Tensor) -> torch.Tensor:

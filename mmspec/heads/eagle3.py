@@ -301,9 +301,9 @@ class Eagle3Head(nn.Module):
         cfg = json.loads(cfg_path.read_text())
         cfg["feature_layers"] = tuple(cfg["feature_layers"])
         sd = load_file(str(folder / "head.safetensors"))
-        head = cls(Eagle3Config(**cfg), d2t=sd["d2t"])
+        head = cls(Eagle3Config(**cfg), d2t=sd["d2t"]).to(dtype)
         head.load_state_dict({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()})
-        head.to(dtype).eval()
+        head.eval()
         if target is not None:
             head.attach(target)
         return head
