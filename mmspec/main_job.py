@@ -6,6 +6,8 @@ Glossary:
                    captions must be identical (greedy)
     image part     the zoo AR image target draws images for a prompt with plain AR and with a relaxed
                    method (LANTERN by default) from the same seeds; both are judged by the scene parser
+    text part      the real pretrained SmolLM2-135M-Instruct answers a chat prompt by plain AR and with the
+                   shipped EAGLE-3 head (dynamic trees); the answers must be identical (greedy)
     speedup        wall time of plain AR / wall time of the method, measured in this run after one
                    warm-up call each (CPU timings of tiny models are noisy: see benchmarks/RESULTS.md)
 """
@@ -77,6 +79,43 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
     log(f"[VLM] identical to HF generate: {identical}; speedup x{res['speedup_vs_hf_generate']:.2f} "
         f"(mean accepted length {res['mean_accepted_length']:.2f}, drafter kept {res['drafter_visual_tokens'][0]} of "
         f"{res['visual_tokens'][0]} visual tokens, pruning {cfg.pruning})")
+    return res
+
+
+CHAT_PROMPT = "Give me three tips for staying focused while studying."
+
+
+def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 96) -> dict:
+    """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
+    mmspec with the shipped EAGLE-3 head drafting dynamic trees; the answers must be identical."""
+    from . import engine
+    from .drafters.tree import DynamicTree
+    from .pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter
+
+    try:
+        target, tok = load_causal_lm()
+    except ModelNotFoundError as exc:
+        log(f"[text] skipped: {exc}")
+        return {"skipped": str(exc)}
+    drafter = load_smollm2_drafter("head", target, tree=DynamicTree(depth=5, top_k=4, num_nodes=16))
+    enc = chat_inputs(tok, [CHAT_PROMPT])
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad():
+        ref, t_ar = _timed(lambda: target.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens))
+        spec, t_spec = _timed(lambda: engine.generate(target, enc["input_ids"], attention_mask=enc["attention_mask"],
+                                                      drafter=drafter, max_new_tokens=max_new_tokens))
+    answer = tok.decode(spec.sequences[0, n:], skip_special_tokens=True)
+    width = min(ref.shape[1], spec.sequences.shape[1])
+    identical = ref.shape[1] <= spec.sequences.shape[1] and torch.equal(ref, spec.sequences[:, : ref.shape[1]])
+    res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
+           "identical_to_hf_generate": bool(identical and width == ref.shape[1]),
+           "speedup_vs_hf_generate": round(t_ar / t_spec, 3), "ar_seconds": round(t_ar, 3),
+           "mmspec_seconds": round(t_spec, 3), "mean_accepted_length": round(spec.stats.mean_accepted_length, 3),
+           "drafter": "EAGLE-3 head, dynamic tree (depth 5, top-k 4, 16 nodes)"}
+    log(f"[text] {CHAT_PROMPT}")
+    log(f"[text] SmolLM2: {answer[:160]}{'...' if len(answer) > 160 else ''}")
+    log(f"[text] identical to HF generate: {res['identical_to_hf_generate']}; speedup x{res['speedup_vs_hf_generate']:.2f} "
+        f"(mean accepted length {res['mean_accepted_length']:.2f})")
     return res
 
 
@@ -180,7 +219,8 @@ def run_main_job(out_dir: str | Path, cfg: MainJobConfig = MainJobConfig(), log=
         models.target.prefix_ids(cfg.prompt)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"vlm": run_captioning(cfg, out_dir, log), "image": run_image_generation(cfg, out_dir, log, models)}
+    report = {"vlm": run_captioning(cfg, out_dir, log), "image": run_image_generation(cfg, out_dir, log, models),
+              "text": run_text_chat(cfg, log)}
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote images, acceptance heat-map and report.json to {out_dir} ({report['seconds']:.0f} s)")

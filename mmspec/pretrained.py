@@ -131,3 +131,21 @@ def chat_inputs(tokenizer: Any, prompts: list[str], *, system: str | None = None
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}
     return out
+
+
+#: the drafters this repository trained for SmolLM2 (``mmspec train-drafter``), under the zoo's weights
+SMOLLM2_DRAFTERS = {"head": "smollm2/head", "model": "smollm2/drafter"}
+
+
+def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
+    """The shipped drafter for SmolLM2 (checked against the zoo's ``SHA256SUMS``): ``"head"`` -> a
+    :class:`~mmspec.drafters.feature.FeatureDrafter` (``kwargs``: draft length / ``tree=``), ``"model"`` ->
+    the distilled 2-layer drafter LM around ``target``'s embedding and head."""
+    from .distill import load_drafter
+    from .zoo import WEIGHTS_DIR, verify_checksums
+
+    if kind not in SMOLLM2_DRAFTERS:
+        raise ValueError(f"kind must be one of {sorted(SMOLLM2_DRAFTERS)}, got {kind!r}")
+    verify_checksums(SMOLLM2_DRAFTERS[kind])
+    folder = Path(WEIGHTS_DIR) / SMOLLM2_DRAFTERS[kind]
+    return load_drafter(folder, target, **kwargs) if kind == "head" else load_drafter(folder, target)

@@ -158,3 +158,32 @@ def test_training_time_test_matches_the_drafting_path():
                  position_ids=torch.tensor([[t + j]]))
         assert torch.allclose(o.logits[0, -1], outs[j][0, t], atol=1e-9)
         feat = o.hidden_states[0][:, -1:]
+
+
+# ------------------------------------------------------------------------------------- cost model
+def test_cost_model_exact_cases_and_tree_size():
+    from mmspec.drafters.cost_model import CostModel
+
+    cm = CostModel(widths=(1, 2, 4, 16), seconds=(1.0, 1.0, 1.2, 1.8), level_cost=0.1)
+    assert cm.relative(1) == 1.0 and cm.relative(3) == pytest.approx(1.1) and cm.relative(10) == pytest.approx(1.5)
+    assert cm.relative(28) == pytest.approx(1.8 + 12 * 0.6 / 12)
+    # confident drafts: a bigger tree pays; hopeless drafts: the smallest tree
+    assert cm.best_num_nodes(torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5]]), 2) == 5
+    assert cm.best_num_nodes(torch.tensor([[0.01, 0.01, 0.01, 0.01]]), 2) == 1
+    with pytest.raises(ValueError, match="widths"):
+        CostModel(widths=(2, 4), seconds=(1.0, 2.0))
+    with pytest.raises(TypeError, match="CostModel"):
+        DynamicTree(cost_model="fast")
+
+
+def test_a_cost_model_sized_tree_stays_token_identical():
+    from mmspec.drafters.cost_model import measure_cost_model
+
+    target = build("llama", layers=3)
+    cm = measure_cost_model(target, widths=(1, 4, 16), context=16, repeats=1)
+    ids, mask = left_padded_prompts(2, 9, V, seed=3)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    tree = DynamicTree(depth=4, top_k=3, num_nodes=12, cost_model=cm)
+    out = engine.generate(target, ids, attention_mask=mask, drafter=FeatureDrafter(make_head(target), tree=tree),
+                          max_new_tokens=20)
+    assert torch.equal(out.sequences[:, : ref.shape[1]], ref)

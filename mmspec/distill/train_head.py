@@ -32,8 +32,8 @@ from ..heads.frspec import count_tokens, coverage, rank_vocabulary
 
 @dataclass(frozen=True)
 class HeadTraining:
-    draft_vocab_size: int = 8192
-    ttt_steps: int = 4
+    draft_vocab_size: int = 4096
+    ttt_steps: int = 3
     step_decay: float = 0.8
     batch_size: int = 8
     max_len: int = 256
@@ -70,6 +70,8 @@ def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, d
     ids, pv = tokens[:, 1:], valid[:, 1:]
     outs = head.forward_ttt(ids, feats[:, :-1], pv, steps)
     L1 = ids.shape[1]
+    with torch.no_grad():  # the teacher at every position, once for all steps
+        teacher_all = (final @ head._lm_weight.T).float().softmax(-1)  # [B, L, Vd]
     total, weight, acc = 0.0, 0.0, []
     for j, logits in enumerate(outs):
         # row t predicts token t + j + 2 from the target's position t + j + 1
@@ -80,9 +82,7 @@ def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, d
         if not bool(score.any()):
             continue
         lg = logits[:, :n][score]  # [M, Vd]
-        fin = final[:, j + 1: j + 1 + n][score]  # [M, d]
-        with torch.no_grad():
-            teacher = (fin @ head._lm_weight.T).float().softmax(-1)
+        teacher = teacher_all[:, j + 1: j + 1 + n][score]  # [M, Vd]
         # the teacher's top token within the draft vocabulary: what greedy verification would accept
         loss = -(teacher * lg.float().log_softmax(-1)).sum(-1).mean()
         w = decay ** j

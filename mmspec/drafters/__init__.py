@@ -3,11 +3,13 @@
 from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLength,
                        HeuristicDraftLength)
 from .base import Draft, Drafter, StepOutcome
+from .cost_model import CostModel, measure_cost_model
+from .feature import FeatureDrafter
 from .model import ModelDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
 from .tree import DynamicTree, StaticTree, TreeDrafter
 
 __all__ = [
-    "ConfidenceDraftLength", "Draft", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
+    "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
 ]

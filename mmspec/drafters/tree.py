@@ -56,12 +56,17 @@ class DynamicTree:
     depth: int = 5
     top_k: int = 8
     num_nodes: int = 63
+    #: a measured :class:`~mmspec.drafters.cost_model.CostModel`: each step keeps the n <= num_nodes best
+    #: nodes that maximise expected tokens per unit of time (None: always num_nodes)
+    cost_model: Any = None
 
     def __post_init__(self) -> None:
         for name in ("depth", "top_k", "num_nodes"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidDraftLengthError(f"{name} must be an int >= 1, got {v!r}")
+        if self.cost_model is not None and not hasattr(self.cost_model, "best_num_nodes"):
+            raise TypeError(f"cost_model must be a CostModel, got {type(self.cost_model).__name__}")
 
 
 def ranking_distribution(drafter: ModelDrafter, logits: torch.Tensor) -> torch.Tensor:
@@ -120,8 +125,13 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
         fed += ids.shape[1]
         front_ids, front_scores = ids, scores.gather(1, ids)
         front_dist = ranking_distribution(drafter, logits)
-    if isinstance(tree, DynamicTree) and tokens.shape[1] > tree.num_nodes:
-        tokens, parents, depths, slot = rerank_nodes(tree.num_nodes, tokens, parents, scores, depths, slot)
+    if isinstance(tree, DynamicTree):
+        keep = min(tree.num_nodes, tokens.shape[1])
+        if tree.cost_model is not None:
+            best = scores.topk(keep, dim=1).values.exp().float()  # [B, keep] path probabilities
+            keep = tree.cost_model.best_num_nodes(best, depth_limit)
+        if tokens.shape[1] > keep:
+            tokens, parents, depths, slot = rerank_nodes(keep, tokens, parents, scores, depths, slot)
     drafter._tree_slot = slot
     n = tokens.shape[1]
     return Draft(tokens=tokens, probs=None, num_draft=torch.full((batch,), n, dtype=torch.long, device=device),

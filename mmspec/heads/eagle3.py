@@ -252,25 +252,13 @@ class Eagle3Head(nn.Module):
 
     # --------------------------------------------------------------------------------------- I/O
     def init_from_target(self, target: nn.Module) -> None:
-        """Start near the target's last layer: the feature half of q/k/v, o, the MLP and the final norm
-        copied from it, the fused feature = the high layer."""
-        layer = target.model.layers[-1]
-        d = self.config.hidden_size
-        with torch.no_grad():
-            self.fc.weight.zero_()
-            self.fc.weight[:, 2 * d:] = torch.eye(d)
-            for name in ("q_proj", "k_proj", "v_proj"):
-                src = getattr(layer.self_attn, name).weight
-                dst = getattr(self, name).weight
-                dst.zero_()
-                dst[:, d:] = src
-                dst[:, :d] = 0.1 * src
-            self.o_proj.weight.copy_(layer.self_attn.o_proj.weight)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                getattr(self, name).weight.copy_(getattr(layer.mlp, name).weight)
-            self.feature_norm.weight.copy_(layer.input_layernorm.weight)
-            self.post_norm.weight.copy_(layer.post_attention_layernorm.weight)
-            self.final_norm.weight.copy_(target.model.norm.weight)
+        """EAGLE's start: random layers, the final norm copied from the target (whose LM head the head
+        borrows). Copying the target's last layer would make the head predict the token it is fed (its
+        residual stream starts from position t's features, which decode to token t + 1, not t + 2)."""
+        norm = getattr(getattr(target, "model", None), "norm", None)
+        if norm is not None and getattr(norm, "weight", None) is not None and norm.weight.shape == self.final_norm.weight.shape:
+            with torch.no_grad():
+                self.final_norm.weight.copy_(norm.weight)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items()}
