@@ -526,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--out", default="mmspec_drafter", help="run directory (data, checkpoints, the drafter)")
     td.add_argument("--num-prompts", type=int, default=1024, help="self-distillation prompts (stdlib docstrings)")
     td.add_argument("--max-new-tokens", type=int, default=160, help="answer length per prompt")
-    td.add_argument("--draft-vocab", type=int, default=8192, help="FR-Spec draft vocabulary size (head)")
+    td.add_argument("--draft-vocab", type=int, default=4096, help="FR-Spec draft vocabulary size (head)")
     td.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
     td.add_argument("--seed", type=int, default=0)
     td.set_defaults(func=_run_train_drafter)

@@ -5,7 +5,8 @@ Glossary:
     run dir   ``out/``: ``data/`` (self-distillation shards), ``train_state.pt`` while training, and
               the finished drafter (``head.safetensors`` + ``head_config.json``, or
               ``drafter.safetensors`` + ``config.json``); re-running the same command continues
-    budget    ``minutes`` for the whole job: the data takes up to ``data_share`` of it, training the rest
+    budget    ``minutes`` for the whole job: the data takes up to ``data_share`` of it (the target's own
+              answers first, teacher-forced documentation in what is left), training the rest
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ KINDS = ("head", "model")
 
 def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | Path, minutes: float = 30.0,
                   data_dir: str | Path | None = None, num_prompts: int = 1024, max_new_tokens: int = 160,
-                  batch_size: int = 16, data_share: float = 0.4, draft_vocab_size: int = 8192,
+                  batch_size: int = 16, data_share: float = 0.4, draft_vocab_size: int = 4096,
                   num_layers: int = 2, seed: int = 0, progress: bool = True) -> dict:
     """Build self-distillation data from ``model``'s answers, then train a drafter of ``kind``
     (``"head"``: EAGLE-3 head, ``"model"``: a distilled ``num_layers`` drafter LM) into ``out``."""
-    from .data import build_dataset, load_examples
+    from .data import build_dataset, build_forced_dataset, load_examples
     from .train_head import HeadTraining, train_head
     from .train_model import train_model_drafter
 
@@ -37,7 +38,11 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     data = Path(data_dir) if data_dir is not None else out / "data"
     t0 = time.time()
     build_dataset(model, tokenizer, data, num_prompts=num_prompts, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, seed=seed, minutes=minutes * data_share, progress=progress)
+                  max_new_tokens=max_new_tokens, seed=seed, minutes=minutes * data_share * 0.6, progress=progress)
+    left = minutes * data_share - (time.time() - t0) / 60
+    if left > 0:  # teacher-forced documentation fills the rest of the data budget
+        build_forced_dataset(model, tokenizer, data, num_texts=num_prompts, batch_size=batch_size, seed=seed,
+                             minutes=left, progress=progress)
     examples = load_examples(data)
     left = max(minutes - (time.time() - t0) / 60, 0.05)
     if kind == "head":

@@ -15,6 +15,9 @@ Glossary:
                   ``final @ lm_head.T``, restricted to the draft vocabulary at training time)
     shard         ``shard_XXXXX.pt``: a list of examples; a run writes shards one batch at a time
                   and a later run with the same arguments continues after the last shard
+    forced shard  ``forced_XXXXX.pt``: teacher-forced examples whose answers are stdlib documentation
+                  rather than the target's own text (one forward per batch instead of generation: on a
+                  CPU the target generates about 40 tokens/s, so self-distillation alone is scarce)
 """
 
 from __future__ import annotations
