@@ -97,12 +97,21 @@ class CacheSession:
         the model is asked for hidden states only when this is non-empty.
         """
         ref = tokens if tokens is not None else inputs_embeds[..., 0]
-        valid = torch.ones_like(ref, dtype=torch.long) if valid is None else valid.to(torch.long)
-        if position_ids is None:
-            offsets = valid.cumsum(dim=1) - 1  # [B, w]
-            position_ids = (self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + offsets).clamp_min(0)
-            # left padding convention of HF generate: padded slots get position 1
-            position_ids = torch.where(valid.bool(), position_ids, torch.ones_like(position_ids))
+        width = ref.shape[1]
+        if valid is None:  # every slot valid (every decoding step): positions count on without a cumsum
+            valid = torch.ones_like(ref, dtype=torch.long)
+            if position_ids is None:
+                start = self.next_pos + self.position_delta  # [B]
+                position_ids = (start.unsqueeze(1) + torch.arange(width, device=ref.device)).clamp_min(0)
+            added = width
+        else:
+            valid = valid.to(torch.long)
+            if position_ids is None:
+                offsets = valid.cumsum(dim=1) - 1  # [B, w]
+                position_ids = (self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + offsets).clamp_min(0)
+                # left padding convention of HF generate: padded slots get position 1
+                position_ids = torch.where(valid.bool(), position_ids, torch.ones_like(position_ids))
+            added = valid.sum(dim=1)
         mask = torch.cat([self.valid, valid], dim=1)
         kwargs: dict[str, Any] = dict(
             attention_mask=mask, position_ids=position_ids, past_key_values=self.cache, use_cache=True,
@@ -125,7 +134,7 @@ class CacheSession:
 
             self.cache = DynamicCache.from_legacy_cache(self.cache)
         self.valid = mask
-        self.next_pos = self.next_pos + valid.sum(dim=1)
+        self.next_pos = self.next_pos + added
         logits = out.logits
         if num_logits is not None:
             logits = logits[:, -num_logits:]
@@ -213,11 +222,38 @@ class CacheSession:
 
     def rollback(self, num_remove: torch.Tensor) -> None:
         """Remove the last ``num_remove[b]`` valid tokens of each row b (long [B])."""
+        if self._drop_uniform_tail(num_remove):
+            return
         from_right = self.valid.flip(1).cumsum(dim=1).flip(1)  # [B, S]: valid slots at or after
         drop = (from_right <= num_remove.unsqueeze(1)) & self.valid.bool()
         self.valid = self.valid.masked_fill(drop, 0)
         self.next_pos = self.next_pos - num_remove
         self._crop_dead_tail()
+
+    def _drop_uniform_tail(self, num_remove: torch.Tensor) -> bool:
+        """The common rollback, as the general path would do it with fewer operations: every row removes
+        the same r tokens, the last r slots are valid in every row (as after a chain step) and the slot
+        before them is valid in some row (no dead column would remain to crop): crop r slots. Returns
+        False, changing nothing, in every other case."""
+        if num_remove.numel() == 0:
+            return False
+        slots = self.num_slots
+        r = int(num_remove[0])
+        if r < 0 or r > slots:
+            return False
+        checks = [(num_remove == r).all()]
+        if r < slots:
+            checks.append(self.valid[:, slots - r - 1].any())
+        if r:
+            checks.append(self.valid[:, slots - r:].all())
+        if not all(torch.stack(checks).tolist()):
+            return False
+        if r:
+            self.valid = self.valid[:, : slots - r]
+            self.next_pos = self.next_pos - num_remove
+            if self.cache is not None:
+                self.cache.crop(-r)
+        return True
 
     def _crop_dead_tail(self) -> None:
         alive_cols = self.valid.any(dim=0)  # [S]
