@@ -260,9 +260,12 @@ def generate_stream(
         raise ValueError("guidance and a custom prefill cannot be combined")
     if eos_token_id is None:
         eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
+    eos = _as_eos_set(eos_token_id)
+    if hasattr(drafter, "set_stop_tokens"):  # prompt lookup cuts its drafts before EOS
+        drafter.set_stop_tokens(eos)
     return _run(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
                 rule if rule is not None else default_rule(sampling), rng,
-                _as_eos_set(eos_token_id), model_inputs, prefill or prefill_causal_lm, guidance,
+                eos, model_inputs, prefill or prefill_causal_lm, guidance,
                 stats if stats is not None else GenerationStats(), repair)
 
 
@@ -271,18 +274,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def needs_no_prefill(drafter: Drafter) -> bool:
+    """Whether the drafter needs nothing from the target's prefill: no hidden states, no prefill context,
+    no model of its own kept in step with the target (plain AR, and drafters declaring
+    ``needs_no_prefill = True``: prompt lookup). The loop then feeds the prompt in its first step, together
+    with the first draft, as HF's prompt lookup does: one target forward fewer than a prefill followed by
+    a step, and the same tokens, positions and randomness."""
+    if drafter.hidden_layers:
+        return False
+    return isinstance(drafter, NoDrafter) or bool(getattr(drafter, "needs_no_prefill", False))
+
+
 def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens, sampling, rule, rng,
          eos, model_inputs, prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
          repair: Any = None) -> Iterator[StepEvent]:
-    """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``)."""
+    """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``).
+
+    With the default prefill, no guidance, repair or extra model inputs and a drafter that
+    :func:`needs_no_prefill`, there is no separate target prefill: the whole prompt is step 0's pending
+    block (``prefill_time`` stays 0, the prompt's forward counts as target time)."""
+    prompt_in_first_step = (guidance is None and repair is None and prefill is prefill_causal_lm
+                            and not model_inputs and needs_no_prefill(drafter))
     with torch.no_grad():
         t_start = time.perf_counter()
         if guidance is not None:
             session = open_session(target, input_ids, attention_mask, guidance=guidance)
         else:
             session = CacheSession(target, input_ids.shape[0], device)
-            with drafter.target_prefill_context(target, input_ids, attention_mask):
-                prefill(session, input_ids, attention_mask, model_inputs)
+            if not prompt_in_first_step:
+                with drafter.target_prefill_context(target, input_ids, attention_mask):
+                    prefill(session, input_ids, attention_mask, model_inputs)
         _sync(device)
         stats.prefill_time = time.perf_counter() - t_start
         t0 = time.perf_counter()
@@ -292,8 +313,9 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
         stats.drafter_time += stats.drafter_prefill_time
         stats.extra.update(drafter.info)
     budget = [max_new_tokens] * input_ids.shape[0]
-    yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=budget, sampling=sampling, rule=rule,
-                      rng=rng, eos=eos, stats=stats, t_start=t_start, repair=repair)
+    pending, pending_valid = (input_ids, attention_mask) if prompt_in_first_step else (input_ids[:, -1:], None)
+    yield from decode(session, drafter, pending, max_new_tokens=budget, sampling=sampling, rule=rule,
+                      rng=rng, eos=eos, stats=stats, t_start=t_start, repair=repair, pending_valid=pending_valid)
 
 
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
@@ -356,10 +378,17 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
 def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: torch.Tensor, *,
            max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
            eos: set[int] = frozenset(), stats: GenerationStats | None = None,
-           t_start: float | None = None, repair: Any = None) -> Iterator[StepEvent]:
+           t_start: float | None = None, repair: Any = None,
+           pending_valid: torch.Tensor | None = None) -> Iterator[StepEvent]:
     """The loop. ``session`` holds every prompt token but ``pending`` (long [B, 1]); ``drafter`` is
     started; row b generates at most ``max_new_tokens[b]`` tokens; ``repair`` (optional) replaces the
-    chain walk by a block repair step. Yields one event per step."""
+    chain walk by a block repair step. Yields one event per step.
+
+    ``pending_valid`` (long [B, P], chain steps only): ``pending`` is a whole left-padded prompt (the
+    session is empty) and this its attention mask; step 0 feeds it with the first draft and computes only
+    the k+1 logits it verifies."""
+    if pending_valid is not None and repair is not None:
+        raise ValueError("a prompt fed in the first step (pending_valid) cannot be combined with a repair step")
     stats = stats if stats is not None else GenerationStats()
     t_start = time.perf_counter() if t_start is None else t_start
     device = pending.device
@@ -390,7 +419,12 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         else:
             p = pending.shape[1]
             block = torch.cat([pending, draft.tokens], dim=1)  # [B', P+k]
-            logits = session.extend(block, hidden_layers=drafter.hidden_layers)[:, p - 1:]  # [B', k+1, V]
+            if pending_valid is None:
+                logits = session.extend(block, hidden_layers=drafter.hidden_layers)[:, p - 1:]  # [B', k+1, V]
+            else:  # step 0 feeding the prompt: its padding stays invalid; only the k+1 verified logits
+                valid = torch.cat([pending_valid, torch.ones_like(draft.tokens)], dim=1)
+                logits = session.extend(block, valid, num_logits=k + 1, hidden_layers=drafter.hidden_layers)
+                pending_valid = None
             _sync(device)
             t2 = time.perf_counter()
             if repair is None:
@@ -398,7 +432,8 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
                                       uniforms=uniforms, noise=noise)
                 t3 = time.perf_counter()
-                session.rollback(k - result.num_accepted)
+                if k:  # nothing was drafted: nothing to roll back
+                    session.rollback(k - result.num_accepted)
             else:  # the block's slots were computed with the drafts: drop them, repair, feed the result next step
                 session.rollback(torch.full((len(active),), k, dtype=torch.long, device=device))
                 final, kept = repair(session, draft.tokens, logits[:, :k], position, rng, last=pending[:, -1])
@@ -416,23 +451,28 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
             generated[row].extend(toks)
             committed.append(toks)
             finished.append(done)
-        position = position + torch.tensor([len(c) for c in committed], dtype=torch.long)
+        num_committed = [len(c) for c in committed]
+        position = position + torch.tensor(num_committed, dtype=torch.long)
+        t_obs = time.perf_counter()
         drafter.observe(StepOutcome(draft=draft, result=result, committed=committed, target_logits=logits,
                                     target_hidden=session.last_hidden if drafter.hidden_layers else None))
         _sync(device)
         t4 = time.perf_counter()
-        stats.drafter_time += (t1 - t0) + (t4 - t3)
+        stats.drafter_time += (t1 - t0) + (t4 - t_obs)
         stats.target_time += t2 - t1
         stats.verify_time += t3 - t2
-        stats.record(n_acc, draft.num_draft.tolist(), [len(c) for c in committed])
+        stats.bookkeeping_time += t_obs - t3
+        num_draft_list = draft.num_draft.tolist()
+        stats.record(n_acc, num_draft_list, num_committed)
         stats.target_calls = session.calls
         stats.drafter_calls = getattr(drafter, "num_calls", 0)
         stats.total_time = time.perf_counter() - t_start
         yield StepEvent(step=step, rows=list(active), tokens=committed, num_accepted=n_acc,
-                        num_draft=draft.num_draft.tolist(), finished=finished, stats=stats,
+                        num_draft=num_draft_list, finished=finished, stats=stats,
                         kept=None if kept_masks is None else [m[: len(c)] for m, c in zip(kept_masks, committed)])
         step += 1
         if any(finished):
+            t5 = time.perf_counter()
             keep = [i for i, f in enumerate(finished) if not f]
             active = [active[i] for i in keep]
             if active:
@@ -442,6 +482,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 rng.select(rows)
                 pending = pending[rows]
                 position = position[rows.cpu()]
+            stats.bookkeeping_time += time.perf_counter() - t5
     stats.total_time = time.perf_counter() - t_start
 
 

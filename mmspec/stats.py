@@ -6,8 +6,11 @@ Glossary:
                            "tau" / mean accepted length of the speculative-decoding literature
     acceptance_per_position  fraction of drafted tokens accepted at draft position i, counted
                            over row steps that drafted position i
-    time split             seconds in the target prefill, target forwards, drafter (prefill + propose +
-                           observe) and verification; they add up to total_time up to loop bookkeeping
+    time split             seconds in the target prefill, target forwards (the session's ``extend``: the
+                           forward plus its mask and positions), drafter (prefill + propose + observe),
+                           verification and bookkeeping (cache rollback, committing tokens, dropping
+                           finished rows); they add up to total_time up to the rest of the loop's Python
+                           (statistics, events)
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class GenerationStats:
     target_time: float = 0.0
     drafter_time: float = 0.0
     verify_time: float = 0.0
+    bookkeeping_time: float = 0.0  # cache rollback, commit (host copies of the results), finished-row removal
     total_time: float = 0.0
     extra: dict = field(default_factory=dict)  # facts from the drafter / adapters (e.g. visual tokens)
 

@@ -7,19 +7,22 @@ Reference: Saxena, "Prompt Lookup Decoding" (2023), as shipped in HF transformer
 Glossary:
     context   a row's valid prompt tokens followed by every token it has committed
     n-gram    the last n tokens of the context, searched for earlier in the context
-    draft     up to k tokens that followed the match; deterministic (no probabilities)
+    draft     up to k tokens that followed the match, cut before the first stop token (EOS): a drafted
+              EOS, if accepted, ends the row exactly where the target itself would emit it as the
+              step's own token, so drafting it only widens the verification forward (HF cuts the same
+              way); deterministic (no probabilities)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
 from ..config import SamplingParams
 from ..errors import InvalidDraftLengthError
 from .adaptive import DraftLengthPolicy, as_policy
-from .base import Draft, Drafter, StepOutcome, widest_budget
+from .base import Draft, Drafter, StepOutcome
 
 
 def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int) -> list[int]:
@@ -38,17 +41,35 @@ def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int) -> 
 class PromptLookupDrafter(Drafter):
     """Deterministic n-gram drafter that needs no model."""
 
-    def __init__(self, max_ngram_size: int = 2, draft_length: int | DraftLengthPolicy | None = None):
+    #: nothing to learn from the target's prefill: the loop feeds the prompt with the first draft
+    #: (:func:`mmspec.engine.needs_no_prefill`), as HF's prompt lookup does
+    needs_no_prefill = True
+
+    def __init__(self, max_ngram_size: int = 2, draft_length: int | DraftLengthPolicy | None = None,
+                 stop_tokens: Iterable[int] | None = None):
         if not isinstance(max_ngram_size, int) or max_ngram_size < 1:
             raise InvalidDraftLengthError(f"max_ngram_size must be an int >= 1, got {max_ngram_size!r}")
         self.max_ngram_size = max_ngram_size
         self.policy: DraftLengthPolicy | None = None if draft_length is None else as_policy(draft_length)
         self._own_policy = draft_length is not None
+        self.stop_tokens: frozenset[int] = frozenset() if stop_tokens is None else frozenset(int(t) for t in stop_tokens)
+        self._own_stop = stop_tokens is not None
 
     def set_default_length(self, k: int | DraftLengthPolicy) -> None:
         """Use the call's draft length unless one was given at construction."""
         if not self._own_policy:
             self.policy = as_policy(k)
+
+    def set_stop_tokens(self, tokens: Iterable[int]) -> None:
+        """Cut drafts before the call's EOS ids unless stop tokens were given at construction."""
+        if not self._own_stop:
+            self.stop_tokens = frozenset(int(t) for t in tokens)
+
+    def _cut(self, draft: list[int]) -> list[int]:
+        for i, t in enumerate(draft):
+            if t in self.stop_tokens:
+                return draft[:i]
+        return draft
 
     def start(self, input_ids, attention_mask, *, sampling: SamplingParams, rng: Any = None,
               guidance: Any = None, **model_inputs: Any) -> None:
@@ -59,11 +80,16 @@ class PromptLookupDrafter(Drafter):
         self.contexts = [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]
 
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
+        """Up to k tokens per row; the draft is as wide as the longest usable continuation, so a step where
+        no row found a match (or no row may draft) feeds only the pending token, as HF's prompt lookup does."""
         assert self.policy is not None
-        k = max(1, min(self.policy.current(), widest_budget(max_tokens)))
-        found = [find_candidate(c, self.max_ngram_size, k) for c in self.contexts]
-        width = max(1, max(len(f) for f in found))
-        tokens = torch.zeros((len(found), width), dtype=torch.long)
+        batch = len(self.contexts)
+        caps = max_tokens.tolist() if isinstance(max_tokens, torch.Tensor) else [max_tokens] * batch
+        k = min(self.policy.current(), max(caps, default=0))
+        found = [self._cut(find_candidate(c, self.max_ngram_size, min(k, cap))) if k > 0 and cap > 0 else []
+                 for c, cap in zip(self.contexts, caps)]
+        width = max((len(f) for f in found), default=0)
+        tokens = torch.zeros((batch, width), dtype=torch.long)
         for b, f in enumerate(found):
             if f:
                 tokens[b, :len(f)] = torch.tensor(f, dtype=torch.long)
