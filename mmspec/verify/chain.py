@@ -201,6 +201,14 @@ def _verify_greedy_torch(draft_tokens: torch.Tensor, draft_probs: torch.Tensor |
     batch, k = draft_tokens.shape
     scores = target_logits.to(torch.float32)  # greedy compares the float32 scores (process_logits)
     vocab, device = scores.shape[-1], scores.device
+    if k == 0:  # a plain AR step: the argmax, whose value shows NaN (argmax picks it), +inf and all -inf rows
+        tokens = scores[:, 0].argmax(dim=-1, keepdim=True)  # [B, 1]
+        bad = ~torch.isfinite(scores[:, 0].gather(-1, tokens)).all()
+        if num_draft is not None:
+            bad = bad | (num_draft != 0).any()
+        if bool(bad):
+            return None
+        return VerifyResult(num_accepted=torch.zeros((batch,), dtype=torch.long, device=device), tokens=tokens)
     if num_draft is None:
         num_draft = torch.full((batch,), k, dtype=torch.long, device=device)
     row_max = scores.amax(dim=-1)  # [B, k+1]: NaN if any NaN, +inf if any +inf, -inf if all -inf
@@ -208,27 +216,21 @@ def _verify_greedy_torch(draft_tokens: torch.Tensor, draft_probs: torch.Tensor |
     nd = num_draft.unsqueeze(1)
     real = cols[:k] < nd  # [B, k]
     flags = [(~torch.isfinite(row_max) & (cols <= nd)).any(),
-             ((num_draft < 0) | (num_draft > k)).any()]
-    if k:
-        flags.append((real & ((draft_tokens < 0) | (draft_tokens >= vocab))).any())
-        x = torch.where(real, draft_tokens, torch.zeros_like(draft_tokens)).clamp(0, vocab - 1).unsqueeze(-1)
-        is_max = scores[:, :k].gather(-1, x).squeeze(-1) == row_max[:, :k]  # [B, k]
-        others = scores[:, :k].clone().scatter_(-1, x, float("-inf")).amax(dim=-1)  # [B, k]
-        flags.append((real & is_max & (others == row_max[:, :k])).any())  # a tie: first index decides
-        if draft_probs is not None:
-            flags.append((~torch.isfinite(draft_probs.sum(dim=-1)) & real).any())
+             ((num_draft < 0) | (num_draft > k)).any(),
+             (real & ((draft_tokens < 0) | (draft_tokens >= vocab))).any()]
+    x = torch.where(real, draft_tokens, torch.zeros_like(draft_tokens)).clamp(0, vocab - 1).unsqueeze(-1)
+    is_max = scores[:, :k].gather(-1, x).squeeze(-1) == row_max[:, :k]  # [B, k]
+    others = scores[:, :k].clone().scatter_(-1, x, float("-inf")).amax(dim=-1)  # [B, k]
+    flags.append((real & is_max & (others == row_max[:, :k])).any())  # a tie: first index decides
+    if draft_probs is not None:
+        flags.append((~torch.isfinite(draft_probs.sum(dim=-1)) & real).any())
     if any(torch.stack(flags).tolist()):
         return None
-    if k:
-        ok = is_max & real
-        n = ok.long().cumprod(dim=1).sum(dim=1)  # [B]
-        final = scores[torch.arange(batch, device=device), n].argmax(dim=-1)  # [B]
-        padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), PLACEHOLDER_TOKEN_ID)], dim=1)
-        tokens = torch.where(cols < n.unsqueeze(1), padded, torch.full_like(padded, PLACEHOLDER_TOKEN_ID))
-        tokens = torch.where(cols == n.unsqueeze(1), final.unsqueeze(1), tokens)
-    else:  # plain AR step: the emitted token is the argmax
-        n = torch.zeros((batch,), dtype=torch.long, device=device)
-        tokens = scores[:, 0].argmax(dim=-1, keepdim=True)
+    n = (is_max & real).long().cumprod(dim=1).sum(dim=1)  # [B]
+    final = scores[torch.arange(batch, device=device), n].argmax(dim=-1)  # [B]
+    padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), PLACEHOLDER_TOKEN_ID)], dim=1)
+    tokens = torch.where(cols < n.unsqueeze(1), padded, torch.full_like(padded, PLACEHOLDER_TOKEN_ID))
+    tokens = torch.where(cols == n.unsqueeze(1), final.unsqueeze(1), tokens)
     return VerifyResult(num_accepted=n, tokens=tokens)
 
 
