@@ -403,9 +403,10 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         # a chain or tree step emits one target token after its drafts; a repaired block is emitted as is
         caps = (torch.tensor(remaining, dtype=torch.long) - (0 if repair is not None else 1)).clamp_min(0)
         draft = drafter.propose(caps.to(device))
-        num_draft = cap_draft(draft, caps.to(draft.num_draft.device))
-        if not torch.equal(num_draft, draft.num_draft):
-            draft = dataclasses.replace(draft, num_draft=num_draft)
+        if draft.k:  # an empty draft has nothing to cap
+            num_draft = cap_draft(draft, caps.to(draft.num_draft.device))
+            if not torch.equal(num_draft, draft.num_draft):
+                draft = dataclasses.replace(draft, num_draft=num_draft)
         _sync(device)
         t1 = time.perf_counter()
         k = draft.k
