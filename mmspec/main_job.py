@@ -85,7 +85,7 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
 CHAT_PROMPT = "Give me three tips for staying focused while studying."
 
 
-def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 96) -> dict:
+def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
     """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
     mmspec with the shipped EAGLE-3 head drafting dynamic trees; the answers must be identical."""
     from . import engine
