@@ -69,6 +69,9 @@ class CacheSession:
         self._logits_to_keep = _supports(model, "logits_to_keep")
         self.calls = 0
         self.last_hidden: dict[int, torch.Tensor] | None = None  # hidden states of the last forward
+        #: layers recorded by every ``extend`` that asks for none itself (the loop sets it around the
+        #: prefill so that a feature drafter gets the prompt's hidden states)
+        self.record_hidden: tuple[int, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -96,6 +99,7 @@ class CacheSession:
         keep in :attr:`last_hidden` (layer -> float [B, w, d]; 0 = embeddings, as HF counts them);
         the model is asked for hidden states only when this is non-empty.
         """
+        hidden_layers = hidden_layers or self.record_hidden
         ref = tokens if tokens is not None else inputs_embeds[..., 0]
         width = ref.shape[1]
         if valid is None:  # every slot valid (every decoding step): positions count on without a cumsum

@@ -302,12 +302,16 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
         else:
             session = CacheSession(target, input_ids.shape[0], device)
             if not prompt_in_first_step:
+                session.record_hidden = drafter.hidden_layers  # a feature drafter reads the prompt's hidden states
                 with drafter.target_prefill_context(target, input_ids, attention_mask):
                     prefill(session, input_ids, attention_mask, model_inputs)
+                session.record_hidden = ()
         _sync(device)
         stats.prefill_time = time.perf_counter() - t_start
         t0 = time.perf_counter()
         drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng, guidance=guidance, **model_inputs)
+        if drafter.hidden_layers:
+            drafter.observe_prefill(session.last_hidden)
         _sync(device)
         stats.drafter_prefill_time = time.perf_counter() - t0
         stats.drafter_time += stats.drafter_prefill_time
