@@ -66,7 +66,9 @@ def test_usage_errors_are_one_line(capsys, no_work):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--drafter", "/some/drafter"], "--drafter needs --target"),
+    (["--drafter", "/some/drafter"], "--drafter: no checkpoint at /some/drafter"),  # a drafter for SmolLM2
+    (["--example", "--drafter", "d"], "--drafter cannot be combined with --example"),
+    (["--example", "--target", "t"], "--target cannot be combined with --example"),
     (["--tokenizer", "/some/tokenizer"], "--tokenizer needs --target"),
     (["--prompt-lookup", "--drafter", "d", "--target", "t"], "give --drafter or --prompt-lookup, not both"),
     (["--target", "/nonexistent"], "--target: no checkpoint at /nonexistent (no such directory)"),
