@@ -447,6 +447,73 @@ def _run_main_job(args: argparse.Namespace) -> int:
     return EXIT_OK if same else EXIT_NOT_IDENTICAL
 
 
+def _run_chat(args: argparse.Namespace) -> int:
+    """Interactive chat (stdin lines; ``/reset`` forgets the conversation, ``/exit`` or EOF ends it)."""
+    import mmspec
+    from mmspec.chat import Chat, build_chat_drafter, parse_tree
+    from mmspec.pretrained import ModelNotFoundError, load_causal_lm
+
+    _check_sampling(args)
+    _check_number(args, "max_new_tokens", lo=1, integer=True)
+    try:
+        parse_tree(args.tree)
+    except ValueError as exc:
+        raise CLIError(EXIT_BAD_INPUT, f"--tree: {exc}") from None
+    shipped = args.drafter in ("head", "model")
+    if shipped and args.target != "smollm2":
+        raise CLIError(EXIT_BAD_INPUT, f"--drafter {args.drafter} is the one shipped for SmolLM2; for another "
+                                       "target give a folder from `mmspec train-drafter` or prompt-lookup")
+    if not shipped and args.drafter != "prompt-lookup":
+        _check_model_path("--drafter", args.drafter, "trained drafter folder", local_only=True)
+    try:
+        target, tokenizer = load_causal_lm(args.target)
+    except (ModelNotFoundError, OSError, ValueError, KeyError) as exc:
+        raise CLIError(EXIT_BAD_INPUT, f"cannot load the target from {args.target!r}: {_one_line(exc)}") from None
+    try:
+        if shipped or args.drafter == "prompt-lookup":
+            drafter = build_chat_drafter(args.drafter, target, None if args.chain else args.tree)
+        else:
+            from mmspec.distill import load_drafter
+            from mmspec.drafters.tree import DynamicTree
+
+            depth, top_k, nodes = parse_tree(args.tree)
+            kw = {} if args.chain else {"tree": DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)}
+            drafter = load_drafter(args.drafter, target, **kw)
+        chat = Chat(target, tokenizer, drafter, system=args.system, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_draft_tokens=args.k,
+                    seed=args.seed)
+    except (mmspec.MMSpecError, ValueError, FileNotFoundError) as exc:
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("mmspec chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) ends it.")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            chat.reset()
+            print("(conversation cleared)")
+            continue
+        print("assistant> ", end="", flush=True)
+        try:
+            for piece in chat.reply(line):
+                print(piece, end="", flush=True)
+        except mmspec.MMSpecError as exc:
+            raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+        print()
+        if not args.quiet:
+            print(f"  [{chat.last.summary()}]", file=sys.stderr)
+    return EXIT_OK
+
+
 def _run_train_drafter(args: argparse.Namespace) -> int:
     from mmspec.distill import train_drafter
     from mmspec.pretrained import ModelNotFoundError, load_causal_lm
@@ -530,6 +597,24 @@ def build_parser() -> argparse.ArgumentParser:
     td.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
     td.add_argument("--seed", type=int, default=0)
     td.set_defaults(func=_run_train_drafter)
+
+    chat = sub.add_parser("chat", help="chat with SmolLM2-135M-Instruct (or --target) through speculative "
+                                       "decoding, answers streamed (reads stdin; /reset, /exit)")
+    chat.add_argument("--target", default="smollm2", help="HF folder, .gguf file or 'smollm2' (default)")
+    chat.add_argument("--drafter", default="head",
+                      help="head (shipped EAGLE-3 head, default), model (shipped distilled drafter), prompt-lookup, "
+                           "or a folder written by `mmspec train-drafter`")
+    chat.add_argument("--tree", default="5,4,16", help="dynamic draft tree of a head: depth,top_k,nodes")
+    chat.add_argument("--chain", action="store_true", help="draft chains of -k tokens instead of trees")
+    chat.add_argument("-k", "--num-draft-tokens", dest="k", type=int, default=3)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--quiet", action="store_true", help="no speed line after each answer")
+    chat.set_defaults(func=_run_chat)
 
     img = sub.add_parser("imagegen", help="generate images with an AR image model (AR, exact SD, SJD, LANTERN, "
                                           "LANTERN++, MuLo-SD)")

@@ -1,0 +1,116 @@
+"""`mmspec chat` and :class:`mmspec.chat.Chat`: streamed multi-turn answers equal to HF generate on the
+whole conversation (greedy), the conversation kept across turns, bad input named before any work."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from mmspec.chat import Chat, parse_tree
+from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from tiny_models import build
+from tiny_tokenizer import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = build("qwen2", vocab=len(tok), hidden=64, layers=2, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    folder = tmp_path_factory.mktemp("tiny_chat")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok, folder
+
+
+def _hf_answer(model, tok, messages, max_new_tokens):
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                         pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_streamed_turns_equal_hf_generate_on_the_conversation(tiny_chat_model):
+    model, tok, _ = tiny_chat_model
+    chat = Chat(model, tok, "prompt_lookup", max_new_tokens=20)
+    history = []
+    for message in ("Serialize obj to a JSON formatted str.", "Decode a JSON document."):
+        history.append({"role": "user", "content": message})
+        streamed = "".join(chat.reply(message))
+        assert streamed == _hf_answer(model, tok, history, 20)
+        history.append({"role": "assistant", "content": streamed})
+        assert chat.messages == history
+        assert chat.last.new_tokens >= 1 and chat.last.mean_accepted_length >= 1
+    chat.reset()
+    assert chat.messages == []
+
+
+def test_a_system_message_goes_first(tiny_chat_model):
+    model, tok, _ = tiny_chat_model
+    chat = Chat(model, tok, "prompt_lookup", max_new_tokens=8, system="Answer briefly.")
+    streamed = "".join(chat.reply("Hello"))
+    assert streamed == _hf_answer(model, tok, [{"role": "system", "content": "Answer briefly."},
+                                               {"role": "user", "content": "Hello"}], 8)
+
+
+def test_bad_chat_input_is_named(tiny_chat_model):
+    model, tok, _ = tiny_chat_model
+    chat = Chat(model, tok, "prompt_lookup")
+    with pytest.raises(ValueError, match="empty message"):
+        list(chat.reply("   "))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        Chat(model, tok, "prompt_lookup", max_new_tokens=0)
+    bare = tiny_tokenizer.__wrapped__(384)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        Chat(model, bare, "prompt_lookup")
+    with pytest.raises(ValueError, match="depth,top_k,nodes"):
+        parse_tree("5,4")
+    # a setting the loop rejects leaves the conversation as it was
+    bad = Chat(model, tok, "prompt_lookup", num_draft_tokens=0)
+    with pytest.raises(Exception, match="num_draft_tokens|>= 1"):
+        list(bad.reply("Hello"))
+    assert bad.messages == []
+
+
+def test_chat_cli_answers_each_stdin_line(tiny_chat_model, monkeypatch, capsys):
+    _, _, folder = tiny_chat_model
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n\n/reset\nDecode a JSON document.\n/exit\nignored\n"))
+    rc = main(["chat", "--target", str(folder), "--drafter", "prompt-lookup", "--max-new-tokens", "6"])
+    out = capsys.readouterr()
+    assert rc == EXIT_OK
+    assert out.out.count("assistant> ") == 2 and "(conversation cleared)" in out.out
+    assert out.err.count("tokens/s") == 2
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--drafter", "head"], "shipped for SmolLM2"),
+    (["--drafter", "prompt-lookup", "--tree", "5,x,2"], "--tree"),
+    (["--drafter", "prompt-lookup", "--temperature", "nan"], "temperature"),
+    (["--drafter", "/no/such/drafter"], "no trained drafter folder"),
+])
+def test_chat_cli_rejects_bad_input_before_loading(tiny_chat_model, capsys, args, match):
+    _, _, folder = tiny_chat_model
+    rc = main(["chat", "--target", str(folder), *args])
+    err = capsys.readouterr().err
+    assert rc == EXIT_BAD_INPUT and match in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_chat_with_the_head_tree_equals_hf_generate():
+    from mmspec.chat import build_chat_drafter
+    from mmspec.pretrained import load_causal_lm
+
+    target, tok = load_causal_lm()
+    chat = Chat(target, tok, build_chat_drafter("head", target, "5,4,16"), max_new_tokens=24)
+    history = []
+    for message in ("What is the capital of France?", "And of Italy?"):
+        history.append({"role": "user", "content": message})
+        streamed = "".join(chat.reply(message))
+        assert streamed == _hf_answer(target, tok, history, 24)
+        history.append({"role": "assistant", "content": streamed})
