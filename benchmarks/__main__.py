@@ -1,6 +1,7 @@
 """``python -m benchmarks``: every table of benchmarks/RESULTS.md and its figures, in one command.
 
-Runs, one after the other (never concurrently: 2-core timings), the text benchmark, the VLM
+Runs, one after the other (never concurrently: 2-core timings), the text benchmark (toy pair, then
+SmolLM2-135M-Instruct with its trained drafters), the VLM
 benchmark on the zoo pair, the image-generation benchmark on the zoo image models, draft trees
 against chains (and MuLo-SD on the cached loop), and the zoo's
 training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own
@@ -14,19 +15,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_gen, text, trees, vlm, zoo_training
+from . import image_gen, smollm2, text, trees, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,vlm,image,trees,train",
-                    help="comma-separated subset of text,vlm,image,trees,train")
+    ap.add_argument("--only", default="text,smollm2,vlm,image,trees,train",
+                    help="comma-separated subset of text,smollm2,vlm,image,trees,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "vlm", "image", "trees", "train"}
+    unknown = parts - {"text", "smollm2", "vlm", "image", "trees", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     rc = 0
     if "text" in parts:
         rc |= text.main(common)
+    if "smollm2" in parts:
+        rc |= smollm2.main(common)
     if "vlm" in parts:
         rc |= vlm.main(common + plots)
     if "image" in parts:

@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.text                      # full run (trains the models once, ~4 min)
     python -m benchmarks.text --quick              # smoke run (< 1 min)
     python -m benchmarks.text --out benchmarks/RESULTS.md
+    python -m benchmarks.text --model smollm2      # the real SmolLM2-135M-Instruct (benchmarks/smollm2.py)
 
 One interleaved run on the same trained byte-level target/drafter pair (see
 ``benchmarks/_text_models.py``): each repeat is one round per prompt, and each round runs every
@@ -376,6 +377,16 @@ def write_section(path: Path, section: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:  # ``--model smollm2``: the real pretrained model (benchmarks/smollm2.py)
+        i = argv.index("--model")
+        model = argv[i + 1] if i + 1 < len(argv) else ""
+        if model != "smollm2":
+            print(f"error: --model must be smollm2 (the toy pair is the default), got {model!r}", file=sys.stderr)
+            return 2
+        from . import smollm2
+
+        return smollm2.main(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)

@@ -68,12 +68,10 @@ def _batch(examples: list[dict], idx: list[int], max_len: int):
 def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, decay: float):
     """(loss, accuracy per step): pairs t = (features t, token t+1) for t < L-1."""
     ids, pv = tokens[:, 1:], valid[:, 1:]
-    outs = head.forward_ttt(ids, feats[:, :-1], pv, steps)
+    outs = head.forward_ttt(ids, feats[:, :-1], pv, steps, logits=False)  # hidden states [B, L-1, d] per step
     L1 = ids.shape[1]
-    with torch.no_grad():  # the teacher at every position, once for all steps
-        teacher_all = (final @ head._lm_weight.T).float().softmax(-1)  # [B, L, Vd]
     total, weight, acc = 0.0, 0.0, []
-    for j, logits in enumerate(outs):
+    for j, hidden in enumerate(outs):
         # row t predicts token t + j + 2 from the target's position t + j + 1
         n = L1 - j - 1
         if n <= 0:
@@ -81,8 +79,9 @@ def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, d
         score = lmask[:, j + 2: j + 2 + n] & valid[:, j + 2: j + 2 + n].bool()
         if not bool(score.any()):
             continue
-        lg = logits[:, :n][score]  # [M, Vd]
-        teacher = teacher_all[:, j + 1: j + 1 + n][score]  # [M, Vd]
+        lg = head.lm_logits(hidden[:, :n][score])  # [M, Vd]: only the scored rows go through the head
+        with torch.no_grad():  # the target's distribution at position t + j + 1, within the draft vocabulary
+            teacher = (final[:, j + 1: j + 1 + n][score] @ head._lm_weight.T).float().softmax(-1)  # [M, Vd]
         # the teacher's top token within the draft vocabulary: what greedy verification would accept
         loss = -(teacher * lg.float().log_softmax(-1)).sum(-1).mean()
         w = decay ** j

@@ -209,13 +209,15 @@ class Eagle3Head(nn.Module):
 
     # ------------------------------------------------------------------------------------ training
     def forward_ttt(self, input_ids: torch.Tensor, target_features: torch.Tensor, valid: torch.Tensor,
-                    steps: int) -> list[torch.Tensor]:
+                    steps: int, *, logits: bool = True) -> list[torch.Tensor]:
         """Training-time test over whole sequences (no cache).
 
         input_ids long [B, L]: the token of each pair (pair t holds token t + 1 of the conversation);
         target_features float [B, L, 3d]: the target's features of pair t (position t); valid long [B, L].
         Returns per step j (0 .. steps-1) logits [B, L, Vd]; step j's row t predicts token t + j + 2
         after drafting j tokens from pair t with its own hidden states (row t uses input token t + j).
+        ``logits=False`` returns the output hidden states [B, L, d] instead (training scores only some
+        rows: :meth:`lm_logits` on those is cheaper than the draft-vocabulary head on all).
         """
         self._check_attached()
         b, L = input_ids.shape
@@ -246,7 +248,7 @@ class Eagle3Head(nn.Module):
             else:
                 attn = scores.softmax(dim=-1) @ v0
             hid = self._out(feat, attn)
-            out.append(self.lm_logits(hid))
+            out.append(self.lm_logits(hid) if logits else hid)
             feat = hid  # the next step drafts from the head's own hidden states
         return out
 
