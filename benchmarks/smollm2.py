@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k-lookup", type=int, default=10)
     ap.add_argument("--tree", default="5,4,24", help="dynamic tree depth,top_k,max nodes")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pack", action="store_true",
+                    help="pre-pack every linear weight for oneDNN (mmspec.cpu_packing) in the target, the head and "
+                         "the 2-layer drafter first; HF and mmspec rows run the same packed models (own section)")
     a = ap.parse_args(argv)
     if a.quick:
         a.max_new_tokens, a.prompts = 24, 2
@@ -124,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     head_drafter = load_smollm2_drafter("head", target)
     head = head_drafter.head
     small = load_smollm2_drafter("model", target)
+    if a.pack:
+        from mmspec.cpu_packing import pack_linear_weights
+
+        packed = sum(pack_linear_weights(mod) for mod in (target, head, small))
+        print(f"packed {packed} linear layers for oneDNN", flush=True)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = list(PROMPTS[: a.prompts])
 
@@ -247,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return None
 
     load = os.getloadavg()
-    lines = [SECTION_HEADING, "",
+    heading = SECTION_HEADING + (", pre-packed linear weights" if a.pack else "")
+    lines = [heading, "",
              f"Recorded {_dt.date.today()} by `python -m benchmarks.smollm2 {' '.join(argv or sys.argv[1:])}` on "
              f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}; "
              f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. {len(prompts)} held-out chat prompts, "
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is not None and not a.quick:
         from ._report import write_section
 
-        write_section(a.out, SECTION_HEADING, table)
+        write_section(a.out, heading, table)
     bad = any(r.identical and not all(r.identical) for rows in results.values() for r in rows.values())
     return 1 if bad else 0
 
