@@ -70,6 +70,12 @@ def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, d
     ids, pv = tokens[:, 1:], valid[:, 1:]
     outs = head.forward_ttt(ids, feats[:, :-1], pv, steps, logits=False)  # hidden states [B, L-1, d] per step
     L1 = ids.shape[1]
+    # every step scores the same target positions p (those whose next token is a valid answer token; step j
+    # row t reads p = t + j + 1), so the teacher is computed once per batch, on those positions only
+    need = lmask[:, 1:] & valid[:, 1:].bool()  # [B, L-1]: position p is a teacher position
+    with torch.no_grad():  # the target's distribution within the draft vocabulary
+        teacher_rows = (final[:, :-1][need] @ head._lm_weight.T).float().softmax(-1)  # [P, Vd]
+    row_of = need.flatten().cumsum(0).view_as(need) - 1  # [B, L-1]: p -> its row of teacher_rows
     total, weight, acc = 0.0, 0.0, []
     for j, hidden in enumerate(outs):
         # row t predicts token t + j + 2 from the target's position t + j + 1
@@ -80,8 +86,7 @@ def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, d
         if not bool(score.any()):
             continue
         lg = head.lm_logits(hidden[:, :n][score])  # [M, Vd]: only the scored rows go through the head
-        with torch.no_grad():  # the target's distribution at position t + j + 1, within the draft vocabulary
-            teacher = (final[:, j + 1: j + 1 + n][score] @ head._lm_weight.T).float().softmax(-1)  # [M, Vd]
+        teacher = teacher_rows[row_of[:, j + 1: j + 1 + n][score]]  # [M, Vd]: position t + j + 1
         # the teacher's top token within the draft vocabulary: what greedy verification would accept
         loss = -(teacher * lg.float().log_softmax(-1)).sum(-1).mean()
         w = decay ** j
