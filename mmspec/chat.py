@@ -91,44 +91,40 @@ class Chat:
             self.messages.pop()
             raise
         steps = 0
-
-        def decoded() -> str:
-            return self.tokenizer.decode([t for t in tokens if t not in eos_set], skip_special_tokens=True)
-
+        answer = ""
         try:
             for event in stream:
                 steps += 1
                 tokens.extend(event.tokens[0])
-                answer = decoded()
+                answer = self.tokenizer.decode([t for t in tokens if t not in eos_set], skip_special_tokens=True)
                 if not answer.endswith("\ufffd") and answer.startswith(shown):  # hold back a split character
                     yield answer[len(shown):]
                     shown = answer
-            answer = decoded()
             if answer.startswith(shown) and answer != shown:
                 yield answer[len(shown):]
         finally:  # also when the caller stops early: the conversation keeps what was generated
-            self.messages.append({"role": "assistant", "content": decoded()})
+            self.messages.append({"role": "assistant", "content": answer})
             self.last = TurnStats(len(tokens), time.perf_counter() - t0, len(tokens) / max(steps, 1))
             self._turn += 1
 
 
 def build_chat_drafter(kind: str, target: Any, tree: str | None = "5,4,16") -> Any:
-    """The drafter for ``mmspec chat``: ``head`` (the shipped EAGLE-3 head; a dynamic tree
-    ``depth,top_k,nodes`` or a chain when ``tree`` is None), ``model`` (the distilled drafter LM) or
-    ``prompt-lookup``."""
+    """The drafter for ``mmspec chat``: ``head`` (the shipped EAGLE-3 head), ``model`` (the shipped
+    distilled drafter LM), ``prompt-lookup``, or a folder written by ``mmspec train-drafter``. A head
+    drafts dynamic trees ``depth,top_k,nodes``, or chains when ``tree`` is None."""
+    from .distill import load_drafter
     from .drafters.tree import DynamicTree
-    from .pretrained import load_smollm2_drafter
+    from .pretrained import SMOLLM2_DRAFTERS, load_smollm2_drafter
 
     if kind == "prompt-lookup":
         return "prompt_lookup"
-    if kind == "model":
-        return load_smollm2_drafter("model", target)
-    if kind != "head":
-        raise ValueError(f"drafter must be one of head, model, prompt-lookup; got {kind!r}")
-    if tree is None:
-        return load_smollm2_drafter("head", target)
-    depth, top_k, nodes = parse_tree(tree)
-    return load_smollm2_drafter("head", target, tree=DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes))
+    kw = {}
+    if tree is not None:
+        depth, top_k, nodes = parse_tree(tree)
+        kw["tree"] = DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)
+    if kind in SMOLLM2_DRAFTERS:
+        return load_smollm2_drafter(kind, target, **kw)
+    return load_drafter(kind, target, **kw)
 
 
 def parse_tree(spec: str) -> tuple[int, int, int]:

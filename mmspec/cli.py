@@ -454,7 +454,6 @@ def _run_chat(args: argparse.Namespace) -> int:
     from mmspec.pretrained import ModelNotFoundError, load_causal_lm
 
     _check_sampling(args)
-    _check_number(args, "max_new_tokens", lo=1, integer=True)
     try:
         parse_tree(args.tree)
     except ValueError as exc:
@@ -474,15 +473,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
         pack_linear_weights(target)
     try:
-        if shipped or args.drafter == "prompt-lookup":
-            drafter = build_chat_drafter(args.drafter, target, None if args.chain else args.tree)
-        else:
-            from mmspec.distill import load_drafter
-            from mmspec.drafters.tree import DynamicTree
-
-            depth, top_k, nodes = parse_tree(args.tree)
-            kw = {} if args.chain else {"tree": DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)}
-            drafter = load_drafter(args.drafter, target, **kw)
+        drafter = build_chat_drafter(args.drafter, target, None if args.chain else args.tree)
         chat = Chat(target, tokenizer, drafter, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_draft_tokens=args.k,
                     seed=args.seed)
