@@ -10,20 +10,13 @@ import torch
 
 from mmspec.chat import Chat, parse_tree
 from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, main
-from tiny_models import build
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_chat_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = tiny_tokenizer()
-    model = build("qwen2", vocab=len(tok), hidden=64, layers=2, dtype=torch.float32)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     folder = tmp_path_factory.mktemp("tiny_chat")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    model, tok = save_tiny_chat_model(folder, layers=2)
     return model, tok, folder
 
 
@@ -35,17 +28,23 @@ def _hf_answer(model, tok, messages, max_new_tokens):
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_streamed_turns_equal_hf_generate_on_the_conversation(tiny_chat_model):
-    model, tok, _ = tiny_chat_model
-    chat = Chat(model, tok, "prompt_lookup", max_new_tokens=20)
+def _check_turns_equal_hf_generate(chat, model, tok, messages):
+    """Each streamed answer equals HF greedy generate on the conversation so far; the chat keeps it."""
     history = []
-    for message in ("Serialize obj to a JSON formatted str.", "Decode a JSON document."):
+    for message in messages:
         history.append({"role": "user", "content": message})
         streamed = "".join(chat.reply(message))
-        assert streamed == _hf_answer(model, tok, history, 20)
+        assert streamed == _hf_answer(model, tok, history, chat.max_new_tokens)
         history.append({"role": "assistant", "content": streamed})
         assert chat.messages == history
         assert chat.last.new_tokens >= 1 and chat.last.mean_accepted_length >= 1
+
+
+def test_streamed_turns_equal_hf_generate_on_the_conversation(tiny_chat_model):
+    model, tok, _ = tiny_chat_model
+    chat = Chat(model, tok, "prompt_lookup", max_new_tokens=20)
+    _check_turns_equal_hf_generate(chat, model, tok, ("Serialize obj to a JSON formatted str.",
+                                                      "Decode a JSON document."))
     chat.reset()
     assert chat.messages == []
 
@@ -108,9 +107,4 @@ def test_smollm2_chat_with_the_head_tree_equals_hf_generate():
 
     target, tok = load_causal_lm()
     chat = Chat(target, tok, build_chat_drafter("head", target, "5,4,16"), max_new_tokens=24)
-    history = []
-    for message in ("What is the capital of France?", "And of Italy?"):
-        history.append({"role": "user", "content": message})
-        streamed = "".join(chat.reply(message))
-        assert streamed == _hf_answer(target, tok, history, 24)
-        history.append({"role": "assistant", "content": streamed})
+    _check_turns_equal_hf_generate(chat, target, tok, ("What is the capital of France?", "And of Italy?"))

@@ -14,19 +14,13 @@ from mmspec.distill import load_drafter
 from mmspec.drafters.feature import FeatureDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import chat_inputs, load_causal_lm
-from tiny_models import build
-from tiny_tokenizer import tiny_tokenizer
+from tiny_tokenizer import save_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def tiny_target_dir(tmp_path_factory):
-    tok = tiny_tokenizer()
-    model = build("qwen2", vocab=len(tok), hidden=64, layers=4, dtype=torch.float32)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
     folder = tmp_path_factory.mktemp("tiny_qwen2")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_chat_model(folder, layers=4)
     return folder
 
 

@@ -30,3 +30,19 @@ def tiny_tokenizer(vocab_size: int = 384):
                                    eos_token="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def save_tiny_chat_model(folder, *, layers: int, hidden: int = 64):
+    """A tiny random Qwen2 over :func:`tiny_tokenizer` (EOS ``<|im_end|>``, pad ``<pad>``) saved with its
+    tokenizer into ``folder``, as ``from_pretrained`` reads it; returns (model, tokenizer)."""
+    import torch
+
+    from tiny_models import build
+
+    tok = tiny_tokenizer()
+    model = build("qwen2", vocab=len(tok), hidden=hidden, layers=layers, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok
