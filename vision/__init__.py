@@ -7,12 +7,13 @@ diversity (DivPrune), uniform, none.
 
 from .adapters import FAMILIES, FamilyMismatchError, NoImageError, family_of, prefill_multimodal
 from .drafter import KeepRatioError, VLMDrafter
+from .feature_drafter import PrunedFeatureDrafter
 from .generate import generate, generate_stream
 from .pruning import (ClsAttentionPruning, DiversityPruning, NoPruning, PruningError, PruningStrategy,
                       UniformPruning, VerifierGuidedPruning, get_strategy)
 
 __all__ = [
     "ClsAttentionPruning", "DiversityPruning", "FAMILIES", "FamilyMismatchError", "KeepRatioError",
-    "NoImageError", "NoPruning", "PruningError", "PruningStrategy", "UniformPruning", "VLMDrafter",
+    "NoImageError", "NoPruning", "PrunedFeatureDrafter", "PruningError", "PruningStrategy", "UniformPruning", "VLMDrafter",
     "VerifierGuidedPruning", "family_of", "generate", "generate_stream", "get_strategy", "prefill_multimodal",
 ]

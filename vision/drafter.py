@@ -30,8 +30,8 @@ from mmspec.errors import MMSpecError
 
 from .adapters import family_of, prefill_embeds
 from .capture import capture_lm_inputs, language_model_of
-from .pruning import PruningInputs, PruningStrategy, get_strategy, keep_budget
-from .pruning.cls_attention import capture_cls_attention
+from .pruning import PruningInputs, PruningStrategy, get_strategy, select_visual_tokens
+from .pruning.cls_attention import capture_cls_attention, cls_scores_per_token
 
 POSITION_MODES = ("original", "contiguous")
 
@@ -121,27 +121,16 @@ class VLMDrafter(ModelDrafter):
         with cls_ctx as cls_box:
             lm = capture_lm_inputs(self.model, input_ids, attention_mask, **model_inputs)
         target_scores = self._capture.scores if self._capture is not None else None
-        keep = valid & ~image
-        kept_counts, kept_indices = [], []
         cls_all = self._cls_scores_per_token(cls_box, image) if cls_box else None
-        for b in range(input_ids.shape[0]):
-            cols = image[b].nonzero().flatten()
-            n = cols.numel()
-            budget = n if self.strategy.name == "none" else keep_budget(n, self.keep_ratio)
-            evidence = PruningInputs(
+
+        def evidence(b: int, cols: torch.Tensor) -> PruningInputs:
+            return PruningInputs(
                 features=lm.inputs_embeds[b, cols].float(),
                 target_attention=None if target_scores is None else target_scores[b, cols].float(),
-                cls_attention=None if cls_all is None else cls_all[b][: n],
-            )
-            if budget >= n:
-                chosen = torch.arange(n, device=cols.device)
-            elif budget == 0:
-                chosen = cols[:0]
-            else:
-                chosen = self.strategy.select(evidence, budget).to(cols.device)
-            keep[b, cols[chosen]] = True
-            kept_counts.append(int(chosen.numel()))
-            kept_indices.append(sorted(int(i) for i in chosen.tolist()))
+                cls_attention=None if cls_all is None else cls_all[b][: cols.numel()])
+
+        kept, kept_counts, kept_indices = select_visual_tokens(image, self.strategy, self.keep_ratio, evidence)
+        keep = (valid & ~image) | kept
         index, new_valid = compact(keep)
         embeds = lm.inputs_embeds.gather(1, index.unsqueeze(-1).expand(-1, -1, lm.inputs_embeds.shape[-1]))
         if self.positions == "original":
@@ -163,21 +152,7 @@ class VLMDrafter(ModelDrafter):
 
     def _cls_scores_per_token(self, box: dict, image: torch.Tensor) -> list[torch.Tensor]:
         """Map [CLS] attention of each encoded image onto the image tokens of each row."""
-        att = box.get("attention")
-        if att is None:
-            raise MMSpecError("the vision encoder did not run; no [CLS] attention was captured")
-        strategy = getattr(self.model.config, "vision_feature_select_strategy", "default")
-        per_image = att[:, 1:] if strategy == "default" else att  # drop the [CLS] column itself
-        flat = per_image.reshape(-1)
-        n_total = int(image.sum())
-        if flat.numel() != n_total:
-            from .pruning import PruningError
-            raise PruningError(
-                f"'cls' pruning needs one image token per encoder patch; this model has {n_total} image tokens "
-                f"for {flat.numel()} patches (any-resolution packing?). Use 'verifier', 'diversity' or 'uniform'."
-            )
-        counts = image.sum(dim=1).tolist()
-        return list(torch.split(flat, counts))
+        return cls_scores_per_token(box, image, getattr(self.model.config, "vision_feature_select_strategy", "default"))
 
     @property
     def info(self) -> dict[str, Any]:

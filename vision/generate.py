@@ -15,14 +15,17 @@ import torch
 
 from mmspec.drafters.adaptive import DraftLengthPolicy
 from mmspec.drafters.base import Drafter
+from mmspec.drafters.feature import FeatureDrafter
 from mmspec.drafters.model import ModelDrafter
 from mmspec.engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationOutput, StepEvent, generate as generate_text
 from mmspec.engine import generate_stream as generate_text_stream
 from mmspec.errors import MMSpecError, NonFiniteError, ShapeError
+from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.verify.rule import AcceptRule
 
 from .adapters import NoImageError, check_drafter_family, prefill_multimodal, require_family
 from .drafter import KeepRatioError, VLMDrafter
+from .feature_drafter import PrunedFeatureDrafter
 from .pruning import PruningStrategy, get_strategy
 from .pruning.cls_attention import vision_encoder_layers
 
@@ -52,7 +55,9 @@ def generate(
     """Speculative decoding of ``target`` (a HF VLM) with a drafter that sees pruned visual tokens.
 
     ``drafter`` is a smaller VLM of the target's family, a text-only causal LM with the target's
-    vocabulary (it sees no visual tokens), or a ready :class:`~mmspec.drafters.Drafter`.
+    vocabulary (it sees no visual tokens), an :class:`~mmspec.heads.eagle3.Eagle3Head` over the target's
+    features (its context pruned the same way, :class:`~mmspec.vision.PrunedFeatureDrafter`), or a ready
+    :class:`~mmspec.drafters.Drafter`.
     ``output.stats.extra`` reports ``visual_tokens`` (per row, the target's) and
     ``drafter_visual_tokens`` (per row, what the drafter kept).
     """
@@ -75,17 +80,21 @@ def generate(
             raise NonFiniteError(f"inputs[{key!r}] holds {n_bad} non-finite value(s) (NaN or inf) out of "
                                  f"{pixels.numel()}: check the image and the processor's normalisation")
     strategy = get_strategy(pruning)
-    if isinstance(drafter, torch.nn.Module):
+    if isinstance(drafter, Eagle3Head):
+        drafter = PrunedFeatureDrafter(drafter, pruning=strategy, keep_ratio=keep_ratio, positions=positions,
+                                       image_token_id=fam.image_token_id, tree=tree)
+    elif isinstance(drafter, torch.nn.Module):
         check_drafter_family(target, drafter)
         if strategy.name == "cls" and keep_ratio > 0 and getattr(drafter.config, "model_type", None) == fam.model_type:
             vision_encoder_layers(drafter)  # raises a named error when the encoder has no [CLS]
         drafter = VLMDrafter(drafter, pruning=strategy, keep_ratio=keep_ratio, positions=positions,
                              image_token_id=fam.image_token_id, tree=tree)
     elif tree is not None:
-        raise MMSpecError("tree= shapes a drafter model's drafts; pass the model (or build VLMDrafter(tree=...))")
+        raise MMSpecError("tree= shapes a drafter model's or head's drafts; pass the model or head "
+                          "(or build VLMDrafter / PrunedFeatureDrafter with tree=...)")
     elif not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must be a model or a Drafter, got {type(drafter).__name__}")
-    if isinstance(drafter, ModelDrafter) and not isinstance(drafter, VLMDrafter):
+    if isinstance(drafter, ModelDrafter) and not isinstance(drafter, (VLMDrafter, FeatureDrafter)):
         raise MMSpecError("wrap model drafters in VLMDrafter (or pass the model) for VLM targets")
     run = generate_text_stream if _stream else generate_text
     return run(

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -44,7 +44,16 @@ class HeadTraining:
     save_every: int = 25
 
 
-def _batch(examples: list[dict], idx: list[int], max_len: int):
+class HeadBatch(NamedTuple):
+    tokens: torch.Tensor  # long [B, L]
+    valid: torch.Tensor  # long [B, L]
+    loss_mask: torch.Tensor  # bool [B, L]: answer tokens
+    features: torch.Tensor  # float [B, L, 3d]
+    final: torch.Tensor  # float [B, L, d]
+    positions: torch.Tensor  # long [B, L]: each row's position (the example's own, or the count of valid rows)
+
+
+def _batch(examples: list[dict], idx: list[int], max_len: int) -> HeadBatch:
     rows = [examples[i] for i in idx]
     L = min(max_len, max(r["tokens"].shape[0] for r in rows))
     b = len(rows)
@@ -55,6 +64,7 @@ def _batch(examples: list[dict], idx: list[int], max_len: int):
     lmask = torch.zeros((b, L), dtype=torch.bool)
     feats = torch.zeros((b, L, d3))
     final = torch.zeros((b, L, d))
+    positions = torch.arange(L).repeat(b, 1)
     for i, r in enumerate(rows):
         n = min(L, r["tokens"].shape[0])
         tokens[i, :n] = r["tokens"][:n]
@@ -62,13 +72,17 @@ def _batch(examples: list[dict], idx: list[int], max_len: int):
         lmask[i, :n] = r["loss_mask"][:n]
         feats[i, :n] = r["features"][:n].float().reshape(n, -1)
         final[i, :n] = r["final"][:n].float()
-    return tokens, valid, lmask, feats, final
+        if "positions" in r:  # pruned VLM examples keep their rows' original positions
+            positions[i, :n] = r["positions"][:n]
+    return HeadBatch(tokens, valid, lmask, feats, final, positions)
 
 
-def ttt_loss(head: Eagle3Head, tokens, valid, lmask, feats, final, steps: int, decay: float):
-    """(loss, accuracy per step): pairs t = (features t, token t+1) for t < L-1."""
+def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
+    """(loss, accuracy per step): pairs t = (features t, token t+1) for t < L-1, at the positions of rows t."""
+    tokens, valid, lmask, feats, final, positions = batch
     ids, pv = tokens[:, 1:], valid[:, 1:]
-    outs = head.forward_ttt(ids, feats[:, :-1], pv, steps, logits=False)  # hidden states [B, L-1, d] per step
+    outs = head.forward_ttt(ids, feats[:, :-1], pv, steps, logits=False,
+                            positions=positions[:, :-1])  # hidden states [B, L-1, d] per step
     L1 = ids.shape[1]
     # every step scores the same target positions p (those whose next token is a valid answer token; step j
     # row t reads p = t + j + 1), so the teacher is computed once per batch, on those positions only
@@ -118,8 +132,9 @@ def draft_vocabulary(target: Any, examples: list[dict], size: int, tokenizer: An
 
 def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config: HeadTraining = HeadTraining(),
                minutes: float = float("inf"), tokenizer: Any = None, progress: bool = True,
-               holdout: int = 16) -> dict:
-    """Train (or continue training) a head for ``target`` on ``examples``; returns a summary dict."""
+               holdout: int = 16, init: Eagle3Head | None = None) -> dict:
+    """Train (or continue training) a head for ``target`` on ``examples``; returns a summary dict.
+    ``init``: a trained head to start from (fine-tuning; its draft vocabulary is kept) instead of a new one."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
@@ -136,6 +151,11 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
         head = Eagle3Head(Eagle3Config(**state["config"]), d2t=state["d2t"])
         head.load_state_dict(state["head"])
         cov = state["coverage"]
+    elif init is not None:
+        head = init
+        answers = count_tokens((ex["tokens"][ex["loss_mask"]] for ex in train), head.config.target_vocab_size)
+        cov = coverage(answers, head.d2t)
+        state = None
     else:
         d2t, cov = draft_vocabulary(target, train, config.draft_vocab_size, tokenizer)
         head = Eagle3Head(Eagle3Config.from_target(target, len(d2t), layers), d2t=d2t)
@@ -167,7 +187,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
         batch = _batch(train, idx, config.max_len)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
-        loss, acc = ttt_loss(head, *batch, config.ttt_steps, config.step_decay)
+        loss, acc = ttt_loss(head, batch, config.ttt_steps, config.step_decay)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -184,7 +204,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     save_state()
     head.eval()
     with torch.no_grad():
-        _, held_acc = ttt_loss(head, *_batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
+        _, held_acc = ttt_loss(head, _batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
                                config.step_decay)
     summary = {"steps": step, "finished": step >= config.steps, "draft_vocab_size": int(head.d2t.numel()),
                "draft_vocab_coverage": round(cov, 4), "heldout_top1_per_step": [round(a, 4) for a in held_acc],

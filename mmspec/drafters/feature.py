@@ -92,10 +92,13 @@ class FeatureDrafter(ModelDrafter):
     def _features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         return torch.cat([hidden[layer] for layer in self.hidden_layers], dim=-1)  # [B, w, 3d]
 
-    def _feed(self, tokens: torch.Tensor, target_features: torch.Tensor, valid: torch.Tensor) -> None:
-        """Append real pairs (right aligned: the last column is valid for every row that has one)."""
+    def _feed(self, tokens: torch.Tensor, target_features: torch.Tensor, valid: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> None:
+        """Append real pairs (right aligned: the last column is valid for every row that has one; explicit
+        ``position_ids`` [B, w] or None for the session's count-based positions)."""
         fused = self.head.fuse(target_features)
-        logits = self.session.extend(tokens, valid, features=fused, num_logits=1, hidden_layers=_OWN)
+        logits = self.session.extend(tokens, valid, features=fused, num_logits=1, hidden_layers=_OWN,
+                                     position_ids=position_ids)
         has = valid[:, -1].bool()
         self.next_logits = torch.where(has.unsqueeze(1), logits[:, -1].float(), self.next_logits)
         self.next_feature = torch.where(has.unsqueeze(1), self.session.last_hidden[-1][:, -1], self.next_feature)

@@ -209,7 +209,7 @@ class Eagle3Head(nn.Module):
 
     # ------------------------------------------------------------------------------------ training
     def forward_ttt(self, input_ids: torch.Tensor, target_features: torch.Tensor, valid: torch.Tensor,
-                    steps: int, *, logits: bool = True) -> list[torch.Tensor]:
+                    steps: int, *, logits: bool = True, positions: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Training-time test over whole sequences (no cache).
 
         input_ids long [B, L]: the token of each pair (pair t holds token t + 1 of the conversation);
@@ -218,11 +218,13 @@ class Eagle3Head(nn.Module):
         after drafting j tokens from pair t with its own hidden states (row t uses input token t + j).
         ``logits=False`` returns the output hidden states [B, L, d] instead (training scores only some
         rows: :meth:`lm_logits` on those is cheaper than the draft-vocabulary head on all).
+        ``positions`` long [B, L]: each pair's position (default: the count of valid pairs before it; a
+        pruned context passes its rows' original positions).
         """
         self._check_attached()
         b, L = input_ids.shape
         device = input_ids.device
-        pos0 = (valid.cumsum(1) - 1).clamp_min(0)
+        pos0 = (valid.cumsum(1) - 1).clamp_min(0) if positions is None else positions
         feat = self.fuse(target_features)
         q, k0, v0 = self._qkv(input_ids, feat, pos0)
         k0, v0 = self._expand_kv(k0), self._expand_kv(v0)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import NoPruning, PruningError, PruningInputs, PruningStrategy, keep_budget, uniform_stride
-from .cls_attention import ClsAttentionPruning
+from .base import (NoPruning, PruningError, PruningInputs, PruningStrategy, keep_budget, select_visual_tokens,
+                   uniform_stride)
+from .cls_attention import ClsAttentionPruning, cls_scores_per_token
 from .diversity import DiversityPruning, select_max_min
 from .uniform import UniformPruning
 from .verifier import VerifierGuidedPruning, select_top_mass_then_stride
@@ -25,6 +26,6 @@ def get_strategy(spec: str | PruningStrategy) -> PruningStrategy:
 
 __all__ = [
     "ClsAttentionPruning", "DiversityPruning", "NoPruning", "PruningError", "PruningInputs", "PruningStrategy",
-    "STRATEGIES", "UniformPruning", "VerifierGuidedPruning", "get_strategy", "keep_budget",
-    "select_max_min", "select_top_mass_then_stride", "uniform_stride",
+    "STRATEGIES", "UniformPruning", "VerifierGuidedPruning", "cls_scores_per_token", "get_strategy", "keep_budget",
+    "select_max_min", "select_visual_tokens", "select_top_mass_then_stride", "uniform_stride",
 ]

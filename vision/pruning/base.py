@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,6 +58,30 @@ def uniform_stride(candidates: torch.Tensor, count: int) -> torch.Tensor:
         return candidates
     idx = (torch.arange(count, dtype=torch.long) * n) // count
     return candidates[idx.to(candidates.device)]
+
+
+def select_visual_tokens(image: torch.Tensor, strategy: "PruningStrategy", keep_ratio: float,
+                         evidence: Callable[[int, torch.Tensor], PruningInputs]
+                         ) -> tuple[torch.Tensor, list[int], list[list[int]]]:
+    """Apply ``strategy`` row by row: image bool [B, L] (the visual positions) -> (kept bool [B, L], kept
+    count per row, kept visual indices per row, ascending). ``evidence(b, cols)`` gathers row ``b``'s
+    evidence for its visual columns ``cols`` (called only when the strategy must choose)."""
+    kept = torch.zeros_like(image)
+    counts, indices = [], []
+    for b in range(image.shape[0]):
+        cols = image[b].nonzero().flatten()
+        n = cols.numel()
+        budget = n if strategy.name == "none" else keep_budget(n, keep_ratio)
+        if budget >= n:
+            chosen = torch.arange(n, device=cols.device)
+        elif budget == 0:
+            chosen = cols[:0]
+        else:
+            chosen = strategy.select(evidence(b, cols), budget).to(cols.device)
+        kept[b, cols[chosen]] = True
+        counts.append(int(chosen.numel()))
+        indices.append(sorted(int(i) for i in chosen.tolist()))
+    return kept, counts, indices
 
 
 class PruningStrategy(ABC):

@@ -64,6 +64,24 @@ def capture_cls_attention(vlm: torch.nn.Module, layer: int = -2) -> Iterator[dic
         handle.remove()
 
 
+def cls_scores_per_token(box: dict, image: torch.Tensor, select_strategy: str = "default") -> list[torch.Tensor]:
+    """The [CLS] attention captured in ``box`` (float [num_images, T]) as one score per image token of each
+    row: float [N_b] per row b of image bool [B, L] (images in order; LLaVA's "default" feature selection
+    drops the [CLS] column itself)."""
+    att = box.get("attention")
+    if att is None:
+        raise PruningError("the vision encoder did not run; no [CLS] attention was captured")
+    per_image = att[:, 1:] if select_strategy == "default" else att
+    flat = per_image.reshape(-1)
+    n_total = int(image.sum())
+    if flat.numel() != n_total:
+        raise PruningError(
+            f"'cls' pruning needs one image token per encoder patch; this model has {n_total} image tokens "
+            f"for {flat.numel()} patches (any-resolution packing?). Use 'verifier', 'diversity' or 'uniform'."
+        )
+    return list(torch.split(flat, image.sum(dim=1).tolist()))
+
+
 class ClsAttentionPruning(PruningStrategy):
     name = "cls"
     needs = ("cls_attention",)

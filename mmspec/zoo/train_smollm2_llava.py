@@ -1,0 +1,192 @@
+"""Train the scene VLM on SmolLM2 (:mod:`mmspec.zoo.smollm2_llava`): a CLIP vision tower and projector from
+scratch plus a LoRA of the frozen SmolLM2-135M-Instruct, on questions about rendered scenes.
+
+Paper: Liu et al., "Visual Instruction Tuning" (LLaVA, 2023); Hu et al., "LoRA" (2021), through PEFT.
+
+Glossary:
+    example     one user turn ``<image>`` + a question of :mod:`mmspec.scene_questions` (captions weighted
+                twice) and the assistant's exact answer; the loss covers the answer and ``<|im_end|>``
+    trainable   the vision tower and projector (PEFT ``modules_to_save``) and rank-8 LoRA on every
+                attention and MLP projection of the language model; SmolLM2's own weights stay frozen
+    export      the PEFT adapter in float16 + ``llava_config.json`` + the processor, under ``--out``;
+                :func:`mmspec.zoo.smollm2_llava.load_smollm2_llava` merges it into SmolLM2 on first load
+    grading     after export, exact-match accuracy of greedy answers on held-out scenes per question
+                kind, written to ``--out/target/quality.json``
+    drafters    stages ``data``, ``head`` and ``drafter`` (:mod:`mmspec.zoo.smollm2_llava_drafters`) distil the
+                EAGLE-3 head and the small LLaVA from the exported target into ``--out/head``, ``--out/drafter``
+
+Usage::
+
+    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm      # target ~55 min here
+    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages data,head,drafter
+    python -m mmspec.zoo.train_smollm2_llava --out /tmp/v --preset smoke
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from mmspec.scene_questions import KINDS, draw_question
+from mmspec.scenes import render
+
+from .data import heldout_scenes, train_scenes
+from .smollm2_llava import TILE, TowerShape, build_model, build_processor, evaluate, llava_config, user_turn
+from .training import StageBudget, run_stage, training_cli
+
+STAGES = ("target", "data", "head", "drafter")
+LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+QUESTION_WEIGHTS = {"caption": 2.0, "detail": 1.0, "count": 1.0, "colour": 1.0, "shape": 1.0, "where": 1.0}
+
+
+@dataclass(frozen=True)
+class SmolVLMConfig:
+    tower: TowerShape = TowerShape()
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    budget: StageBudget = StageBudget(steps=600, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
+    batch: int = 8
+    seed: int = 7
+    grade_scenes: int = 48
+    # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
+    data_scenes: int = 96
+    tiled_scenes: int = 12
+    head_steps: int = 600
+    drafter_steps: int = 600
+    drafter_batch: int = 8
+
+
+PRESETS = {
+    "full": SmolVLMConfig(),
+    "smoke": SmolVLMConfig(budget=StageBudget(steps=2, warmup=1, save_every=1), batch=2, grade_scenes=1,
+                           data_scenes=3, tiled_scenes=1, head_steps=2, drafter_steps=2, drafter_batch=2),
+}
+
+
+def build_trainable(cfg: SmolVLMConfig):
+    """(PEFT model, processor): SmolLM2 inside a fresh LLaVA, LoRA on its language model."""
+    from peft import LoraConfig, get_peft_model
+
+    from mmspec.pretrained import load_causal_lm, resolve_model_dir
+
+    lm, _ = load_causal_lm("smollm2")
+    processor = build_processor(resolve_model_dir("smollm2"))
+    torch.manual_seed(cfg.seed)
+    model = build_model(lm, llava_config(lm.config, cfg.tower))
+    peft_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          modules_to_save=["vision_tower", "multi_modal_projector"])
+    return get_peft_model(model, peft_cfg), processor
+
+
+def example_batch(processor, seed: int, step: int, batch: int) -> dict:
+    """input ids / attention mask / labels / pixel values of one step (right padded), a pure function of
+    (seed, step)."""
+    tok = processor.tokenizer
+    rng = random.Random(seed * 1_000_003 + step)
+    rows, starts, pixels = [], [], []
+    for scene in train_scenes(seed, step, batch):
+        q = draw_question(scene, rng, QUESTION_WEIGHTS)
+        prompt = processor.apply_chat_template(user_turn(1, q.question), add_generation_prompt=True)
+        enc = processor(text=prompt, images=[render(scene, TILE)], return_tensors="pt")
+        answer = tok(q.answer + tok.eos_token, add_special_tokens=False)["input_ids"]
+        ids = enc["input_ids"][0].tolist()
+        rows.append(ids + answer)
+        starts.append(len(ids))
+        pixels.append(enc["pixel_values"])
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, width), -100, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, (r, s) in enumerate(zip(rows, starts)):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+        labels[b, s: len(r)] = torch.tensor(r[s:])
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.cat(pixels))
+
+
+def answer_loss(llava, batch: dict) -> torch.Tensor:
+    """Cross-entropy of the answer tokens, the LM head applied to those positions only."""
+    hidden = llava.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values=batch["pixel_values"], use_cache=False).last_hidden_state
+    target = batch["labels"][:, 1:]
+    scored = target != -100
+    logits = llava.lm_head(hidden[:, :-1][scored])
+    return torch.nn.functional.cross_entropy(logits.float(), target[scored])
+
+
+def export(peft_model, processor, out: Path) -> None:
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(state, out / "adapter_model.safetensors")
+    peft_model.peft_config["default"].save_pretrained(out)
+    llava = peft_model.base_model.model
+    (out / "llava_config.json").write_text(llava.config.to_json_string())
+    processor.save_pretrained(out)
+
+
+def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    if stage != "target":
+        return train_drafter_stage(stage, cfg, out, run_dir, progress, minutes)
+    model, processor = build_trainable(cfg)
+    llava = model.base_model.model
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return answer_loss(llava, example_batch(processor, cfg.seed, step, cfg.batch))
+
+    res = run_stage("smollm2_llava", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
+    if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
+        export(model, processor, out / "target")
+        model.eval()
+        scores = evaluate(llava, processor, heldout_scenes(cfg.grade_scenes), KINDS, progress=progress)
+        (out / "target" / "quality.json").write_text(json.dumps({"heldout_scenes": cfg.grade_scenes, "grid": 1,
+                                                                 "exact_match": scores}, indent=2) + "\n")
+    return res
+
+
+def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    """``data`` (the target's answers + features, cached in the run dir), ``head`` or ``drafter``."""
+    import time
+
+    from mmspec import zoo
+
+    from . import smollm2_llava_drafters as drafters
+    from .smollm2_llava import load_smollm2_llava
+    from .training import StageResult
+
+    if not (out / "target" / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"stage {stage!r} needs the trained target at {out / 'target'}: run --stages target")
+    t0 = time.perf_counter()
+    target, processor = load_smollm2_llava(adapter=out / "target", verify=False)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    examples = drafters.build_data(target, processor, run_dir, scenes=cfg.data_scenes, tiled_scenes=cfg.tiled_scenes,
+                                   seed=cfg.seed + 1000, progress=progress)
+    if stage == "data":
+        return StageResult("smollm2_llava_data", len(examples), True, None, time.perf_counter() - t0)
+    if stage == "head":
+        summary = drafters.train_vlm_head(target, examples, run_dir / "head", out / "head", steps=cfg.head_steps,
+                                          seed=cfg.seed, minutes=minutes, progress=progress)
+        (out / "head_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return StageResult("smollm2_llava_head", summary["steps"], summary["finished"], summary["train_loss_ema"],
+                           time.perf_counter() - t0)
+    return drafters.train_small_vlm(target, examples, run_dir, out / "drafter", steps=cfg.drafter_steps,
+                                    batch=cfg.drafter_batch, seed=cfg.seed, minutes=minutes, progress=progress,
+                                    text_drafter_folder=Path(zoo.WEIGHTS_DIR) / "smollm2" / "drafter",
+                                    processor=processor)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training_cli(argv, description=__doc__.split("\n\n")[0], family="smollm2_vlm", stages=STAGES,
+                        presets=PRESETS, out_help="export directory (adapter, llava_config.json, processor)",
+                        train=train_one)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
