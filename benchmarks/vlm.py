@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.vlm                 # full run
     python -m benchmarks.vlm --quick         # smoke run
     python -m benchmarks.vlm --out benchmarks/RESULTS.md
+    python -m benchmarks.vlm --model smollm2 # the scene VLM on SmolLM2 (benchmarks/smollm2_vlm.py)
 
 One interleaved run (method order rotated every repeat) on the zoo's trained LLaVA pair (256 visual
 tokens, a drafter several times cheaper per token), captioning held-out scenes.  ``--synthetic``
@@ -98,6 +99,11 @@ def zoo_setup(num_prompts: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in argv:  # ``--model smollm2``: the scene VLM on the real SmolLM2 (benchmarks/smollm2_vlm.py)
+        from . import smollm2_vlm
+
+        return smollm2_vlm.main(argv)
     import mmspec.vision as mv
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -90,7 +90,7 @@ class FeatureDrafter(ModelDrafter):
         self._feed(input_ids[:, 1:], self._features(target_hidden), mask[:, :-1])
 
     def _features(self, hidden: dict[int, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([hidden[layer] for layer in self.hidden_layers], dim=-1)  # [B, w, 3d]
+        return torch.cat([hidden[layer] for layer in self.head.config.feature_layers], dim=-1)  # [B, w, 3d]
 
     def _feed(self, tokens: torch.Tensor, target_features: torch.Tensor, valid: torch.Tensor,
               position_ids: torch.Tensor | None = None) -> None:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,10 @@ def assemble(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     merged.save_pretrained(tmp)
     AutoProcessor.from_pretrained(adapter).save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out) if not out.exists() else None
+    if out.exists():  # another process assembled it meanwhile
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, out)
     return out
 
 
@@ -208,6 +212,31 @@ def load_smollm2_llava(*, dtype: torch.dtype = torch.float32, device: str | torc
         assemble(adapter, folder)
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class SceneVLM:
+    target: Any  # LlavaForConditionalGeneration on SmolLM2
+    processor: Any  # LlavaProcessor
+    head: Any  # Eagle3Head attached to the target (draft with mmspec.vision.generate(target, head, ...))
+    drafter: Any  # the small LlavaForConditionalGeneration (2 decoder layers), sharing the target's embeddings
+
+
+def load_smollm2_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     verify: bool = True, folder: str | os.PathLike | None = None) -> SceneVLM:
+    """The shipped scene VLM on SmolLM2 with both of its drafters (``folder``: another training output with
+    ``target/``, ``head/`` and ``drafter/``)."""
+    from mmspec import zoo
+    from mmspec.heads.eagle3 import Eagle3Head
+
+    from .smollm2_llava_drafters import load_small_vlm
+
+    root = Path(folder) if folder is not None else Path(zoo.WEIGHTS_DIR) / SHIPPED
+    if folder is None and verify:
+        zoo.verify_checksums(SHIPPED)
+    target, processor = load_smollm2_llava(dtype=dtype, device=device, verify=False, adapter=root / "target")
+    head = Eagle3Head.load(root / "head", target, dtype=dtype)
+    return SceneVLM(target, processor, head, load_small_vlm(root / "drafter", target, dtype=dtype))
 
 
 # -------------------------------------------------------------------------------------------- grading
