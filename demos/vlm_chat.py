@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m demos.vlm_chat                                   # the zoo LLaVA pair, http://127.0.0.1:7860
+    python -m demos.vlm_chat                                   # the scene VLM on SmolLM2, http://127.0.0.1:7860
     python -m demos.vlm_chat --target T --drafter D --port 8000   # any HF VLM checkpoints (same family)
 
 Glossary:
@@ -34,17 +34,18 @@ LABELS = {"drafted": "#f6c343", "target": "#4a90d9"}
 @dataclass
 class VLMSession:
     target: Any
-    drafter: Any
+    drafter: Any  # a drafter VLM, or an EAGLE-3 head over the target's features
     processor: Any
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
+    chat: bool = False  # the processor has a chat template taking {"type": "image"} items (the scene VLM)
 
 
 def load_session(target: str | None = None, drafter: str | None = None, processor: str | None = None) -> VLMSession:
-    if target is None:
-        from mmspec.zoo import load_default_vlm
+    if target is None:  # the scene VLM on SmolLM2 with its EAGLE-3 head
+        from mmspec.zoo.smollm2_llava import load_smollm2_vlm
 
-        pair = load_default_vlm()
-        return VLMSession(pair.target, pair.drafter, pair.processor)
+        vlm = load_smollm2_vlm()
+        return VLMSession(vlm.target, vlm.head, vlm.processor, chat=True)
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     t = AutoModelForImageTextToText.from_pretrained(target, attn_implementation="sdpa").eval()
@@ -57,7 +58,12 @@ def build_inputs(session: VLMSession, image, question: str) -> dict:
     image_token = getattr(proc, "image_token", "<image>")
     prompt = question if image_token in question else f"{image_token} {question}"
     try:
-        inputs = proc(images=image, text=prompt, return_tensors="pt")
+        if session.chat:
+            from mmspec.zoo.smollm2_llava import vlm_inputs
+
+            inputs = vlm_inputs(proc, [image], question)
+        else:
+            inputs = proc(images=image, text=prompt, return_tensors="pt")
     except Exception as exc:  # the processor's message names the problem
         from .common import limit_error
 
@@ -140,14 +146,15 @@ def build_demo(session: VLMSession):
     import gradio as gr
 
     with gr.Blocks(title="mmspec — VLM speculative decoding") as demo:
-        gr.Markdown("## mmspec VLM chat\nA small drafter sees a *pruned* subset of the image tokens and drafts; "
-                    "the full target verifies, so the answer is exactly the target's. "
+        gr.Markdown("## mmspec VLM chat\nThe drafter sees a *pruned* subset of the image tokens and drafts; "
+                    "the full target verifies, so the answer is exactly the target's. Ask about colours, shapes, "
+                    "positions and counts. "
                     "<span style='background:#f6c343'>drafted & accepted</span> · "
                     "<span style='background:#4a90d9;color:white'>from the target</span>")
         with gr.Row():
             with gr.Column(scale=1):
                 image = checked_image(type="filepath", label="image", elem_id="image", sources=["upload", "clipboard"])
-                question = gr.Textbox(value="describe", label="question", elem_id="question", max_lines=3)
+                question = gr.Textbox(value="Describe the image.", label="question", elem_id="question", max_lines=3)
                 with gr.Accordion("settings", open=True):
                     pruning = gr.Dropdown(PRUNING, value="verifier", label="pruning strategy", elem_id="pruning")
                     keep = gr.Slider(0.0, 1.0, value=0.25, step=0.05, label="keep ratio", elem_id="keep")
@@ -171,8 +178,8 @@ def build_demo(session: VLMSession):
 
 def main(argv: list[str] | None = None) -> int:
     p = launch_parser(__doc__.split("\n")[0])
-    p.add_argument("--target", help="HF VLM checkpoint (default: the zoo target)")
-    p.add_argument("--drafter", help="smaller VLM of the same family (default: the zoo drafter)")
+    p.add_argument("--target", help="HF VLM checkpoint (default: the scene VLM on SmolLM2 with its EAGLE-3 head)")
+    p.add_argument("--drafter", help="smaller VLM of the same family (default: the target itself)")
     p.add_argument("--processor", help="processor path (default: the target's)")
     a = p.parse_args(argv)
     if a.threads:

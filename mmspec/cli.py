@@ -436,7 +436,8 @@ def _run_main_job(args: argparse.Namespace) -> int:
     _check_number(args, "keep_ratio", lo=0, hi=1)
     check_out_dir(args.out)
     cfg = MainJobConfig(pruning=args.pruning, keep_ratio=args.keep_ratio, prompt=args.prompt,
-                        image_method=args.method, num_images=args.num_images, seed=args.seed)
+                        image_method=args.method, num_images=args.num_images, seed=args.seed,
+                        vlm_drafter=args.vlm_drafter, vlm_grid=args.vlm_grid)
     try:
         report = run_main_job(args.out, cfg)
     except ZooError as exc:
@@ -538,13 +539,16 @@ def _run_train_drafter(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the main job on the embedded zoo models: caption a scene with the VLM pair "
-                                     "(pruned drafter) and draw images (AR vs a relaxed method)")
+    run = sub.add_parser("run", help="the main job on the embedded models: describe a scene with the VLM on SmolLM2 "
+                                     "(pruned drafter), draw images (AR vs a relaxed method), chat with SmolLM2")
     run.add_argument("--out", default="mmspec_out", help="directory for the images, heat-map and report.json")
     run.add_argument("--prompt", default=None, help="image prompt (default: a held-out scene's caption)")
     run.add_argument("--method", default="lantern", choices=[m for m in METHOD_NAMES if m != "ar"])
     run.add_argument("--pruning", default="verifier", choices=["verifier", "cls", "diversity", "uniform", "none"])
     run.add_argument("--keep-ratio", type=float, default=0.25)
+    run.add_argument("--vlm-drafter", default="head", choices=["head", "model"],
+                     help="the VLM's drafter: its EAGLE-3 head (default) or the small distilled VLM")
+    run.add_argument("--vlm-grid", type=int, default=1, help="4: tile the image (1088 visual tokens)")
     run.add_argument("--num-images", type=int, default=4)
     run.add_argument("--seed", type=int, default=0)
     run.set_defaults(func=_run_main_job)

@@ -1,9 +1,9 @@
 """The README's main job on the embedded zoo models (``mmspec run``).
 
 Glossary:
-    caption part   the zoo VLM target captions a held-out scene twice: plain AR (HF ``generate``) and
-                   mmspec with the zoo drafter seeing a pruned subset of the 256 visual tokens; the two
-                   captions must be identical (greedy)
+    VLM part       the scene VLM on SmolLM2 (:mod:`mmspec.zoo.smollm2_llava`) describes a held-out scene
+                   twice: plain AR (HF ``generate``) and mmspec with its EAGLE-3 head (or the small VLM)
+                   seeing a pruned subset of the visual tokens; the two answers must be identical (greedy)
     image part     the zoo AR image target draws images for a prompt with plain AR and with a relaxed
                    method (LANTERN by default) from the same seeds; both are judged by the scene parser
     text part      the real pretrained SmolLM2-135M-Instruct answers a chat prompt by plain AR and with the
@@ -33,6 +33,8 @@ class MainJobConfig:
     num_images: int = 4
     seed: int = 0
     lantern_delta: float = 0.2
+    vlm_drafter: str = "head"  # "head" (EAGLE-3 head over the target's features) or "model" (the small VLM)
+    vlm_grid: int = 1  # 4: the tiled long visual context (1088 visual tokens)
 
 
 def _timed(fn, repeats: int = 1):
@@ -46,39 +48,45 @@ def _timed(fn, repeats: int = 1):
     return out, best
 
 
-def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print) -> dict:
+VLM_QUESTION = "Describe the image in detail."
+
+
+def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print, max_new_tokens: int = 64) -> dict:
+    """The VLM part: the scene VLM on SmolLM2 answers a question about a held-out scene by plain AR (HF
+    ``generate``) and by mmspec with its drafter (the EAGLE-3 head by default) seeing a pruned subset of the
+    visual tokens; the answers must be identical."""
     import mmspec.vision as mv
     from mmspec.scenes import render
 
-    from .zoo import load_default_vlm
-    from .zoo.data import IMAGE_SIZE, heldout_scenes
-    from .zoo.train_vlm import caption_prompt
+    from .zoo.data import heldout_scenes
+    from .zoo.smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 
-    pair = load_default_vlm()
+    vlm = load_smollm2_vlm()
+    drafter = vlm.head if cfg.vlm_drafter == "head" else vlm.drafter
     scene = heldout_scenes()[cfg.scene_index]
-    image = render(scene, IMAGE_SIZE)
+    image = render(scene, TILE * cfg.vlm_grid)
     image.resize((256, 256)).save(out_dir / "vlm_input.png")
-    inputs = caption_prompt(pair.processor, [image])
+    inputs = vlm_inputs(vlm.processor, [image], VLM_QUESTION, grid=cfg.vlm_grid)
     n_prompt = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        ref, t_ar = _timed(lambda: pair.target.generate(**inputs, do_sample=False, max_new_tokens=32), 3)
-        spec, t_spec = _timed(lambda: mv.generate(pair.target, pair.drafter, inputs, pruning=cfg.pruning,
-                                                  keep_ratio=cfg.keep_ratio, max_new_tokens=32,
-                                                  num_draft_tokens=cfg.num_draft_tokens), 3)
-    decode = pair.processor.tokenizer.decode
-    caption = decode(spec.sequences[0, n_prompt:], skip_special_tokens=True)
+        ref, t_ar = _timed(lambda: vlm.target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens))
+        spec, t_spec = _timed(lambda: mv.generate(vlm.target, drafter, inputs, pruning=cfg.pruning,
+                                                  keep_ratio=cfg.keep_ratio, max_new_tokens=max_new_tokens,
+                                                  num_draft_tokens=cfg.num_draft_tokens))
+    caption = vlm.processor.tokenizer.decode(spec.sequences[0, n_prompt:], skip_special_tokens=True)
     identical = torch.equal(ref, spec.sequences)  # False on a length mismatch too
     st = spec.stats
-    res = {"scene": scene.caption(), "caption": caption, "identical_to_hf_generate": identical,
+    res = {"model": "scene VLM on SmolLM2-135M-Instruct (LLaVA)", "scene": scene.caption(), "question": VLM_QUESTION,
+           "caption": caption, "identical_to_hf_generate": identical,
            "speedup_vs_hf_generate": round(t_ar / t_spec, 3), "ar_seconds": round(t_ar, 4),
            "mmspec_seconds": round(t_spec, 4), "mean_accepted_length": round(st.mean_accepted_length, 3),
            "visual_tokens": st.extra.get("visual_tokens"), "drafter_visual_tokens": st.extra.get("drafter_visual_tokens"),
-           "pruning": cfg.pruning, "keep_ratio": cfg.keep_ratio}
+           "drafter": cfg.vlm_drafter, "pruning": cfg.pruning, "keep_ratio": cfg.keep_ratio}
     log(f"[VLM] true scene : {res['scene']}")
-    log(f"[VLM] caption    : {caption}")
+    log(f"[VLM] {VLM_QUESTION} {caption}")
     log(f"[VLM] identical to HF generate: {identical}; speedup x{res['speedup_vs_hf_generate']:.2f} "
-        f"(mean accepted length {res['mean_accepted_length']:.2f}, drafter kept {res['drafter_visual_tokens'][0]} of "
-        f"{res['visual_tokens'][0]} visual tokens, pruning {cfg.pruning})")
+        f"(mean accepted length {res['mean_accepted_length']:.2f}, {cfg.vlm_drafter} drafter kept "
+        f"{res['drafter_visual_tokens'][0]} of {res['visual_tokens'][0]} visual tokens, pruning {cfg.pruning})")
     return res
 
 
@@ -199,6 +207,10 @@ def check_config(cfg: MainJobConfig) -> None:
         raise MethodParameterError(f"lantern_delta must be in [0, 1], got {cfg.lantern_delta!r}")
     if cfg.image_method not in IMAGE_METHODS:
         raise MethodParameterError(f"unknown image method {cfg.image_method!r}; expected one of {IMAGE_METHODS}")
+    if cfg.vlm_drafter not in ("head", "model"):
+        raise MethodParameterError(f"vlm_drafter must be 'head' or 'model', got {cfg.vlm_drafter!r}")
+    if not integer(cfg.vlm_grid) or not 1 <= cfg.vlm_grid <= 6:
+        raise MethodParameterError(f"vlm_grid must be an integer in [1, 6], got {cfg.vlm_grid!r}")
     if cfg.pruning not in PRUNINGS:
         raise MethodParameterError(f"unknown pruning {cfg.pruning!r}; expected one of {PRUNINGS}")
     from .zoo.data import heldout_scenes

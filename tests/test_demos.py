@@ -61,19 +61,33 @@ def image_url():
     yield from _demo_url("demos.image_gen")
 
 
+DESCRIBE = "Describe the image."
+
+
 @functools.lru_cache(maxsize=None)
-def _caption_of(scene_png: Path) -> str:
-    """The zoo target's own greedy caption of an example (what the demo must show)."""
+def _answer_of(scene_png: Path, question: str = DESCRIBE) -> str:
+    """The scene VLM's own greedy answer about an example (what the demo must show)."""
     import torch
     from PIL import Image
 
-    from mmspec.zoo.train_vlm import caption_prompt
+    from mmspec.zoo.smollm2_llava import load_smollm2_llava, vlm_inputs
 
-    pair = zoo.load_default_vlm()
-    inputs = caption_prompt(pair.processor, [Image.open(scene_png).convert("RGB")])
+    target, processor = load_smollm2_llava()
+    inputs = vlm_inputs(processor, [Image.open(scene_png).convert("RGB")], question)
     with torch.no_grad():
-        ids = pair.target.generate(**inputs, do_sample=False, max_new_tokens=48)
-    return pair.processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = target.generate(**inputs, do_sample=False, max_new_tokens=64)
+    return processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _true_count_answer(scene_png: Path) -> str:
+    """The right answer to "How many shapes are there?" read off the picture by the scene parser."""
+    from PIL import Image
+
+    from mmspec.scene_questions import ask
+    from mmspec.scenes import parse_image
+    import random
+
+    return ask(parse_image(Image.open(scene_png).convert("RGB")), "count", random.Random(0)).answer
 
 
 # ---------------------------------------------------------------- API (gradio_client)
@@ -84,14 +98,14 @@ def test_vlm_demo_streams_the_targets_answer(vlm_url):
 
     client = Client(vlm_url, verbose=False)
     scene = EXAMPLES / "scene_0.png"
-    pieces, md, overlay = client.predict(handle_file(str(scene)), "describe", "verifier", 0.25, 4, 0.0,
+    pieces, md, overlay = client.predict(handle_file(str(scene)), DESCRIBE, "verifier", 0.25, 4, 0.0,
                                          api_name="/answer")
     text = "".join(p["token"] for p in pieces)
-    assert text.strip() == _caption_of(scene).strip()
+    assert text.strip() == _answer_of(scene).strip()
     labels = {p["class_or_confidence"] for p in pieces}
     assert labels <= {"drafted", "target"} and "target" in labels
     assert "identical to plain AR | yes" in md and "speedup over plain AR" in md
-    assert "64 of 256" in md  # keep 0.25 of the 256 visual tokens
+    assert "16 of 64" in md  # keep 0.25 of the 64 visual tokens
     assert overlay and Path(overlay).is_file()
 
 
@@ -100,10 +114,10 @@ def test_vlm_demo_queues_concurrent_requests_without_mixing(vlm_url):
 
     client = Client(vlm_url, verbose=False)
     scenes = [EXAMPLES / "scene_1.png", EXAMPLES / "scene_2.png"]
-    jobs = [client.submit(handle_file(str(s)), "describe", "uniform", 0.5, 3, 0.0, api_name="/answer") for s in scenes]
+    jobs = [client.submit(handle_file(str(s)), DESCRIBE, "uniform", 0.5, 3, 0.0, api_name="/answer") for s in scenes]
     for job, scene in zip(jobs, scenes):
-        pieces, _, _ = job.result(timeout=120)
-        assert "".join(p["token"] for p in pieces).strip() == _caption_of(scene).strip()
+        pieces, _, _ = job.result(timeout=240)
+        assert "".join(p["token"] for p in pieces).strip() == _answer_of(scene).strip()
 
 
 @pytest.mark.parametrize("kind", ["not_an_image", "long_question", "empty_question"])
@@ -111,13 +125,13 @@ def test_vlm_demo_bad_input_gets_a_message(vlm_url, tmp_path, kind):
     from gradio_client import Client, handle_file
 
     client = Client(vlm_url, verbose=False)
-    image, question, expect = EXAMPLES / "scene_0.png", "describe", ""
+    image, question, expect = EXAMPLES / "scene_0.png", DESCRIBE, ""
     if kind == "not_an_image":
         image = tmp_path / "notes.png"
         image.write_text("this is text, not pixels")
         expect = "not an image"
     elif kind == "long_question":
-        question, expect = "describe " * 50, "limit is 300"
+        question, expect = "Describe " * 50, "limit is 300"
     else:
         question, expect = "   ", "question is empty"
     with pytest.raises(Exception, match=expect):
@@ -197,18 +211,23 @@ def test_vlm_demo_refuses_oversized_upload(vlm_url, tmp_path):
 
     client = Client(vlm_url, verbose=False)
     with pytest.raises(Exception, match="exceeds the maximum file size"):
-        client.predict(handle_file(str(_oversized_image(tmp_path))), "describe", "verifier", 0.25, 4, 0.0,
+        client.predict(handle_file(str(_oversized_image(tmp_path))), DESCRIBE, "verifier", 0.25, 4, 0.0,
                        api_name="/answer")
 
 
 def test_browser_vlm_demo(vlm_url, page, tmp_path):
+    """Ask how many shapes a scene holds: the page shows the target's answer, and it is right."""
     scene = EXAMPLES / "scene_0.png"
+    question = "How many shapes are there?"
     page.goto(vlm_url)
     page.locator("#image input[type=file]").set_input_files(str(scene))
+    page.locator("#question textarea").fill(question)
     page.locator("#ask").click()
     page.locator("#stats").get_by_text("speedup over plain AR").wait_for()
     answer = " ".join(page.locator("#answer").inner_text().split())
-    assert " ".join(_caption_of(scene).split()) in answer
+    assert " ".join(_answer_of(scene, question).split()) in answer
+    truth = _true_count_answer(scene)
+    assert truth in answer
     assert "yes" in page.locator("#stats").inner_text()
     page.locator("#overlay img").wait_for()
     _shot(page, "vlm_chat.png", tmp_path)

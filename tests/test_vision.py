@@ -13,11 +13,11 @@ import mmspec
 import mmspec.vision as mv
 from mmspec import SamplingParams, VocabularyMismatchError
 from mmspec.rng import RowRandom
-from tiny_vlms import VLM_ARCHS, build_vlm, truncated_vlm_drafter, vlm_inputs
+from tiny_vlms import VLM_ARCHS, build_vlm, tiled_llava_inputs, truncated_vlm_drafter, vlm_inputs
 
 MAX_NEW = 10
 STRATEGIES = ["verifier", "cls", "diversity", "uniform", "none"]
-RATIOS = [0.0, 0.1, 0.5, 1.0]
+RATIOS = [0.0, 0.1, 0.25, 0.5, 1.0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,6 +52,20 @@ def test_greedy_matches_hf_generate(arch, strategy, ratio, batch):
     want = n if strategy == "none" else [min(v, -(-int(ratio * v * 1000) // 1000)) for v in n]
     assert kept == [mv.pruning.keep_budget(v, 1.0 if strategy == "none" else ratio) for v in n]
     assert kept == want
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_llava_tiled_multi_image_context_greedy_matches_hf_generate(strategy, batch):
+    """Base image + crops as separate images of one prompt (the long visual context): 192 visual tokens a row."""
+    target, drafter = pair("llava")
+    inputs = tiled_llava_inputs(batch, seed=batch)
+    expected = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+    for ratio in (0.1, 0.25):
+        out = mv.generate(target, drafter, inputs, pruning=strategy, keep_ratio=ratio, max_new_tokens=MAX_NEW,
+                          num_draft_tokens=3)
+        assert torch.equal(out.sequences, expected), (strategy, ratio)
+        assert out.stats.extra["visual_tokens"] == [192] * batch
 
 
 @pytest.mark.parametrize("strategy", ["verifier", "diversity", "uniform", "none"])

@@ -15,7 +15,7 @@ from mmspec.drafters.tree import DynamicTree
 from mmspec.errors import MMSpecError
 from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
 from stat_helpers import chisquare_pvalue
-from tiny_vlms import IMAGE_TOKEN, build_vlm, vlm_inputs
+from tiny_vlms import build_vlm, tiled_llava_inputs, vlm_inputs
 
 MAX_NEW = 12
 STRATEGIES = ["verifier", "cls", "diversity", "uniform", "none"]
@@ -36,31 +36,10 @@ def target_and_head():
     return target, make_head(target)
 
 
-def tiled_inputs(batch: int, images: int = 3, seed: int = 0) -> dict:
-    """LLaVA prompts holding ``images`` images each (a tiled context: base + crops), rows left padded."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for b in range(batch):
-        pre = torch.randint(3, 90, (2 + b,), generator=g).tolist()
-        post = torch.randint(3, 90, (4,), generator=g).tolist()
-        body = []
-        for _ in range(images):
-            body += [IMAGE_TOKEN] * 64 + torch.randint(3, 90, (1,), generator=g).tolist()
-        rows.append([1] + pre + body + post)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((batch, width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
-    pixels = torch.randn(batch * images, 3, 32, 32, generator=g, dtype=torch.float64)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-
-
 @functools.lru_cache(maxsize=None)
 def reference(kind: str, batch: int):
     target, _ = target_and_head()
-    inputs = vlm_inputs("llava", batch, seed=batch) if kind == "single" else tiled_inputs(batch, seed=batch)
+    inputs = vlm_inputs("llava", batch, seed=batch) if kind == "single" else tiled_llava_inputs(batch, seed=batch)
     return inputs, target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=0)
 
 

@@ -111,6 +111,27 @@ def vlm_inputs(arch: str, batch: int = 1, *, seed: int = 0, grid: int = 8, dtype
     return out
 
 
+def tiled_llava_inputs(batch: int, images: int = 3, seed: int = 0) -> dict:
+    """LLaVA prompts holding ``images`` images each (a tiled context: base + crops), rows left padded."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for b in range(batch):
+        pre = torch.randint(3, 90, (2 + b,), generator=g).tolist()
+        post = torch.randint(3, 90, (4,), generator=g).tolist()
+        body = []
+        for _ in range(images):
+            body += [IMAGE_TOKEN] * 64 + torch.randint(3, 90, (1,), generator=g).tolist()
+        rows.append([1] + pre + body + post)
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((batch, width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):] = torch.tensor(r)
+        mask[b, width - len(r):] = 1
+    pixels = torch.randn(batch * images, 3, 32, 32, generator=g, dtype=torch.float64)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+
+
 def next_image_token_counts(sizes, n_patches, grid=4):
     """Image tokens LLaVA-NeXT produces per image: base grid + unpadded crop grid + one newline per row."""
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image

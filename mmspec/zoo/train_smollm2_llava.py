@@ -35,10 +35,10 @@ from mmspec.scene_questions import KINDS, draw_question
 from mmspec.scenes import render
 
 from .data import heldout_scenes, train_scenes
-from .smollm2_llava import TILE, TowerShape, build_model, build_processor, evaluate, llava_config, user_turn
+from .smollm2_llava import PATCH, TILE, TowerShape, tile_image, build_model, build_processor, evaluate, llava_config, user_turn
 from .training import StageBudget, run_stage, training_cli
 
-STAGES = ("target", "data", "head", "drafter")
+STAGES = ("tower", "target", "data", "head", "drafter")
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 QUESTION_WEIGHTS = {"caption": 2.0, "detail": 1.0, "count": 1.0, "colour": 1.0, "shape": 1.0, "where": 1.0}
 
@@ -48,8 +48,11 @@ class SmolVLMConfig:
     tower: TowerShape = TowerShape()
     lora_rank: int = 8
     lora_alpha: int = 16
-    budget: StageBudget = StageBudget(steps=600, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
+    budget: StageBudget = StageBudget(steps=400, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
     batch: int = 8
+    # the vision tower is first taught to read scenes patch by patch (cheap: the tower alone)
+    tower_budget: StageBudget = StageBudget(steps=500, lr=2e-3, warmup=30, weight_decay=0.01, save_every=100)
+    tower_batch: int = 64
     seed: int = 7
     grade_scenes: int = 48
     # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
@@ -63,12 +66,78 @@ class SmolVLMConfig:
 PRESETS = {
     "full": SmolVLMConfig(),
     "smoke": SmolVLMConfig(budget=StageBudget(steps=2, warmup=1, save_every=1), batch=2, grade_scenes=1,
+                           tower_budget=StageBudget(steps=2, warmup=1, save_every=1), tower_batch=4,
                            data_scenes=3, tiled_scenes=1, head_steps=2, drafter_steps=2, drafter_batch=2),
 }
 
 
-def build_trainable(cfg: SmolVLMConfig):
-    """(PEFT model, processor): SmolLM2 inside a fresh LLaVA, LoRA on its language model."""
+class PatchReader(torch.nn.Module):
+    """The tower's pretraining task: every patch token names the colour and shape of the object in its grid
+    cell (or "none") and the background: linear heads on the tower's last hidden states (what LLaVA feeds
+    its projector)."""
+
+    def __init__(self, tower, hidden: int):
+        from mmspec.scenes import BACKGROUNDS, COLOURS, SHAPES
+
+        super().__init__()
+        self.tower = tower
+        self.colour = torch.nn.Linear(hidden, len(COLOURS) + 1)
+        self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
+        self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
+
+    def loss(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, 3, 64, 64]; labels long [B, P, 3] (colour, shape, background per patch)."""
+        patches = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # [B, P, h]
+        ce = torch.nn.functional.cross_entropy
+        return (ce(self.colour(patches).flatten(0, 1), labels[..., 0].flatten())
+                + ce(self.shape(patches).flatten(0, 1), labels[..., 1].flatten())
+                + ce(self.background(patches).flatten(0, 1), labels[..., 2].flatten()))
+
+
+def patch_labels(scene) -> torch.Tensor:
+    """long [P, 3]: per patch (raster order), the colour / shape index of the object in the cell holding the
+    patch centre (0 = none) and the background index."""
+    from mmspec.scenes import BACKGROUNDS, COLOURS, SHAPES
+
+    side = TILE // PATCH
+    by_cell = {o.cell: o for o in scene.objects}
+    colours, shapes, bgs = sorted(COLOURS), list(SHAPES), sorted(BACKGROUNDS)
+    rows = []
+    for r in range(side):
+        for c in range(side):
+            y, x = (r + 0.5) * PATCH, (c + 0.5) * PATCH
+            cell = int(y * 3 // TILE) * 3 + int(x * 3 // TILE)
+            o = by_cell.get(cell)
+            rows.append([colours.index(o.colour) + 1 if o else 0, shapes.index(o.shape) + 1 if o else 0,
+                         bgs.index(scene.background)])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: float):
+    """Pretrain the CLIP tower on patch reading; saves ``run_dir/tower.pt`` when finished."""
+    from transformers import CLIPVisionModel
+
+    from mmspec.pretrained import resolve_model_dir
+
+    processor = build_processor(resolve_model_dir("smollm2"))
+    torch.manual_seed(cfg.seed)
+    vc = llava_config({"vocab_size": 8}, cfg.tower).vision_config
+    reader = PatchReader(CLIPVisionModel(vc), cfg.tower.hidden)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        scenes = train_scenes(cfg.seed + 500, step, cfg.tower_batch)
+        pixels = processor.image_processor([render(s, TILE) for s in scenes], return_tensors="pt")["pixel_values"]
+        return reader.loss(pixels, torch.stack([patch_labels(s) for s in scenes]))
+
+    res = run_stage("smollm2_llava_tower", reader, loss_fn, replace(cfg.tower_budget, minutes=minutes), run_dir, progress=progress)
+    if res.finished:
+        torch.save(reader.tower.state_dict(), run_dir / "tower.pt")
+    return res
+
+
+def build_trainable(cfg: SmolVLMConfig, tower_state: dict | None = None):
+    """(PEFT model, processor): SmolLM2 inside a fresh LLaVA (its vision tower from ``tower_state`` when
+    given), LoRA on its language model."""
     from peft import LoraConfig, get_peft_model
 
     from mmspec.pretrained import load_causal_lm, resolve_model_dir
@@ -77,6 +146,8 @@ def build_trainable(cfg: SmolVLMConfig):
     processor = build_processor(resolve_model_dir("smollm2"))
     torch.manual_seed(cfg.seed)
     model = build_model(lm, llava_config(lm.config, cfg.tower))
+    if tower_state is not None:
+        model.model.vision_tower.load_state_dict(tower_state)
     peft_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                           modules_to_save=["vision_tower", "multi_modal_projector"])
     return get_peft_model(model, peft_cfg), processor
@@ -91,7 +162,10 @@ def example_batch(processor, seed: int, step: int, batch: int) -> dict:
     for scene in train_scenes(seed, step, batch):
         q = draw_question(scene, rng, QUESTION_WEIGHTS)
         prompt = processor.apply_chat_template(user_turn(1, q.question), add_generation_prompt=True)
-        enc = processor(text=prompt, images=[render(scene, TILE)], return_tensors="pt")
+        # half the images are rendered large and downscaled the way tile_image makes a base image (as the
+        # tiled prompts and uploaded pictures are), half rendered at 64 px directly
+        image = tile_image(render(scene, 4 * TILE), 1)[0] if rng.random() < 0.5 else render(scene, TILE)
+        enc = processor(text=prompt, images=[image], return_tensors="pt")
         answer = tok(q.answer + tok.eos_token, add_special_tokens=False)["input_ids"]
         ids = enc["input_ids"][0].tolist()
         rows.append(ids + answer)
@@ -132,9 +206,14 @@ def export(peft_model, processor, out: Path) -> None:
 
 
 def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    if stage == "tower":
+        return train_tower(cfg, run_dir, progress, minutes)
     if stage != "target":
         return train_drafter_stage(stage, cfg, out, run_dir, progress, minutes)
-    model, processor = build_trainable(cfg)
+    tower = run_dir / "tower.pt"
+    if not tower.is_file():
+        raise FileNotFoundError(f"the target stage starts from the pretrained tower {tower}: run --stages tower")
+    model, processor = build_trainable(cfg, torch.load(tower, weights_only=True))
     llava = model.base_model.model
 
     def loss_fn(step: int) -> torch.Tensor:

@@ -1,0 +1,76 @@
+"""The shipped scene VLM on the real SmolLM2 (LLaVA: a CLIP tower trained on scenes + SmolLM2 with a merged
+LoRA) and its two drafters: processor facts, held-out quality, and greedy output token-identical to HF
+``generate`` for both drafter kinds, every pruning strategy, batch 1 and 2, one image and the tiled
+1088-visual-token context."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import mmspec.vision as mv
+from mmspec import zoo
+from mmspec.errors import MMSpecError
+from mmspec.scene_questions import KINDS
+from mmspec.scenes import render
+from mmspec.zoo.data import heldout_scenes
+from mmspec.zoo.smollm2_llava import (IMAGE_TOKEN_ID, TILE, evaluate, load_smollm2_vlm, shipped_dir, tile_image,
+                                      vlm_inputs)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.set_num_threads(2)
+    return load_smollm2_vlm()
+
+
+def test_processor_places_the_image_token_inside_smollm2s_vocabulary(vlm):
+    tok = vlm.processor.tokenizer
+    assert tok.convert_tokens_to_ids("<image>") == IMAGE_TOKEN_ID and len(tok) == 49152
+    assert vlm.target.config.get_text_config().vocab_size == 49152
+    img = render(heldout_scenes()[0], TILE * 4)
+    short = vlm_inputs(vlm.processor, [img], "Describe the image.")
+    long = vlm_inputs(vlm.processor, [img], "Describe the image.", grid=4)
+    assert int((short["input_ids"] == IMAGE_TOKEN_ID).sum()) == 64
+    assert int((long["input_ids"] == IMAGE_TOKEN_ID).sum()) == 64 * 17 and long["pixel_values"].shape[0] == 17
+    text = vlm.processor.tokenizer.decode(short["input_ids"][0][short["input_ids"][0] != IMAGE_TOKEN_ID])
+    assert text == "<|im_start|>user\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tiles_and_bad_grid():
+    tiles = tile_image(Image.new("RGB", (100, 80), "red"), 2)
+    assert len(tiles) == 5 and all(t.size == (TILE, TILE) for t in tiles)
+    with pytest.raises(MMSpecError, match="grid must be an integer >= 1"):
+        tile_image(Image.new("RGB", (8, 8)), 0)
+
+
+def test_heldout_quality_matches_the_recorded_numbers(vlm):
+    recorded = json.loads((shipped_dir() / "quality.json").read_text())["exact_match"]
+    got = evaluate(vlm.target, vlm.processor, heldout_scenes(16), KINDS)
+    for kind in KINDS:
+        assert got[kind] >= recorded[kind] - 0.25, (kind, got[kind], recorded[kind])
+    assert sum(got.values()) / len(got) >= 0.5
+
+
+@pytest.mark.parametrize("grid,batch", [(1, 1), (1, 2), (4, 1)])
+def test_greedy_is_token_identical_to_hf_generate_for_both_drafters(vlm, grid, batch):
+    scenes = heldout_scenes()[10: 10 + batch]
+    inputs = vlm_inputs(vlm.processor, [render(s, TILE * grid) for s in scenes],
+                        ["Describe the image in detail.", "How many shapes are there?"][:batch], grid=grid)
+    new = 24 if grid == 1 else 12
+    expected = vlm.target.generate(**inputs, do_sample=False, max_new_tokens=new)
+    for drafter in (vlm.head, vlm.drafter):
+        for strategy in ("verifier", "cls", "diversity", "uniform", "none"):
+            ratio = 0.1 if grid == 4 else 0.25
+            out = mv.generate(vlm.target, drafter, inputs, pruning=strategy, keep_ratio=ratio, max_new_tokens=new,
+                              num_draft_tokens=4)
+            assert torch.equal(out.sequences, expected), (type(drafter).__name__, strategy)
+
+
+def test_the_shipped_files_are_checked(vlm):
+    zoo.verify_checksums("smollm2/vlm")
