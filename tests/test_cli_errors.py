@@ -166,6 +166,11 @@ def test_main_job_checks_its_config_before_loading(monkeypatch, tmp_path):
 
     _forbid(monkeypatch, "mmspec.zoo.load_default_image_models")
     _forbid(monkeypatch, "mmspec.zoo.load_default_vlm")
+    _forbid(monkeypatch, "mmspec.zoo.smollm2_llava.load_smollm2_vlm")
+    with pytest.raises(MethodParameterError, match="vlm_drafter must be 'head' or 'model'"):
+        run_main_job(tmp_path, MainJobConfig(vlm_drafter="big"))
+    with pytest.raises(MethodParameterError, match="vlm_grid must be an integer in"):
+        run_main_job(tmp_path, MainJobConfig(vlm_grid=0))
     with pytest.raises(InvalidLengthError, match="num_images must be an integer >= 1, got 0"):
         run_main_job(tmp_path, MainJobConfig(num_images=0))
     with pytest.raises(MethodParameterError, match="unknown image method 'medusa'"):

@@ -35,7 +35,8 @@ from mmspec.scene_questions import KINDS, draw_question
 from mmspec.scenes import render
 
 from .data import heldout_scenes, train_scenes
-from .smollm2_llava import PATCH, TILE, TowerShape, tile_image, build_model, build_processor, evaluate, llava_config, user_turn
+from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, llava_config, tile_image,
+                            user_turn)
 from .training import StageBudget, run_stage, training_cli
 
 STAGES = ("tower", "target", "data", "head", "drafter")
@@ -48,7 +49,7 @@ class SmolVLMConfig:
     tower: TowerShape = TowerShape()
     lora_rank: int = 8
     lora_alpha: int = 16
-    budget: StageBudget = StageBudget(steps=400, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
+    budget: StageBudget = StageBudget(steps=300, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
     batch: int = 8
     # the vision tower is first taught to read scenes patch by patch (cheap: the tower alone)
     tower_budget: StageBudget = StageBudget(steps=500, lr=2e-3, warmup=30, weight_decay=0.01, save_every=100)
@@ -56,10 +57,10 @@ class SmolVLMConfig:
     seed: int = 7
     grade_scenes: int = 48
     # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
-    data_scenes: int = 96
-    tiled_scenes: int = 12
-    head_steps: int = 600
-    drafter_steps: int = 600
+    data_scenes: int = 64
+    tiled_scenes: int = 8
+    head_steps: int = 400
+    drafter_steps: int = 400
     drafter_batch: int = 8
 
 
@@ -73,30 +74,67 @@ PRESETS = {
 
 class PatchReader(torch.nn.Module):
     """The tower's pretraining task: every patch token names the colour and shape of the object in its grid
-    cell (or "none") and the background: linear heads on the tower's last hidden states (what LLaVA feeds
-    its projector)."""
+    cell (or "none"), the background and its cell: linear heads on the tower's last hidden states (what
+    LLaVA feeds its projector). The heads also initialise the projector (:func:`projector_from_reader`)."""
+
+    HEADS = ("colour", "shape", "background", "cell")
 
     def __init__(self, tower, hidden: int):
-        from mmspec.scenes import BACKGROUNDS, COLOURS, SHAPES
+        from mmspec.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
 
         super().__init__()
         self.tower = tower
         self.colour = torch.nn.Linear(hidden, len(COLOURS) + 1)
         self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
         self.background = torch.nn.Linear(hidden, len(BACKGROUNDS))
+        self.cell = torch.nn.Linear(hidden, len(CELLS))
+
+    def patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # [B, P, h]
 
     def loss(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """pixels [B, 3, 64, 64]; labels long [B, P, 3] (colour, shape, background per patch)."""
-        patches = self.tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # [B, P, h]
+        """pixels [B, 3, 64, 64]; labels long [B, P, 4] (colour, shape, background, cell per patch)."""
+        patches = self.patches(pixels)
         ce = torch.nn.functional.cross_entropy
-        return (ce(self.colour(patches).flatten(0, 1), labels[..., 0].flatten())
-                + ce(self.shape(patches).flatten(0, 1), labels[..., 1].flatten())
-                + ce(self.background(patches).flatten(0, 1), labels[..., 2].flatten()))
+        return sum(ce(getattr(self, h)(patches).flatten(0, 1), labels[..., i].flatten())
+                   for i, h in enumerate(self.HEADS))
+
+
+def projector_from_reader(llava, reader: PatchReader, tokenizer, pixels: torch.Tensor) -> None:
+    """Start the projector where its outputs are already words: the first layer's first units are the
+    reader's heads (a patch's colour / shape / background / cell logits), the second layer maps each unit
+    to SmolLM2's embedding of its word (" red", " circle", " grey", " top left"; "none" to nothing), scaled
+    by the unit's typical winning logit; every other unit starts at zero. A patch token then reads like
+    "red circle top left" to the frozen language model, which LoRA only has to learn to read out."""
+    from mmspec.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
+
+    proj = llava.model.multi_modal_projector
+    embed = llava.model.language_model.embed_tokens.weight
+    words = {"colour": [None] + sorted(COLOURS), "shape": [None] + list(SHAPES),
+             "background": sorted(BACKGROUNDS), "cell": list(CELLS)}
+    with torch.no_grad():
+        patches = reader.patches(pixels)
+        w1, b1 = proj.linear_1.weight, proj.linear_1.bias
+        w2, b2 = proj.linear_2.weight, proj.linear_2.bias
+        w1.zero_(), b1.zero_(), w2.zero_(), b2.zero_()
+        unit = 0
+        for head_name in PatchReader.HEADS:
+            head = getattr(reader, head_name)
+            n = head.out_features
+            w1[unit: unit + n] = head.weight
+            b1[unit: unit + n] = head.bias
+            scale = head(patches).amax(dim=-1).mean().clamp_min(1.0)  # a winning logit, typically
+            for j, word in enumerate(words[head_name]):
+                if word is None:
+                    continue
+                ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+                w2[:, unit + j] = embed[ids].mean(dim=0) / scale
+            unit += n
 
 
 def patch_labels(scene) -> torch.Tensor:
-    """long [P, 3]: per patch (raster order), the colour / shape index of the object in the cell holding the
-    patch centre (0 = none) and the background index."""
+    """long [P, 4]: per patch (raster order), the colour / shape index of the object in the cell holding the
+    patch centre (0 = none), the background index and that cell."""
     from mmspec.scenes import BACKGROUNDS, COLOURS, SHAPES
 
     side = TILE // PATCH
@@ -109,12 +147,12 @@ def patch_labels(scene) -> torch.Tensor:
             cell = int(y * 3 // TILE) * 3 + int(x * 3 // TILE)
             o = by_cell.get(cell)
             rows.append([colours.index(o.colour) + 1 if o else 0, shapes.index(o.shape) + 1 if o else 0,
-                         bgs.index(scene.background)])
+                         bgs.index(scene.background), cell])
     return torch.tensor(rows, dtype=torch.long)
 
 
 def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: float):
-    """Pretrain the CLIP tower on patch reading; saves ``run_dir/tower.pt`` when finished."""
+    """Pretrain the CLIP tower on patch reading; saves ``run_dir/tower.pt`` (tower + heads) when finished."""
     from transformers import CLIPVisionModel
 
     from mmspec.pretrained import resolve_model_dir
@@ -131,13 +169,13 @@ def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: floa
 
     res = run_stage("smollm2_llava_tower", reader, loss_fn, replace(cfg.tower_budget, minutes=minutes), run_dir, progress=progress)
     if res.finished:
-        torch.save(reader.tower.state_dict(), run_dir / "tower.pt")
+        torch.save(reader.state_dict(), run_dir / "tower.pt")
     return res
 
 
-def build_trainable(cfg: SmolVLMConfig, tower_state: dict | None = None):
-    """(PEFT model, processor): SmolLM2 inside a fresh LLaVA (its vision tower from ``tower_state`` when
-    given), LoRA on its language model."""
+def build_trainable(cfg: SmolVLMConfig, reader_state: dict | None = None):
+    """(PEFT model, processor): SmolLM2 inside a fresh LLaVA (its vision tower and projector from the
+    pretrained :class:`PatchReader` state when given), LoRA on its language model."""
     from peft import LoraConfig, get_peft_model
 
     from mmspec.pretrained import load_causal_lm, resolve_model_dir
@@ -146,8 +184,12 @@ def build_trainable(cfg: SmolVLMConfig, tower_state: dict | None = None):
     processor = build_processor(resolve_model_dir("smollm2"))
     torch.manual_seed(cfg.seed)
     model = build_model(lm, llava_config(lm.config, cfg.tower))
-    if tower_state is not None:
-        model.model.vision_tower.load_state_dict(tower_state)
+    if reader_state is not None:
+        reader = PatchReader(model.model.vision_tower, cfg.tower.hidden)
+        reader.load_state_dict(reader_state)
+        scenes = train_scenes(cfg.seed + 501, 0, 32)
+        pixels = processor.image_processor([render(s, TILE) for s in scenes], return_tensors="pt")["pixel_values"]
+        projector_from_reader(model, reader, processor.tokenizer, pixels)
     peft_cfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                           modules_to_save=["vision_tower", "multi_modal_projector"])
     return get_peft_model(model, peft_cfg), processor
