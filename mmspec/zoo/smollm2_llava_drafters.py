@@ -12,9 +12,10 @@ Glossary:
     pruned      every example is also used with a random share of its visual rows removed
                 (:func:`~mmspec.distill.vlm_data.prune_example`), original positions kept: what the
                 drafters see at inference
-    small VLM   ``LlavaForConditionalGeneration``: the target's vision tower and projector (copied),
-                the 2-layer SmolLM2 drafter LM (initialised from the shipped one), and the target's token
-                embedding and LM head, shared and frozen (never stored with the drafter)
+    small VLM   ``LlavaForConditionalGeneration``: the target's vision tower (shared, frozen), a projector
+                (initialised from the target's), the 2-layer SmolLM2 drafter LM (initialised from the
+                shipped one), and the target's token embedding and LM head (shared, frozen); only the
+                projector and the decoder layers are stored
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ from typing import Any
 import torch
 
 SHARED = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+SHARED_PREFIX = "model.vision_tower."  # the target's tower, frozen while the small VLM trains: shared, never stored
+
+
+def _shared(key: str) -> bool:
+    return key in SHARED or key.startswith(SHARED_PREFIX)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -90,8 +96,8 @@ def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, st
 
 # ------------------------------------------------------------------------------------------- small VLM
 def build_small_vlm(target, text_drafter_folder: Path):
-    """The small LLaVA: the target's vision tower + projector (copies), the 2-layer SmolLM2 drafter LM, the
-    target's embedding and LM head (shared)."""
+    """The small LLaVA: the target's vision tower and embedding / LM head (shared), a copy of its projector,
+    the 2-layer SmolLM2 drafter LM."""
     from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
     from safetensors.torch import load_file
 
@@ -99,7 +105,7 @@ def build_small_vlm(target, text_drafter_folder: Path):
     cfg = LlavaConfig.from_dict({**target.config.to_dict(), "text_config": text.to_dict()})
     model = LlavaForConditionalGeneration(cfg)
     share_embeddings(model, target)
-    model.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
+    share_tower(model, target)
     model.model.multi_modal_projector.load_state_dict(target.model.multi_modal_projector.state_dict())
     sd = load_file(str(text_drafter_folder / "drafter.safetensors"))
     lm_sd = {k.removeprefix("model."): v.float() for k, v in sd.items() if k.startswith("model.")}
@@ -113,6 +119,10 @@ def build_small_vlm(target, text_drafter_folder: Path):
 def share_embeddings(model, target) -> None:
     model.model.language_model.embed_tokens = target.model.language_model.embed_tokens
     model.lm_head = target.lm_head
+
+
+def share_tower(model, target) -> None:
+    model.model.vision_tower = target.model.vision_tower
 
 
 def small_vlm_loss(model, examples: list[dict], temperature: float = 1.0) -> torch.Tensor:
@@ -185,18 +195,19 @@ def train_small_vlm(target, examples: list[dict], run_dir: Path, out: Path, *, s
     return res
 
 
-def save_small_vlm(model, out: Path, processor: Any) -> None:
+def save_small_vlm(model, out: Path, processor: Any = None) -> None:
+    """The small VLM's own weights (float16) and config; the shared tower and embeddings are not stored,
+    the processor is the target's."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if k not in SHARED}
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if not _shared(k)}
     save_file(state, out / "model.safetensors")
     (out / "llava_config.json").write_text(model.config.to_json_string())
-    processor.save_pretrained(out)
 
 
 def load_small_vlm(folder: str | Path, target, *, dtype: torch.dtype | None = None):
-    """The shipped small LLaVA drafter around ``target``'s embedding and LM head."""
+    """The shipped small LLaVA drafter around ``target``'s vision tower, embedding and LM head."""
     from safetensors.torch import load_file
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -204,10 +215,11 @@ def load_small_vlm(folder: str | Path, target, *, dtype: torch.dtype | None = No
     cfg = LlavaConfig.from_dict(json.loads((folder / "llava_config.json").read_text()))
     model = LlavaForConditionalGeneration(cfg).to(next(target.parameters()).device)
     share_embeddings(model, target)
+    share_tower(model, target)
     dtype = dtype or next(target.parameters()).dtype
     sd = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
-    missing = [m for m in missing if m not in SHARED]
+    missing = [m for m in missing if not _shared(m)]
     if missing or unexpected:
         raise ValueError(f"small VLM weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.generation_config = copy.deepcopy(target.generation_config)
