@@ -57,15 +57,23 @@ def test_heldout_quality_matches_the_recorded_numbers(vlm):
     assert sum(got.values()) / len(got) >= 0.5
 
 
-@pytest.mark.parametrize("grid,batch", [(1, 1), (1, 2), (4, 1)])
-def test_greedy_is_token_identical_to_hf_generate_for_both_drafters(vlm, grid, batch):
+STRATEGIES = ("verifier", "cls", "diversity", "uniform", "none")
+CASES = [pytest.param(1, 1, STRATEGIES, id="short-b1"),
+         pytest.param(4, 1, ("verifier", "none"), id="tiled-b1"),
+         pytest.param(1, 2, STRATEGIES, id="short-b2", marks=pytest.mark.extended),
+         pytest.param(4, 1, STRATEGIES, id="tiled-b1-all", marks=pytest.mark.extended),
+         pytest.param(4, 2, ("verifier", "uniform"), id="tiled-b2", marks=pytest.mark.extended)]
+
+
+@pytest.mark.parametrize("grid,batch,strategies", CASES)
+def test_greedy_is_token_identical_to_hf_generate_for_both_drafters(vlm, grid, batch, strategies):
     scenes = heldout_scenes()[10: 10 + batch]
     inputs = vlm_inputs(vlm.processor, [render(s, TILE * grid) for s in scenes],
                         ["Describe the image in detail.", "How many shapes are there?"][:batch], grid=grid)
     new = 24 if grid == 1 else 12
     expected = vlm.target.generate(**inputs, do_sample=False, max_new_tokens=new)
     for drafter in (vlm.head, vlm.drafter):
-        for strategy in ("verifier", "cls", "diversity", "uniform", "none"):
+        for strategy in strategies:
             ratio = 0.1 if grid == 4 else 0.25
             out = mv.generate(vlm.target, drafter, inputs, pruning=strategy, keep_ratio=ratio, max_new_tokens=new,
                               num_draft_tokens=4)
