@@ -15,19 +15,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_gen, smollm2, text, trees, vlm, zoo_training
+from . import image_gen, smollm2, smollm2_vlm, text, trees, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,smollm2,vlm,image,trees,train",
-                    help="comma-separated subset of text,smollm2,vlm,image,trees,train")
+    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,train",
+                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "smollm2", "vlm", "image", "trees", "train"}
+    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         rc |= smollm2.main(common)
     if "vlm" in parts:
         rc |= vlm.main(common + plots)
+    if "smollm2_vlm" in parts:
+        rc |= smollm2_vlm.main(common)
     if "image" in parts:
         rc |= image_gen.main(common + plots)
     if "trees" in parts:
