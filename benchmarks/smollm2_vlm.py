@@ -15,8 +15,8 @@ Glossary:
                    of the scene at 256 px (1088 visual tokens)
     head           the EAGLE-3 head over the target's features (:class:`mmspec.vision.PrunedFeatureDrafter`)
     small VLM      the 2-layer LLaVA distilled from the target (:class:`mmspec.vision.VLMDrafter`)
-    tau            tokens emitted per verification step (mmspec rows); HF rows: generated tokens per decoding
-                   forward
+    tau            tokens emitted per verification step (mmspec rows); HF rows: generated tokens per target
+                   forward (HF's first forward, prompt included, already emits)
     c              one drafter step / one target decoding forward, both at this context with every visual
                    token (micro-benchmark; a pruned drafter's step is cheaper)
     ceiling        tau / (1 + c k): the speedup if forwards at 1-token cost were the only cost
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return target.generate(**inp, do_sample=False, max_new_tokens=a.max_new_tokens, **extra)
 
         methods = {"plain AR (HF generate)": lambda inp: ("hf", hf(inp)),
-                   "HF assisted (small VLM, full tokens)": lambda inp: ("hf", hf(inp, assistant_model=small))}
+                   "HF assisted (small VLM, full tokens, HF's draft-length heuristic)": lambda inp: ("hf", hf(inp, assistant_model=small))}
 
         def mm(drafter, strategy, ratio, k):
             return lambda inp: ("mm", mv.generate(target, drafter, inp, pruning=strategy, keep_ratio=ratio,
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 kept = str(row.kept[0])
                 pre = f"{1e3 * row.drafter_prefill / row.runs:.0f}"
             else:
-                tau = row.tokens / max(row.forwards - row.runs, 1)
+                tau = row.tokens / max(row.forwards, 1)  # HF: every target forward emits (its prefill too)
                 ceil_s = pct = pre = ""
                 kept = str(m["visual"]) if "assisted" in n else ""
             ident = "yes" if all(row.identical) else f"NO ({sum(row.identical)}/{len(row.identical)})"

@@ -135,8 +135,8 @@ class PrunedFeatureDrafter(FeatureDrafter):
             position_ids = (mask.cumsum(dim=1) - 1).clamp_min(0).gather(1, index)
             position_ids = torch.where(new_valid.bool(), position_ids, torch.ones_like(position_ids))
         self._feed(tokens, features, new_valid, position_ids=position_ids)
-        if position_ids is not None:  # later pairs continue after the last prompt pair's position
-            self.session.position_delta = position_ids[:, -1] - (new_valid.sum(dim=1) - 1)
+        if position_ids is not None:  # the next pair's feature is the prompt's last token: it keeps its position
+            self.session.position_delta = (mask.cumsum(dim=1) - 1)[:, -1] - new_valid.sum(dim=1)
         self._attention, self._cls = None, None
         self._info = dict(visual_tokens=n_visual.tolist(), drafter_visual_tokens=counts,
                           drafter_kept_visual_indices=indices, pruning=self.strategy.name,

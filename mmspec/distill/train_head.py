@@ -132,18 +132,23 @@ def draft_vocabulary(target: Any, examples: list[dict], size: int, tokenizer: An
 
 def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config: HeadTraining = HeadTraining(),
                minutes: float = float("inf"), tokenizer: Any = None, progress: bool = True,
-               holdout: int = 16, init: Eagle3Head | None = None) -> dict:
+               holdout: int = 16, init: Eagle3Head | None = None, heldout_examples: list[dict] | None = None) -> dict:
     """Train (or continue training) a head for ``target`` on ``examples``; returns a summary dict.
-    ``init``: a trained head to start from (fine-tuning; its draft vocabulary is kept) instead of a new one."""
+    ``init``: a trained head to start from (fine-tuning; its draft vocabulary is kept) instead of a new one.
+    ``heldout_examples``: the held-out set, given (when ``examples`` hold several variants of one source
+    example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
     if len(examples) <= holdout:
         raise ValueError(f"need more than {holdout} usable examples to train a head, got {len(examples)}")
-    rng = random.Random(config.seed)
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+    if heldout_examples is not None:
+        held, train = list(heldout_examples), examples
+    else:
+        rng = random.Random(config.seed)
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
     state_path = out / "train_state.pt"
     layers = tuple(int(x) for x in _layers_of(examples, target))
     if state_path.exists():

@@ -166,8 +166,10 @@ def _assembled_dir(adapter: Path) -> Path:
     from mmspec.pretrained import cache_root
 
     h = hashlib.sha256()
-    for name in ("adapter_model.safetensors", "llava_config.json"):
-        h.update((adapter / name).read_bytes())
+    for name in ("adapter_model.safetensors", "llava_config.json", "tokenizer.json", "processor_config.json",
+                 "chat_template.jinja"):
+        if (adapter / name).is_file():
+            h.update((adapter / name).read_bytes())
     return cache_root() / "models" / f"{NAME}-{h.hexdigest()[:10]}"
 
 
@@ -189,10 +191,10 @@ def assemble(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     merged.save_pretrained(tmp)
     AutoProcessor.from_pretrained(adapter).save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # another process assembled it meanwhile
-        shutil.rmtree(tmp)
-    else:
+    try:
         os.replace(tmp, out)
+    except OSError:  # another process assembled it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -85,8 +85,13 @@ def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, st
 
     init = Eagle3Head.load(Path(zoo.WEIGHTS_DIR) / "smollm2" / "head", target)
     cfg = HeadTraining(steps=steps, batch_size=8, max_len=400, lr=3e-4, warmup=20, seed=seed)
-    summary = train_head(target, pruned_variants(examples, seed), run_dir, config=cfg, minutes=minutes,
-                         progress=progress, init=init)
+    # held out by source example (its pruned variants stay out of training too), pruned like the rest
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = [examples[i] for i in order[:16]]
+    train = [examples[i] for i in order[16:]]
+    summary = train_head(target, pruned_variants(train, seed), run_dir, config=cfg, minutes=minutes,
+                         progress=progress, init=init, heldout_examples=pruned_variants(held, seed + 7, copies=1))
     if summary["finished"]:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("head.safetensors", "head_config.json"):
@@ -213,14 +218,17 @@ def load_small_vlm(folder: str | Path, target, *, dtype: torch.dtype | None = No
 
     folder = Path(folder)
     cfg = LlavaConfig.from_dict(json.loads((folder / "llava_config.json").read_text()))
-    model = LlavaForConditionalGeneration(cfg).to(next(target.parameters()).device)
+    dtype = dtype or next(target.parameters()).dtype
+    if dtype != next(target.parameters()).dtype:
+        raise ValueError(f"the small VLM shares the target's modules: load it in the target's dtype "
+                         f"{next(target.parameters()).dtype}, not {dtype}")
+    model = LlavaForConditionalGeneration(cfg).to(device=next(target.parameters()).device, dtype=dtype)
     share_embeddings(model, target)
     share_tower(model, target)
-    dtype = dtype or next(target.parameters()).dtype
     sd = load_file(str(folder / "model.safetensors"))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     missing = [m for m in missing if not _shared(m)]
     if missing or unexpected:
         raise ValueError(f"small VLM weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.generation_config = copy.deepcopy(target.generation_config)
-    return model.to(dtype).eval()
+    return model.eval()
