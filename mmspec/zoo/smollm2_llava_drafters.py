@@ -84,6 +84,7 @@ def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, st
     from mmspec.heads.eagle3 import Eagle3Head
 
     init = Eagle3Head.load(Path(zoo.WEIGHTS_DIR) / "smollm2" / "head", target)
+    cover_answers(init, examples, target)
     cfg = HeadTraining(steps=steps, batch_size=8, max_len=400, lr=3e-4, warmup=20, seed=seed)
     # held out by source example (its pruned variants stay out of training too), pruned like the rest
     order = list(range(len(examples)))
@@ -97,6 +98,25 @@ def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, st
         for name in ("head.safetensors", "head_config.json"):
             (out / name).write_bytes((run_dir / name).read_bytes())
     return summary
+
+
+def cover_answers(head, examples: list[dict], target) -> int:
+    """Put every answer token of ``examples`` into the head's FR-Spec draft vocabulary (the chat-trained
+    vocabulary misses scene words such as colours), replacing its least frequent entries; returns how many
+    were added. The head's output rows follow ``d2t`` (borrowed from the target), so nothing else changes."""
+    d2t = head.d2t.tolist()
+    have = set(d2t)
+    counts: dict[int, int] = {}
+    for ex in examples:
+        for t in ex["tokens"][ex["loss_mask"]].tolist():
+            counts[t] = counts.get(t, 0) + 1
+    missing = sorted((t for t in counts if t not in have), key=lambda t: -counts[t])[: len(d2t) // 4]
+    if missing:  # drop the least frequent entries that no answer uses (the ranking's tail)
+        drop = set([t for t in reversed(d2t) if t not in counts][: len(missing)])
+        keep = [t for t in d2t if t not in drop]
+        head.d2t.copy_(torch.tensor(keep + missing, dtype=torch.long))
+        head.attach(target)
+    return len(missing)
 
 
 # ------------------------------------------------------------------------------------------- small VLM

@@ -59,8 +59,8 @@ class SmolVLMConfig:
     # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
     data_scenes: int = 64
     tiled_scenes: int = 8
-    head_steps: int = 400
-    drafter_steps: int = 400
+    head_steps: int = 150
+    drafter_steps: int = 250
     drafter_batch: int = 8
 
 
