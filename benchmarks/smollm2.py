@@ -29,6 +29,7 @@ Glossary:
 from __future__ import annotations
 
 import argparse
+import functools
 import datetime as _dt
 import os
 import platform
@@ -73,16 +74,17 @@ class Row:
 
 
 def _count_forwards(model):
-    """Wrap ``model.forward`` to count calls (HF rows' tau)."""
+    """Wrap ``model.forward`` to count calls (HF rows' tau); returns (counter, restore)."""
     counter = {"n": 0}
     orig = model.forward
 
+    @functools.wraps(orig)  # HF checks generate's kwargs against forward's signature
     def forward(*a, **k):
         counter["n"] += 1
         return orig(*a, **k)
 
     model.forward = forward
-    return counter, lambda: setattr(model, "forward", orig)
+    return counter, lambda: model.__dict__.pop("forward", None)
 
 
 def _generated(seq: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:

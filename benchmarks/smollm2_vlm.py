@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import functools
 import os
 import platform
 import statistics
@@ -38,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .smollm2 import _count_forwards
+from .vlm import decode_forward_ms
 
 SECTION = "## VLM on SmolLM2-135M-Instruct (issue 14)"
 STRATEGIES = ("verifier", "cls", "diversity", "uniform")
@@ -62,35 +64,13 @@ class Row:
     na: str = ""
 
 
-def _count_forwards(model):
-    counter = {"n": 0}
-    original = model.forward
-
-    @functools.wraps(original)  # HF checks generate's kwargs against forward's signature
-    def forward(*a, **k):
-        counter["n"] += 1
-        return original(*a, **k)
-
-    model.forward = forward
-    return counter, lambda: model.__dict__.pop("forward", None)
-
-
 def _step_ms(model, inputs: dict, reps: int = 8, head=None) -> float:
     """Median ms of one cached 1-token step after prefilling ``inputs`` (the head: with random features)."""
     from mmspec.cache import CacheSession
 
+    if head is None:
+        return decode_forward_ms(model, inputs, steps=reps)
     with torch.no_grad():
-        if head is None:
-            out = model(**inputs, use_cache=True)
-            cache, nxt, mask = out.past_key_values, out.logits[:, -1:].argmax(-1), inputs["attention_mask"]
-            ts = []
-            for _ in range(reps):
-                mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-                t0 = time.perf_counter()
-                out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-                ts.append(time.perf_counter() - t0)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            return 1e3 * statistics.median(ts)
         n = inputs["input_ids"].shape[1]
         s = CacheSession(head, 1, torch.device("cpu"))
         d = head.config.hidden_size

@@ -61,6 +61,16 @@ def text_after_image(image_mask: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     return valid.bool() & ~image_mask & (cols > last_img) & (last_img >= 0)
 
 
+def check_pruning_args(keep_ratio: float, positions: str) -> float:
+    """The keep ratio as a float, after named errors for a ratio outside [0, 1] (or not a number) and an
+    unknown position mode."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 <= keep_ratio <= 1.0:
+        raise KeepRatioError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
+    if positions not in POSITION_MODES:
+        raise MMSpecError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    return float(keep_ratio)
+
+
 class VLMDrafter(ModelDrafter):
     """Drafts with ``model`` (a smaller VLM of the target's family, or a text-only LM)."""
 
@@ -68,12 +78,8 @@ class VLMDrafter(ModelDrafter):
                  keep_ratio: float = 0.25, positions: str = "original", image_token_id: int | None = None,
                  draft_length: int | DraftLengthPolicy | None = None, attention_layers=None, tree=None):
         super().__init__(model, draft_length, tree=tree)
-        if not isinstance(keep_ratio, (int, float)) or not 0.0 <= float(keep_ratio) <= 1.0:
-            raise KeepRatioError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
-        if positions not in POSITION_MODES:
-            raise MMSpecError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        self.keep_ratio = check_pruning_args(keep_ratio, positions)
         self.strategy = get_strategy(pruning)
-        self.keep_ratio = float(keep_ratio)
         self.positions = positions
         fam = family_of(model)
         self.is_vlm = fam is not None

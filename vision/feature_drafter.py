@@ -34,7 +34,8 @@ from mmspec.drafters.feature import FeatureDrafter
 from mmspec.errors import MMSpecError
 from mmspec.heads.eagle3 import Eagle3Head
 
-from .drafter import POSITION_MODES, KeepRatioError, compact, text_after_image
+from .adapters import family_of
+from .drafter import check_pruning_args, compact, text_after_image
 from .pruning import PruningInputs, PruningStrategy, get_strategy, select_visual_tokens
 from .pruning.cls_attention import capture_cls_attention, cls_scores_per_token
 
@@ -49,12 +50,8 @@ class PrunedFeatureDrafter(FeatureDrafter):
                  pruning: str | PruningStrategy = "verifier", keep_ratio: float = 0.25, positions: str = "original",
                  image_token_id: int | None = None, attention_layers=None):
         super().__init__(head, draft_length, tree=tree)
-        if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 <= keep_ratio <= 1.0:
-            raise KeepRatioError(f"keep_ratio must be in [0, 1], got {keep_ratio!r}")
-        if positions not in POSITION_MODES:
-            raise MMSpecError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        self.keep_ratio = check_pruning_args(keep_ratio, positions)
         self.strategy = get_strategy(pruning)
-        self.keep_ratio = float(keep_ratio)
         self.positions = positions
         self.image_token_id = image_token_id
         self.attention_layers = attention_layers
@@ -73,11 +70,11 @@ class PrunedFeatureDrafter(FeatureDrafter):
     def check_compatible(self, target: torch.nn.Module) -> None:
         super().check_compatible(target)
         if self.image_token_id is None:
-            token = getattr(target.config, "image_token_id", getattr(target.config, "image_token_index", None))
-            if token is None:
+            fam = family_of(target)
+            if fam is None:
                 raise MMSpecError("PrunedFeatureDrafter needs a VLM target (a config with image_token_id) "
                                   "or image_token_id=")
-            self.image_token_id = int(token)
+            self.image_token_id = fam.image_token_id
         self._select_strategy = getattr(target.config, "vision_feature_select_strategy", "default")
 
     # -- evidence from the target's prefill ------------------------------------------------------

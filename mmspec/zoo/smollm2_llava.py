@@ -94,12 +94,19 @@ def build_processor(smollm2_folder: str | os.PathLike):
                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
-def llava_config(text_config: Any, tower: TowerShape = TowerShape()):
-    from transformers import CLIPVisionConfig, LlavaConfig
+def vision_config(tower: TowerShape = TowerShape()):
+    """The CLIP tower's config: 64 px images, 8 px patches."""
+    from transformers import CLIPVisionConfig
 
-    vc = CLIPVisionConfig(hidden_size=tower.hidden, intermediate_size=4 * tower.hidden,
-                          num_hidden_layers=tower.layers, num_attention_heads=tower.heads,
-                          image_size=TILE, patch_size=PATCH, projection_dim=tower.hidden)
+    return CLIPVisionConfig(hidden_size=tower.hidden, intermediate_size=4 * tower.hidden,
+                            num_hidden_layers=tower.layers, num_attention_heads=tower.heads,
+                            image_size=TILE, patch_size=PATCH, projection_dim=tower.hidden)
+
+
+def llava_config(text_config: Any, tower: TowerShape = TowerShape()):
+    from transformers import LlavaConfig
+
+    vc = vision_config(tower)
     text = text_config.to_dict() if hasattr(text_config, "to_dict") else dict(text_config)
     return LlavaConfig(vision_config=vc, text_config=text, image_token_id=IMAGE_TOKEN_ID, vision_feature_layer=-1,
                        vision_feature_select_strategy="default", tie_word_embeddings=True,

@@ -36,7 +36,7 @@ from mmspec.scenes import render
 
 from .data import heldout_scenes, train_scenes
 from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, llava_config, tile_image,
-                            user_turn)
+                            user_turn, vision_config)
 from .training import StageBudget, run_stage, training_cli
 
 STAGES = ("tower", "target", "data", "head", "drafter")
@@ -159,8 +159,7 @@ def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: floa
 
     processor = build_processor(resolve_model_dir("smollm2"))
     torch.manual_seed(cfg.seed)
-    vc = llava_config({"vocab_size": 8}, cfg.tower).vision_config
-    reader = PatchReader(CLIPVisionModel(vc), cfg.tower.hidden)
+    reader = PatchReader(CLIPVisionModel(vision_config(cfg.tower)), cfg.tower.hidden)
 
     def loss_fn(step: int) -> torch.Tensor:
         scenes = train_scenes(cfg.seed + 500, step, cfg.tower_batch)
