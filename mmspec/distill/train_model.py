@@ -134,8 +134,7 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
         state_path.with_suffix(".tmp").rename(state_path)
 
     def loss_of(batch) -> tuple[torch.Tensor, float]:
-        tokens, valid, lmask, _, final = batch
-        pos = (valid.cumsum(1) - 1).clamp_min(0)
+        tokens, valid, lmask, final, pos = batch.tokens, batch.valid, batch.loss_mask, batch.final, batch.positions
         logits = student(input_ids=tokens, attention_mask=valid, position_ids=pos).logits  # [B, L, V]
         score = lmask[:, 1:] & valid[:, 1:].bool()  # position t predicts token t + 1
         lg = logits[:, :-1][score].float()
