@@ -38,7 +38,7 @@ def _check_decodes_like_hf(target, tokenizer, drafter):
 @pytest.mark.parametrize("kind", ["head", "model"])
 def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir, tmp_path, kind):
     out = tmp_path / kind
-    code = main(["train-drafter", "--target", str(tiny_target_dir), "--kind", kind, "--minutes", "1",
+    code = main(["train-drafter", "--target", str(tiny_target_dir), "--kind", kind, "--minutes", "0.25",
                  "--out", str(out), "--num-prompts", "48", "--max-new-tokens", "24", "--draft-vocab", "200"])
     assert code == EXIT_OK
     summary = json.loads((out / "training_summary.json").read_text())

@@ -250,25 +250,66 @@ def load_smollm2_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.
 
 # -------------------------------------------------------------------------------------------- grading
 @torch.no_grad()
+def grade(model, processor, items: Sequence[tuple[Image.Image, str, str, Any]], *, grid: int = 1, batch: int = 8,
+          max_new_tokens: int = 64, progress: bool = False, desc: str = "grading") -> dict[str, float]:
+    """Share of ``(image, group, question, check)`` items whose greedy HF ``generate`` answer passes
+    ``check`` (an exact answer string, or a predicate on the stripped answer), per group."""
+    from tqdm.auto import tqdm
+
+    right: dict[str, list[int]] = {}
+    for i in tqdm(range(0, len(items), batch), desc=desc, disable=not progress):
+        chunk = items[i: i + batch]
+        enc = vlm_inputs(processor, [im for im, _, _, _ in chunk], [q for _, _, q, _ in chunk], grid=grid)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (_, group, _, check), text in zip(chunk, texts):
+            ok = check(text.strip()) if callable(check) else text.strip() == check
+            tally = right.setdefault(group, [0, 0])
+            tally[0] += int(ok)
+            tally[1] += 1
+    return {g: c / n for g, (c, n) in right.items()}
+
+
 def evaluate(model, processor, scenes, kinds: Sequence[str], *, grid: int = 1, batch: int = 8, seed: int = 0,
              max_new_tokens: int = 64, progress: bool = False) -> dict[str, float]:
     """Exact-match accuracy per question kind of greedy HF ``generate`` on ``scenes`` (one question of each
     kind per scene, drawn with ``seed``)."""
-    from tqdm.auto import tqdm
-
     from mmspec.scene_questions import ask
     from mmspec.scenes import render
 
     rng = random.Random(seed)
-    items = [(s, k, ask(s, k, rng)) for s in scenes for k in kinds]  # graded under the kind asked for
-    right: dict[str, list[int]] = {k: [0, 0] for k in kinds}
-    for i in tqdm(range(0, len(items), batch), desc="grading", disable=not progress):
-        chunk = items[i: i + batch]
-        enc = vlm_inputs(processor, [render(s, TILE * grid) for s, _, _ in chunk],
-                         [q.question for _, _, q in chunk], grid=grid)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-        texts = processor.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (_, kind, q), text in zip(chunk, texts):
-            right[kind][0] += int(text.strip() == q.answer)
-            right[kind][1] += 1
-    return {k: c / n for k, (c, n) in right.items() if n}
+    items = []
+    for s in scenes:
+        for k in kinds:  # graded under the kind asked for
+            q = ask(s, k, rng)
+            items.append((render(s, TILE * grid), k, q.question, q.answer))
+    return grade(model, processor, items, grid=grid, batch=batch, max_new_tokens=max_new_tokens, progress=progress)
+
+
+def evaluate_photos(model, processor, *, crops: int = 4, seed: int = 1, batch: int = 8,
+                    progress: bool = False) -> dict[str, float]:
+    """Robustness on real photos (:mod:`mmspec.photos`), ``crops`` random crops of each: ``train_caption`` /
+    ``train_not_shapes`` (exact answers on new crops of training photos), ``heldout_caption`` (a held-out
+    photo is captioned "A photo of ...") and ``heldout_not_shapes`` (shape questions about it get
+    :data:`~mmspec.photos.NOT_SHAPES`)."""
+    from mmspec.photos import PHOTOS, ask_photo, load_photo, random_crop
+    from mmspec.scene_questions import ask
+    from mmspec.scenes import sample_scene
+
+    rng = random.Random(seed)
+    items = []
+    for photo in PHOTOS:
+        image = load_photo(photo)
+        for _ in range(crops):
+            crop = random_crop(image, rng, 4 * TILE)
+            kind = rng.choice(("caption", "detail"))
+            cap = ask_photo(photo, kind)
+            shape_kind = rng.choice(("count", "colour", "shape", "where"))
+            other = ask_photo(photo, shape_kind, ask(sample_scene(rng), shape_kind, rng).question)
+            if photo.split == "train":
+                items += [(crop, "train_caption", cap.question, cap.answer),
+                          (crop, "train_not_shapes", other.question, other.answer)]
+            else:
+                items += [(crop, "heldout_caption", cap.question, lambda t: t.startswith("A photo of ")),
+                          (crop, "heldout_not_shapes", other.question, other.answer)]
+    return grade(model, processor, items, batch=batch, progress=progress, desc="grading photos")

@@ -6,6 +6,9 @@ Paper: Liu et al., "Visual Instruction Tuning" (LLaVA, 2023); Hu et al., "LoRA" 
 Glossary:
     example     one user turn ``<image>`` + a question of :mod:`mmspec.scene_questions` (captions weighted
                 twice) and the assistant's exact answer; the loss covers the answer and ``<|im_end|>``
+    photos      stage ``photos`` continues the target on scenes mixed with crops of real photos
+                (:mod:`mmspec.photos`, 40 % of the rows) for robustness; ``quality.json`` then also
+                holds the photo scores
     trainable   the vision tower and projector (PEFT ``modules_to_save``) and rank-8 LoRA on every
                 attention and MLP projection of the language model; SmolLM2's own weights stay frozen
     export      the PEFT adapter in float16 + ``llava_config.json`` + the processor, under ``--out``;
@@ -17,7 +20,7 @@ Glossary:
 
 Usage::
 
-    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm      # target ~55 min here
+    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages tower,target,photos
     python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages data,head,drafter
     python -m mmspec.zoo.train_smollm2_llava --out /tmp/v --preset smoke
 """
@@ -27,19 +30,21 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mmspec.scene_questions import KINDS, draw_question
 from mmspec.scenes import render
 
 from .data import heldout_scenes, train_scenes
-from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, llava_config, tile_image,
-                            user_turn, vision_config)
+from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, evaluate_photos,
+                            llava_config, tile_image, user_turn, vision_config)
 from .training import StageBudget, run_stage, training_cli
 
-STAGES = ("tower", "target", "data", "head", "drafter")
+STAGES = ("tower", "target", "photos", "data", "head", "drafter")
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 QUESTION_WEIGHTS = {"caption": 2.0, "detail": 1.0, "count": 1.0, "colour": 1.0, "shape": 1.0, "where": 1.0}
 
@@ -56,6 +61,10 @@ class SmolVLMConfig:
     tower_batch: int = 64
     seed: int = 7
     grade_scenes: int = 48
+    # robustness: the target then continues on scenes mixed with crops of real photos (mmspec.photos)
+    photo_budget: StageBudget = StageBudget(steps=150, lr=4e-4, warmup=10, weight_decay=0.0, save_every=25)
+    photo_share: float = 0.4
+    grade_photo_crops: int = 4
     # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
     data_scenes: int = 64
     tiled_scenes: int = 8
@@ -68,6 +77,7 @@ PRESETS = {
     "full": SmolVLMConfig(),
     "smoke": SmolVLMConfig(budget=StageBudget(steps=2, warmup=1, save_every=1), batch=2, grade_scenes=1,
                            tower_budget=StageBudget(steps=2, warmup=1, save_every=1), tower_batch=4,
+                           photo_budget=StageBudget(steps=2, warmup=1, save_every=1), grade_photo_crops=1,
                            data_scenes=3, tiled_scenes=1, head_steps=2, drafter_steps=2, drafter_batch=2),
 }
 
@@ -194,18 +204,36 @@ def build_trainable(cfg: SmolVLMConfig, reader_state: dict | None = None):
     return get_peft_model(model, peft_cfg), processor
 
 
-def example_batch(processor, seed: int, step: int, batch: int) -> dict:
+@lru_cache(maxsize=1)
+def _train_photos() -> tuple:
+    from mmspec.photos import load_photo, photos
+
+    return tuple((p, load_photo(p)) for p in photos("train"))
+
+
+def example_batch(processor, seed: int, step: int, batch: int, photo_share: float = 0.0) -> dict:
     """input ids / attention mask / labels / pixel values of one step (right padded), a pure function of
-    (seed, step)."""
+    (seed, step).  With ``photo_share`` > 0 that share of the rows asks about a crop of a real photo instead."""
+    from mmspec.photos import ask_photo, random_crop
+
     tok = processor.tokenizer
     rng = random.Random(seed * 1_000_003 + step)
     rows, starts, pixels = [], [], []
     for scene in train_scenes(seed, step, batch):
         q = draw_question(scene, rng, QUESTION_WEIGHTS)
+        if photo_share > 0 and rng.random() < photo_share:
+            photo, full = rng.choice(_train_photos())
+            q = ask_photo(photo, q.kind, q.question)
+            big = random_crop(full, rng, 4 * TILE)
+        else:
+            big = None
         prompt = processor.apply_chat_template(user_turn(1, q.question), add_generation_prompt=True)
         # half the images are rendered large and downscaled the way tile_image makes a base image (as the
         # tiled prompts and uploaded pictures are), half rendered at 64 px directly
-        image = tile_image(render(scene, 4 * TILE), 1)[0] if rng.random() < 0.5 else render(scene, TILE)
+        if rng.random() < 0.5:
+            image = tile_image(render(scene, 4 * TILE) if big is None else big, 1)[0]
+        else:
+            image = render(scene, TILE) if big is None else big.resize((TILE, TILE), Image.BICUBIC)
         enc = processor(text=prompt, images=[image], return_tensors="pt")
         answer = tok(q.answer + tok.eos_token, add_special_tokens=False)["input_ids"]
         ids = enc["input_ids"][0].tolist()
@@ -249,6 +277,8 @@ def export(peft_model, processor, out: Path) -> None:
 def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
     if stage == "tower":
         return train_tower(cfg, run_dir, progress, minutes)
+    if stage == "photos":
+        return train_photos(cfg, out, run_dir, progress, minutes)
     if stage != "target":
         return train_drafter_stage(stage, cfg, out, run_dir, progress, minutes)
     tower = run_dir / "tower.pt"
@@ -262,16 +292,51 @@ def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress
 
     res = run_stage("smollm2_llava", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
-        export(model, processor, out / "target")
-        model.eval()
-        scores = evaluate(llava, processor, heldout_scenes(cfg.grade_scenes), KINDS, progress=progress)
-        (out / "target" / "quality.json").write_text(json.dumps({"heldout_scenes": cfg.grade_scenes, "grid": 1,
-                                                                 "exact_match": scores}, indent=2) + "\n")
+        export_and_grade(model, processor, cfg, out, progress, photos=False)
+    return res
+
+
+def export_and_grade(model, processor, cfg: SmolVLMConfig, out: Path, progress: bool, *, photos: bool) -> None:
+    """Export the adapter to ``out/target`` and write ``quality.json``: held-out scene exact match per
+    question kind, and (after the photos stage) the real-photo scores of
+    :func:`~mmspec.zoo.smollm2_llava.evaluate_photos`."""
+    export(model, processor, out / "target")
+    llava = model.base_model.model
+    model.eval()
+    report = {"heldout_scenes": cfg.grade_scenes, "grid": 1,
+              "exact_match": evaluate(llava, processor, heldout_scenes(cfg.grade_scenes), KINDS, progress=progress)}
+    if photos:
+        report["photo_crops"] = cfg.grade_photo_crops
+        report["photos"] = evaluate_photos(llava, processor, crops=cfg.grade_photo_crops, progress=progress)
+    (out / "target" / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def train_photos(cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    """Continue the target stage's final state on scenes mixed with crops of real training photos
+    (``photo_share`` of the rows), so that a photograph is described as one and no shapes are invented in
+    it; the scene questions keep their share, so scene accuracy is kept."""
+    start = run_dir / "smollm2_llava.ckpt.pt"
+    own = run_dir / "smollm2_llava_photos.ckpt.pt"
+    if not own.is_file() and not start.is_file():
+        raise FileNotFoundError(f"the photos stage continues the target stage's state {start}: run --stages target")
+    model, processor = build_trainable(cfg)
+    if not own.is_file():  # else run_stage resumes this stage's own checkpoint
+        model.load_state_dict(torch.load(start, map_location="cpu", weights_only=False)["model"])
+    llava = model.base_model.model
+
+    def loss_fn(step: int) -> torch.Tensor:
+        return answer_loss(llava, example_batch(processor, cfg.seed + 1, step, cfg.batch, cfg.photo_share))
+
+    res = run_stage("smollm2_llava_photos", model, loss_fn, replace(cfg.photo_budget, minutes=minutes), run_dir,
+                    progress=progress)
+    if res.finished:
+        export_and_grade(model, processor, cfg, out, progress, photos=True)
     return res
 
 
 def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
     """``data`` (the target's answers + features, cached in the run dir), ``head`` or ``drafter``."""
+    import hashlib
     import time
 
     from mmspec import zoo
@@ -286,6 +351,10 @@ def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path
     target, processor = load_smollm2_llava(adapter=out / "target", verify=False)
     for p in target.parameters():
         p.requires_grad_(False)
+    # the drafters' data and checkpoints live under the target adapter's digest: a retrained target starts
+    # them afresh instead of resuming another target's
+    digest = hashlib.sha256((out / "target" / "adapter_model.safetensors").read_bytes()).hexdigest()[:10]
+    run_dir = run_dir / f"from_target_{digest}"
     examples = drafters.build_data(target, processor, run_dir, scenes=cfg.data_scenes, tiled_scenes=cfg.tiled_scenes,
                                    seed=cfg.seed + 1000, progress=progress)
     if stage == "data":
