@@ -362,7 +362,7 @@ def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path
     if stage == "head":
         summary = drafters.train_vlm_head(target, examples, run_dir / "head", out / "head", steps=cfg.head_steps,
                                           seed=cfg.seed, minutes=minutes, progress=progress)
-        (out / "head_training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "head" / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         return StageResult("smollm2_llava_head", summary["steps"], summary["finished"], summary["train_loss_ema"],
                            time.perf_counter() - t0)
     return drafters.train_small_vlm(target, examples, run_dir, out / "drafter", steps=cfg.drafter_steps,
