@@ -13,15 +13,16 @@ Glossary:
                 attention and MLP projection of the language model; SmolLM2's own weights stay frozen
     export      the PEFT adapter in float16 + ``llava_config.json`` + the processor, under ``--out``;
                 :func:`mmspec.zoo.smollm2_llava.load_smollm2_llava` merges it into SmolLM2 on first load
-    grading     after export, exact-match accuracy of greedy answers on held-out scenes per question
-                kind, written to ``--out/target/quality.json``
+    grading     after the last stage that changes the target (``photos``; ``target`` when photos are off):
+                exact-match accuracy of greedy answers on held-out scenes per question kind, and the photo
+                scores, written to ``--out/target/quality.json``
     drafters    stages ``data``, ``head`` and ``drafter`` (:mod:`mmspec.zoo.smollm2_llava_drafters`) distil the
                 EAGLE-3 head and the small LLaVA from the exported target into ``--out/head``, ``--out/drafter``
 
 Usage::
 
-    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages tower,target,photos
-    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages data,head,drafter
+    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages tower,target,photos  # ~60 min
+    python -m mmspec.zoo.train_smollm2_llava --out mmspec/zoo/weights/smollm2/vlm --stages data,head,drafter  # ~21 min
     python -m mmspec.zoo.train_smollm2_llava --out /tmp/v --preset smoke
 """
 
@@ -292,7 +293,10 @@ def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress
 
     res = run_stage("smollm2_llava", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
-        export_and_grade(model, processor, cfg, out, progress, photos=False)
+        if cfg.photo_budget.steps > 0:  # the photos stage continues this state and grades the final model
+            export(model, processor, out / "target")
+        else:
+            export_and_grade(model, processor, cfg, out, progress, photos=False)
     return res
 
 
