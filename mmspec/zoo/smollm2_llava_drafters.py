@@ -102,8 +102,11 @@ def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, st
 
 def cover_answers(head, examples: list[dict], target) -> int:
     """Put every answer token of ``examples`` into the head's FR-Spec draft vocabulary (the chat-trained
-    vocabulary misses scene words such as colours), replacing its least frequent entries; returns how many
-    were added. The head's output rows follow ``d2t`` (borrowed from the target), so nothing else changes."""
+    vocabulary misses scene words such as colours), in place of its highest target ids that no answer uses
+    (``d2t`` is sorted by target id, not by frequency; in SmolLM2's BPE the late merges are the rarer tokens);
+    returns how many were added. The added ids go at the end, so ``d2t`` is no longer sorted: nothing reads
+    it as sorted (lookups index it). The head's output rows follow ``d2t`` (borrowed from the target), so
+    nothing else changes."""
     d2t = head.d2t.tolist()
     have = set(d2t)
     counts: dict[int, int] = {}
@@ -111,7 +114,7 @@ def cover_answers(head, examples: list[dict], target) -> int:
         for t in ex["tokens"][ex["loss_mask"]].tolist():
             counts[t] = counts.get(t, 0) + 1
     missing = sorted((t for t in counts if t not in have), key=lambda t: -counts[t])[: len(d2t) // 4]
-    if missing:  # drop the least frequent entries that no answer uses (the ranking's tail)
+    if missing:  # drop the highest ids that no answer uses
         drop = set([t for t in reversed(d2t) if t not in counts][: len(missing)])
         keep = [t for t in d2t if t not in drop]
         head.d2t.copy_(torch.tensor(keep + missing, dtype=torch.long))
