@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PRESETS["full"]
     if a.quick:
         a.rounds, a.steps, cfg = 1, 2, replace(cfg, ar_batch=2)
-    tok = VQTokenizer(VQTokenizer.from_pretrained(WEIGHTS_DIR / "image" / "tokenizer").vq_model, 64)
+    tok = VQTokenizer.from_pretrained(WEIGHTS_DIR / "image" / "tokenizer").resized(64)
     torch.manual_seed(0)
     init = ARImageModel(cfg.target).state_dict()
     runs = {}

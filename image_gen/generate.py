@@ -115,8 +115,8 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
                     neighbours: torch.Tensor | None = None, lantern_k: int | None = None,
                     lantern_delta: float | None = None, lantern_lambda: float | None = None,
                     mulo_tau: float | None = None, mulo_l: int | None = None, mulo_k: int | None = None,
-                    mulo_scale: int | None = None, cfg_scale: float = 4.0, cfg_schedule: str = "constant",
-                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    mulo_scale: int | None = None, mulo_resampler: Any = None, cfg_scale: float = 4.0,
+                    cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, seed: int | list[int] | None = None,
                     num_images: int = 1, stats: ImageGenerationStats | None = None) -> Iterator[StepEvent]:
     """Image tokens as a stream of :class:`~mmspec.engine.StepEvent` (rows = images, in the order of
@@ -126,7 +126,8 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
     m = get_method(method)
     params = m.resolve(dict(drafter=drafter, num_draft_tokens=num_draft_tokens, rule=rule, neighbours=neighbours,
                             lantern_k=lantern_k, lantern_delta=lantern_delta, lantern_lambda=lantern_lambda,
-                            mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale))
+                            mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale,
+                            mulo_resampler=mulo_resampler))
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     conds = _validate(target, condition, num_images, cfg_scale, cfg_schedule)
     rng = RowRandom.from_seed(seed, len(conds), generator)
@@ -170,7 +171,8 @@ def make_mulo(target: ARImageModel, tokenizer: Any, params: dict, sampling: Samp
         raise MethodError(f"mulo_scale={params['mulo_scale']} but the drafter's grid {lo_grid} is 1/{scale} of "
                           f"the target's {grid}")
     rule = PooledThresholdRule(_neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k"), params["mulo_tau"])
-    return MultiScaleDrafter(low, tokenizer, scale), rule, LocalResampling(rule, grid, params["mulo_l"], sampling)
+    drafter = MultiScaleDrafter(low, tokenizer, scale, params["mulo_resampler"])
+    return drafter, rule, LocalResampling(rule, grid, params["mulo_l"], sampling)
 
 
 def _with_map(events: Iterator[StepEvent], stats: ImageGenerationStats, n: int, grid: int) -> Iterator[StepEvent]:
@@ -187,7 +189,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, met
              drafter: Any = None, num_draft_tokens: Any = None, rule: AcceptRule | None = None,
              neighbours: torch.Tensor | None = None, lantern_k: int | None = None, lantern_delta: float | None = None,
              lantern_lambda: float | None = None, mulo_tau: float | None = None, mulo_l: int | None = None,
-             mulo_k: int | None = None, mulo_scale: int | None = None, cfg_scale: float = 4.0,
+             mulo_k: int | None = None, mulo_scale: int | None = None, mulo_resampler: Any = None,
+             cfg_scale: float = 4.0,
              cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, seed: int | list[int] | None = None,
              num_images: int = 1, progress: bool = False) -> ImageGenerationOutput:
@@ -212,7 +215,8 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, met
     events = generate_stream(target, tokenizer, condition=condition, method=method, drafter=drafter,
                              num_draft_tokens=num_draft_tokens, rule=rule, neighbours=neighbours, lantern_k=lantern_k,
                              lantern_delta=lantern_delta, lantern_lambda=lantern_lambda, mulo_tau=mulo_tau,
-                             mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale, cfg_scale=cfg_scale,
+                             mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler,
+                             cfg_scale=cfg_scale,
                              cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
                              generator=generator, seed=seed, num_images=num_images, stats=stats)
     conds = _conditions(condition, num_images)

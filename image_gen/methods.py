@@ -81,6 +81,14 @@ def _any(v: Any) -> Any:
     return v
 
 
+def _resampler(v: Any) -> Any:
+    from .token_resampler import Resampler
+
+    if not isinstance(v, Resampler):
+        raise MethodParameterError(f"mulo_resampler must have upsample/downsample and a scale (a Resampler), got {v!r:.80}")
+    return v
+
+
 @dataclass(frozen=True)
 class Parameter:
     name: str
@@ -149,7 +157,9 @@ METHODS: dict[str, ImageMethod] = {m.name: m for m in (
         Parameter("mulo_tau", 0.3, _number("mulo_tau", 0.0), "pooled-probability threshold (> 1 rejects every draft)"),
         Parameter("mulo_l", 1, _integer("mulo_l", 0), "resampling neighbourhood radius"),
         Parameter("mulo_scale", None, _integer("mulo_scale", 2),
-                  "resolution ratio (checked against the drafter's grid)"))),
+                  "resolution ratio (checked against the drafter's grid)"),
+        Parameter("mulo_resampler", None, _resampler,
+                  "the resolution changes U_r / D_r (default: decode -> resize -> re-encode)"))),
 )}
 
 #: method names, in the order front ends list them

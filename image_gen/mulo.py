@@ -50,14 +50,16 @@ def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
     return expand_rejections(rejected, l, t0)
 
 
-def _block_logits(fork, last: torch.Tensor, rows: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Logits [R, m, V] predicting each block token, for candidate blocks ``rows`` long [R, m] with key
-    visibility ``visible`` bool [R, m]; ``fork`` holds the committed prefix but its last token ``last``."""
+def _block_logits(base, which: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
+                  visible: torch.Tensor) -> torch.Tensor:
+    """Logits [R, m, V] predicting the first m tokens of each block, for candidate blocks ``rows`` long [R, m]
+    with key visibility ``visible`` bool [R, m], on a fork of rows ``which`` long [R] of ``base`` (which holds
+    the committed prefix but its last token ``last`` long [R])."""
     r, m = rows.shape
     tokens = torch.cat([last.unsqueeze(1), rows[:, :-1]], dim=1)  # column j predicts block token j
     valid = torch.cat([torch.ones((r, 1), dtype=torch.long, device=rows.device), visible[:, :-1].long()], dim=1)
     ar = torch.arange(m, device=rows.device).unsqueeze(0)
-    f = fork.fork(torch.arange(r, device=rows.device))
+    f = base.fork(which)
     if isinstance(f, GuidedSession):
         return f.extend(tokens, valid, positions=f.fed.unsqueeze(1) + ar)
     return f.extend(tokens, valid, position_ids=f.next_pos.unsqueeze(1) + ar)
@@ -104,14 +106,19 @@ class LocalResampling:
         visible = kept[images].clone()  # [R, m]: kept tokens only, until an island's own tokens are redrawn
         steps = max(len(offs) for _, offs in members)
         for s in range(steps):
-            step_logits = _block_logits(base, last[images], rows, visible)  # [R, m, V]
-            for r, (b, offs) in enumerate(members):
-                if s < len(offs):
-                    j = offs[s]
-                    u = int(position[b]) + j
-                    tok = draw_keyed(logits_to_probs(step_logits[r, j], self.sampling), self.sampling, seeds[b], u)
-                    rows[r, j] = tok
-                    visible[r, j] = True
-                    final[b, j] = tok
+            # only the islands with an s-th token, and only the columns up to the furthest one they redraw
+            active = [r for r, (_, offs) in enumerate(members) if s < len(offs)]
+            width = max(members[r][1][s] for r in active) + 1
+            act = torch.tensor(active, dtype=torch.long, device=device)
+            step_logits = _block_logits(base, act, last[images][act], rows[act, :width],
+                                        visible[act, :width])  # [A, width, V]
+            for a, r in enumerate(active):
+                b, offs = members[r]
+                j = offs[s]
+                u = int(position[b]) + j
+                tok = draw_keyed(logits_to_probs(step_logits[a, j], self.sampling), self.sampling, seeds[b], u)
+                rows[r, j] = tok
+                visible[r, j] = True
+                final[b, j] = tok
         (session.inner if isinstance(session, GuidedSession) else session).calls += steps
         return final, kept

@@ -6,16 +6,19 @@ Paper: Peruzzo, Sautière, Habibian, "Multi-Scale Local Speculative Decoding for
 Glossary:
     scale r      high-res grid side / low-res grid side (2 or 4); the same VQ codebook serves both
                  resolutions (one convolutional tokenizer at two image sizes)
-    down-sample  final high-res rows -> decode -> resize by 1/r -> re-encode: the low-res prefix the
-                 drafter conditions on (r high-res rows per low-res row)
-    up-sample    low-res rows -> decode -> resize by r -> re-encode: high-res candidate rows; needs no
-                 training (the paper's learned up-sampler is an option for later)
+    resampler    the resolution changes U_r / D_r (:mod:`mmspec.image_gen.token_resampler`): the learned
+                 token-space nets, or decode -> resize -> re-encode (:class:`PixelResampler`, the default
+                 when none is given)
+    down-sample  low-res row i of the drafter's prefix = row i of D_r(committed high-res rows < r(i+1),
+                 zero tokens below), derived once, when those rows are committed, and kept in the
+                 drafter's cache from then on
+    up-sample    U_r([prefix rows, the drafted row, zero tokens below]) -> the block's r high-res rows
     block        one low-res row drafted per step = r high-res rows = r * W candidates
 
-A :class:`~mmspec.drafters.base.Drafter` of the one loop: each step it re-derives the low-res prefix
-from the committed high-res tokens, prefills it in one cached forward of the low-res model (with the
-target's classifier-free guidance, :class:`~mmspec.guidance.GuidedSession`) and drafts the next
-low-res row token by token on that cache. Token u of image b is drawn with noise keyed by
+A :class:`~mmspec.drafters.base.Drafter` of the one loop. The low-res model keeps one cached session
+(with the target's classifier-free guidance, :class:`~mmspec.guidance.GuidedSession`) for the whole
+image: each step feeds the newly derived low-res row in one forward, drafts the next row token by
+token and rolls its drafted tokens back. Token u of image b is drawn with noise keyed by
 (seed_b + 2_000_029 + 7919 * t0, u), so an image never depends on its batch neighbours.
 """
 
@@ -24,7 +27,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Draft, Drafter, StepOutcome
@@ -34,18 +36,23 @@ from mmspec.rng import RowRandom
 from mmspec.sampling import logits_to_probs
 
 from .mulo import draw_keyed
+from .token_resampler import PixelResampler, Resampler, resize_images  # noqa: F401  (resize_images re-exported)
 from .tokenizer import VQTokenizer
 
 
-def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
-    """float [B, 3, h, w] in [-1, 1] -> [B, 3, size, size] (bicubic, antialiased when shrinking)."""
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+def low_res_row(resampler: Resampler, committed: torch.Tensor, row: int, grid: int) -> torch.Tensor:
+    """Row ``row`` of D_r(high-res grid holding ``committed`` long [n] in raster order, zero tokens after):
+    long [grid / r], the drafter's prefix row once high-res rows < r * (row + 1) are committed."""
+    hi = torch.zeros(grid * grid, dtype=torch.long)
+    hi[: committed.numel()] = committed
+    return resampler.downsample(hi.view(1, grid, grid))[0, row]
 
 
 class MultiScaleDrafter(Drafter):
-    """Drafts r high-res rows per step with ``low_model`` at 1/r resolution."""
+    """Drafts r high-res rows per step with ``low_model`` at 1/r resolution (see the module glossary)."""
 
-    def __init__(self, low_model: torch.nn.Module, tokenizer: VQTokenizer, scale: int):
+    def __init__(self, low_model: torch.nn.Module, tokenizer: VQTokenizer, scale: int,
+                 resampler: Resampler | None = None):
         hi_grid = tokenizer.grid_size[0]
         lo_grid = low_model.config.grid_size
         if scale < 2 or hi_grid != lo_grid * scale:
@@ -53,10 +60,10 @@ class MultiScaleDrafter(Drafter):
                               f"tokenizer's grid {hi_grid}")
         if low_model.config.codebook_size != tokenizer.vocab_size:
             raise MMSpecError("the low-res model and the tokenizer must share the codebook")
-        # resolution changes re-encode with one nearest-code pass (a proposal: the target verifies it)
-        self.low = low_model
-        self.hi_tok = VQTokenizer(tokenizer.vq_model, tokenizer.image_size)
-        self.lo_tok = VQTokenizer(tokenizer.vq_model, tokenizer.image_size // scale)
+        resampler = PixelResampler(tokenizer, scale) if resampler is None else resampler
+        if not isinstance(resampler, Resampler) or resampler.scale != scale:
+            raise MMSpecError(f"resampler must be a Resampler of scale {scale}, got {resampler!r:.80}")
+        self.low, self.resampler = low_model, resampler
         self.scale, self.hi_grid, self.lo_grid = scale, hi_grid, lo_grid
         self.vocab_size = low_model.config.codebook_size
         self.num_calls = 0
@@ -66,54 +73,46 @@ class MultiScaleDrafter(Drafter):
 
         check_image_drafter(target, self.low)
 
-    @torch.no_grad()
-    def downsample(self, hi_tokens: torch.Tensor) -> torch.Tensor:
-        """long [H, W] high-res grid -> long [H/r, W/r] low-res grid."""
-        img = self.hi_tok.decode_tensor(hi_tokens.unsqueeze(0))
-        return self.lo_tok.encode(resize_images(img, self.lo_tok.image_size))[0]
-
-    @torch.no_grad()
-    def upsample(self, lo_tokens: torch.Tensor) -> torch.Tensor:
-        """long [H/r, W/r] low-res grid -> long [H, W] high-res grid."""
-        img = self.lo_tok.decode_tensor(lo_tokens.unsqueeze(0))
-        return self.hi_tok.encode(resize_images(img, self.hi_tok.image_size))[0]
-
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: SamplingParams,
               rng: RowRandom, guidance: Guidance | None = None, **model_inputs: Any) -> None:
         self.sampling, self.rng = sampling, rng
-        self.prompt_ids, self.prompt_mask = input_ids, attention_mask
-        self.guidance = None if guidance is None else Guidance(
+        lo_guidance = None if guidance is None else Guidance(
             uncond=guidance.uncond, scale=guidance.scale, schedule=guidance.schedule, num_tokens=self.lo_grid ** 2)
+        self.session = open_session(self.low, input_ids, attention_mask, guidance=lo_guidance)
+        self.pending = input_ids[:, -1:]  # fed before the next derived row: the last prompt token, at first
+        self.lo_rows = 0  # low-res rows in the session
+        self.prefix = torch.zeros((input_ids.shape[0], self.lo_grid ** 2), dtype=torch.long)  # derived rows
         self.committed = [[] for _ in range(input_ids.shape[0])]
 
     @torch.no_grad()
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         W, r, n_lo = self.hi_grid, self.scale, self.lo_grid
         batch = len(self.committed)
-        device = self.prompt_ids.device
+        device = self.pending.device
         t0 = len(self.committed[0])
         if any(len(c) != t0 for c in self.committed) or t0 % (r * W):
             raise MMSpecError(f"the multi-scale drafter drafts {r} whole rows per step (t0={t0})")
         m = min(r * W, W * W - t0)
-        lo_start = (t0 // (r * W)) * n_lo
-        lo = torch.zeros((batch, n_lo * n_lo), dtype=torch.long)
-        if t0:
-            for b in range(batch):  # one image at a time: batched convolutions round differently
-                hi = torch.zeros(W * W, dtype=torch.long)
-                hi[:t0] = torch.tensor(self.committed[b])
-                lo[b] = self.downsample(hi.view(W, W)).flatten()
-        session = open_session(self.low, self.prompt_ids, self.prompt_mask, guidance=self.guidance)
-        feed = torch.cat([self.prompt_ids[:, -1:], lo[:, :lo_start].to(device)], dim=1)
-        logits = session.extend(feed, num_logits=1)[:, -1]  # [B, V]: predicts low-res token lo_start
+        row = t0 // (r * W)  # the low-res row drafted now
+        calls = self.session.calls
+        new = [torch.stack([low_res_row(self.resampler, torch.tensor(c[: (i + 1) * r * W]), i, W)
+                            for c in self.committed]) for i in range(self.lo_rows, row)]  # each long [B, n_lo]
+        feed = torch.cat([self.pending, *[t.to(device) for t in new]], dim=1)
+        logits = self.session.extend(feed, num_logits=1)[:, -1]  # [B, V]: predicts low-res token row * n_lo
+        for i, t in enumerate(new):
+            self.prefix[:, (self.lo_rows + i) * n_lo:(self.lo_rows + i + 1) * n_lo] = t
+        self.pending, self.lo_rows = feed[:, :0], row
+        lo = self.prefix.clone()  # [B, n_lo * n_lo]: derived rows, then the drafted row, then zero tokens
         seeds = [int(s) + 2_000_029 + 7919 * t0 for s in self.rng.seeds.tolist()]
-        for u in range(lo_start, lo_start + n_lo):  # draft one low-res row
+        for u in range(row * n_lo, (row + 1) * n_lo):  # draft one low-res row
             probs = logits_to_probs(logits, self.sampling)
             toks = torch.tensor([draw_keyed(probs[b], self.sampling, seeds[b], u) for b in range(batch)])
             lo[:, u] = toks
-            if u < lo_start + n_lo - 1:
-                logits = session.extend(toks.unsqueeze(1).to(device))[:, -1]
-        self.num_calls += session.calls
-        up = torch.stack([self.upsample(lo[b].view(n_lo, n_lo)).flatten() for b in range(batch)])
+            if u < (row + 1) * n_lo - 1:
+                logits = self.session.extend(toks.unsqueeze(1).to(device))[:, -1]
+        self.session.rollback(torch.full((batch,), n_lo - 1, dtype=torch.long, device=device))
+        self.num_calls += self.session.calls - calls
+        up = self.resampler.upsample(lo.view(batch, n_lo, n_lo)).flatten(1)
         block = up[:, t0:t0 + m].to(device)
         return Draft(tokens=block, probs=None, num_draft=torch.full((batch,), m, dtype=torch.long, device=device))
 
@@ -123,7 +122,6 @@ class MultiScaleDrafter(Drafter):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.committed = [self.committed[i] for i in rows.tolist()]
-        self.prompt_ids, self.prompt_mask = self.prompt_ids[rows], self.prompt_mask[rows]
-        if self.guidance is not None:
-            self.guidance = Guidance(uncond=[self.guidance.uncond[i] for i in rows.tolist()], scale=self.guidance.scale,
-                                     schedule=self.guidance.schedule, num_tokens=self.guidance.num_tokens)
+        self.session.select_rows(rows.to(self.pending.device))
+        self.pending = self.pending[rows]
+        self.prefix = self.prefix[rows.cpu()]

@@ -8,6 +8,13 @@ Glossary:
                 AR image models (LlamaGen, Lumina-mGPT, ...); ``diffusers.VQModel`` implements
                 its encoder / quantizer / decoder.
     codebook    that table, a float tensor [V, d]: V = vocabulary size, d = code dimension.
+    FSQ         finite scalar quantisation (Mentzer et al., "Finite Scalar Quantization: VQ-VAE
+                Made Simple", ICLR 2024): each of the d latent channels is bounded and rounded to
+                one of L_i levels, so the codebook is the fixed lattice of prod(L_i) points and
+                nothing can collapse; lattice neighbours are latent neighbours.  A ``VQTokenizer``
+                with ``fsq_levels`` quantises with ``vector_quantize_pytorch.FSQ``; the VQModel's
+                embedding table then holds the lattice (row i = the code of index i), so decoding
+                and the codebook are the same as for VQ.
     grid        the token layout of one image, [H, W] = image_size / f with f = 2**(n - 1) the
                 encoder's downsampling factor (n = ``len(block_out_channels)``).  Tokens are in
                 raster order: ``tokens[b, i, j]`` is latent row i, column j, and flattening a
@@ -56,6 +63,7 @@ __all__ = [
     "ImageTokenizer",
     "VQTokenizer",
     "tiny_vq_tokenizer",
+    "write_fsq_codebook",
     "InvalidImageError",
     "InvalidTokenError",
     "TokenizerConfigError",
@@ -176,7 +184,8 @@ class VQTokenizer:
             of decode -> encode, so round trips are exact (a few encoder/decoder passes per image).
     """
 
-    def __init__(self, vq_model: Any, image_size: int, *, encoding: FixedPointEncoding | None = None):
+    def __init__(self, vq_model: Any, image_size: int, *, encoding: FixedPointEncoding | None = None,
+                 fsq_levels: Sequence[int] | None = None):
         quantize = getattr(vq_model, "quantize", None)
         if quantize is None or not hasattr(quantize, "embedding") or not hasattr(vq_model, "config"):
             raise TokenizerConfigError(
@@ -199,6 +208,7 @@ class VQTokenizer:
         self._image_size = int(image_size)
         self._factor = factor
         self.encoding = encoding
+        self.fsq = None if fsq_levels is None else _fsq_quantizer(vq_model, fsq_levels)
 
     # ------------------------------------------------------------------ construction / io
 
@@ -237,7 +247,13 @@ class VQTokenizer:
                 encoding = FixedPointEncoding.from_json(meta.get("encoding"))
             except MMSpecError as e:
                 raise TokenizerConfigError(f"{meta_file}: {e}") from None
-        return cls(vq, image_size, encoding=encoding)
+        return cls(vq, image_size, encoding=encoding, fsq_levels=meta.get("fsq_levels"))
+
+    def resized(self, image_size: int, *, encoding: FixedPointEncoding | None = None) -> "VQTokenizer":
+        """The same autoencoder and quantizer at another image size (grid image_size / f), with
+        ``encoding`` (default: one nearest-code / FSQ pass)."""
+        levels = None if self.fsq is None else [int(v) for v in self.fsq._levels.tolist()]
+        return VQTokenizer(self.vq_model, image_size, encoding=encoding, fsq_levels=levels)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write the VQModel (config.json + safetensors) and ``mmspec_tokenizer.json``."""
@@ -246,6 +262,8 @@ class VQTokenizer:
         self.vq_model.save_pretrained(path, safe_serialization=True)
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "image_size": self._image_size,
                 "encoding": None if self.encoding is None else self.encoding.to_json()}
+        if self.fsq is not None:
+            meta["fsq_levels"] = [int(v) for v in self.fsq._levels.tolist()]
         with open(os.path.join(path, TOKENIZER_CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
             f.write("\n")
@@ -386,11 +404,15 @@ class VQTokenizer:
     @torch.no_grad()
     def quantize(self, latents: torch.Tensor) -> torch.LongTensor:
         """Latents [B, d, H, W] -> index of the nearest code at every position, long [B, H, W]
-        (the VQModel's own quantizer: ``torch.cdist`` + ``argmin``, ties to the lower index)."""
+        (the VQModel's own quantizer: ``torch.cdist`` + ``argmin``, ties to the lower index; with FSQ,
+        the lattice point of the bounded latent)."""
         if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != self.code_dim:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else _describe(latents)
             raise ShapeError(f"latents must be [B, {self.code_dim}, H, W], got {shape}")
         B, _, H, W = latents.shape
+        if self.fsq is not None:  # bound and round every channel: the index of the lattice point
+            _, indices = self.fsq(latents.to(self.device, self.dtype))  # channel-first [B, d, H, W]
+            return indices.reshape(B, H, W).to(torch.long)
         _, _, (_, _, indices) = self.vq_model.quantize(latents.to(self.device, self.dtype))
         # indices come from z.permute(0, 2, 3, 1).view(-1, d): batch, then row, then column
         return indices.reshape(B, H, W).to(torch.long)
@@ -481,6 +503,32 @@ class VQTokenizer:
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Tokens [B, H, W] -> B RGB PIL images of image_size x image_size (uint8)."""
         return tensor_to_pil(self.decode_tensor(tokens))
+
+
+def _fsq_quantizer(vq_model: Any, levels: Sequence[int]) -> Any:
+    """``vector_quantize_pytorch.FSQ(levels)`` for ``vq_model``, whose embedding table must be its lattice."""
+    from vector_quantize_pytorch import FSQ
+
+    levels = [int(v) for v in levels]
+    if len(levels) == 0 or any(v < 2 for v in levels):
+        raise TokenizerConfigError(f"fsq_levels must be ints >= 2, got {levels}")
+    fsq = FSQ(levels=levels).to(vq_model.quantize.embedding.weight.device)
+    table = vq_model.quantize.embedding.weight
+    lattice = fsq.implicit_codebook.to(table.dtype)
+    if tuple(table.shape) != tuple(lattice.shape):
+        raise TokenizerConfigError(f"an FSQ tokenizer with levels {levels} needs a VQModel with "
+                                   f"num_vq_embeddings={lattice.shape[0]} and vq_embed_dim={lattice.shape[1]}, "
+                                   f"got an embedding table {tuple(table.shape)}")
+    return fsq
+
+
+def write_fsq_codebook(vq_model: Any, levels: Sequence[int]) -> None:
+    """Set ``vq_model``'s embedding table to the FSQ lattice of ``levels`` (row i = code of index i)."""
+    from vector_quantize_pytorch import FSQ
+
+    lattice = FSQ(levels=[int(v) for v in levels]).implicit_codebook
+    with torch.no_grad():
+        vq_model.quantize.embedding.weight.copy_(lattice.to(vq_model.quantize.embedding.weight))
 
 
 def tiny_vq_tokenizer(

@@ -280,6 +280,10 @@ class CacheSession:
             fork.cache = copy.copy(self.cache)
             fork.cache.layers = [copy.copy(layer) for layer in self.cache.layers]
             fork.cache.batch_select_indices(rows)  # new tensors; layers update by concatenation
+            for layer in fork.cache.layers:  # HF skips layers holding no slot: select their (empty) rows too
+                keys = getattr(layer, "keys", None)
+                if isinstance(keys, torch.Tensor) and keys.shape[0] != rows.numel():
+                    layer.keys, layer.values = keys[rows], layer.values[rows]
         fork.valid, fork.next_pos = self.valid[rows], self.next_pos[rows]
         fork.position_delta = self.position_delta[rows]
         fork.calls = 0

@@ -200,57 +200,43 @@ def row_drafter(ctx: GuidedContext, sampling: SamplingParams, seed: int):
 
 # -- the cache-free multi-scale drafter --------------------------------------------------------------
 
-from mmspec.image_gen.multiscale import resize_images  # noqa: E402
-
 from mmspec.errors import MMSpecError  # noqa: E402
+from mmspec.image_gen.multiscale import low_res_row  # noqa: E402
+from mmspec.image_gen.token_resampler import PixelResampler  # noqa: E402
 from mmspec.image_gen.tokenizer import VQTokenizer  # noqa: E402
 
 
 class ReferenceMultiScaleDrafter:
-    """Drafts r high-res rows per step with ``low_ctx.model`` at 1/r resolution."""
+    """Drafts r high-res rows per step with ``low_ctx.model`` at 1/r resolution: low-res row i of the
+    prefix is row i of D_r(the high-res rows < r(i+1), zero tokens below); the drafted row is up-sampled
+    with the derived rows above it and zero tokens below (``resampler``: default decode -> resize -> encode)."""
 
     def __init__(self, low_ctx: GuidedContext, tokenizer: VQTokenizer, scale: int, sampling: SamplingParams,
-                 seed: int = 0):
+                 seed: int = 0, resampler=None):
         hi_grid = tokenizer.grid_size[0]
         lo_grid = low_ctx.model.config.grid_size
         if scale < 2 or hi_grid != lo_grid * scale:
             raise MMSpecError(f"scale {scale}: the low-res model's grid {lo_grid} x {scale} must equal the "
                               f"tokenizer's grid {hi_grid}")
-        if low_ctx.model.config.codebook_size != tokenizer.vocab_size:
-            raise MMSpecError("the low-res model and the tokenizer must share the codebook")
-        # resolution changes re-encode with one nearest-code pass (a proposal: the target verifies it)
-        self.low, self.hi_tok = low_ctx, VQTokenizer(tokenizer.vq_model, tokenizer.image_size)
-        self.lo_tok = VQTokenizer(tokenizer.vq_model, tokenizer.image_size // scale)
+        self.low = low_ctx
+        self.resampler = PixelResampler(tokenizer, scale) if resampler is None else resampler
         self.scale, self.sampling, self.seed = scale, sampling, seed
         self.hi_grid, self.lo_grid = hi_grid, lo_grid
 
     @torch.no_grad()
-    def downsample(self, hi_tokens: torch.Tensor) -> torch.Tensor:
-        """long [H, W] high-res grid -> long [H/r, W/r] low-res grid."""
-        img = self.hi_tok.decode_tensor(hi_tokens.unsqueeze(0))
-        return self.lo_tok.encode(resize_images(img, self.lo_tok.image_size))[0]
-
-    @torch.no_grad()
-    def upsample(self, lo_tokens: torch.Tensor) -> torch.Tensor:
-        """long [H/r, W/r] low-res grid -> long [H, W] high-res grid."""
-        img = self.lo_tok.decode_tensor(lo_tokens.unsqueeze(0))
-        return self.hi_tok.encode(resize_images(img, self.hi_tok.image_size))[0]
-
-    @torch.no_grad()
     def __call__(self, prefix: torch.Tensor, t0: int, m: int) -> torch.Tensor:
         """The ``propose_block`` of :func:`~mmspec.image_gen.mulo.decode_mulo`: m = r * W candidates."""
-        W, r = self.hi_grid, self.scale
+        W, r, n_lo = self.hi_grid, self.scale, self.lo_grid
         if t0 % (r * W) or m != r * W and t0 + m != W * W:
             raise MMSpecError(f"the multi-scale drafter drafts {r} whole rows per step (t0={t0}, m={m})")
-        hi = torch.zeros(W * W, dtype=torch.long)
-        hi[:t0] = prefix
-        lo_rows_done = t0 // (r * W)
-        lo = self.downsample(hi.view(W, W)).flatten() if t0 else torch.zeros(self.lo_grid ** 2, dtype=torch.long)
-        n_lo = self.lo_grid
-        for u in range(lo_rows_done * n_lo, (lo_rows_done + 1) * n_lo):  # draft one low-res row
+        row = t0 // (r * W)
+        lo = torch.zeros(n_lo * n_lo, dtype=torch.long)
+        for i in range(row):
+            lo[i * n_lo:(i + 1) * n_lo] = low_res_row(self.resampler, prefix[: (i + 1) * r * W], i, W)
+        for u in range(row * n_lo, (row + 1) * n_lo):  # draft one low-res row
             vis = torch.zeros(n_lo * n_lo, dtype=torch.bool)
             vis[:u] = True
             probs = logits_to_probs(guided_logits(self.low, lo.unsqueeze(0), vis.unsqueeze(0))[0, u], self.sampling)
             lo[u] = draw_keyed(probs, self.sampling, self.seed + 2_000_029 + 7919 * t0, u)
-        up = self.upsample(lo.view(n_lo, n_lo)).flatten()
+        up = self.resampler.upsample(lo.view(1, n_lo, n_lo)).flatten()
         return up[t0:t0 + m]

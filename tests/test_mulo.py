@@ -103,8 +103,8 @@ def test_multiscale_drafter_mechanics():
 
     tok, hi, lo = _mulo_pair()
     drafter = MultiScaleDrafter(lo, tok, 2)
-    assert drafter.downsample(torch.zeros(8, 8, dtype=torch.long)).shape == (4, 4)
-    assert drafter.upsample(torch.zeros(4, 4, dtype=torch.long)).shape == (8, 8)
+    assert drafter.resampler.downsample(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 4, 4)
+    assert drafter.resampler.upsample(torch.zeros(1, 4, 4, dtype=torch.long)).shape == (1, 8, 8)
     events = list(ig.generate_stream(hi, tok, condition=[2], method="mulo", drafter=lo, mulo_tau=0.0, cfg_scale=2.0,
                                      temperature=0.0))
     assert len(events) == 4 and all(ev.num_draft == [16] and ev.num_accepted == [16] for ev in events)
@@ -179,3 +179,29 @@ def test_script_mulo(tmp_path):
                str(tmp_path / "lo"), "--class", "1", "--method", "mulo", "--mulo-tau", "0.2", "--mulo-scale", "2", "--out",
                str(tmp_path / "o")])
     assert rc == 0 and (tmp_path / "o" / "acceptance_heatmap.png").exists()
+
+
+def test_cached_loop_with_a_learned_resampler_gives_the_reference_tokens():
+    """A token-space resampler plugs into both loops; the cached loop still gives the reference's tokens."""
+    import mmspec.image_gen as ig
+    from mmspec.image_gen.neighbours import build_latent_neighbours
+    from mmspec.image_gen.token_resampler import TokenResampler, TokenResamplerConfig
+    from mmspec.verify import PooledThresholdRule
+
+    tok, hi, lo = _mulo_pair()
+    torch.manual_seed(5)
+    res = TokenResampler(TokenResamplerConfig(vocab_size=16, scale=2, width=16, depth=2)).eval()
+    sampling = SamplingParams(temperature=1.0)
+    table = build_latent_neighbours(tok.codebook, 4)
+    c, seed = 3, 23
+    ctx = GuidedContext(hi, hi.prefix_ids(c), hi.prefix_ids(c, unconditional=True), 2.0)
+    lctx = GuidedContext(lo, lo.prefix_ids(c), lo.prefix_ids(c, unconditional=True), 2.0)
+    expected, _ = decode_mulo(ctx, ReferenceMultiScaleDrafter(lctx, tok, 2, sampling, seed, resampler=res),
+                              PooledThresholdRule(table, 0.2), grid=8, rows_per_step=2, l=1, sampling=sampling,
+                              seed=seed)
+    out = ig.generate(hi, tok, condition=[c, 1], method="mulo", drafter=lo, neighbours=table, mulo_tau=0.2,
+                      mulo_resampler=res, cfg_scale=2.0, temperature=1.0, seed=[seed, 4])
+    assert torch.equal(out.tokens[0], expected)
+    from mmspec.errors import MethodParameterError
+    with pytest.raises(MethodParameterError, match="mulo_resampler must have upsample/downsample"):
+        ig.generate(hi, tok, condition=[c], method="mulo", drafter=lo, mulo_resampler="pixels")

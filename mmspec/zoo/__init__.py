@@ -109,6 +109,7 @@ class ImageModels:
     drafter: Any  # ARImageModel (16 x 16)
     lowres: Any  # ARImageModel (8 x 8): MuLo-SD's multi-scale drafter at scale 2
     classifier: Any  # SceneClassifier
+    resampler: Any = None  # TokenResampler: MuLo-SD's learned U_r / D_r at scale 2
 
 
 def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -140,7 +141,12 @@ def load_default_image_models(*, dtype: torch.dtype | None = None, device: str |
     tok = VQTokenizer.from_pretrained(root / "tokenizer")
     tok.vq_model.to(device)
     models = [ARImageModel.from_pretrained(root / name, dtype=dtype).to(device) for name in ("target", "drafter", "lowres")]
-    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"))
+    resampler = None
+    if (root / "resampler").is_dir():
+        from mmspec.image_gen.token_resampler import TokenResampler
+
+        resampler = TokenResampler.from_pretrained(root / "resampler").to(device)
+    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler)
 
 
 __all__ = ["ImageModels", "VLMPair", "ZooError", "load_default_image_models", "load_default_vlm",

@@ -81,7 +81,7 @@ def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
 
     scenes = list(heldout_scenes(max(num_scenes, 1))[:num_scenes])
     x = render_batch(scenes)
-    nearest = VQTokenizer(tokenizer.vq_model, tokenizer.image_size)
+    nearest = tokenizer.resized(tokenizer.image_size)
     t_near = nearest.encode(x)
     fixed = tokenizer.encode_fixed_points(x)
 
@@ -89,7 +89,11 @@ def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
         return sum(parse_image(im).objects == s.objects for im, s in zip(tokenizer.decode(tokens), scenes)) / len(scenes)
 
     stable = tokenizer.encode(tokenizer.decode_tensor(fixed.tokens)) == fixed.tokens
-    return {"tokenizer_round_trip_stable": float(stable.float().mean()),
+    many = render_batch(list(heldout_scenes(256)))
+    live = torch.cat([nearest.encode(many).flatten(), tokenizer.resized(tokenizer.image_size // 2).encode(
+        torch.nn.functional.interpolate(many, scale_factor=0.5, mode="bicubic", antialias=True).clamp(-1, 1)).flatten()])
+    return {"tokenizer_live_codes": int(torch.unique(live).numel()),  # codes used by 256 scenes at both sizes
+            "tokenizer_round_trip_stable": float(stable.float().mean()),
             "tokenizer_nearest_round_trip_stable": float((nearest.round_trip(t_near) == t_near).float().mean()),
             "tokenizer_fixed_point_moved_tokens": float((fixed.tokens != t_near).float().mean()),
             "tokenizer_fixed_point_mean_passes": float(fixed.passes.float().mean()),
