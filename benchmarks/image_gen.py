@@ -1,34 +1,41 @@
-"""Image-generation benchmark: plain AR vs exact SD, SJD, LANTERN, LANTERN++ and MuLo-SD, one interleaved run.
+"""Image-generation benchmark: plain AR vs exact SD, SJD, LANTERN, LANTERN++ and MuLo-SD on the zoo models.
 
 Run from the repository root::
 
-    python -m benchmarks.image_gen                  # the zoo models (full run)
+    python -m benchmarks.image_gen                  # full run (about 25 min here)
     python -m benchmarks.image_gen --quick          # smoke run
     python -m benchmarks.image_gen --out benchmarks/RESULTS.md --plots benchmarks
 
-Models: the zoo's text-conditioned AR target over a 16x16 token grid (codebook 256), its AR drafter
-(exact SD, LANTERN, LANTERN++), its 8x8 low-resolution model (MuLo-SD's drafter) and the scene
-classifier (Fréchet distance), prompted with captions of held-out scenes.  ``--synthetic`` uses
-instead a random class-conditional pair with controlled agreement (later layers damped by ``--damp``).
+Three parts, one after the other:
+
+* **costs**: milliseconds of one cached forward of N tokens (batch 1 under CFG, i.e. two rows) for
+  the target, the AR drafter and the low-res model, N = 1 .. 64; c = drafter / target at N = 1.
+* **speed** (the paper's setting: batch 1): every method generates the same ``--speed-prompts``
+  images one at a time, methods interleaved prompt by prompt in rotating order, ``--repeats`` times;
+  the speedup is AR's total time over the method's, with target forwards per image, tokens per
+  target forward (τ), acceptance and the time split (target forwards, drafting, verification and
+  repair) per image.
+* **quality**: ``--quality-images`` (≥ 128) held-out prompts per method, in batches (an image depends
+  only on its prompt and its row seed, not on its batch); prompt faithfulness overall and by object
+  count, Fréchet distance to plain AR's images of the same prompts in the scene classifier's
+  features, and the total-variation distance of the codebook usage. The row "plain AR, other seeds"
+  is the noise floor: two lossless samples of the same prompts.
 
 Glossary:
-    images/s      images generated per second (median over repeats)
-    fwd/image     target forward passes per image (AR: H*W; fewer is the point of SD)
-    tau           tokens emitted per target forward per image
-    faithful      fraction of images whose parsed scene has exactly the prompt's objects (zoo only)
-    FD to AR      Fréchet distance between the method's images and plain AR's images of the same
-                  prompts in the scene classifier's features (zoo only; the "plain AR, other seed" row
-                  is the noise floor of two lossless samples)
-    TV to AR      total-variation distance between codebook-usage histograms (same noise-floor row)
-    MuLo-SD       runs a cache-free reference loop (full forwards with attention holes), so its wall time
-                  is not comparable; its target-forward count is
+    exact SD    the AR drafter (2 × 64) drafts k tokens; lossless rejection sampling
+    SJD         Speculative Jacobi Decoding: the target refines its own guesses (lossless)
+    LANTERN     relaxed acceptance over the k nearest codebook entries of the drafted code, TV budget δ
+    LANTERN++   the drafted code's probability raised by its neighbours' mass up to λ p(x)
+    MuLo-SD     the 8 × 8 low-res model (same architecture as the target) drafts whole low-res rows,
+                U_r up-samples them to two high-res rows (learned token net, or decode -> resize ->
+                re-encode), pooled test at τ over 8 neighbours, local island resampling (l = 1)
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as _dt
+import os
 import platform
 import shlex
 import statistics
@@ -42,176 +49,210 @@ from ._report import pool_accepted_lengths, write_section
 
 SECTION = "## Image generation (issue: image generation)"
 
-
-def build_pair(grid: int, codebook: int, layers: int, hidden: int, damp: float, seed: int = 0):
-    from mmspec.image_gen import ARImageConfig, ARImageModel
-
-    torch.manual_seed(seed)
-    cfg = ARImageConfig(codebook_size=codebook, grid_size=grid, num_classes=10, hidden_size=hidden,
-                        num_layers=layers, num_heads=4, num_kv_heads=2, intermediate_size=2 * hidden, init_range=0.1)
-    target = ARImageModel(cfg).eval()
-    with torch.no_grad():
-        for layer in target.backbone.model.layers[1:]:
-            layer.self_attn.o_proj.weight.mul_(damp)
-            layer.mlp.down_proj.weight.mul_(damp)
-    drafter = ARImageModel(dataclasses.replace(cfg, num_layers=1))
-    drafter.load_state_dict({k: v for k, v in target.state_dict().items()
-                             if ".layers." not in k or ".layers.0." in k})
-    return target, drafter.eval()
+# the MuLo-SD paper's LlamaGen-XL rows (512 px, A100, batch 1; docs/design/mulo_sd.md §4)
+PAPER_ROWS = [("EAGLE-2", "0.96×", "37.1", "56.2"), ("LANTERN", "1.59×", "36.3", "55.4"),
+              ("MuLo-SD r=2", "1.40×", "36.1", "54.3")]
 
 
-def build_low_res(target, seed: int = 1):
-    """A 1/2-resolution model of the same kind (same codebook and classes) for MuLo-SD's drafter."""
-    from mmspec.image_gen import ARImageModel
-
-    torch.manual_seed(seed)
-    cfg = dataclasses.replace(target.config, grid_size=target.config.grid_size // 2, num_layers=1)
-    return ARImageModel(cfg).eval()
+def _objects(prompt: str) -> int:
+    return prompt.count(" and ") + 1
 
 
-def zoo_setup(num_prompts: int):
-    from mmspec.zoo import load_default_image_models
-    from mmspec.zoo.data import heldout_scenes
+def build_methods(models, k: int, sjd_window: int, quick: bool) -> dict[str, dict]:
+    from mmspec.image_gen.neighbours import build_latent_neighbours
 
-    models = load_default_image_models()
-    prompts = [sc.caption() for sc in heldout_scenes()[:num_prompts]]
-    return models, prompts
+    table = build_latent_neighbours(models.tokenizer.codebook, 8)
+    d = models.drafter
+    methods = {
+        "plain AR": dict(method="ar"),
+        f"exact SD (drafter, k={k})": dict(method="exact", drafter=d, num_draft_tokens=k),
+        f"SJD (window {sjd_window})": dict(method="sjd", num_draft_tokens=sjd_window),
+        f"LANTERN δ=0.1 (k={k})": dict(method="lantern", drafter=d, num_draft_tokens=k, neighbours=table,
+                                       lantern_delta=0.1),
+        f"LANTERN δ=0.3 (k={k})": dict(method="lantern", drafter=d, num_draft_tokens=k, neighbours=table,
+                                       lantern_delta=0.3),
+        f"LANTERN++ λ=3 (k={k})": dict(method="lantern++", drafter=d, num_draft_tokens=k, neighbours=table,
+                                       lantern_lambda=3.0),
+    }
+    taus = (0.3,) if quick else (0.1, 0.3)
+    if models.resampler is not None:
+        for tau in taus:
+            methods[f"MuLo-SD τ={tau}, learned U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table,
+                                                             mulo_tau=tau, mulo_l=1, mulo_resampler=models.resampler)
+    methods["MuLo-SD τ=0.3, pixel U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table, mulo_tau=0.3,
+                                               mulo_l=1)
+    return methods
+
+
+@torch.no_grad()
+def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
+    """ms of one cached forward of N tokens at batch 1 under CFG (two rows), after a 64-token context."""
+    from mmspec.guidance import Guidance, open_session
+
+    rows = []
+    cond = "a red circle at the top left"
+    base = {}
+    for name, model in (("target", models.target), ("drafter", models.drafter), ("low-res model", models.lowres)):
+        ids = torch.tensor([model.prefix_ids(cond)])
+        g = Guidance(uncond=[model.prefix_ids(cond, unconditional=True)], scale=1.5, schedule="constant",
+                     num_tokens=model.config.num_image_tokens)
+        session = open_session(model, ids, torch.ones_like(ids), guidance=g)
+        ctx = min(64, model.config.num_image_tokens - max(widths) - 1)
+        session.extend(torch.cat([ids[:, -1:], torch.zeros((1, ctx - 1), dtype=torch.long)], dim=1))
+        ms = {}
+        for w in widths:
+            if ctx + w > model.config.num_image_tokens:
+                continue
+            toks = torch.zeros((1, w), dtype=torch.long)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                session.extend(toks)
+                times.append(time.perf_counter() - t0)
+                session.rollback(torch.tensor([w]))
+            ms[w] = 1000 * statistics.median(times)
+        base[name] = ms[1]
+        cells = " | ".join(f"{ms[w]:.1f}" if w in ms else "–" for w in widths)
+        cfg = model.config
+        rows.append(f"| {name} ({cfg.num_layers} × {cfg.hidden_size}, {cfg.grid_size}×{cfg.grid_size}) | {cells} | "
+                    f"{ms[1] / base['target']:.2f} |")
+    head = ("| model | " + " | ".join(f"N={w}" for w in widths) + " | c (1-token forward / target's) |\n"
+            "|---|" + "---|" * (len(widths) + 1))
+    return [head] + rows
 
 
 def main(argv: list[str] | None = None) -> int:
     import mmspec.image_gen as ig
-    from mmspec.image_gen.neighbours import build_latent_neighbours
+    from mmspec.zoo import load_default_image_models
+    from mmspec.zoo.data import heldout_scenes
+    from mmspec.zoo.evaluate import IMAGE_SAMPLING
+    from mmspec.zoo.quality import frechet_distance, images_to_tensor, prompt_faithfulness
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--synthetic", action="store_true", help="random class-conditional models instead of the zoo")
-    ap.add_argument("--grid", type=int, default=16, help="--synthetic only")
-    ap.add_argument("--codebook", type=int, default=256, help="--synthetic only")
-    ap.add_argument("--layers", type=int, default=6, help="--synthetic only")
-    ap.add_argument("--hidden", type=int, default=256, help="--synthetic only")
-    ap.add_argument("--damp", type=float, default=0.3, help="--synthetic only")
-    ap.add_argument("--images", type=int, default=16, help="images per call (one batch; one per prompt)")
-    ap.add_argument("--cfg-scale", type=float, default=None, help="default: the zoo's sampling (1.5)")
-    ap.add_argument("--temperature", type=float, default=None, help="default: the zoo's sampling (1.0)")
-    ap.add_argument("--top-k", type=int, default=None, help="default: the zoo's sampling (16)")
-    ap.add_argument("--k", type=int, default=8, help="draft length of exact SD / LANTERN / LANTERN++")
+    ap.add_argument("--speed-prompts", type=int, default=8, help="images per method in the batch-1 speed run")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the speed run")
+    ap.add_argument("--quality-images", type=int, default=128, help="images per method for the quality columns")
+    ap.add_argument("--quality-batch", type=int, default=32)
+    ap.add_argument("--k", type=int, default=4, help="draft length of exact SD / LANTERN / LANTERN++")
     ap.add_argument("--sjd-window", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-mulo", action="store_true", help="skip the (slow, cache-free) MuLo-SD row")
+    ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching methods")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plots", type=Path, default=None, help="directory for the speed-quality and histogram PNGs")
     args = ap.parse_args(argv)
-    from mmspec.zoo.evaluate import IMAGE_SAMPLING
-
-    sampling = dict(IMAGE_SAMPLING)
-    for key, val in (("cfg_scale", args.cfg_scale), ("temperature", args.temperature), ("top_k", args.top_k)):
-        if val is not None:
-            sampling[key] = val
     if args.quick:
-        args.grid, args.codebook, args.layers, args.hidden, args.images, args.repeats = 8, 64, 2, 64, 2, 1
+        args.speed_prompts, args.repeats, args.quality_images, args.quality_batch = 1, 1, 4, 4
     torch.set_num_threads(2)
-    classifier = None
-    if args.synthetic:
-        target, drafter = build_pair(args.grid, args.codebook, args.layers, args.hidden, args.damp)
-        tokenizer = ig.tiny_vq_tokenizer(image_size=4 * args.grid, num_vq_embeddings=args.codebook)
-        low = build_low_res(target)
-        conditions = [i % target.config.num_classes for i in range(args.images)]
-        what = (f"synthetic class-conditional AR model, {args.grid}x{args.grid} tokens, codebook {args.codebook}, "
-                f"{args.layers} layers x {args.hidden} (damp {args.damp}); drafter = its first layer")
-    else:
-        models, conditions = zoo_setup(args.images)
-        target, drafter, low, tokenizer, classifier = (models.target, models.drafter, models.lowres,
-                                                       models.tokenizer, models.classifier)
-        cfg_t, cfg_d = target.config, drafter.config
-        what = (f"zoo text-conditioned AR target ({cfg_t.num_layers} layers x {cfg_t.hidden_size}), drafter "
-                f"({cfg_d.num_layers} x {cfg_d.hidden_size}), low-res {low.config.grid_size}x{low.config.grid_size} "
-                f"model; {cfg_t.grid_size}x{cfg_t.grid_size} tokens, codebook {cfg_t.codebook_size}; prompts = "
-                f"captions of {len(conditions)} held-out scenes")
-    codebook = tokenizer.vocab_size
-    table = build_latent_neighbours(tokenizer.codebook, 8)
-    methods = {
-        "plain AR": dict(method="ar"),
-        "plain AR, other seed (noise floor)": dict(method="ar", seed_offset=10_000),
-        f"exact SD (drafter, k={args.k})": dict(method="exact", drafter=drafter, num_draft_tokens=args.k),
-        f"SJD (window {args.sjd_window})": dict(method="sjd", num_draft_tokens=args.sjd_window),
-    }
-    for delta in (0.05, 0.1, 0.2):
-        methods[f"LANTERN δ={delta} (k=8 neighbours)"] = dict(method="lantern", drafter=drafter, num_draft_tokens=args.k,
-                                                              neighbours=table, lantern_delta=delta)
-    methods["LANTERN++ λ=2 (k=8 neighbours)"] = dict(method="lantern++", drafter=drafter, num_draft_tokens=args.k,
-                                                     neighbours=table, lantern_lambda=2.0)
-    if not args.no_mulo:
-        methods["MuLo-SD τ=0.3, l=1, scale 2 (reference loop)"] = dict(method="mulo", drafter=low, neighbours=table,
-                                                                      mulo_tau=0.3, mulo_l=1)
+    sampling = dict(IMAGE_SAMPLING)
+    models = load_default_image_models()
+    methods = build_methods(models, args.k, args.sjd_window, args.quick)
+    if args.only:
+        keep = [s.strip() for s in args.only.split(",")]
+        methods = {n: m for n, m in methods.items() if n == "plain AR" or any(s in n for s in keep)}
     names = list(methods)
-    times = {n: [] for n in names}
+    load = os.getloadavg()[0]
+
+    # -- costs -----------------------------------------------------------------------------------
+    widths = (1, 2, 4, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
+    cost_rows = measure_costs(models, widths, 3 if args.quick else 15)
+
+    # -- speed: batch 1, interleaved ------------------------------------------------------------------
+    prompts = [s.caption() for s in heldout_scenes(max(args.speed_prompts, 1))[: args.speed_prompts]]
+    times = {n: 0.0 for n in names}
     stats = {n: [] for n in names}
-    images = {n: [] for n in names}
-    hist = {n: torch.zeros(codebook) for n in names}
 
-    def run(n, seed):
-        kw = dict(methods[n])
-        off = kw.pop("seed_offset", 0)
-        return ig.generate(target, tokenizer, condition=conditions, generator=torch.Generator().manual_seed(seed + off),
-                           **sampling, **kw)
+    def one(n: str, prompt: str, seed: int):
+        return ig.generate(models.target, models.tokenizer, condition=[prompt], seed=[seed], **sampling, **methods[n])
 
-    with torch.no_grad():
-        for n in names:  # warm-up
-            run(n, 0)
-        for r in range(args.repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
-            if r % 2:
-                order.reverse()
-            for n in order:
+    for n in names:  # warm-up
+        one(n, prompts[0], 0)
+    for r in range(args.repeats):
+        for i, prompt in enumerate(prompts):
+            k = (r * len(prompts) + i) % len(names)
+            order = names[k:] + names[:k]
+            for n in (order[::-1] if (r + i) % 2 else order):
                 t0 = time.perf_counter()
-                out = run(n, 100 + r)
-                times[n].append(time.perf_counter() - t0)
+                out = one(n, prompt, 1000 + i)
+                times[n] += time.perf_counter() - t0
                 stats[n].append(out.stats)
-                images[n].extend(out.images)
-                hist[n] += torch.bincount(out.tokens.flatten(), minlength=codebook).float()
-    ar = names[0]
-    prompts_all = [c for _ in range(args.repeats) for c in conditions]
-    feats = {}
-    if classifier is not None:
-        from mmspec.zoo.quality import images_to_tensor
 
-        with torch.no_grad():
-            feats = {n: classifier.features(images_to_tensor(images[n])) for n in names}
+    # -- quality: >= 128 images per method, batched -------------------------------------------------------
+    q_prompts = [s.caption() for s in heldout_scenes(max(args.quality_images, 1))[: args.quality_images]]
+    q_names = names[:1] + ["plain AR, other seeds"] + names[1:]
+    images = {n: [] for n in q_names}
+    hist = {n: torch.zeros(models.tokenizer.vocab_size) for n in q_names}
+    for n in q_names:
+        kw = methods["plain AR" if n == "plain AR, other seeds" else n]
+        off = 50_000 if n == "plain AR, other seeds" else 0
+        for s in range(0, len(q_prompts), args.quality_batch):
+            batch = q_prompts[s: s + args.quality_batch]
+            out = ig.generate(models.target, models.tokenizer, condition=batch,
+                              seed=[off + 10_000 + s + j for j in range(len(batch))], **sampling, **kw)
+            images[n] += out.images
+            hist[n] += torch.bincount(out.tokens.flatten(), minlength=models.tokenizer.vocab_size).float()
+    with torch.no_grad():
+        feats = {n: models.classifier.features(images_to_tensor(images[n])) for n in q_names}
+    by_count = {c: [i for i, p in enumerate(q_prompts) if _objects(p) == c] for c in (1, 2, 3)}
+
+    def quality(n: str) -> dict:
+        f = {c: prompt_faithfulness([images[n][i] for i in sel], [q_prompts[i] for i in sel])
+             for c, sel in by_count.items() if sel}
+        tv = 0.5 * (hist[n] / hist[n].sum() - hist["plain AR"] / hist["plain AR"].sum()).abs().sum().item()
+        return dict(faithful=prompt_faithfulness(images[n], q_prompts), by=f,
+                    fd=None if n == "plain AR" else frechet_distance(feats[n], feats["plain AR"]), tv=tv)
+
+    qual = {n: quality(n) for n in q_names}
+
+    # -- table ------------------------------------------------------------------------------------------
+    ar_time = times["plain AR"]
     rows, summary = [], {}
-    for n in names:
-        ips = [len(conditions) / t for t in times[n]]
-        speed = statistics.median(a / t for t, a in zip(times[n], times[ar]))
+    for n in q_names:
+        q = qual[n]
+        fq = " / ".join(f"{q['by'][c]:.2f}" for c in sorted(q["by"]))
+        fd = "–" if q["fd"] is None else f"{q['fd']:.2f}"
+        tv = "–" if n == "plain AR" else f"{q['tv']:.3f}"
+        qcells = f"{q['faithful']:.2f} ({fq}) | {fd} | {tv}"
+        if n == "plain AR, other seeds":
+            rows.append(f"| {n} (noise floor) | – | – | – | – | – | – | {qcells} |")
+            continue
         st = stats[n]
-        fwd = statistics.mean(s.target_forwards_per_image for s in st)
-        tau = statistics.mean(s.tokens_per_forward for s in st)
+        imgs = len(st)
+        fwd = sum(s.target_forwards for s in st) / imgs
+        tau = sum(s.emitted_tokens for s in st) / max(sum(s.target_forwards for s in st), 1)
         plain = methods[n]["method"] == "ar"
-        alpha = statistics.mean(s.acceptance_rate for s in st) if not plain else float("nan")
-        tv = 0.5 * (hist[n] / hist[n].sum() - hist[ar] / hist[ar].sum()).abs().sum().item()
-        faithful = fd = None
-        if classifier is not None:
-            from mmspec.zoo.quality import frechet_distance, prompt_faithfulness
-
-            faithful = prompt_faithfulness(images[n], prompts_all)
-            fd = frechet_distance(feats[n], feats[ar]) if n != ar else None
-        counts = pool_accepted_lengths(st)
-        summary[n] = dict(speedup=speed, fwd=fwd, tau=tau, faithful=faithful, fd=fd, tv=tv, counts=counts,
+        alpha = sum(s.accepted_tokens for s in st) / max(sum(s.drafted_tokens for s in st), 1)
+        split = "/".join(f"{1000 * sum(getattr(s, a) for s in st) / imgs:.0f}"
+                         for a in ("target_time", "drafter_time", "verify_time"))
+        speed = ar_time / times[n]
+        summary[n] = dict(speedup=speed, faithful=q["faithful"], fd=q["fd"], counts=pool_accepted_lengths(st),
                           method=methods[n]["method"])
-        rows.append(f"| {n} | {statistics.median(ips):.2f} | x{speed:.2f} | {fwd:.1f} | {tau:.2f} | "
-                    f"{'–' if plain else f'{alpha:.2f}'} | {'–' if faithful is None else f'{faithful:.2f}'} | "
-                    f"{'–' if fd is None else f'{fd:.3f}'} | {'–' if n == ar else f'{tv:.3f}'} |")
+        rows.append(f"| {n} | {imgs / times[n]:.2f} | x{speed:.2f} | {fwd:.1f} | {tau:.2f} | "
+                    f"{'–' if plain else f'{alpha:.2f}'} | {split} | {qcells} |")
     cmd = "python -m benchmarks.image_gen " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    header = [
+    cfg_t = models.target.config
+    text = "\n".join([
         SECTION, "",
-        f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}. {what}; {len(conditions)} images per call; CFG {sampling['cfg_scale']}; "
-        f"temperature {sampling['temperature']}, top-k {sampling['top_k']}; median of {args.repeats} interleaved "
-        "repeats (quality columns pool the images of all repeats). AR, exact SD and SJD are lossless; LANTERN, "
-        "LANTERN++ and MuLo-SD are relaxed (latent neighbours: 8 nearest codebook entries).", "",
-        "| method | images/s | speedup vs AR | target fwd/image | tau (tokens/fwd) | alpha | faithful | FD to AR | "
-        "TV to AR (codebook usage) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    text = "\n".join(header + rows) + "\n"
+        f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads, "
+        f"load average {load:.2f} at start), torch {torch.__version__}. Zoo models: FSQ tokenizer (codebook "
+        f"{cfg_t.codebook_size}), text-conditioned AR target {cfg_t.num_layers} × {cfg_t.hidden_size} over "
+        f"{cfg_t.grid_size}×{cfg_t.grid_size} tokens; CFG {sampling['cfg_scale']}, temperature "
+        f"{sampling['temperature']}, top-k {sampling['top_k']}. AR, exact SD and SJD are lossless; LANTERN, "
+        "LANTERN++ and MuLo-SD are relaxed (8 latent neighbours).", "",
+        "### Forward cost (ms, batch 1 under CFG, after 64 context tokens; median of repeats)", "",
+        *cost_rows, "",
+        f"### Speed (batch 1, {args.speed_prompts} held-out prompts × {args.repeats} interleaved repeats) and quality "
+        f"({args.quality_images} held-out prompts per row)", "",
+        "Time split: ms per image in target forwards / drafting / verification + repair. Faithfulness: overall "
+        "(1 / 2 / 3 objects). FD and TV: to plain AR's images of the same prompts.", "",
+        "| method | images/s | speedup vs AR | target fwd/image | τ (tokens/target fwd) | α | time split (ms) | "
+        "faithful | FD to AR | TV to AR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows, "",
+        "### Beside the MuLo-SD paper (LlamaGen-XL, 512 px, A100, batch 1; GenEval / FID on MS-COCO)", "",
+        "| method | paper speedup | paper GenEval | paper FID | ours: speedup | ours: faithful | ours: FD to AR |",
+        "|---|---|---|---|---|---|---|",
+        *[_paper_row(p, summary) for p in PAPER_ROWS], "",
+    ]) + "\n"
     print(text)
     if args.out is not None:
         write_section(args.out, SECTION, text)
@@ -223,6 +264,18 @@ def main(argv: list[str] | None = None) -> int:
         plot_accept_histogram({n: v["counts"] for n, v in summary.items() if v["method"] != "ar"},
                               args.plots / "acceptance_histogram.png")
     return 0
+
+
+def _paper_row(paper: tuple, summary: dict) -> str:
+    name, speed, geneval, fid = paper
+    key = {"EAGLE-2": "exact SD", "LANTERN": "LANTERN δ", "MuLo-SD r=2": "MuLo-SD"}[name]
+    ours = [n for n in summary if n.startswith(key)]
+    if not ours:
+        return f"| {name} | {speed} | {geneval} | {fid} | – | – | – |"
+    best = max(ours, key=lambda n: summary[n]["speedup"])
+    v = summary[best]
+    fd = "–" if v["fd"] is None else f"{v['fd']:.2f}"
+    return f"| {name} | {speed} | {geneval} | {fid} | x{v['speedup']:.2f} ({best}) | {v['faithful']:.2f} | {fd} |"
 
 
 if __name__ == "__main__":

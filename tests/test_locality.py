@@ -27,6 +27,17 @@ def test_neighbour_table_matches_brute_force_and_chunking():
     assert not (table == torch.arange(300)[:, None]).any()  # never itself
 
 
+def test_neighbour_table_among_live_codes():
+    cb = torch.tensor([[0.0], [1.0], [3.0], [3.5], [10.0]])
+    live = torch.tensor([True, False, True, True, False])
+    table = build_latent_neighbours(cb, 2, live=live)
+    assert table.tolist() == [[2, 3], [0, 2], [3, 0], [2, 0], [3, 2]]  # dead codes get live neighbours too
+    with pytest.raises(MMSpecError, match="k=3 but only 3 live codes"):
+        build_latent_neighbours(cb, 3, live=live)
+    with pytest.raises(MMSpecError, match="live must be a bool tensor \\[5\\]"):
+        build_latent_neighbours(cb, 1, live=torch.ones(4, dtype=torch.bool))
+
+
 def test_neighbour_table_errors():
     with pytest.raises(MMSpecError, match="k must be an int in \\[0, V-1\\]"):
         build_latent_neighbours(torch.zeros(4, 2), 4)
