@@ -12,15 +12,19 @@ Glossary:
                 other candidate is kept
     island      an 8-connected component of the resample set; islands are redrawn in parallel: step
                 s redraws each island's s-th token in raster order, all islands of all images in one
-                batched forward of the block over a fork of the target's cache (the committed prefix
-                is shared, never recomputed); while island A is redrawn, the positions of the *other*
-                islands and A's not-yet-redrawn tokens are attention holes that keep their positions
+                batched forward over a fork of the target's cache
+    context     the verification forward's cache slots stay: the committed prefix and the block's
+                *kept* candidates (as the verification computed them) are the context of every island;
+                each step feeds two slots per island, the token it drew at the previous step and, when
+                that is not the token right before the next position, a copy of that token as the query
+                (4-D attention mask: prefix, kept candidates before the slot, the island's own earlier
+                tokens; never another island's positions nor the copies)
     keyed noise the exponential-race noise of position u depends only on (the image's seed, u), so
                 resampling islands together or one by one gives the same tokens
 
-The loop (:func:`mmspec.engine.decode` with ``repair=``) drops the block's cache slots after the
-verification forward (they were computed with the drafts), calls :class:`LocalResampling`, commits
-the repaired block whole (no bonus token) and feeds it as pending with the next block.
+The loop (:func:`mmspec.engine.decode` with ``repair=``) calls :class:`LocalResampling` right after the
+verification forward, then drops the block's cache slots (they hold the drafts), commits the repaired
+block whole (no bonus token) and feeds it as pending with the next block.
 """
 
 from __future__ import annotations
@@ -50,33 +54,18 @@ def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
     return expand_rejections(rejected, l, t0)
 
 
-def _block_logits(base, which: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
-                  visible: torch.Tensor) -> torch.Tensor:
-    """Logits [R, m, V] predicting the first m tokens of each block, for candidate blocks ``rows`` long [R, m]
-    with key visibility ``visible`` bool [R, m], on a fork of rows ``which`` long [R] of ``base`` (which holds
-    the committed prefix but its last token ``last`` long [R])."""
-    r, m = rows.shape
-    tokens = torch.cat([last.unsqueeze(1), rows[:, :-1]], dim=1)  # column j predicts block token j
-    valid = torch.cat([torch.ones((r, 1), dtype=torch.long, device=rows.device), visible[:, :-1].long()], dim=1)
-    ar = torch.arange(m, device=rows.device).unsqueeze(0)
-    f = base.fork(which)
-    if isinstance(f, GuidedSession):
-        return f.extend(tokens, valid, positions=f.fed.unsqueeze(1) + ar)
-    return f.extend(tokens, valid, position_ids=f.next_pos.unsqueeze(1) + ar)
-
-
 class LocalResampling:
     """MuLo-SD's repair step: pooled per-token acceptance, then local island resampling (see glossary)."""
 
-    def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams):
-        self.rule, self.grid, self.l, self.sampling = rule, grid, l, sampling
+    def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams, *, parallel: bool = True):
+        self.rule, self.grid, self.l, self.sampling, self.parallel = rule, grid, l, sampling, parallel
 
     @torch.no_grad()
     def __call__(self, session, block: torch.Tensor, logits: torch.Tensor, position: torch.Tensor,
                  rng: RowRandom, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block long [B, m] (raster positions t0 .. t0+m-1, t0 = position[b]), logits [B, m, V] from the
-        verification forward; ``session`` holds every committed token, the last of which is ``last``
-        long [B]. Returns (repaired block long [B, m], kept bool [B, m]: drafted tokens kept as they were)."""
+        verification forward; ``session`` holds every committed token and, as its last m slots, the block
+        (``last``, the last committed token long [B], is not needed). Returns (repaired block long [B, m], kept bool [B, m]: drafted tokens kept as they were)."""
         batch, m = block.shape
         device = block.device
         n = self.grid * self.grid
@@ -98,27 +87,81 @@ class LocalResampling:
         final = block.clone()
         if not members:
             return final, kept
-        images = torch.tensor([b for b, _ in members], dtype=torch.long, device=device)
-        # the fork drops each image's last committed token: its output predicts the block's first token
-        base = session.fork(images)
-        base.rollback(torch.ones(images.numel(), dtype=torch.long, device=device))
-        rows = block[images].clone()  # [R, m]: each island's own view (other islands keep their drafts)
-        visible = kept[images].clone()  # [R, m]: kept tokens only, until an island's own tokens are redrawn
-        steps = max(len(offs) for _, offs in members)
-        for s in range(steps):
-            # only the islands with an s-th token, and only the columns up to the furthest one they redraw
-            active = [r for r, (_, offs) in enumerate(members) if s < len(offs)]
-            width = max(members[r][1][s] for r in active) + 1
-            act = torch.tensor(active, dtype=torch.long, device=device)
-            step_logits = _block_logits(base, act, last[images][act], rows[act, :width],
-                                        visible[act, :width])  # [A, width, V]
-            for a, r in enumerate(active):
-                b, offs = members[r]
-                j = offs[s]
-                u = int(position[b]) + j
-                tok = draw_keyed(logits_to_probs(step_logits[a, j], self.sampling), self.sampling, seeds[b], u)
-                rows[r, j] = tok
-                visible[r, j] = True
-                final[b, j] = tok
-        (session.inner if isinstance(session, GuidedSession) else session).calls += steps
+        if self.parallel:
+            self._redraw(session, [members], block, logits, kept, position, seeds, final)
+        else:  # one island after another (the serial baseline; the same tokens, more forwards)
+            self._redraw(session, [[mb] for mb in members], block, logits, kept, position, seeds, final)
         return final, kept
+
+    def _redraw(self, session, groups, block, logits, kept, position, seeds, final) -> None:
+        guided = isinstance(session, GuidedSession)
+        inner = session.inner if guided else session
+        m = block.shape[1]
+        tail_start = inner.num_slots - m  # the verification forward's block slots are the last m
+        calls = 0
+        for members in groups:
+            calls += self._redraw_group(session, members, block, logits, kept, position, seeds, final, tail_start)
+        inner.calls += calls
+
+    def _redraw_group(self, session, members, block, logits, kept, position, seeds, final, tail_start) -> int:
+        device = block.device
+        m = block.shape[1]
+        images = torch.tensor([b for b, _ in members], dtype=torch.long, device=device)
+        fork = session.fork(images)
+        guided = isinstance(fork, GuidedSession)
+        first = (position.to(device)[images] + 1) if guided else (fork.next_pos - m)  # [R]: position of offset 0
+        rows = block[images].clone()  # [R, m]: each island's own view of the block
+        kept_r = kept[images]  # [R, m]
+        cols = torch.arange(m, device=device)
+        app_off: list[torch.Tensor] = []  # per appended column: offset of its token, -1 for copies and pads
+        alive = list(range(len(members)))  # members still in the fork, in fork row order
+        calls = 0
+        for s in range(max(len(offs) for _, offs in members)):
+            act = [r for r in alive if s < len(members[r][1])]
+            if len(act) < len(alive):  # islands that are done leave the fork
+                keep = torch.tensor([alive.index(r) for r in act], dtype=torch.long, device=device)
+                fork.select_rows(keep)
+                app_off = [c[keep] for c in app_off]
+                alive = act
+            idx = torch.tensor(alive, dtype=torch.long, device=device)
+            j = torch.tensor([members[r][1][s] for r in alive], dtype=torch.long, device=device)  # [A]
+            prev = torch.tensor([members[r][1][s - 1] if s else -1 for r in alive], dtype=torch.long, device=device)
+            from_verify = j == 0  # the query is the last committed token: the verification's column 0
+            from_prev = (prev >= 0) & (prev == j - 1)  # the query is the token drawn at the previous step
+            copy = ~from_verify & ~from_prev  # the query is a copy of the token right before j
+            q = j - 1
+            out = None
+            if bool((prev >= 0).any()) or bool(copy.any()):
+                own = rows[idx]  # [A, m]
+                tok_a = torch.where(prev >= 0, own.gather(1, prev.clamp_min(0).unsqueeze(1))[:, 0], 0)
+                tok_b = torch.where(copy, own.gather(1, q.clamp_min(0).unsqueeze(1))[:, 0], 0)
+                k = kept_r[idx]
+                blk = torch.stack([k & (cols < prev.unsqueeze(1)), k & (cols < q.unsqueeze(1)) & copy.unsqueeze(1)], 1)
+                if app_off:
+                    off = torch.stack(app_off, 1)  # [A, C]
+                    seen = off >= 0
+                    app = torch.stack([seen & (off < prev.unsqueeze(1)),
+                                       seen & (off < q.unsqueeze(1)) & copy.unsqueeze(1)], 1)  # [A, 2, C]
+                else:
+                    app = torch.zeros((len(alive), 2, 0), dtype=torch.bool, device=device)
+                new = torch.zeros((len(alive), 2, 2), dtype=torch.bool, device=device)
+                new[:, 0, 0] = new[:, 1, 1] = True  # each slot sees itself
+                new[:, 1, 0] = copy & (prev >= 0)  # the copy sees the token drawn at the previous step
+                allowed = torch.cat([blk, app, new], dim=2)  # [A, 2, m + C + 2]
+                tokens = torch.stack([tok_a, tok_b], 1)
+                offsets = torch.stack([prev.clamp_min(0), q.clamp_min(0)], 1)  # [A, 2]
+                out = fork.extend_masked(tokens, allowed, tail_start, first[idx].unsqueeze(1) + offsets)
+                calls += 1
+                app_off += [torch.where(prev >= 0, prev, -1), torch.full_like(prev, -1)]
+            for a, r in enumerate(alive):
+                b, offs = members[r]
+                jj = offs[s]
+                if bool(from_verify[a]):
+                    lg = logits[b, 0]
+                else:
+                    lg = out[a, 0 if bool(from_prev[a]) else 1]
+                u = int(position[b]) + jj
+                tok = draw_keyed(logits_to_probs(lg, self.sampling), self.sampling, seeds[b], u)
+                rows[r, jj] = tok
+                final[b, jj] = tok
+        return calls

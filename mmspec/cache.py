@@ -144,6 +144,30 @@ class CacheSession:
             logits = logits[:, -num_logits:]
         return logits
 
+    def extend_masked(
+        self,
+        tokens: torch.Tensor,  # long [B, w]
+        allowed_tail: torch.Tensor,  # bool [B, w, S - tail_start + w]: keys each new slot may attend
+        tail_start: int,
+        position_ids: torch.Tensor,  # long [B, w]
+    ) -> torch.Tensor:
+        """Feed w slots whose attention is given per query: slots before ``tail_start`` are seen by every new
+        slot when valid; slots from ``tail_start`` on (and the new ones) by ``allowed_tail`` (4-D additive
+        mask). The new slots count as valid tokens. Returns logits [B, w, V]."""
+        batch, w = tokens.shape
+        head = self.valid[:, :tail_start].bool().unsqueeze(1).expand(batch, w, tail_start)
+        allowed = torch.cat([head, allowed_tail.to(torch.bool)], dim=2)  # [B, w, S + w]
+        dtype = _float_dtype(self.model)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True)
+        self.calls += 1
+        self.last_hidden = None
+        self.cache = out.past_key_values
+        self.valid = torch.cat([self.valid, torch.ones_like(tokens)], dim=1)
+        self.next_pos = self.next_pos + w
+        return out.logits
+
     def begin_tree(self) -> None:
         """Start a tree: the slots fed from now on by :meth:`extend_tree` are tree nodes, indexed 0, 1, ..."""
         batch = self.batch_size

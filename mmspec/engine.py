@@ -439,9 +439,9 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 t3 = time.perf_counter()
                 if k:  # nothing was drafted: nothing to roll back
                     session.rollback(k - result.num_accepted)
-            else:  # the block's slots were computed with the drafts: drop them, repair, feed the result next step
-                session.rollback(torch.full((len(active),), k, dtype=torch.long, device=device))
+            else:  # repair on the block's slots (the drafts), then drop them and feed the result next step
                 final, kept = repair(session, draft.tokens, logits[:, :k], position, rng, last=pending[:, -1])
+                session.rollback(torch.full((len(active),), k, dtype=torch.long, device=device))
                 t3 = time.perf_counter()
                 result = VerifyResult(num_accepted=kept.sum(dim=1), tokens=final)
                 kept_masks = kept.tolist()

@@ -143,6 +143,19 @@ class GuidedSession:
         self.fed = self.fed + valid.sum(dim=1)
         return self._guided(logits, pos[:, -logits.shape[1]:])
 
+    def extend_masked(self, tokens: torch.Tensor, allowed_tail: torch.Tensor, tail_start: int,
+                      positions: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B, w] in both halves with per-query attention (:meth:`CacheSession.extend_masked`;
+        ``tail_start`` is a slot index of the inner session, common to both halves); ``positions`` long
+        [B, w]: the generated index each slot predicts (its own token's index + 1, as in :meth:`extend`).
+        Returns guided logits [B, w, V]."""
+        base = self.inner.next_pos[: self.batch] - self.fed  # prompt tokens per row
+        base2 = self.inner.next_pos[self.batch:] - self.fed
+        pos = torch.cat([base.unsqueeze(1) + positions, base2.unsqueeze(1) + positions])
+        logits = self.inner.extend_masked(self.both(tokens), self.both(allowed_tail), tail_start, pos)
+        self.fed = self.fed + tokens.shape[1]
+        return self._guided(logits, positions)
+
     def fork(self, rows: torch.Tensor) -> "GuidedSession":
         """A new session over copies of sequences ``rows`` (long [R], repeats allowed), both halves."""
         import copy

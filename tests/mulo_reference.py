@@ -16,10 +16,9 @@ Glossary:
                 >= tau (:class:`~mmspec.verify.PooledThresholdRule`), one target pass for the block
     resample    the union of the rejected tokens' neighbourhoods N(t, l) (u >= t0); every other
                 candidate is kept
-    island      an 8-connected component of the resample set; islands are resampled in parallel
-                (one batched target forward per step, step s redrawing each island's s-th token in
-                raster order); while island A is redrawn, the positions of the *other* islands are
-                hidden from attention, so islands never see each other's new or old tokens
+    island      an 8-connected component of the resample set, redrawn in raster order; each token
+                sees the prefix, the block's kept candidates before it (as the verification forward
+                computed them) and its island's earlier tokens, never another island's positions
     keyed noise the exponential-race noise of position u depends only on (seed, u), so resampling
                 islands together or one by one gives the same tokens
 
@@ -79,41 +78,87 @@ class LocalResampleResult:
     tokens: torch.Tensor  # long [H, W]: the block after local resampling (earlier tokens unchanged)
     resampled: torch.Tensor  # bool [H, W]: union of N(t, l) over rejected tokens, u >= t0
     islands: torch.Tensor  # long [H, W]: island label, -1 elsewhere
-    forwards: int  # batched target forwards spent on resampling
+    forwards: int  # serial resampling steps (the largest island: islands are redrawn in parallel)
 
 
 @torch.no_grad()
-def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Tensor, sampling: SamplingParams,
-                     seed: int, *, batched: bool = True) -> LocalResampleResult:
-    """Redraw the tokens of ``resample`` (bool [H, W]) island by island (see module glossary).
+def island_query_logits(ctx: GuidedContext, tokens: torch.Tensor, t0: int, e: int, kept: torch.Tensor,
+                        drawn: list[tuple[int, int]], u: int) -> torch.Tensor:
+    """Guided logits [V] for image token u of an island, from one full forward (no cache).
 
-    grid long [H, W] holds the current tokens (values under ``resample`` are ignored)."""
+    tokens long [N]: final tokens before t0, the block's candidates in [t0, e) (as verified, never the
+    redrawn values); kept bool [N]: the block's kept candidates; drawn: the island's own tokens drawn so
+    far (raster position, token), all < u.
+    The sequence is [prefix, tokens[:e]] (causal: every candidate sees every earlier one, as in the
+    verification forward), then one slot per drawn token, then (unless the query is already there) a
+    copy of token u - 1. A drawn token or the copy sees the prefix, the final tokens, the kept candidates
+    before its own position, the island's earlier drawn tokens and itself."""
+    halves = [ctx.cond] + ([ctx.uncond] if ctx.uncond is not None else [])
+    out = []
+    for prefix in halves:
+        p = len(prefix)
+        ids = list(prefix) + tokens[:e].tolist()
+        pos = list(range(p + e))
+        seen = [list(range(i + 1)) for i in range(p + e)]  # causal main sequence
+        visible_main = list(range(p + t0)) + [p + g for g in range(t0, e) if bool(kept[g])]
+        app: list[int] = []
+        query = None
+        if u == t0:
+            query = p + t0 - 1  # the last final token (or the last prefix token): the verification column
+        for a, tok in drawn:
+            idx = len(ids)
+            ids.append(tok)
+            pos.append(p + a)
+            seen.append([i for i in visible_main if i < p + a] + app + [idx])
+            app.append(idx)
+        if query is None and drawn and drawn[-1][0] == u - 1:
+            query = app[-1]
+        if query is None:
+            idx = len(ids)
+            ids.append(int(tokens[u - 1]))
+            pos.append(p + u - 1)
+            seen.append([i for i in visible_main if i < p + u - 1] + app + [idx])
+            query = idx
+        t = len(ids)
+        allowed = torch.zeros(t, t, dtype=torch.bool)
+        for i, cols in enumerate(seen):
+            allowed[i, cols] = True
+        dtype = next(ctx.model.parameters()).dtype
+        mask = torch.zeros(t, t, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        logits = ctx.model(input_ids=torch.tensor([ids]), attention_mask=mask.view(1, 1, t, t),
+                           position_ids=torch.tensor([pos]), use_cache=False).logits
+        out.append(logits[0, query].float())
+    if ctx.uncond is None:
+        return out[0]
+    n = ctx.model.config.num_image_tokens
+    scale = guidance_scale(ctx.cfg_scale, ctx.schedule, torch.tensor([u]), n).view(1)
+    return guide(out[0], out[1], scale)
+
+
+@torch.no_grad()
+def resample_islands(ctx: GuidedContext, grid: torch.Tensor, resample: torch.Tensor, t0: int, e: int,
+                     sampling: SamplingParams, seed: int) -> LocalResampleResult:
+    """Redraw the tokens of ``resample`` (bool [H, W], inside the block [t0, e)) island by island, each
+    token from :func:`island_query_logits` (see the module glossary). grid long [H, W] holds the final
+    tokens and the block's candidates."""
     h, w = grid.shape
     labels = rejection_islands(resample)
     n_islands = int(labels.max()) + 1 if resample.any() else 0
     flat = grid.flatten().clone()
     lab = labels.flatten()
-    members = [torch.nonzero(lab == i).flatten() for i in range(n_islands)]  # raster order
-    groups = [list(range(n_islands))] if batched else [[i] for i in range(n_islands)]
-    forwards = 0
-    for group in groups:
-        if not group:
-            continue
-        steps = max(len(members[i]) for i in group)
-        # per island row: tokens, and visibility = not in any island, or already redrawn in own island
-        rows = flat.expand(len(group), -1).clone()
-        visible = (lab < 0).expand(len(group), -1).clone()
-        for s in range(steps):
-            active = [(r, i) for r, i in enumerate(group) if s < len(members[i])]
-            logits = guided_logits(ctx, rows, visible)
-            forwards += 1
-            for r, i in active:
-                u = int(members[i][s])
-                tok = draw_keyed(logits_to_probs(logits[r, u], sampling), sampling, seed, u)
-                rows[r, u] = tok
-                visible[r, u] = True
-                flat[u] = tok
-    return LocalResampleResult(tokens=flat.view(h, w), resampled=resample, islands=labels, forwards=forwards)
+    kept = ~resample.flatten()
+    out = flat.clone()
+    steps = 0
+    for i in range(n_islands):
+        members = torch.nonzero(lab == i).flatten().tolist()  # raster order
+        drawn: list[tuple[int, int]] = []
+        for u in members:
+            probs = logits_to_probs(island_query_logits(ctx, flat, t0, e, kept, drawn, u), sampling)
+            tok = draw_keyed(probs, sampling, seed, u)
+            out[u] = tok
+            drawn.append((u, tok))
+        steps = max(steps, len(members))
+    return LocalResampleResult(tokens=out.view(h, w), resampled=resample, islands=labels, forwards=steps)
 
 
 def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
@@ -163,7 +208,7 @@ def decode_mulo(ctx: GuidedContext, propose_block, rule, *, grid: int, rows_per_
         rejected[t0:t0 + m] = ~judged
         resample = local_resample_set(rejected.view(grid, grid), l, t0)
         resample.view(-1)[t0 + m:] = False  # only the verified block is redrawn
-        result = resample_islands(ctx, tokens.view(grid, grid), resample, sampling, seed)
+        result = resample_islands(ctx, tokens.view(grid, grid), resample, t0, t0 + m, sampling, seed)
         tokens = result.tokens.flatten().clone()
         stats.steps += 1
         stats.verify_forwards += 1

@@ -10,6 +10,8 @@ from mmspec.image_gen.locality import expand_rejections
 from mmspec.image_gen.mulo import local_resample_set
 from mulo_reference import GuidedContext, ReferenceMultiScaleDrafter, decode_mulo, guided_logits, resample_islands, row_drafter
 from mmspec.rng import keyed_exponential, keyed_uniform
+from mmspec.verify.rule import AcceptRule
+from mmspec.verify.types import Judgement
 from tiny_image_models import reference_logits, tiny_ar
 
 
@@ -27,24 +29,63 @@ def test_guided_logits_equal_reference_when_everything_is_visible():
         assert torch.allclose(got[0, j], ref, atol=1e-9)
 
 
+class _RejectAt(AcceptRule):
+    """Rejects exactly the block offsets in ``offsets``."""
+
+    def __init__(self, offsets):
+        self.offsets = offsets
+
+    def judge(self, draft_tokens, draft_probs, target_probs, uniforms):
+        acc = torch.ones_like(draft_tokens, dtype=torch.bool)
+        acc[:, self.offsets] = False
+        return Judgement(accepted=acc, residual=None)
+
+
+def _repair_once(ctx, grid, t0, rejected_offsets, sampling, parallel):
+    """One verification forward over [prefix, grid[:t0 + 24]] on a cached CFG session, then the library's
+    island resampling of the block [t0, t0 + 24) with ``rejected_offsets`` rejected."""
+    from mmspec.guidance import Guidance, open_session
+    from mmspec.image_gen.mulo import LocalResampling
+    from mmspec.rng import RowRandom
+
+    model, m = ctx.model, 24
+    ids = torch.tensor([ctx.cond])
+    session = open_session(model, ids, torch.ones_like(ids), guidance=Guidance(
+        uncond=[ctx.uncond], scale=ctx.cfg_scale, schedule="constant", num_tokens=36))
+    flat = grid.flatten()
+    if t0:
+        session.extend(torch.cat([ids[:, -1:], flat[None, : t0 - 1]], dim=1))
+    logits = session.extend(torch.cat([flat[None, t0 - 1: t0] if t0 else ids[:, -1:], flat[None, t0:t0 + m]], 1))
+    repair = LocalResampling(_RejectAt(rejected_offsets), 6, 1, sampling, parallel=parallel)
+    calls = session.inner.calls
+    final, kept = repair(session, flat[None, t0:t0 + m], logits[:, :m], torch.tensor([t0]),
+                         RowRandom.from_seed([7], 1, None), last=None)
+    return final[0], kept[0], session.inner.calls - calls
+
+
 def test_exactly_the_neighbourhoods_are_resampled_and_islands_batch_like_one_by_one():
+    """The cached island resampling redraws exactly the union of neighbourhoods, gives the cache-free
+    reference's tokens, and batching the islands gives the same tokens as one island after another in
+    fewer forwards."""
     ctx = context()
     g = torch.Generator().manual_seed(1)
     grid = torch.randint(0, 16, (6, 6), generator=g)
+    t0 = 12  # block = rows 2..5
     rejected = torch.zeros(6, 6, dtype=torch.bool)
     rejected[2, 1] = rejected[4, 5] = rejected[5, 0] = True  # three rejections -> islands
-    t0 = 12  # block = rows 2..5
     resample = local_resample_set(rejected, 1, t0)
     assert torch.equal(resample, expand_rejections(rejected, 1, t0))
+    offsets = [int(i) - t0 for i in torch.nonzero(rejected.flatten()).flatten()]
     for sampling in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)):
-        batched = resample_islands(ctx, grid, resample, sampling, seed=7, batched=True)
-        single = resample_islands(ctx, grid, resample, sampling, seed=7, batched=False)
-        assert torch.equal(batched.tokens, single.tokens)
-        assert torch.equal(batched.tokens[~resample], grid[~resample])  # every other token kept
-        assert int(batched.islands.max()) + 1 == 2  # (2,1) and (5,0) touch diagonally after expansion
-        assert batched.forwards < single.forwards  # islands share forwards when batched
-    changed = (batched.tokens != grid) & resample
-    assert changed.any()
+        ref = resample_islands(ctx, grid, resample, t0, 36, sampling, seed=7)
+        assert int(ref.islands.max()) + 1 == 2  # (2,1) and (5,0) touch diagonally after expansion
+        par, kept, par_calls = _repair_once(ctx, grid, t0, offsets, sampling, parallel=True)
+        one, _, one_calls = _repair_once(ctx, grid, t0, offsets, sampling, parallel=False)
+        assert torch.equal(par, one) and par_calls < one_calls  # islands share forwards when batched
+        assert torch.equal(par, ref.tokens.flatten()[t0:])
+        assert torch.equal(kept, ~resample.flatten()[t0:])
+        assert torch.equal(par[kept], grid.flatten()[t0:][kept])  # every other token kept
+    assert (par != grid.flatten()[t0:])[~kept].any()
 
 
 def test_keyed_noise_depends_only_on_the_key():
