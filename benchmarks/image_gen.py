@@ -59,9 +59,9 @@ def _objects(prompt: str) -> int:
 
 
 def build_methods(models, k: int, sjd_window: int, quick: bool) -> dict[str, dict]:
-    from mmspec.image_gen.neighbours import build_latent_neighbours
+    from mmspec.zoo import image_neighbours
 
-    table = build_latent_neighbours(models.tokenizer.codebook, 8)
+    table = image_neighbours(models, 8)  # among the tokenizer's live codes
     d = models.drafter
     methods = {
         "plain AR": dict(method="ar"),
@@ -121,6 +121,31 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
     return [head] + rows
 
 
+@torch.no_grad()
+def measure_resamplers(models, num_scenes: int) -> list[str]:
+    """How often U_r / D_r give the tokens of the same held-out scene encoded at the other size (one FSQ
+    pass each), and ms per 16 x 16 grid: the learned token nets against decode -> resize -> re-encode."""
+    from mmspec.image_gen.token_resampler import PixelResampler, resize_images
+    from mmspec.zoo.data import heldout_scenes, render_batch
+
+    tok = models.tokenizer
+    hi_tok, lo_tok = tok.resized(tok.image_size), tok.resized(tok.image_size // 2)
+    x = render_batch(list(heldout_scenes(num_scenes)))
+    hi, lo = hi_tok.encode(x), lo_tok.encode(resize_images(x, lo_tok.image_size))
+    rows = ["| U_r / D_r | up-sampled tokens = 64 px encoding | down-sampled tokens = 32 px encoding | "
+            "ms per grid (up + down) |", "|---|---|---|---|"]
+    cands = [("decode → bicubic → re-encode", PixelResampler(tok, 2))]
+    if models.resampler is not None:
+        cands.insert(0, ("learned token nets", models.resampler))
+    for name, r in cands:
+        t0 = time.perf_counter()
+        up, down = r.upsample(lo), r.downsample(hi)
+        ms = 1000 * (time.perf_counter() - t0) / len(x)
+        rows.append(f"| {name} | {float((up == hi).float().mean()):.3f} | {float((down == lo).float().mean()):.3f} | "
+                    f"{ms:.1f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import mmspec.image_gen as ig
     from mmspec.zoo import load_default_image_models
@@ -155,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- costs -----------------------------------------------------------------------------------
     widths = (1, 2, 4, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     cost_rows = measure_costs(models, widths, 3 if args.quick else 15)
+    resampler_rows = measure_resamplers(models, 8 if args.quick else 256)
 
     # -- speed: batch 1, interleaved ------------------------------------------------------------------
     prompts = [s.caption() for s in heldout_scenes(max(args.speed_prompts, 1))[: args.speed_prompts]]
@@ -240,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "LANTERN++ and MuLo-SD are relaxed (8 latent neighbours).", "",
         "### Forward cost (ms, batch 1 under CFG, after 64 context tokens; median of repeats)", "",
         *cost_rows, "",
+        "### MuLo-SD's resolution changes (256 held-out scenes)", "",
+        *resampler_rows, "",
         f"### Speed (batch 1, {args.speed_prompts} held-out prompts × {args.repeats} interleaved repeats) and quality "
         f"({args.quality_images} held-out prompts per row)", "",
         "Time split: ms per image in target forwards / drafting / verification + repair. Faithfulness: overall "

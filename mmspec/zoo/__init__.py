@@ -110,6 +110,7 @@ class ImageModels:
     lowres: Any  # ARImageModel (8 x 8): MuLo-SD's multi-scale drafter at scale 2
     classifier: Any  # SceneClassifier
     resampler: Any = None  # TokenResampler: MuLo-SD's learned U_r / D_r at scale 2
+    live_codes: Any = None  # bool [V]: the codes the tokenizer produces on training scenes (None: all)
 
 
 def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -146,8 +147,43 @@ def load_default_image_models(*, dtype: torch.dtype | None = None, device: str |
         from mmspec.image_gen.token_resampler import TokenResampler
 
         resampler = TokenResampler.from_pretrained(root / "resampler").to(device)
-    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler)
+    live = None
+    if (root / LIVE_CODES_FILE).is_file():
+        import json
+
+        live = torch.zeros(tok.vocab_size, dtype=torch.bool)
+        live[json.loads((root / LIVE_CODES_FILE).read_text())["live"]] = True
+    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler, live)
 
 
-__all__ = ["ImageModels", "VLMPair", "ZooError", "load_default_image_models", "load_default_vlm",
+LIVE_CODES_FILE = "live_codes.json"
+
+
+@torch.no_grad()
+def live_codes(tokenizer: Any, num_scenes: int = 2048) -> torch.Tensor:
+    """bool [V]: the codes ``tokenizer`` produces on ``num_scenes`` training scenes at 64 and 32 px (one FSQ /
+    nearest-code pass): the codes an AR model trained on them can put mass on. The training script stores
+    them (``image/live_codes.json``); :func:`load_default_image_models` reads them."""
+    from mmspec.image_gen.token_resampler import resize_images
+
+    from .data import render_batch, train_scenes
+
+    hi, lo = tokenizer.resized(tokenizer.image_size), tokenizer.resized(tokenizer.image_size // 2)
+    seen = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    for step in range(0, num_scenes, 128):
+        x = render_batch(train_scenes(12_345, step, min(128, num_scenes - step)))
+        seen[hi.encode(x).flatten().cpu()] = True
+        seen[lo.encode(resize_images(x, lo.image_size)).flatten().cpu()] = True
+    return seen
+
+
+def image_neighbours(models: "ImageModels", k: int = 8) -> torch.Tensor:
+    """The k latent neighbours of every code among the zoo tokenizer's live codes (long [V, k]): the table
+    LANTERN and MuLo-SD pool over (:func:`mmspec.image_gen.neighbours.build_latent_neighbours`)."""
+    from mmspec.image_gen.neighbours import build_latent_neighbours
+
+    return build_latent_neighbours(models.tokenizer.codebook, k, live=models.live_codes)
+
+
+__all__ = ["ImageModels", "VLMPair", "image_neighbours", "live_codes", "ZooError", "load_default_image_models", "load_default_vlm",
            "verify_checksums", "write_checksums"]

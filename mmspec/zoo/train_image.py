@@ -55,19 +55,19 @@ LOWRES_SCALE = 2
 
 @dataclass(frozen=True)
 class ImageZooConfig:
-    fsq_levels: tuple[int, ...] = (4, 4, 4, 4)  # 256 lattice codes of dimension 4
-    codebook_size: int = 256
+    fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # 1000 lattice codes of dimension 4 (the FSQ paper's 2^10 choice)
+    codebook_size: int = 1000
     vq_channels: tuple[int, ...] = (16, 32, 64)
     vq: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=50)
     vq_batch: int = 16
     roundtrip_weight: float = 1.0
-    target: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=16, words=WORDS, hidden_size=128,
+    target: ARImageConfig = ARImageConfig(codebook_size=1000, grid_size=16, words=WORDS, hidden_size=128,
                                           num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384)
-    drafter: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=16, words=WORDS, hidden_size=64,
+    drafter: ARImageConfig = ARImageConfig(codebook_size=1000, grid_size=16, words=WORDS, hidden_size=64,
                                            num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=192)
     # MuLo-SD's drafter is the same kind of model as the target at 1/2 resolution (the paper's Tar pairs have
     # equal capacity): the gain comes from 4x fewer low-res tokens, not from a smaller network
-    lowres: ARImageConfig = ARImageConfig(codebook_size=256, grid_size=8, words=WORDS, hidden_size=128,
+    lowres: ARImageConfig = ARImageConfig(codebook_size=1000, grid_size=8, words=WORDS, hidden_size=128,
                                           num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384)
     # fp32 (docs/design/zoo.md: 3000 fp32 steps bound colours/shapes to the prompt in 70 % of samples against
     # 53 % under bf16 autocast; 719 ms a step, about 36 min, inside the 60-min script)
@@ -77,7 +77,7 @@ class ImageZooConfig:
     ar_batch: int = 24
     ar_bf16: bool = False  # bf16 autocast of the AR stages' forward pass (weights and optimiser stay fp32)
     # MuLo-SD's learned U_r / D_r (token space, cross-entropy on tokens of the same scene at both sizes)
-    resampler: TokenResamplerConfig = TokenResamplerConfig(vocab_size=256, scale=LOWRES_SCALE, width=96, depth=3)
+    resampler: TokenResamplerConfig = TokenResamplerConfig(vocab_size=1000, scale=LOWRES_SCALE, width=96, depth=3)
     resampler_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=50, weight_decay=0.01)
     resampler_batch: int = 32
     classifier: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=30)
@@ -152,7 +152,19 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
         # shipped with fixed-point encoding (exact round trips); training re-encodes with one FSQ pass
         VQTokenizer(vq, IMAGE_SIZE, encoding=FixedPointEncoding(), fsq_levels=cfg.fsq_levels).save_pretrained(
             out / "tokenizer")
+        export_live_codes(tok, out)
     return res
+
+
+def export_live_codes(tok: VQTokenizer, out: Path) -> None:
+    """``out/live_codes.json``: the codes the tokenizer produces on training scenes (LANTERN / MuLo-SD pool the
+    target's mass over latent neighbours among them)."""
+    import json
+
+    from . import LIVE_CODES_FILE, live_codes
+
+    live = live_codes(tok).nonzero().flatten().tolist()
+    (out / LIVE_CODES_FILE).write_text(json.dumps({"live": live, "num_live": len(live)}) + "\n")
 
 
 def ar_batch(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, image_size: int):
