@@ -37,6 +37,8 @@ class ImageSession:
     tokenizer: Any
     drafter: Any = None
     lowres: Any = None
+    resampler: Any = None  # MuLo-SD's learned U_r / D_r (None: decode -> resize -> re-encode)
+    neighbours: Any = None  # latent-neighbour table long [V, k] (None: built from the tokenizer's codebook)
     max_images: int = 4
 
 
@@ -45,8 +47,10 @@ def load_session(model: str | None = None, tokenizer: str | None = None, drafter
     if model is None:
         from mmspec.zoo import load_default_image_models
 
+        from mmspec.zoo import image_neighbours
+
         m = load_default_image_models()
-        return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres)
+        return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres, m.resampler, image_neighbours(m, 8))
     import mmspec.image_gen as ig
 
     if tokenizer is None:
@@ -87,7 +91,8 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
         raise limit_error(f"Method {method!r} needs a {'low-resolution ' if spec.drafter == 'lowres' else ''}"
                           f"drafter model (start the demo with {flag}).")
     extra = spec.select(dict(drafter=model, num_draft_tokens=int(k), lantern_delta=float(lantern_delta),
-                             lantern_lambda=float(lantern_lambda), mulo_tau=float(mulo_tau)))
+                             lantern_lambda=float(lantern_lambda), mulo_tau=float(mulo_tau),
+                             mulo_resampler=session.resampler, neighbours=session.neighbours))
 
     def run(m, kw):
         t0 = time.perf_counter()

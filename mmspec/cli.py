@@ -370,6 +370,19 @@ def _check_imagegen_args(args: argparse.Namespace) -> None:
     check_out_dir(args.out)
 
 
+class _PlaceholderResampler:  # stands for --resampler while the parameters are checked (nothing loaded yet)
+    scale = 2
+
+    def upsample(self, low):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    def downsample(self, high):  # pragma: no cover - never called
+        raise NotImplementedError
+
+
+_PLACEHOLDER_RESAMPLER = _PlaceholderResampler()
+
+
 def _run_imagegen(args: argparse.Namespace) -> int:
     import json
 
@@ -384,7 +397,8 @@ def _run_imagegen(args: argparse.Namespace) -> int:
         ("lantern_lambda", "lantern_lambda"), ("mulo_tau", "mulo_tau"), ("mulo_l", "mulo_l"),
         ("mulo_k", "mulo_k"), ("mulo_scale", "mulo_scale")) if getattr(args, dest) is not None}
     try:  # the registry checks the method's parameters before any model is loaded
-        get_method(args.method).resolve({**method_args, "drafter": args.drafter or None})
+        get_method(args.method).resolve({**method_args, "drafter": args.drafter or None,
+                                         "mulo_resampler": _PLACEHOLDER_RESAMPLER if args.resampler else None})
     except mmspec.MMSpecError as exc:
         raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
     try:
@@ -392,6 +406,10 @@ def _run_imagegen(args: argparse.Namespace) -> int:
         tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
         if args.drafter:
             method_args["drafter"] = ig.ARImageModel.from_pretrained(args.drafter)
+        if args.resampler:
+            from mmspec.image_gen.token_resampler import TokenResampler
+
+            method_args["mulo_resampler"] = TokenResampler.from_pretrained(args.resampler)
         condition = args.prompt if args.prompt is not None else args.class_ids
         out = ig.generate(target, tokenizer, condition=condition, method=args.method, cfg_scale=args.cfg_scale,
                           cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
@@ -638,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--mulo-k", type=int, default=None, help="MuLo-SD latent neighbours per codebook entry")
     img.add_argument("--mulo-scale", type=int, default=None,
                      help="MuLo-SD resolution ratio (checked against the drafter's grid)")
+    img.add_argument("--resampler", help="MuLo-SD's learned U_r / D_r directory (TokenResampler.save_pretrained; "
+                                          "default: decode -> resize -> re-encode)")
     img.add_argument("--cfg-scale", type=float, default=4.0)
     img.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     img.add_argument("--temperature", type=float, default=1.0)

@@ -33,6 +33,7 @@ class MainJobConfig:
     num_images: int = 4
     seed: int = 0
     lantern_delta: float = 0.2
+    mulo_tau: float = 0.3
     vlm_drafter: str = "head"  # "head" (EAGLE-3 head over the target's features) or "model" (the small VLM)
     vlm_grid: int = 1  # 4: the tiled long visual context (1088 visual tokens)
 
@@ -146,17 +147,19 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
     from mmspec.image_gen import METHODS, generate
 
     from .heatmap import heatmap_image
-    from .zoo import load_default_image_models
+    from .zoo import image_neighbours, load_default_image_models
     from .zoo.data import heldout_scenes
     from .zoo.evaluate import IMAGE_SAMPLING
 
     models = models or load_default_image_models()
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
+    table = image_neighbours(models, 8)  # latent neighbours among the tokenizer's live codes
 
     def run(method: str):
         spec = METHODS[method]  # the registry picks the drafter and the parameters the method takes
         model = {None: None, "same": models.drafter, "lowres": models.lowres}[spec.drafter]
-        extra = spec.select(dict(drafter=model, num_draft_tokens=8, lantern_delta=cfg.lantern_delta))
+        extra = spec.select(dict(drafter=model, num_draft_tokens=cfg.num_draft_tokens, lantern_delta=cfg.lantern_delta,
+                                 neighbours=table, mulo_tau=cfg.mulo_tau, mulo_resampler=models.resampler))
         return generate(models.target, models.tokenizer, condition=prompt, num_images=cfg.num_images, method=method,
                         generator=torch.Generator().manual_seed(cfg.seed), **IMAGE_SAMPLING, **extra)
 
@@ -205,6 +208,9 @@ def check_config(cfg: MainJobConfig) -> None:
     if not isinstance(cfg.lantern_delta, (int, float)) or not math.isfinite(cfg.lantern_delta) \
             or not 0.0 <= cfg.lantern_delta <= 1.0:
         raise MethodParameterError(f"lantern_delta must be in [0, 1], got {cfg.lantern_delta!r}")
+    if not isinstance(cfg.mulo_tau, (int, float)) or isinstance(cfg.mulo_tau, bool) or not math.isfinite(cfg.mulo_tau) \
+            or cfg.mulo_tau < 0:
+        raise MethodParameterError(f"mulo_tau must be a finite number >= 0, got {cfg.mulo_tau!r}")
     if cfg.image_method not in IMAGE_METHODS:
         raise MethodParameterError(f"unknown image method {cfg.image_method!r}; expected one of {IMAGE_METHODS}")
     if cfg.vlm_drafter not in ("head", "model"):

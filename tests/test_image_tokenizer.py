@@ -355,3 +355,31 @@ def test_load_overrides_and_plain_vqmodel_dirs(tmp_path):
     with pytest.raises(TokenizerConfigError, match="not an mmspec VQTokenizer"):
         VQTokenizer.from_pretrained(tmp_path / "plain")
 
+
+
+def test_fsq_tokenizer_quantises_to_its_lattice_and_round_trips_through_save(tmp_path):
+    """An FSQ tokenizer: the embedding table is the lattice, encode = FSQ indices of the latents, the
+    levels survive save/load, and a table that is not the lattice is a named error."""
+    from vector_quantize_pytorch import FSQ
+
+    from mmspec.image_gen.tokenizer import TokenizerConfigError, VQTokenizer, tiny_vq_tokenizer, write_fsq_codebook
+
+    levels = (4, 3, 3)
+    base = tiny_vq_tokenizer(image_size=32, num_vq_embeddings=36, latent_channels=3)
+    write_fsq_codebook(base.vq_model, levels)
+    tok = VQTokenizer(base.vq_model, 32, fsq_levels=levels)
+    assert torch.equal(tok.codebook, FSQ(levels=list(levels)).implicit_codebook)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokens = tok.encode(x)
+    z = tok.encode_latents(x)
+    codes, idx = FSQ(levels=list(levels))(z)
+    assert torch.equal(tokens, idx.long()) and torch.allclose(tok.embed(tokens), codes)
+    tok.save_pretrained(tmp_path / "fsq")
+    back = VQTokenizer.from_pretrained(tmp_path / "fsq")
+    assert back.fsq is not None and torch.equal(back.encode(x), tokens)
+    assert torch.equal(back.resized(16).encode(x), tok.resized(16).encode(x))  # resizing keeps the quantizer
+    with pytest.raises(TokenizerConfigError, match="needs a VQModel with num_vq_embeddings=36"):
+        VQTokenizer(tiny_vq_tokenizer(image_size=32, num_vq_embeddings=16, latent_channels=3).vq_model, 32,
+                    fsq_levels=levels)
+    with pytest.raises(TokenizerConfigError, match="fsq_levels must be ints >= 2"):
+        VQTokenizer(base.vq_model, 32, fsq_levels=(4, 1, 3))

@@ -61,3 +61,20 @@ def test_pixel_resampler_matches_decode_resize_encode():
     assert px.downsample(torch.zeros(1, 8, 8, dtype=torch.long)).shape == (1, 4, 4)
     with pytest.raises(MMSpecError, match="scale 3 must be >= 2 and divide"):
         PixelResampler(tok, 3)
+
+
+def test_imagegen_cli_takes_a_resampler(tmp_path):
+    from mmspec.cli import main
+    from mmspec.image_gen import tiny_vq_tokenizer
+    from tiny_image_models import tiny_ar
+
+    tiny_vq_tokenizer(image_size=32, num_vq_embeddings=16).save_pretrained(tmp_path / "tok")
+    tiny_ar(grid=8, codebook=16, dtype=torch.float32).save_pretrained(tmp_path / "hi")
+    tiny_ar(grid=4, codebook=16, seed=3, dtype=torch.float32).save_pretrained(tmp_path / "lo")
+    _net().save_pretrained(tmp_path / "res")
+    common = ["imagegen", "--model", str(tmp_path / "hi"), "--tokenizer", str(tmp_path / "tok"), "--class", "1",
+              "--resampler", str(tmp_path / "res")]
+    rc = main(common + ["--drafter", str(tmp_path / "lo"), "--method", "mulo", "--mulo-tau", "0.2",
+                        "--out", str(tmp_path / "o")])
+    assert rc == 0 and (tmp_path / "o" / "stats.json").exists()
+    assert main(common + ["--method", "sjd", "--out", str(tmp_path / "p")]) == 2  # sjd takes no resampler
