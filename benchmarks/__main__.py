@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         rc |= smollm2_vlm.main(common)
     if "image" in parts:
         rc |= image_gen.main(common + plots)
+        rc |= image_gen.main(common + ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2",
+                                       "--section", "## Image generation: MuLo-SD τ sweep (issue 15)"])
     if "trees" in parts:
         rc |= trees.main(common)
     if "train" in parts:

@@ -58,27 +58,27 @@ def _objects(prompt: str) -> int:
     return prompt.count(" and ") + 1
 
 
-def build_methods(models, k: int, sjd_window: int, quick: bool) -> dict[str, dict]:
+def build_methods(models, k: int, sjd_window: int, quick: bool, taus: tuple[float, ...] = (0.1, 0.3)) -> dict[str, dict]:
     from mmspec.zoo import image_neighbours
 
     table = image_neighbours(models, 8)  # among the tokenizer's live codes
     d = models.drafter
-    methods = {
-        "plain AR": dict(method="ar"),
-        f"exact SD (drafter, k={k})": dict(method="exact", drafter=d, num_draft_tokens=k),
-        f"SJD (window {sjd_window})": dict(method="sjd", num_draft_tokens=sjd_window),
-        f"LANTERN δ=0.1 (k={k})": dict(method="lantern", drafter=d, num_draft_tokens=k, neighbours=table,
-                                       lantern_delta=0.1),
-        f"LANTERN δ=0.3 (k={k})": dict(method="lantern", drafter=d, num_draft_tokens=k, neighbours=table,
-                                       lantern_delta=0.3),
-        f"LANTERN++ λ=3 (k={k})": dict(method="lantern++", drafter=d, num_draft_tokens=k, neighbours=table,
-                                       lantern_lambda=3.0),
-    }
-    taus = (0.3,) if quick else (0.1, 0.3)
+    methods = {"plain AR": dict(method="ar")}
+    for kk in (k, 2 * k):
+        methods[f"exact SD (drafter, k={kk})"] = dict(method="exact", drafter=d, num_draft_tokens=kk)
+    methods[f"SJD (window {sjd_window})"] = dict(method="sjd", num_draft_tokens=sjd_window)
+    for kk in (k, 2 * k):
+        methods[f"LANTERN δ=0.3 (k={kk})"] = dict(method="lantern", drafter=d, num_draft_tokens=kk, neighbours=table,
+                                                 lantern_delta=0.3)
+        methods[f"LANTERN++ λ=3 (k={kk})"] = dict(method="lantern++", drafter=d, num_draft_tokens=kk,
+                                                 neighbours=table, lantern_lambda=3.0)
+    taus = taus[:1] if quick else taus
     if models.resampler is not None:
-        for tau in taus:
-            methods[f"MuLo-SD τ={tau}, learned U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table,
-                                                             mulo_tau=tau, mulo_l=1, mulo_resampler=models.resampler)
+        for spec in taus:  # τ, or (τ, neighbours)
+            tau, nk = spec if isinstance(spec, tuple) else (spec, 8)
+            methods[f"MuLo-SD τ={tau}, {nk} nbrs, learned U_r"] = dict(
+                method="mulo", drafter=models.lowres, neighbours=table if nk == 8 else image_neighbours(models, nk),
+                mulo_tau=tau, mulo_l=1, mulo_resampler=models.resampler)
     methods["MuLo-SD τ=0.3, pixel U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table, mulo_tau=0.3,
                                                mulo_l=1)
     return methods
@@ -86,7 +86,8 @@ def build_methods(models, k: int, sjd_window: int, quick: bool) -> dict[str, dic
 
 @torch.no_grad()
 def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
-    """ms of one cached forward of N tokens at batch 1 under CFG (two rows), after a 64-token context."""
+    """ms of one cached forward of N tokens at batch 1 under CFG (two rows), after a 64-token context (32 for
+    the 8 x 8 low-res model)."""
     from mmspec.guidance import Guidance, open_session
 
     rows = []
@@ -97,7 +98,7 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
         g = Guidance(uncond=[model.prefix_ids(cond, unconditional=True)], scale=1.5, schedule="constant",
                      num_tokens=model.config.num_image_tokens)
         session = open_session(model, ids, torch.ones_like(ids), guidance=g)
-        ctx = min(64, model.config.num_image_tokens - max(widths) - 1)
+        ctx = min(64, model.config.num_image_tokens // 2)  # the low-res model has 64 tokens in all
         session.extend(torch.cat([ids[:, -1:], torch.zeros((1, ctx - 1), dtype=torch.long)], dim=1))
         ms = {}
         for w in widths:
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4, help="draft length of exact SD / LANTERN / LANTERN++")
     ap.add_argument("--sjd-window", type=int, default=8)
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching methods")
+    ap.add_argument("--mulo-taus", default="0.1,0.3",
+                    help="comma-separated MuLo-SD rows (learned U_r): τ, or τ/k for k latent neighbours (default 8)")
+    ap.add_argument("--section", default=SECTION, help="the RESULTS.md section heading to (re)write")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plots", type=Path, default=None, help="directory for the speed-quality and histogram PNGs")
@@ -170,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     sampling = dict(IMAGE_SAMPLING)
     models = load_default_image_models()
-    methods = build_methods(models, args.k, args.sjd_window, args.quick)
+    taus = tuple((float(t.split("/")[0]), int(t.split("/")[1])) if "/" in t else float(t)
+                 for t in args.mulo_taus.split(",") if t.strip())
+    methods = build_methods(models, args.k, args.sjd_window, args.quick, taus)
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         methods = {n: m for n, m in methods.items() if n == "plain AR" or any(s in n for s in keep)}
@@ -257,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python -m benchmarks.image_gen " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     cfg_t = models.target.config
     text = "\n".join([
-        SECTION, "",
+        args.section, "",
         f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads, "
         f"load average {load:.2f} at start), torch {torch.__version__}. Zoo models: FSQ tokenizer (codebook "
         f"{cfg_t.codebook_size}), text-conditioned AR target {cfg_t.num_layers} × {cfg_t.hidden_size} over "
         f"{cfg_t.grid_size}×{cfg_t.grid_size} tokens; CFG {sampling['cfg_scale']}, temperature "
         f"{sampling['temperature']}, top-k {sampling['top_k']}. AR, exact SD and SJD are lossless; LANTERN, "
         "LANTERN++ and MuLo-SD are relaxed (8 latent neighbours).", "",
-        "### Forward cost (ms, batch 1 under CFG, after 64 context tokens; median of repeats)", "",
+        "### Forward cost (ms, batch 1 under CFG, after 64 context tokens (low-res: 32); median of repeats)", "",
         *cost_rows, "",
         "### MuLo-SD's resolution changes (256 held-out scenes)", "",
         *resampler_rows, "",
@@ -283,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ]) + "\n"
     print(text)
     if args.out is not None:
-        write_section(args.out, SECTION, text)
+        write_section(args.out, args.section, text)
     if args.plots is not None:
         from ._plots import plot_accept_histogram, plot_speed_quality
 

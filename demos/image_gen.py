@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmspec.zoo.evaluate import IMAGE_SAMPLING
+from mmspec.zoo.evaluate import BEST_RELAXED, IMAGE_SAMPLING
 
 from .common import check_prompt, launch, launch_parser, limit_error
 
@@ -38,7 +38,8 @@ class ImageSession:
     drafter: Any = None
     lowres: Any = None
     resampler: Any = None  # MuLo-SD's learned U_r / D_r (None: decode -> resize -> re-encode)
-    neighbours: Any = None  # latent-neighbour table long [V, k] (None: built from the tokenizer's codebook)
+    neighbours: Any = None  # LANTERN's latent-neighbour table long [V, k] (None: built from the tokenizer's codebook)
+    mulo_neighbours: Any = None  # MuLo-SD's (fewer neighbours: BEST_RELAXED)
     max_images: int = 4
 
 
@@ -50,7 +51,8 @@ def load_session(model: str | None = None, tokenizer: str | None = None, drafter
         from mmspec.zoo import image_neighbours
 
         m = load_default_image_models()
-        return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres, m.resampler, image_neighbours(m, 8))
+        return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres, m.resampler, image_neighbours(m, 8),
+                            image_neighbours(m, BEST_RELAXED["neighbours_k"]))
     import mmspec.image_gen as ig
 
     if tokenizer is None:
@@ -92,7 +94,8 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
                           f"drafter model (start the demo with {flag}).")
     extra = spec.select(dict(drafter=model, num_draft_tokens=int(k), lantern_delta=float(lantern_delta),
                              lantern_lambda=float(lantern_lambda), mulo_tau=float(mulo_tau),
-                             mulo_resampler=session.resampler, neighbours=session.neighbours))
+                             mulo_resampler=session.resampler,
+                             neighbours=session.mulo_neighbours if method == "mulo" else session.neighbours))
 
     def run(m, kw):
         t0 = time.perf_counter()
@@ -130,7 +133,7 @@ def build_demo(session: ImageSession):
             with gr.Column(scale=1):
                 prompt = gr.Textbox(value=DEFAULT_PROMPT if text_model else "0", elem_id="prompt",
                                     label="prompt" if text_model else "class id", max_lines=3)
-                method = gr.Dropdown(METHODS, value="lantern", label="method", elem_id="method")
+                method = gr.Dropdown(METHODS, value=BEST_RELAXED["method"], label="method", elem_id="method")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     num = gr.Slider(1, session.max_images, value=2, step=1, label="images", elem_id="num")
@@ -143,7 +146,7 @@ def build_demo(session: ImageSession):
                     k = gr.Slider(1, 16, value=8, step=1, label="draft length / SJD window")
                     delta = gr.Slider(0.0, 0.5, value=0.2, step=0.05, label="LANTERN δ")
                     lam = gr.Slider(1.0, 8.0, value=2.0, step=0.5, label="LANTERN++ λ")
-                    tau = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="MuLo-SD τ")
+                    tau = gr.Slider(0.0, 1.0, value=BEST_RELAXED["mulo_tau"], step=0.01, label="MuLo-SD τ")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 with gr.Row():

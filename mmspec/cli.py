@@ -561,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(pruned drafter), draw images (AR vs a relaxed method), chat with SmolLM2")
     run.add_argument("--out", default="mmspec_out", help="directory for the images, heat-map and report.json")
     run.add_argument("--prompt", default=None, help="image prompt (default: a held-out scene's caption)")
-    run.add_argument("--method", default="lantern", choices=[m for m in METHOD_NAMES if m != "ar"])
+    run.add_argument("--method", default="mulo", choices=[m for m in METHOD_NAMES if m != "ar"],
+                     help="the relaxed image method (default: MuLo-SD, the fastest within the quality floor)")
     run.add_argument("--pruning", default="verifier", choices=["verifier", "cls", "diversity", "uniform", "none"])
     run.add_argument("--keep-ratio", type=float, default=0.25)
     run.add_argument("--vlm-drafter", default="head", choices=["head", "model"],

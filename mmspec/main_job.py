@@ -5,7 +5,8 @@ Glossary:
                    twice: plain AR (HF ``generate``) and mmspec with its EAGLE-3 head (or the small VLM)
                    seeing a pruned subset of the visual tokens; the two answers must be identical (greedy)
     image part     the zoo AR image target draws images for a prompt with plain AR and with a relaxed
-                   method (LANTERN by default) from the same seeds; both are judged by the scene parser
+                   method (MuLo-SD with the learned token resampler by default) from the same seeds; both are
+                   judged by the scene parser
     text part      the real pretrained SmolLM2-135M-Instruct answers a chat prompt by plain AR and with the
                    shipped EAGLE-3 head (dynamic trees); the answers must be identical (greedy)
     speedup        wall time of plain AR / wall time of the method, measured in this run after one
@@ -29,11 +30,12 @@ class MainJobConfig:
     keep_ratio: float = 0.25
     num_draft_tokens: int = 4
     prompt: str | None = None  # default: the caption of held-out scene ``scene_index``
-    image_method: str = "lantern"
+    image_method: str = "mulo"  # the best relaxed method on the zoo models (mmspec.zoo.evaluate.BEST_RELAXED)
     num_images: int = 4
     seed: int = 0
     lantern_delta: float = 0.2
-    mulo_tau: float = 0.3
+    mulo_tau: float = 0.95
+    mulo_neighbours: int = 2  # latent neighbours MuLo-SD pools over (LANTERN uses 8)
     vlm_drafter: str = "head"  # "head" (EAGLE-3 head over the target's features) or "model" (the small VLM)
     vlm_grid: int = 1  # 4: the tiled long visual context (1088 visual tokens)
 
@@ -153,7 +155,7 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
 
     models = models or load_default_image_models()
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
-    table = image_neighbours(models, 8)  # latent neighbours among the tokenizer's live codes
+    table = image_neighbours(models, cfg.mulo_neighbours if cfg.image_method == "mulo" else 8)  # among live codes
 
     def run(method: str):
         spec = METHODS[method]  # the registry picks the drafter and the parameters the method takes
@@ -211,6 +213,8 @@ def check_config(cfg: MainJobConfig) -> None:
     if not isinstance(cfg.mulo_tau, (int, float)) or isinstance(cfg.mulo_tau, bool) or not math.isfinite(cfg.mulo_tau) \
             or cfg.mulo_tau < 0:
         raise MethodParameterError(f"mulo_tau must be a finite number >= 0, got {cfg.mulo_tau!r}")
+    if not integer(cfg.mulo_neighbours) or cfg.mulo_neighbours < 1:
+        raise MethodParameterError(f"mulo_neighbours must be an integer >= 1, got {cfg.mulo_neighbours!r}")
     if cfg.image_method not in IMAGE_METHODS:
         raise MethodParameterError(f"unknown image method {cfg.image_method!r}; expected one of {IMAGE_METHODS}")
     if cfg.vlm_drafter not in ("head", "model"):

@@ -19,6 +19,9 @@ from .quality import caption_exact_match, prompt_faithfulness
 
 # the image models' default sampling (the README's main job and the benchmarks use it too)
 IMAGE_SAMPLING = dict(cfg_scale=1.5, temperature=1.0, top_k=16)
+# the best relaxed image method on the zoo models (benchmarks/RESULTS.md, "MuLo-SD τ sweep"): MuLo-SD with the
+# learned token resampler, pooling over 2 latent neighbours; the demo and ``mmspec run`` default to it
+BEST_RELAXED = dict(method="mulo", mulo_tau=0.95, neighbours_k=2)
 
 
 @torch.no_grad()
