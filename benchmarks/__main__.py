@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         rc |= image_gen.main(common + plots)
         rc |= image_gen.main(common + ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2",
                                        "--section", "## Image generation: MuLo-SD τ sweep (issue 15)"])
+        rc |= image_gen.main(common + ["--only", "LANTERN,exact SD", "--draft-lengths", "8", "--lantern-deltas",
+                                       "0.3,0.9,1.0", "--lantern-lambdas", "3,50", "--mulo-taus", "",
+                                       "--section", "## Image generation: LANTERN budget sweep (issue 15)"])
     if "trees" in parts:
         rc |= trees.main(common)
     if "train" in parts:

@@ -58,21 +58,23 @@ def _objects(prompt: str) -> int:
     return prompt.count(" and ") + 1
 
 
-def build_methods(models, k: int, sjd_window: int, quick: bool, taus: tuple[float, ...] = (0.1, 0.3)) -> dict[str, dict]:
-    from mmspec.zoo import image_neighbours
-
-    table = image_neighbours(models, 8)  # among the tokenizer's live codes
+def build_methods(models, k: int, sjd_window: int, quick: bool, taus: tuple[float, ...] = (0.1, 0.3),
+                  draft_lengths: tuple[int, ...] | None = None, deltas: tuple[float, ...] = (0.3,),
+                  lambdas: tuple[float, ...] = (3.0,)) -> dict[str, dict]:
+    table = _table(models)  # 8 latent neighbours among the tokenizer's live codes
     d = models.drafter
     methods = {"plain AR": dict(method="ar")}
-    for kk in (k, 2 * k):
+    lengths = draft_lengths or (k, 2 * k)
+    for kk in lengths:
         methods[f"exact SD (drafter, k={kk})"] = dict(method="exact", drafter=d, num_draft_tokens=kk)
     methods[f"SJD (window {sjd_window})"] = dict(method="sjd", num_draft_tokens=sjd_window)
-    for kk in (k, 2 * k):
-        methods[f"LANTERN δ=0.3 (k={kk})"] = dict(method="lantern", drafter=d, num_draft_tokens=kk, neighbours=table,
-                                                 lantern_delta=0.3)
-        methods[f"LANTERN++ λ=3 (k={kk})"] = dict(method="lantern++", drafter=d, num_draft_tokens=kk,
-                                                 neighbours=table, lantern_lambda=3.0)
-    taus = taus[:1] if quick else taus
+    for kk in lengths:
+        for delta in deltas:
+            methods[f"LANTERN δ={delta} (k={kk})"] = dict(method="lantern", drafter=d, num_draft_tokens=kk,
+                                                         neighbours=table, lantern_delta=delta)
+        for lam in lambdas:
+            methods[f"LANTERN++ λ={lam:g} (k={kk})"] = dict(method="lantern++", drafter=d, num_draft_tokens=kk,
+                                                           neighbours=table, lantern_lambda=lam)
     if models.resampler is not None:
         for spec in taus:  # τ, or (τ, neighbours)
             tau, nk = spec if isinstance(spec, tuple) else (spec, 8)
@@ -82,6 +84,12 @@ def build_methods(models, k: int, sjd_window: int, quick: bool, taus: tuple[floa
     methods["MuLo-SD τ=0.3, pixel U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table, mulo_tau=0.3,
                                                mulo_l=1)
     return methods
+
+
+def _table(models) -> torch.Tensor:
+    from mmspec.zoo import image_neighbours
+
+    return image_neighbours(models, 8)
 
 
 @torch.no_grad()
@@ -147,6 +155,41 @@ def measure_resamplers(models, num_scenes: int) -> list[str]:
     return rows
 
 
+@torch.no_grad()
+def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list[str]:
+    """Where the AR drafter's top token differs from the target's (teacher-forced on plain-AR samples of held-out
+    prompts, conditional logits): is it a latent neighbour of the target's top token, and how much target mass
+    do the drafted token and its neighbours hold?"""
+    import mmspec.image_gen as ig
+    from mmspec.zoo.data import heldout_scenes
+    from mmspec.zoo.evaluate import IMAGE_SAMPLING
+
+    prompts = [s.caption() for s in heldout_scenes(num_prompts)]
+    out = ig.generate(models.target, models.tokenizer, condition=prompts, seed=list(range(num_prompts)), method="ar",
+                      **IMAGE_SAMPLING)
+    toks = out.tokens.flatten(1)
+    mis = nbr = 0
+    p_draft, p_top, pooled = [], [], []
+    for b, prompt in enumerate(prompts):
+        pre = models.target.prefix_ids(prompt)
+        ids = torch.tensor([pre + toks[b, :-1].tolist()])
+        pt = models.target(input_ids=ids, use_cache=False).logits[0, len(pre) - 1:].softmax(-1)  # [N, V]
+        d = models.drafter(input_ids=ids, use_cache=False).logits[0, len(pre) - 1:].argmax(-1)
+        t = pt.argmax(-1)
+        m = d != t
+        mis += int(m.sum())
+        nbr += int(((table[t] == d.unsqueeze(1)).any(1) & m).sum())
+        p_draft += pt.gather(1, d.unsqueeze(1))[m, 0].tolist()
+        p_top += pt.gather(1, t.unsqueeze(1))[m, 0].tolist()
+        pooled += pt.gather(1, torch.cat([d.unsqueeze(1), table[d]], 1)).sum(1)[m].tolist()
+    med = statistics.median
+    return ["| positions | drafter top ≠ target top | …of which a latent neighbour of the target's top | "
+            "median p(drafted) | median p(target's top) | median p(drafted + its 8 neighbours) |",
+            "|---|---|---|---|---|---|",
+            f"| {toks.numel()} | {mis} ({mis / toks.numel():.3f}) | {nbr} ({nbr / max(mis, 1):.2f}) | "
+            f"{med(p_draft):.3f} | {med(p_top):.3f} | {med(pooled):.3f} |"]
+
+
 def main(argv: list[str] | None = None) -> int:
     import mmspec.image_gen as ig
     from mmspec.zoo import load_default_image_models
@@ -164,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching methods")
     ap.add_argument("--mulo-taus", default="0.1,0.3",
                     help="comma-separated MuLo-SD rows (learned U_r): τ, or τ/k for k latent neighbours (default 8)")
+    ap.add_argument("--draft-lengths", default=None, help="comma-separated k of the exact SD / LANTERN rows (default k, 2k)")
+    ap.add_argument("--lantern-deltas", default="0.3", help="comma-separated δ of the LANTERN rows")
+    ap.add_argument("--lantern-lambdas", default="3", help="comma-separated λ of the LANTERN++ rows")
     ap.add_argument("--section", default=SECTION, help="the RESULTS.md section heading to (re)write")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -176,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     models = load_default_image_models()
     taus = tuple((float(t.split("/")[0]), int(t.split("/")[1])) if "/" in t else float(t)
                  for t in args.mulo_taus.split(",") if t.strip())
-    methods = build_methods(models, args.k, args.sjd_window, args.quick, taus)
+    floats = lambda text: tuple(float(t) for t in text.split(",") if t.strip())  # noqa: E731
+    lengths = tuple(int(t) for t in args.draft_lengths.split(",")) if args.draft_lengths else None
+    methods = build_methods(models, args.k, args.sjd_window, args.quick, taus, lengths, floats(args.lantern_deltas),
+                            floats(args.lantern_lambdas))
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         methods = {n: m for n, m in methods.items() if n == "plain AR" or any(s in n for s in keep)}
@@ -187,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = (1, 2, 4, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     cost_rows = measure_costs(models, widths, 3 if args.quick else 15)
     resampler_rows = measure_resamplers(models, 8 if args.quick else 256)
+    disagreement_rows = measure_disagreements(models, _table(models), 4 if args.quick else 32)
 
     # -- speed: batch 1, interleaved ------------------------------------------------------------------
     prompts = [s.caption() for s in heldout_scenes(max(args.speed_prompts, 1))[: args.speed_prompts]]
@@ -274,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         *cost_rows, "",
         "### MuLo-SD's resolution changes (256 held-out scenes)", "",
         *resampler_rows, "",
+        "### Where the AR drafter and the target disagree (32 plain-AR images, teacher-forced)", "",
+        *disagreement_rows, "",
         f"### Speed (batch 1, {args.speed_prompts} held-out prompts × {args.repeats} interleaved repeats) and quality "
         f"({args.quality_images} held-out prompts per row)", "",
         "Time split: ms per image in target forwards / drafting / verification + repair. Faithfulness: overall "
