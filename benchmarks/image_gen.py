@@ -58,7 +58,7 @@ def _objects(prompt: str) -> int:
     return prompt.count(" and ") + 1
 
 
-def build_methods(models, k: int, sjd_window: int, quick: bool, taus: tuple[float, ...] = (0.1, 0.3),
+def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.1, 0.3),
                   draft_lengths: tuple[int, ...] | None = None, deltas: tuple[float, ...] = (0.3,),
                   lambdas: tuple[float, ...] = (3.0,)) -> dict[str, dict]:
     table = _table(models)  # 8 latent neighbours among the tokenizer's live codes
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                  for t in args.mulo_taus.split(",") if t.strip())
     floats = lambda text: tuple(float(t) for t in text.split(",") if t.strip())  # noqa: E731
     lengths = tuple(int(t) for t in args.draft_lengths.split(",")) if args.draft_lengths else None
-    methods = build_methods(models, args.k, args.sjd_window, args.quick, taus, lengths, floats(args.lantern_deltas),
+    methods = build_methods(models, args.k, args.sjd_window, taus, lengths, floats(args.lantern_deltas),
                             floats(args.lantern_lambdas))
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]

@@ -65,7 +65,8 @@ class LocalResampling:
                  rng: RowRandom, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """block long [B, m] (raster positions t0 .. t0+m-1, t0 = position[b]), logits [B, m, V] from the
         verification forward; ``session`` holds every committed token and, as its last m slots, the block
-        (``last``, the last committed token long [B], is not needed). Returns (repaired block long [B, m], kept bool [B, m]: drafted tokens kept as they were)."""
+        (``last``, the last committed token long [B], is not needed). Returns (repaired block long [B, m],
+        kept bool [B, m]: drafted tokens kept as they were)."""
         batch, m = block.shape
         device = block.device
         n = self.grid * self.grid

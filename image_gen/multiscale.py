@@ -41,11 +41,12 @@ from .tokenizer import VQTokenizer
 
 
 def low_res_row(resampler: Resampler, committed: torch.Tensor, row: int, grid: int) -> torch.Tensor:
-    """Row ``row`` of D_r(high-res grid holding ``committed`` long [n] in raster order, zero tokens after):
-    long [grid / r], the drafter's prefix row once high-res rows < r * (row + 1) are committed."""
-    hi = torch.zeros(grid * grid, dtype=torch.long)
-    hi[: committed.numel()] = committed
-    return resampler.downsample(hi.view(1, grid, grid))[0, row]
+    """Row ``row`` of D_r(high-res grids holding ``committed`` long [B, n] in raster order, zero tokens after):
+    long [B, grid / r], the drafter's prefix row once high-res rows < r * (row + 1) are committed (one
+    D_r call for the batch; a resampler's result for a grid never depends on its batch)."""
+    hi = torch.zeros((committed.shape[0], grid * grid), dtype=torch.long)
+    hi[:, : committed.shape[1]] = committed
+    return resampler.downsample(hi.view(-1, grid, grid))[:, row]
 
 
 class MultiScaleDrafter(Drafter):
@@ -95,8 +96,9 @@ class MultiScaleDrafter(Drafter):
         m = min(r * W, W * W - t0)
         row = t0 // (r * W)  # the low-res row drafted now
         calls = self.session.calls
-        new = [torch.stack([low_res_row(self.resampler, torch.tensor(c[: (i + 1) * r * W]), i, W)
-                            for c in self.committed]) for i in range(self.lo_rows, row)]  # each long [B, n_lo]
+        done = torch.tensor(self.committed, dtype=torch.long).view(batch, t0)  # [B, t0]
+        new = [low_res_row(self.resampler, done[:, : (i + 1) * r * W], i, W)
+               for i in range(self.lo_rows, row)]  # each long [B, n_lo]
         feed = torch.cat([self.pending, *[t.to(device) for t in new]], dim=1)
         logits = self.session.extend(feed, num_logits=1)[:, -1]  # [B, V]: predicts low-res token row * n_lo
         for i, t in enumerate(new):

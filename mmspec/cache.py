@@ -154,19 +154,9 @@ class CacheSession:
         """Feed w slots whose attention is given per query: slots before ``tail_start`` are seen by every new
         slot when valid; slots from ``tail_start`` on (and the new ones) by ``allowed_tail`` (4-D additive
         mask). The new slots count as valid tokens. Returns logits [B, w, V]."""
-        batch, w = tokens.shape
-        head = self.valid[:, :tail_start].bool().unsqueeze(1).expand(batch, w, tail_start)
-        allowed = torch.cat([head, allowed_tail.to(torch.bool)], dim=2)  # [B, w, S + w]
-        dtype = _float_dtype(self.model)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill(~allowed, torch.finfo(dtype).min)
-        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True)
-        self.calls += 1
-        self.last_hidden = None
-        self.cache = out.past_key_values
-        self.valid = torch.cat([self.valid, torch.ones_like(tokens)], dim=1)
-        self.next_pos = self.next_pos + w
-        return out.logits
+        logits = self._forward_allowed(tokens, allowed_tail, tail_start, position_ids, torch.ones_like(tokens))
+        self.next_pos = self.next_pos + tokens.shape[1]
+        return logits
 
     def begin_tree(self) -> None:
         """Start a tree: the slots fed from now on by :meth:`extend_tree` are tree nodes, indexed 0, 1, ..."""
@@ -210,14 +200,23 @@ class CacheSession:
         tree_valid = torch.cat([self.valid[:, self._tree_start:], valid], dim=1)  # [B, T+w]
         allowed_tree = anc[:, t_old:] & tree_valid.bool().unsqueeze(1)  # [B, w, T+w]
         allowed_tree[:, torch.arange(w), t_old + torch.arange(w)] = True  # each query sees itself
-        past = self.valid[:, : self._tree_start].bool().unsqueeze(1).expand(batch, w, self._tree_start)
-        allowed = torch.cat([past, allowed_tree], dim=2)  # [B, w, S + w]
-        dtype = _float_dtype(self.model)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
         pos = self.next_pos.unsqueeze(1) + self.position_delta.unsqueeze(1) + depth[:, t_old:]
+        return self._forward_allowed(tokens, allowed_tree, self._tree_start, pos, valid, hidden_layers, **model_inputs)
+
+    def _forward_allowed(self, tokens: torch.Tensor, allowed_tail: torch.Tensor, tail_start: int,
+                         position_ids: torch.Tensor, valid: torch.Tensor, hidden_layers: tuple[int, ...] = (),
+                         **model_inputs: Any) -> torch.Tensor:
+        """One forward of ``tokens`` [B, w] under a 4-D additive mask: every new slot sees the valid slots before
+        ``tail_start`` and, from there on, the keys ``allowed_tail`` bool [B, w, S - tail_start + w] names;
+        the new slots are appended with 2-D validity ``valid`` [B, w]. Returns logits [B, w, V]."""
+        batch, w = tokens.shape
+        head = self.valid[:, :tail_start].bool().unsqueeze(1).expand(batch, w, tail_start)
+        allowed = torch.cat([head, allowed_tail.to(torch.bool)], dim=2)  # [B, w, S + w]
+        dtype = _float_dtype(self.model)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill(~allowed, torch.finfo(dtype).min)
         if hidden_layers:
             model_inputs = dict(model_inputs, output_hidden_states=True)
-        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=pos,
+        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
                          past_key_values=self.cache, use_cache=True, **model_inputs)
         self.calls += 1
         self.last_hidden = _pick_hidden(out, hidden_layers)

@@ -136,9 +136,7 @@ class GuidedSession:
             pos = self.fed.unsqueeze(1) + valid.cumsum(dim=1) - 1  # [B, w]: generated index each column predicts
         else:
             pos = positions
-            base = self.inner.next_pos[: self.batch] - self.fed  # prompt tokens per row, both halves
-            base2 = self.inner.next_pos[self.batch:] - self.fed
-            model_inputs["position_ids"] = torch.cat([base.unsqueeze(1) + positions, base2.unsqueeze(1) + positions])
+            model_inputs["position_ids"] = self._model_positions(positions)
         logits = self.inner.extend(rows, self.both(valid), num_logits=num_logits, **model_inputs)
         self.fed = self.fed + valid.sum(dim=1)
         return self._guided(logits, pos[:, -logits.shape[1]:])
@@ -149,12 +147,16 @@ class GuidedSession:
         ``tail_start`` is a slot index of the inner session, common to both halves); ``positions`` long
         [B, w]: the generated index each slot predicts (its own token's index + 1, as in :meth:`extend`).
         Returns guided logits [B, w, V]."""
-        base = self.inner.next_pos[: self.batch] - self.fed  # prompt tokens per row
-        base2 = self.inner.next_pos[self.batch:] - self.fed
-        pos = torch.cat([base.unsqueeze(1) + positions, base2.unsqueeze(1) + positions])
-        logits = self.inner.extend_masked(self.both(tokens), self.both(allowed_tail), tail_start, pos)
+        logits = self.inner.extend_masked(self.both(tokens), self.both(allowed_tail), tail_start,
+                                          self._model_positions(positions))
         self.fed = self.fed + tokens.shape[1]
         return self._guided(logits, positions)
+
+    def _model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """Generated indices [B, w] (as :meth:`extend` takes them) -> the model's position ids [2B, w]: each
+        half's prompt length plus the index."""
+        base = self.inner.next_pos - self.both(self.fed)  # [2B]: prompt tokens per row, both halves
+        return base.unsqueeze(1) + self.both(positions)
 
     def fork(self, rows: torch.Tensor) -> "GuidedSession":
         """A new session over copies of sequences ``rows`` (long [R], repeats allowed), both halves."""

@@ -277,7 +277,7 @@ class ReferenceMultiScaleDrafter:
         row = t0 // (r * W)
         lo = torch.zeros(n_lo * n_lo, dtype=torch.long)
         for i in range(row):
-            lo[i * n_lo:(i + 1) * n_lo] = low_res_row(self.resampler, prefix[: (i + 1) * r * W], i, W)
+            lo[i * n_lo:(i + 1) * n_lo] = low_res_row(self.resampler, prefix[None, : (i + 1) * r * W], i, W)[0]
         for u in range(row * n_lo, (row + 1) * n_lo):  # draft one low-res row
             vis = torch.zeros(n_lo * n_lo, dtype=torch.bool)
             vis[:u] = True
