@@ -23,6 +23,8 @@ Three parts, one after the other:
 
 Glossary:
     exact SD    the AR drafter (2 × 64) drafts k tokens; lossless rejection sampling
+    EAGLE head  a one-layer EAGLE-3 feature head over the target's hidden states (both CFG halves) drafts
+                instead of the AR drafter (LANTERN's and MuLo-SD's own baseline is EAGLE-2 on LlamaGen)
     SJD         Speculative Jacobi Decoding: the target refines its own guesses (lossless)
     LANTERN     relaxed acceptance over the k nearest codebook entries of the drafted code, TV budget δ
     LANTERN++   the drafted code's probability raised by its neighbours' mass up to λ p(x)
@@ -62,19 +64,24 @@ def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.
                   draft_lengths: tuple[int, ...] | None = None, deltas: tuple[float, ...] = (0.3,),
                   lambdas: tuple[float, ...] = (3.0,)) -> dict[str, dict]:
     table = _table(models)  # 8 latent neighbours among the tokenizer's live codes
-    d = models.drafter
+    drafters = {"drafter": models.drafter}
+    if getattr(models, "head", None) is not None:
+        drafters["EAGLE head"] = models.head
     methods = {"plain AR": dict(method="ar")}
     lengths = draft_lengths or (k, 2 * k)
-    for kk in lengths:
-        methods[f"exact SD (drafter, k={kk})"] = dict(method="exact", drafter=d, num_draft_tokens=kk)
+    for name, d in drafters.items():
+        for kk in lengths:
+            methods[f"exact SD ({name}, k={kk})"] = dict(method="exact", drafter=d, num_draft_tokens=kk)
     methods[f"SJD (window {sjd_window})"] = dict(method="sjd", num_draft_tokens=sjd_window)
-    for kk in lengths:
-        for delta in deltas:
-            methods[f"LANTERN δ={delta} (k={kk})"] = dict(method="lantern", drafter=d, num_draft_tokens=kk,
-                                                         neighbours=table, lantern_delta=delta)
-        for lam in lambdas:
-            methods[f"LANTERN++ λ={lam:g} (k={kk})"] = dict(method="lantern++", drafter=d, num_draft_tokens=kk,
-                                                           neighbours=table, lantern_lambda=lam)
+    for name, d in drafters.items():
+        tag = "" if name == "drafter" else f"{name}, "
+        for kk in lengths:
+            for delta in deltas:
+                methods[f"LANTERN δ={delta} ({tag}k={kk})"] = dict(method="lantern", drafter=d, num_draft_tokens=kk,
+                                                                  neighbours=table, lantern_delta=delta)
+            for lam in lambdas:
+                methods[f"LANTERN++ λ={lam:g} ({tag}k={kk})"] = dict(
+                    method="lantern++", drafter=d, num_draft_tokens=kk, neighbours=table, lantern_lambda=lam)
     if models.resampler is not None:
         for spec in taus:  # τ, or (τ, neighbours)
             tau, nk = spec if isinstance(spec, tuple) else (spec, 8)
@@ -125,6 +132,23 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
         cfg = model.config
         rows.append(f"| {name} ({cfg.num_layers} × {cfg.hidden_size}, {cfg.grid_size}×{cfg.grid_size}) | {cells} | "
                     f"{ms[1] / base['target']:.2f} |")
+    if getattr(models, "head", None) is not None:  # one head forward over both halves, as in drafting
+        from mmspec.cache import CacheSession
+
+        head, d = models.head, models.head.config.hidden_size
+        session = CacheSession(head, 2, torch.device("cpu"))
+        session.extend(torch.zeros((2, 64), dtype=torch.long), features=torch.zeros((2, 64, d)))
+        ms = {}
+        for w in widths:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                session.extend(torch.zeros((2, w), dtype=torch.long), features=torch.zeros((2, w, d)))
+                times.append(time.perf_counter() - t0)
+                session.rollback(torch.tensor([w, w]))
+            ms[w] = 1000 * statistics.median(times)
+        cells = " | ".join(f"{ms[w]:.1f}" for w in widths)
+        rows.append(f"| EAGLE head (1 layer × {d}, on the target's features) | {cells} | {ms[1] / base['target']:.2f} |")
     head = ("| model | " + " | ".join(f"N={w}" for w in widths) + " | c (1-token forward / target's) |\n"
             "|---|" + "---|" * (len(widths) + 1))
     return [head] + rows
@@ -157,9 +181,10 @@ def measure_resamplers(models, num_scenes: int) -> list[str]:
 
 @torch.no_grad()
 def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list[str]:
-    """Where the AR drafter's top token differs from the target's (teacher-forced on plain-AR samples of held-out
+    """Where a drafter's top token differs from the target's (teacher-forced on plain-AR samples of held-out
     prompts, conditional logits): is it a latent neighbour of the target's top token, and how much target mass
-    do the drafted token and its neighbours hold?"""
+    do the drafted token and its neighbours hold? The EAGLE head is scored one step ahead of real features
+    (the first token of a draft; later ones read its own hidden states)."""
     import mmspec.image_gen as ig
     from mmspec.zoo.data import heldout_scenes
     from mmspec.zoo.evaluate import IMAGE_SAMPLING
@@ -168,26 +193,44 @@ def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list
     out = ig.generate(models.target, models.tokenizer, condition=prompts, seed=list(range(num_prompts)), method="ar",
                       **IMAGE_SAMPLING)
     toks = out.tokens.flatten(1)
-    mis = nbr = 0
-    p_draft, p_top, pooled = [], [], []
-    for b, prompt in enumerate(prompts):
-        pre = models.target.prefix_ids(prompt)
-        ids = torch.tensor([pre + toks[b, :-1].tolist()])
-        pt = models.target(input_ids=ids, use_cache=False).logits[0, len(pre) - 1:].softmax(-1)  # [N, V]
-        d = models.drafter(input_ids=ids, use_cache=False).logits[0, len(pre) - 1:].argmax(-1)
-        t = pt.argmax(-1)
-        m = d != t
-        mis += int(m.sum())
-        nbr += int(((table[t] == d.unsqueeze(1)).any(1) & m).sum())
-        p_draft += pt.gather(1, d.unsqueeze(1))[m, 0].tolist()
-        p_top += pt.gather(1, t.unsqueeze(1))[m, 0].tolist()
-        pooled += pt.gather(1, torch.cat([d.unsqueeze(1), table[d]], 1)).sum(1)[m].tolist()
-    med = statistics.median
-    return ["| positions | drafter top ≠ target top | …of which a latent neighbour of the target's top | "
+    n_img = toks.shape[1]
+
+    def drafter_top(ids: torch.Tensor, p: int) -> torch.Tensor:  # [N] the AR drafter's top per image token
+        return models.drafter(input_ids=ids, use_cache=False).logits[0, p - 1:].argmax(-1)
+
+    def head_top(ids: torch.Tensor, p: int) -> torch.Tensor:  # pair t (feature t, token t+1) predicts token t+2
+        head = models.head
+        hs = models.target(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+        feats = head.fuse(torch.cat([hs[i] for i in head.config.feature_layers], dim=-1))
+        logits = head(ids[:, 1:], feats[:, :-1]).logits[0, p - 2: p - 2 + n_img]
+        return head.d2t[logits.argmax(-1)]
+
+    tops = {"AR drafter": drafter_top}
+    if getattr(models, "head", None) is not None:
+        tops["EAGLE head"] = head_top
+    rows = ["| drafter | positions | drafter top ≠ target top | …of which a latent neighbour of the target's top | "
             "median p(drafted) | median p(target's top) | median p(drafted + its 8 neighbours) |",
-            "|---|---|---|---|---|---|",
-            f"| {toks.numel()} | {mis} ({mis / toks.numel():.3f}) | {nbr} ({nbr / max(mis, 1):.2f}) | "
-            f"{med(p_draft):.3f} | {med(p_top):.3f} | {med(pooled):.3f} |"]
+            "|---|---|---|---|---|---|---|"]
+    med = statistics.median
+    for name, top in tops.items():
+        mis = nbr = 0
+        p_draft, p_top, pooled = [], [], []
+        for b, prompt in enumerate(prompts):
+            pre = models.target.prefix_ids(prompt)
+            ids = torch.tensor([pre + toks[b, :-1].tolist()])
+            pt = models.target(input_ids=ids, use_cache=False).logits[0, len(pre) - 1:].softmax(-1)  # [N, V]
+            d = top(ids, len(pre))
+            t = pt.argmax(-1)
+            m = d != t
+            mis += int(m.sum())
+            nbr += int(((table[t] == d.unsqueeze(1)).any(1) & m).sum())
+            p_draft += pt.gather(1, d.unsqueeze(1))[m, 0].tolist()
+            p_top += pt.gather(1, t.unsqueeze(1))[m, 0].tolist()
+            pooled += pt.gather(1, torch.cat([d.unsqueeze(1), table[d]], 1)).sum(1)[m].tolist()
+        cells = " | ".join(f"{med(v):.3f}" if v else "–" for v in (p_draft, p_top, pooled))
+        rows.append(f"| {name} | {toks.numel()} | {mis} ({mis / toks.numel():.3f}) | {nbr} ({nbr / max(mis, 1):.2f}) | "
+                    f"{cells} |")
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         *cost_rows, "",
         "### MuLo-SD's resolution changes (256 held-out scenes)", "",
         *resampler_rows, "",
-        "### Where the AR drafter and the target disagree (32 plain-AR images, teacher-forced)", "",
+        "### Where the drafters and the target disagree (32 plain-AR images, teacher-forced)", "",
         *disagreement_rows, "",
         f"### Speed (batch 1, {args.speed_prompts} held-out prompts × {args.repeats} interleaved repeats) and quality "
         f"({args.quality_images} held-out prompts per row)", "",
@@ -354,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _paper_row(paper: tuple, summary: dict) -> str:
     name, speed, geneval, fid = paper
-    key = {"EAGLE-2": "exact SD", "LANTERN": "LANTERN δ", "MuLo-SD r=2": "MuLo-SD"}[name]
+    key = {"EAGLE-2": "exact SD (EAGLE head", "LANTERN": "LANTERN δ", "MuLo-SD r=2": "MuLo-SD"}[name]
     ours = [n for n in summary if n.startswith(key)]
     if not ours:
         return f"| {name} | {speed} | {geneval} | {fid} | – | – | – |"

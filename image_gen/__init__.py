@@ -7,6 +7,7 @@ one decoding loop of :mod:`mmspec.engine` (MuLo-SD: its reference loop for now).
 """
 
 from .ar_drafter import ARDrafter
+from .feature_head import forced_batch, image_head
 from .fixed_point import FixedPointEncoding, FixedPointError, FixedPointResult
 from .generate import ImageGenerationOutput, generate, generate_stream
 from .methods import METHOD_NAMES, METHODS, ImageMethod, MethodError, get_method
@@ -19,6 +20,6 @@ __all__ = [
     "ARDrafter", "ARImageConfig", "ARImageModel", "ConditionError", "FixedPointEncoding", "FixedPointError",
     "FixedPointResult", "ImageGenerationOutput", "ImageGenerationStats", "ImageMethod", "ImageTokenizer",
     "InvalidImageError", "InvalidTokenError", "JacobiDrafter", "METHOD_NAMES", "METHODS", "MethodError",
-    "VQTokenizer", "generate", "generate_stream", "get_method", "guidance_scale",
-    "guide", "tiny_vq_tokenizer",
+    "VQTokenizer", "forced_batch", "generate", "generate_stream", "get_method", "guidance_scale",
+    "guide", "image_head", "tiny_vq_tokenizer",
 ]

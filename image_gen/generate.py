@@ -15,7 +15,9 @@ Glossary:
 
 Every method runs on the one decoding loop (:func:`mmspec.engine.decode`) with the target in a
 cached CFG session: "ar" with no drafter, "exact" / "lantern" / "lantern++" with the AR model
-drafter (:class:`~mmspec.image_gen.ar_drafter.ARDrafter`) and their rule, "sjd" with the Jacobi
+drafter (:class:`~mmspec.image_gen.ar_drafter.ARDrafter`), or an EAGLE feature head over the target's
+hidden states (``drafter=Eagle3Head``: :class:`~mmspec.drafters.feature.FeatureDrafter`, guided), and
+their rule, "sjd" with the Jacobi
 drafter that reads the target's logits, "mulo" with the multi-scale drafter, the pooled-threshold
 rule and local island resampling as the loop's repair step (:mod:`mmspec.image_gen.mulo`).
 """
@@ -29,7 +31,9 @@ import torch
 
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Drafter
-from mmspec.drafters.model import right_align
+from mmspec.drafters.feature import FeatureDrafter
+from mmspec.drafters.model import ModelDrafter, right_align
+from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.engine import StepEvent
 from mmspec.engine import generate_stream as decode_stream
 from mmspec.errors import MMSpecError
@@ -92,8 +96,12 @@ def make_drafter(method: ImageMethod, target: ARImageModel, params: dict) -> Dra
     if method.name == "sjd":
         return JacobiDrafter(window=params["num_draft_tokens"], vocab_size=target.config.codebook_size)
     d = params["drafter"]
-    if not isinstance(d, Drafter):
+    if isinstance(d, Eagle3Head):  # a feature head over the target's hidden states (EAGLE on LlamaGen)
+        d = FeatureDrafter(d, params["num_draft_tokens"])
+    elif not isinstance(d, Drafter):
         d = ARDrafter(d, params["num_draft_tokens"])
+    elif isinstance(d, ModelDrafter):
+        d.set_default_length(params["num_draft_tokens"])
     d.check_compatible(target)
     return d
 

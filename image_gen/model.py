@@ -95,6 +95,36 @@ class ARImageConfig:
     def text_conditional(self) -> bool:
         return bool(self.words)
 
+    def llama_config(self) -> LlamaConfig:
+        """The backbone's HF config (its vocabulary is the backbone's: image tokens, conditions, words)."""
+        return LlamaConfig(
+            vocab_size=self.backbone_vocab, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=self.num_image_tokens + self.max_prompt_words + 8,
+            initializer_range=self.init_range, tie_word_embeddings=False,
+        )
+
+    def get_text_config(self) -> LlamaConfig:
+        """HF's accessor: what a feature head sizes itself by (hidden size, heads, layers, RoPE)."""
+        return self.llama_config()
+
+
+class _ImageRows(torch.nn.Module):
+    """The first ``rows`` rows of a linear output layer (a view, never a copy; not a registered submodule)."""
+
+    def __init__(self, head: torch.nn.Linear, rows: int):
+        super().__init__()
+        self.__dict__["_head"] = head
+        self.rows = rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._head.weight[: self.rows]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.weight.T
+
 
 def tokenize_words(prompt: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", prompt.lower())
@@ -106,13 +136,7 @@ class ARImageModel(torch.nn.Module):
     def __init__(self, config: ARImageConfig):
         super().__init__()
         self.config = config
-        self.backbone = LlamaForCausalLM(LlamaConfig(
-            vocab_size=config.backbone_vocab, hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
-            max_position_embeddings=config.num_image_tokens + config.max_prompt_words + 8,
-            initializer_range=config.init_range, tie_word_embeddings=False,
-        ))
+        self.backbone = LlamaForCausalLM(config.llama_config())
 
     # -- conditions ---------------------------------------------------------------------------
     def prefix_ids(self, condition: int | str, *, unconditional: bool = False) -> list[int]:
@@ -143,15 +167,28 @@ class ARImageModel(torch.nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=True, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+                inputs_embeds=None, use_cache=True, logits_to_keep: int = 0, output_hidden_states: bool = False,
+                **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits over the codebook; ``output_hidden_states`` adds the backbone's hidden states (HF's
+        tuple: embeddings, then each layer, the last one after the final norm), which a feature head reads."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                            logits_to_keep=logits_to_keep)
+                            logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states)
         return CausalLMOutputWithPast(logits=out.logits[..., : self.config.codebook_size],
-                                      past_key_values=out.past_key_values)
+                                      past_key_values=out.past_key_values, hidden_states=out.hidden_states)
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The LM head's image-token rows (weight [V_img, d], a view of the backbone's head): the output
+        layer as the verification sees it."""
+        return _ImageRows(self.backbone.get_output_embeddings(), self.config.codebook_size)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The decoder stack (HF's ``LlamaForCausalLM.model``: embeddings, layers, final norm)."""
+        return self.backbone.model
 
     @property
     def device(self) -> torch.device:

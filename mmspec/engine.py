@@ -298,7 +298,8 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
     with torch.no_grad():
         t_start = time.perf_counter()
         if guidance is not None:
-            session = open_session(target, input_ids, attention_mask, guidance=guidance)
+            session = open_session(target, input_ids, attention_mask, guidance=guidance,
+                                   record_hidden=drafter.hidden_layers)
         else:
             session = CacheSession(target, input_ids.shape[0], device)
             if not prompt_in_first_step:

@@ -79,17 +79,16 @@ def guidance_scale(cfg_scale: float, schedule: str, positions: torch.Tensor, num
 class GuidedSession:
     """One model's cache over 2B rows (both halves) returning guided logits [B, w, V]."""
 
-    def __init__(self, model: torch.nn.Module, cond: list[list[int]], guidance: Guidance, device: torch.device):
+    def __init__(self, model: torch.nn.Module, cond: list[list[int]], guidance: Guidance, device: torch.device,
+                 *, record_hidden: tuple[int, ...] = ()):
         if len(guidance.uncond) != len(cond):
             raise MMSpecError(f"{len(cond)} prompts but {len(guidance.uncond)} unconditional prompts")
         self.guidance = guidance
         self.batch = len(cond)
-        from .drafters.model import right_align  # (drafters.model imports this module)
-
-        ids, mask = right_align(cond + guidance.uncond, device)  # left padding
+        ids, mask = guided_rows(cond, guidance, device)
         self.inner = CacheSession(model, ids.shape[0], device)
-        if ids.shape[1] > 1:
-            self.inner.extend(ids[:, :-1], mask[:, :-1], num_logits=1)
+        if ids.shape[1] > 1:  # ``record_hidden``: a feature drafter reads the prompt's hidden states (both halves)
+            self.inner.extend(ids[:, :-1], mask[:, :-1], num_logits=1, hidden_layers=record_hidden)
         # while nothing was fed since the prompt, the first fed column is each half's last prompt token:
         # the caller feeds the condition's, the unconditional half gets its own here
         self.uncond_last = ids[self.batch:, -1]  # [B]
@@ -118,9 +117,9 @@ class GuidedSession:
 
     @property
     def last_hidden(self) -> dict[int, torch.Tensor] | None:
-        """The conditional half's hidden states of the last forward (see CacheSession.extend)."""
-        h = self.inner.last_hidden
-        return None if h is None else {k: v[: self.batch] for k, v in h.items()}
+        """Hidden states of the last forward over both halves (layer -> [2B, w, d]: rows [0, B) conditional,
+        [B, 2B) unconditional; see CacheSession.extend): a guided feature drafter runs both halves too."""
+        return self.inner.last_hidden
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *,
                num_logits: int | None = None, positions: torch.Tensor | None = None,
@@ -213,15 +212,29 @@ class GuidedSession:
         self.batch = rows.numel()
 
 
+def guided_rows(cond: list[list[int]], guidance: Guidance, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2B prompt rows of a guided session (conditional prompts, then their unconditional twins), right
+    aligned: (ids long [2B, W], valid long [2B, W]). A guided feature drafter lays its rows out the same way."""
+    from .drafters.model import right_align  # (drafters.model imports this module)
+
+    return right_align(cond + guidance.uncond, device)
+
+
+def conditional_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Left-padded prompts [B, L] -> each row's token list."""
+    return [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
+
+
 def open_session(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 guidance: Guidance | None = None) -> CacheSession | GuidedSession:
+                 guidance: Guidance | None = None, record_hidden: tuple[int, ...] = ()) -> CacheSession | GuidedSession:
     """A session holding every prompt token but the last (which stays pending): a plain cache, or a
-    CFG pair of halves when ``guidance`` is given. input_ids / attention_mask long [B, L], left padded."""
+    CFG pair of halves when ``guidance`` is given. input_ids / attention_mask long [B, L], left padded.
+    ``record_hidden``: hidden-state layers the prompt's forward keeps in ``last_hidden``."""
     device = input_ids.device
     if guidance is None:
         session = CacheSession(model, input_ids.shape[0], device)
         if input_ids.shape[1] > 1:
-            session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1)
+            session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, hidden_layers=record_hidden)
         return session
-    cond = [row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask)]
-    return GuidedSession(model, cond, guidance, device)
+    return GuidedSession(model, conditional_prompts(input_ids, attention_mask), guidance, device,
+                         record_hidden=record_hidden)

@@ -16,6 +16,10 @@ Glossary:
     draft vocab   the head predicts over an FR-Spec subset; ``to_target_ids`` maps its indices through
                   ``head.d2t``; sampled drafts carry their distribution scattered onto the target
                   vocabulary (zero outside the subset), so rejection sampling stays exact
+    guided        under classifier-free guidance (AR image targets) the head keeps 2B rows laid out as the
+                  target's :class:`~mmspec.guidance.GuidedSession` (conditional prompts, then their
+                  unconditional twins), reads both halves' features, and drafts (chains or trees) from the
+                  guided logits uncond + s (cond - uncond) of its own two halves
 
 Rows whose prompt has a single token have no pair yet and draft nothing in their first step.
 """
@@ -29,7 +33,7 @@ import torch
 from ..cache import CacheSession
 from ..config import SamplingParams
 from ..errors import DeviceMismatchError, VocabularyMismatchError
-from ..guidance import Guidance
+from ..guidance import Guidance, conditional_prompts, guidance_scale, guide, guided_rows
 from ..heads.eagle3 import Eagle3Head
 from ..rng import DRAFT, RowRandom
 from ..sampling import logits_to_probs, sample_inverse_cdf
@@ -67,19 +71,47 @@ class FeatureDrafter(ModelDrafter):
               guidance: Guidance | None = None, **model_inputs: Any) -> None:
         if self.policy is None:
             raise RuntimeError("FeatureDrafter has no draft length: pass draft_length or num_draft_tokens")
-        if guidance is not None:
-            raise ValueError("a feature drafter cannot draft for a guided (classifier-free guidance) target")
-        self.sampling, self.rng = sampling, rng
-        batch = input_ids.shape[0]
+        self.sampling, self.rng, self.guidance = sampling, rng, guidance
         self.device = input_ids.device
-        self.position = torch.zeros((batch,), dtype=torch.long)
-        self.session = CacheSession(self.head, batch, input_ids.device)
-        self._prompt = (input_ids, attention_mask.to(torch.long))
-        self.has_context = torch.zeros((batch,), dtype=torch.bool, device=self.device)
+        self.position = torch.zeros((input_ids.shape[0],), dtype=torch.long)
+        if guidance is None:
+            ids, mask = input_ids, attention_mask.to(torch.long)
+        else:  # both halves, laid out as the target's guided session
+            ids, mask = guided_rows(conditional_prompts(input_ids, attention_mask), guidance, self.device)
+        rows = ids.shape[0]
+        self.session = CacheSession(self.head, rows, input_ids.device)
+        self._prompt = (ids, mask)
+        self.has_context = torch.zeros((rows,), dtype=torch.bool, device=self.device)
         dtype = self.head.fc.weight.dtype
-        self.next_logits = torch.zeros((batch, self.head.config.draft_vocab_size), device=self.device)
-        self.next_feature = torch.zeros((batch, self.head.config.hidden_size), dtype=dtype, device=self.device)
+        self.next_logits = torch.zeros((rows, self.head.config.draft_vocab_size), device=self.device)
+        self.next_feature = torch.zeros((rows, self.head.config.hidden_size), dtype=dtype, device=self.device)
         self.fed = 0
+
+    # the head's rows: one per sequence, or (guided) conditional rows [0, B) then unconditional rows [B, 2B)
+    @property
+    def batch(self) -> int:
+        return self.position.shape[0]
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-sequence [B, ...] -> per head row [R, ...]."""
+        return t if self.guidance is None else torch.cat([t, t], dim=0)
+
+    def _row_index(self, rows: torch.Tensor) -> torch.Tensor:
+        """Sequence indices long [B'] -> head-row indices [R']."""
+        return rows if self.guidance is None else torch.cat([rows, rows + self.batch])
+
+    def _sequence_logits(self, logits: torch.Tensor, predicts: torch.Tensor) -> torch.Tensor:
+        """Head-row logits [R, ..., Vd] -> each sequence's drafting logits [B, ..., Vd]: the guided combination of
+        its two halves at the CFG scale of the generated index ``predicts`` long [B, ...] (the identity unguided)."""
+        if self.guidance is None:
+            return logits
+        g = self.guidance
+        scale = guidance_scale(g.scale, g.schedule, predicts.clamp_min(0), g.num_tokens).unsqueeze(-1)
+        return guide(logits[: self.batch].float(), logits[self.batch:].float(), scale.to(logits.device))
+
+    def _ready(self) -> torch.Tensor:
+        """bool [B]: sequences whose head rows all hold a pair (they can draft)."""
+        return self.has_context if self.guidance is None else self.has_context[: self.batch] & self.has_context[self.batch:]
 
     def observe_prefill(self, target_hidden: dict[int, torch.Tensor] | None) -> None:
         input_ids, mask = self._prompt
@@ -129,56 +161,66 @@ class FeatureDrafter(ModelDrafter):
             draft = propose_tree(self, self.tree, max_tokens)
             return self._without_context(draft)
         k = max(1, min(self.policy.current(), widest_budget(max_tokens)))
-        logits, feature = self.next_logits, self.next_feature
+        logits, feature = self.next_logits, self.next_feature  # [R, Vd], [R, d]
+        position = self.position.to(self.device)
         tokens, probs = [], []
         for i in range(k):
-            idx, p = self._pick(logits, i)
+            idx, p = self._pick(self._sequence_logits(logits, position + i), i)
             tok = self.to_target_ids(idx)
             tokens.append(tok)
             probs.append(p)
             if i == k - 1:
                 break
-            logits = self.session.extend(tok.unsqueeze(1), features=feature.unsqueeze(1), num_logits=1,
+            logits = self.session.extend(self._rows(tok).unsqueeze(1), features=feature.unsqueeze(1), num_logits=1,
                                          hidden_layers=_OWN)[:, -1].float()
             feature = self.session.last_hidden[-1][:, -1]
         self.fed = k - 1
-        num_draft = torch.where(self.has_context, k, 0)
+        num_draft = torch.where(self._ready(), k, 0)
         draft_probs = None if self.sampling.is_greedy else self._on_target_vocab(torch.stack(probs, dim=1))
         return Draft(tokens=torch.stack(tokens, dim=1), probs=draft_probs, num_draft=num_draft)
 
     def _without_context(self, draft: Draft) -> Draft:
-        if bool(self.has_context.all()):
+        ready = self._ready()
+        if bool(ready.all()):
             return draft
         import dataclasses
 
-        return dataclasses.replace(draft, num_draft=torch.where(self.has_context, draft.num_draft, 0))
+        return dataclasses.replace(draft, num_draft=torch.where(ready, draft.num_draft, 0))
 
     # tree hooks (propose_tree): the root's children come from next_logits, a node reads its parent's hidden
+    @property
+    def tree_batch(self) -> int:
+        return self.batch
+
     def tree_root_logits(self) -> torch.Tensor:
-        batch = self.session.batch_size
-        self._node_hidden = self.next_feature.new_zeros((batch, 0, self.head.config.hidden_size))
-        return self.next_logits
+        rows = self.session.batch_size
+        self._node_hidden = self.next_feature.new_zeros((rows, 0, self.head.config.hidden_size))
+        return self._sequence_logits(self.next_logits, self.position.to(self.device))
 
     def tree_expand(self, tokens: torch.Tensor, parent_slots: torch.Tensor) -> torch.Tensor:
+        """Sequence-level nodes tokens / parent_slots long [B, F] -> guided logits [B, F, Vd] of their children."""
+        tokens, parent_slots = self._rows(tokens), self._rows(parent_slots)
         par = parent_slots.clamp_min(0).unsqueeze(-1).expand(-1, -1, self.next_feature.shape[-1])
         from_nodes = self._node_hidden.gather(1, par) if self._node_hidden.shape[1] else torch.zeros_like(
             par, dtype=self.next_feature.dtype)
         feature = torch.where((parent_slots >= 0).unsqueeze(-1), from_nodes, self.next_feature.unsqueeze(1))
         logits = self.session.extend_tree(tokens, parent_slots, features=feature, hidden_layers=_OWN)
         self._node_hidden = torch.cat([self._node_hidden, self.session.last_hidden[-1]], dim=1)
-        return logits.float()
+        # a node at tree depth d (0: a child of the committed context) predicts generated index position + d + 1
+        depth = self.session._tree_depth[: self.batch, -tokens.shape[1]:]
+        return self._sequence_logits(logits.float(), self.position.to(self.device).unsqueeze(1) + depth + 1)
 
     # ----------------------------------------------------------------------------------- observing
     def observe(self, outcome: StepOutcome) -> None:
         assert self.session is not None and self.policy is not None
-        committed = outcome.committed
-        self.position = self.position + torch.tensor([len(c) for c in committed], dtype=torch.long)
+        self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
+        committed = outcome.committed if self.guidance is None else outcome.committed * 2  # per head row
         batch = len(committed)
-        feats = self._features(outcome.target_hidden)  # [B, 1 + k, 3d] over [pending, drafts or nodes]
+        feats = self._features(outcome.target_hidden)  # [R, 1 + k, 3d] over [pending, drafts or nodes]
         if outcome.draft.is_tree:
             self.session.keep_path(torch.zeros((batch, 0), dtype=torch.long, device=self.device),
                                    torch.zeros((batch,), dtype=torch.long, device=self.device))
-            nodes = outcome.result.accepted_nodes  # [B, D] node ids, -1 padded
+            nodes = self._rows(outcome.result.accepted_nodes)  # [R, D] node ids, -1 padded
             cols = torch.cat([torch.zeros((batch, 1), dtype=torch.long, device=self.device),
                               (nodes + 1).clamp_min(0)], dim=1)
             feats = feats.gather(1, cols.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
@@ -203,8 +245,9 @@ class FeatureDrafter(ModelDrafter):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         assert self.session is not None
-        self.session.select_rows(rows)
+        head_rows = self._row_index(rows)
+        self.session.select_rows(head_rows)
         self.position = self.position[rows.cpu()]
-        self.has_context = self.has_context[rows]
-        self.next_logits = self.next_logits[rows]
-        self.next_feature = self.next_feature[rows]
+        self.has_context = self.has_context[head_rows]
+        self.next_logits = self.next_logits[head_rows]
+        self.next_feature = self.next_feature[head_rows]

@@ -188,6 +188,11 @@ class ModelDrafter(Drafter):
         return Draft(tokens=draft_tokens, probs=draft_probs, num_draft=num_draft.clamp_max(len(tokens)))
 
     # hooks of the tree proposal (mmspec.drafters.tree.propose_tree); feature drafters override them
+    @property
+    def tree_batch(self) -> int:
+        """Sequences the proposal drafts trees for."""
+        return self.session.batch_size
+
     def tree_root_logits(self) -> torch.Tensor:
         """Logits [B, V'] of the root's children: feed the pending tokens."""
         return self.session.extend(self.pending, self.pending_valid, num_logits=1)[:, -1]

@@ -82,7 +82,7 @@ def propose_tree(drafter: ModelDrafter, tree: StaticTree | DynamicTree, max_toke
     s = drafter.session
     assert s is not None
     depth_limit = max(1, min(tree.depth, widest_budget(max_tokens)))
-    batch = s.batch_size
+    batch = drafter.tree_batch  # sequences (a guided feature head's session holds two rows per sequence)
     device = s.device
     root = ranking_distribution(drafter, drafter.tree_root_logits())
     s.begin_tree()

@@ -112,6 +112,7 @@ class ImageModels:
     classifier: Any  # SceneClassifier
     resampler: Any = None  # TokenResampler: MuLo-SD's learned U_r / D_r at scale 2
     live_codes: Any = None  # bool [V]: the codes the tokenizer produces on training scenes (None: all)
+    head: Any = None  # Eagle3Head over the target's hidden states (attached to the target), or None
 
 
 def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -154,7 +155,12 @@ def load_default_image_models(*, dtype: torch.dtype | None = None, device: str |
 
         live = torch.zeros(tok.vocab_size, dtype=torch.bool)
         live[json.loads((root / LIVE_CODES_FILE).read_text())["live"]] = True
-    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler, live)
+    head = None
+    if (root / "head").is_dir():
+        from mmspec.heads.eagle3 import Eagle3Head
+
+        head = Eagle3Head.load(root / "head", dtype=dtype or torch.float32).to(device).attach(models[0])
+    return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler, live, head)
 
 
 LIVE_CODES_FILE = "live_codes.json"

@@ -8,7 +8,12 @@ classifier-free guidance.
 
 Glossary:
     stage         one model: ``vq`` (must run first), then ``target``, ``drafter``, ``lowres``,
-                  ``resampler`` (need the tokenizer); each resumes from ``--run-dir`` and exports to ``--out/<stage>``
+                  ``resampler`` (need the tokenizer), ``head`` (needs the target); each resumes from
+                  ``--run-dir`` and exports to ``--out/<stage>``
+    head          an EAGLE-3 feature head over the target's hidden states (Li et al., arXiv 2503.01840),
+                  trained with training-time test on teacher-forced scenes: both CFG halves (the prompt,
+                  and the null prompt for ``head_uncond`` of the rows), the target's own distributions as
+                  soft labels
     FSQ lattice   levels (8, 5, 5, 5): 1000 fixed codes; neighbouring lattice points decode to similar
                   patches (what LANTERN's and MuLo-SD's latent neighbourhoods need), and no code can die
     round-trip    an extra tokenizer loss ||bound(E(D(z_q))) - sg(z_q)||^2 that keeps encode(decode(t)) == t,
@@ -47,7 +52,7 @@ from .quality import SceneClassifier
 from .data import IMAGE_SIZE, render_batch, train_scenes
 from .training import StageBudget, run_stage, training_cli
 
-STAGES = ("vq", "target", "drafter", "lowres", "resampler", "classifier")
+STAGES = ("vq", "target", "drafter", "lowres", "resampler", "head", "classifier")
 WORDS = tuple(sorted({"a", "and", "at", "the", *COLOURS, *SHAPES, *(w for c in CELLS for w in c.split())}))
 COND_DROP = 0.1
 LOWRES_SCALE = 2
@@ -80,6 +85,14 @@ class ImageZooConfig:
     resampler: TokenResamplerConfig = TokenResamplerConfig(vocab_size=1000, scale=LOWRES_SCALE, width=96, depth=3)
     resampler_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=50, weight_decay=0.01)
     resampler_batch: int = 32
+    # the EAGLE-3 head on the target's features (both CFG halves; training-time test over 3 steps)
+    head_budget: StageBudget = StageBudget(steps=2500, lr=1e-3, warmup=50)
+    head_batch: int = 12
+    head_uncond: float = 0.3  # fraction of rows under the null prompt (the head drafts both halves)
+    head_ttt_steps: int = 3
+    # HF hidden_states indices the head reads: low, middle and the final (normed) layer of the 6-layer target
+    # (EAGLE-1 read the top feature; EAGLE-3's low / mid / high; the generic choice repeats layer 3 here)
+    head_layers: tuple[int, int, int] = (2, 4, 6)
     classifier: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=30)
     classifier_batch: int = 32
     seed: int = 0
@@ -93,7 +106,7 @@ PRESETS = {
     # seconds-long run of the same shapes (tests): a few steps each
     "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2,
                             target_budget=_SMOKE, drafter_budget=_SMOKE, lowres_budget=_SMOKE, ar_batch=2,
-                            resampler_budget=_SMOKE, resampler_batch=2,
+                            resampler_budget=_SMOKE, resampler_batch=2, head_budget=_SMOKE, head_batch=2,
                             classifier=StageBudget(steps=3, warmup=1, save_every=2), classifier_batch=2),
 }
 
@@ -247,6 +260,61 @@ def train_resampler(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: boo
     return res
 
 
+def head_batch(target: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, uncond: float,
+               layers: tuple[int, ...]):
+    """One teacher-forced batch of training scenes for the feature head, a row under the null prompt with
+    probability ``uncond`` (:func:`mmspec.image_gen.feature_head.forced_batch`)."""
+    from mmspec.image_gen.feature_head import forced_batch
+
+    scenes = train_scenes(seed, step, batch)
+    with torch.no_grad():
+        codes = tok.encode(render_batch(scenes)).flatten(1)  # [B, N]
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    drop = torch.rand(batch, generator=g) < uncond
+    prefixes = [target.prefix_ids(s.caption(), unconditional=bool(d)) for s, d in zip(scenes, drop)]
+    return forced_batch(target, prefixes, codes, layers)
+
+
+def train_feature_head(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
+    """The EAGLE-3 head over the exported target (``out/target``), exported to ``out/head``."""
+    import json
+
+    from mmspec.distill.train_head import ttt_loss
+    from mmspec.image_gen.feature_head import image_head
+
+    if not (out / "target").is_dir():
+        raise FileNotFoundError(f"{out / 'target'} missing: the head stage needs the target (run the target stage)")
+    tok = VQTokenizer.from_pretrained(out / "tokenizer").resized(IMAGE_SIZE)
+    target = ARImageModel.from_pretrained(out / "target")
+    for p in target.parameters():
+        p.requires_grad_(False)
+    layers = tuple(min(i, target.config.num_layers) for i in cfg.head_layers)
+    torch.manual_seed(cfg.seed + 53)
+    head = image_head(target, layers)
+    seed = cfg.seed + 31
+
+    def loss_fn(step: int) -> torch.Tensor:
+        batch = head_batch(target, tok, seed, step, cfg.head_batch, cfg.head_uncond, layers)
+        return ttt_loss(head, batch, cfg.head_ttt_steps, 0.8)[0]
+
+    h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in target.parameters()))
+    h.update(repr((cfg.head_budget, cfg.head_batch, cfg.head_uncond, cfg.head_ttt_steps, layers, cfg.seed)).encode())
+    res = run_stage(f"head-{h.hexdigest()[:10]}", head, loss_fn, replace(cfg.head_budget, minutes=minutes),
+                    run_dir, progress=progress)
+    if res.finished:
+        head.eval()
+        with torch.no_grad():  # held-out scenes (another seed), both halves in the training mix
+            held = [ttt_loss(head, head_batch(target, tok, seed + 1000, i, 16, cfg.head_uncond, layers),
+                             cfg.head_ttt_steps, 0.8)[1] for i in range(4)]
+        top1 = [round(sum(a[j] for a in held) / len(held), 4) for j in range(len(held[0]))]
+        head.save(out / "head", dtype=torch.float32,
+                  extra={"training": {"steps": res.steps_done, "heldout_top1_per_step": top1,
+                                      "uncond_fraction": cfg.head_uncond}})
+        if progress:
+            print(json.dumps({"head_heldout_top1_per_step": top1}))
+    return res
+
+
 def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
     """The scene classifier whose features the benchmarks' Fréchet distance uses."""
     torch.manual_seed(cfg.seed + 99)
@@ -264,7 +332,7 @@ def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bo
     return res
 
 
-TRAINERS = {"vq": train_vq, "classifier": train_classifier, "resampler": train_resampler}
+TRAINERS = {"vq": train_vq, "classifier": train_classifier, "resampler": train_resampler, "head": train_feature_head}
 
 
 def train_stage(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
@@ -276,6 +344,8 @@ def train_stage(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progr
 def _check(stages: list[str], out: Path) -> str | None:
     if "vq" not in stages and set(stages) - {"classifier"} and not (out / "tokenizer").is_dir():
         return f"{out / 'tokenizer'} missing: run the vq stage first"
+    if "head" in stages and "target" not in stages and not (out / "target").is_dir():
+        return f"{out / 'target'} missing: the head stage needs the target (run the target stage first)"
     return None
 
 
