@@ -24,7 +24,8 @@ Three parts, one after the other:
 Glossary:
     exact SD    the AR drafter (2 × 64) drafts k tokens; lossless rejection sampling
     EAGLE head  a one-layer EAGLE-3 feature head over the target's hidden states (both CFG halves) drafts
-                instead of the AR drafter (LANTERN's and MuLo-SD's own baseline is EAGLE-2 on LlamaGen)
+                instead of the AR drafter (LANTERN's and MuLo-SD's own baseline is EAGLE-2 on LlamaGen);
+                "tree d/k/n": EAGLE-2's dynamic tree (depth d, top-k k, n nodes kept), lossless tree rule
     SJD         Speculative Jacobi Decoding: the target refines its own guesses (lossless)
     LANTERN     relaxed acceptance over the k nearest codebook entries of the drafted code, TV budget δ
     LANTERN++   the drafted code's probability raised by its neighbours' mass up to λ p(x)
@@ -72,6 +73,13 @@ def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.
     for name, d in drafters.items():
         for kk in lengths:
             methods[f"exact SD ({name}, k={kk})"] = dict(method="exact", drafter=d, num_draft_tokens=kk)
+    if "EAGLE head" in drafters:  # EAGLE-2: a dynamic tree from the head, verified in one guided forward
+        from mmspec.drafters.feature import FeatureDrafter
+        from mmspec.drafters.tree import DynamicTree
+
+        tree = DynamicTree(depth=6, top_k=4, num_nodes=24)
+        methods[f"exact SD (EAGLE head, tree {tree.depth}/{tree.top_k}/{tree.num_nodes})"] = dict(
+            method="exact", drafter=FeatureDrafter(drafters["EAGLE head"], tree=tree))
     methods[f"SJD (window {sjd_window})"] = dict(method="sjd", num_draft_tokens=sjd_window)
     for name, d in drafters.items():
         tag = "" if name == "drafter" else f"{name}, "

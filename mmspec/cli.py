@@ -355,7 +355,7 @@ def _check_imagegen_args(args: argparse.Namespace) -> None:
     if args.prompt is None and not args.class_ids:
         raise CLIError(EXIT_BAD_INPUT, "give a condition: --class ID (class-conditional) or --prompt TEXT")
     for flag, path, what in (("--model", args.model, "AR image model"), ("--tokenizer", args.tokenizer, "VQ tokenizer"),
-                             ("--drafter", args.drafter, "AR image model")):
+                             ("--drafter", args.drafter, "AR image model or EAGLE head")):
         _check_model_path(flag, path, what, local_only=True)
     _check_sampling(args)
     _check_number(args, "num_images", lo=1, integer=True)
@@ -404,7 +404,11 @@ def _run_imagegen(args: argparse.Namespace) -> int:
     try:
         target = ig.ARImageModel.from_pretrained(args.model)
         tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-        if args.drafter:
+        if args.drafter and (Path(args.drafter) / "head_config.json").is_file():  # an EAGLE feature head
+            from mmspec.heads.eagle3 import Eagle3Head
+
+            method_args["drafter"] = Eagle3Head.load(args.drafter, target)
+        elif args.drafter:
             method_args["drafter"] = ig.ARImageModel.from_pretrained(args.drafter)
         if args.resampler:
             from mmspec.image_gen.token_resampler import TokenResampler
@@ -641,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "LANTERN++, MuLo-SD)")
     img.add_argument("--model", required=True, help="AR image model directory (ARImageModel.save_pretrained)")
     img.add_argument("--tokenizer", help="VQ tokenizer directory (to write PNGs)")
-    img.add_argument("--drafter", help="smaller AR image model (exact, lantern); low-resolution model (mulo)")
+    img.add_argument("--drafter", help="smaller AR image model or an EAGLE head folder (exact, lantern); low-resolution model (mulo)")
     img.add_argument("--class", dest="class_ids", type=int, action="append", default=[], help="class id (repeatable)")
     img.add_argument("--prompt", help="prompt for a text-conditional model")
     img.add_argument("--method", default="sjd", choices=list(METHOD_NAMES))

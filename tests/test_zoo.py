@@ -248,6 +248,11 @@ def test_training_scripts_produce_loadable_models_of_the_shipped_shapes(tmp_path
     assert {k: v.shape for k, v in tok.vq_model.state_dict().items()} == \
         {k: v.shape for k, v in ref_tok.vq_model.state_dict().items()}
     SceneClassifier.from_pretrained(out / "classifier")
+    from mmspec.heads.eagle3 import Eagle3Head
+
+    head, ref_head = Eagle3Head.load(out / "head"), Eagle3Head.load(WEIGHTS / "image" / "head")
+    assert {k: v.shape for k, v in head.state_dict().items()} == {k: v.shape for k, v in ref_head.state_dict().items()}
+    assert head.config.feature_layers == ref_head.config.feature_layers
     log = json.loads((out / "training.json").read_text())
     assert all(log[s]["finished"] for s in train_image.STAGES)
 
