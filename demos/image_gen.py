@@ -40,6 +40,7 @@ class ImageSession:
     resampler: Any = None  # MuLo-SD's learned U_r / D_r (None: decode -> resize -> re-encode)
     neighbours: Any = None  # LANTERN's latent-neighbour table long [V, k] (None: built from the tokenizer's codebook)
     mulo_neighbours: Any = None  # MuLo-SD's (fewer neighbours: BEST_RELAXED)
+    head: Any = None  # an EAGLE head over the target's hidden states (exact, LANTERN), or None
     max_images: int = 4
 
 
@@ -52,14 +53,22 @@ def load_session(model: str | None = None, tokenizer: str | None = None, drafter
 
         m = load_default_image_models()
         return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres, m.resampler, image_neighbours(m, 8),
-                            image_neighbours(m, BEST_RELAXED["neighbours_k"]))
+                            image_neighbours(m, BEST_RELAXED["neighbours_k"]), m.head)
     import mmspec.image_gen as ig
 
     if tokenizer is None:
         raise SystemExit("error: --tokenizer is required with --model (images are decoded by it)")
-    return ImageSession(ig.ARImageModel.from_pretrained(model), ig.VQTokenizer.from_pretrained(tokenizer),
+    from pathlib import Path
+
+    target = ig.ARImageModel.from_pretrained(model)
+    head = None
+    if drafter and (Path(drafter) / "head_config.json").is_file():  # --drafter names an EAGLE head folder
+        from mmspec.heads.eagle3 import Eagle3Head
+
+        head, drafter = Eagle3Head.load(drafter, target), None
+    return ImageSession(target, ig.VQTokenizer.from_pretrained(tokenizer),
                         ig.ARImageModel.from_pretrained(drafter) if drafter else None,
-                        ig.ARImageModel.from_pretrained(lowres) if lowres else None)
+                        ig.ARImageModel.from_pretrained(lowres) if lowres else None, head=head)
 
 
 def _condition(session: ImageSession, prompt: str):
@@ -71,9 +80,13 @@ def _condition(session: ImageSession, prompt: str):
     return int(text)
 
 
+DRAFTERS = ("AR drafter", "EAGLE head")
+
+
 def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_scale, temperature, top_k, k,
-                lantern_delta, lantern_lambda, mulo_tau):
-    """-> (method images, AR images, heat-map, stats markdown)."""
+                lantern_delta, lantern_lambda, mulo_tau, drafter="AR drafter"):
+    """-> (method images, AR images, heat-map, stats markdown). ``drafter``: which of :data:`DRAFTERS` drafts for
+    exact SD and LANTERN."""
     import mmspec
     import mmspec.image_gen as ig
     from mmspec.heatmap import heatmap_image
@@ -87,7 +100,10 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
     common = dict(condition=condition, num_images=n, cfg_scale=float(cfg_scale), temperature=float(temperature),
                   top_k=int(top_k) if top_k else None)
     spec = ig.METHODS[method]  # the registry says which drafter and parameters the method takes
-    model = {None: None, "same": session.drafter, "lowres": session.lowres}[spec.drafter]
+    if drafter not in DRAFTERS:
+        raise limit_error(f"Unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}.")
+    same = session.head if drafter == "EAGLE head" else session.drafter
+    model = {None: None, "same": same, "lowres": session.lowres}[spec.drafter]
     if spec.drafter is not None and model is None:
         flag = "--drafter" if spec.drafter == "same" else "--lowres"
         raise limit_error(f"Method {method!r} needs a {'low-resolution ' if spec.drafter == 'lowres' else ''}"
@@ -147,6 +163,8 @@ def build_demo(session: ImageSession):
                     delta = gr.Slider(0.0, 0.5, value=0.2, step=0.05, label="LANTERN δ")
                     lam = gr.Slider(1.0, 8.0, value=2.0, step=0.5, label="LANTERN++ λ")
                     tau = gr.Slider(0.0, 1.0, value=BEST_RELAXED["mulo_tau"], step=0.01, label="MuLo-SD τ")
+                    drafter = gr.Radio(list(DRAFTERS), value=DRAFTERS[0], label="drafter (exact SD, LANTERN)",
+                                       elem_id="drafter")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 with gr.Row():
@@ -158,7 +176,7 @@ def build_demo(session: ImageSession):
                                     format="png")
                     stats = gr.Markdown(elem_id="stats")
         go.click(lambda *a: make_images(session, *a), [prompt, method, seed, num, cfg, temperature, top_k, k, delta,
-                                                       lam, tau],
+                                                       lam, tau, drafter],
                  [images, ar_images, heat, stats], api_name="generate")
     return demo
 
@@ -168,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(port=7861)
     p.add_argument("--model", help="AR image model directory (default: the zoo target)")
     p.add_argument("--tokenizer", help="VQ tokenizer directory")
-    p.add_argument("--drafter", help="smaller AR model (exact, LANTERN)")
+    p.add_argument("--drafter", help="smaller AR model or an EAGLE head folder (exact, LANTERN)")
     p.add_argument("--lowres", help="low-resolution AR model (MuLo-SD)")
     a = p.parse_args(argv)
     if a.threads:

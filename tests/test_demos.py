@@ -144,7 +144,8 @@ def test_image_demo_generates_method_and_ar_side_by_side(image_url):
 
     client = Client(image_url, verbose=False)
     images, ar_images, heat, md = client.predict(
-        "a red circle at the top left", "lantern", 0, 2, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, api_name="/generate")
+        "a red circle at the top left", "lantern", 0, 2, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, "EAGLE head",
+        api_name="/generate")
     assert len(images) == 2 and len(ar_images) == 2 and Path(heat).is_file()
     assert "target forwards per image" in md and "| 257.0 |" in md  # plain AR: prompt prefill + one per token
 
@@ -156,7 +157,7 @@ def test_image_demo_bad_prompt_gets_a_message(image_url, prompt, expect):
 
     client = Client(image_url, verbose=False)
     with pytest.raises(Exception, match=expect):
-        client.predict(prompt, "ar", 0, 1, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, api_name="/generate")
+        client.predict(prompt, "ar", 0, 1, 3.0, 1.0, 16, 8, 0.2, 2.0, 0.3, "AR drafter", api_name="/generate")
 
 
 # ---------------------------------------------------------------- browser (headless Chromium)

@@ -22,14 +22,20 @@ def paths(tmp_path_factory):
     tok.save_pretrained(root / "tok")
     target.save_pretrained(root / "c2i")
     truncated_ar(target).save_pretrained(root / "c2i_draft")
+    from mmspec.image_gen import image_head
+
+    torch.manual_seed(0)
+    image_head(target, (0, 1, 2)).save(root / "c2i_head", dtype=torch.float32)  # an (untrained) EAGLE head folder
     text.save_pretrained(root / "t2i")
     return root
 
 
-@pytest.mark.parametrize("method", ["ar", "exact", "sjd"])
+@pytest.mark.parametrize("method", ["ar", "exact", "exact-head", "sjd"])
 def test_script_writes_images_stats_heatmap(paths, tmp_path, method):
     out = tmp_path / method
-    drafter = ["--drafter", str(paths / "c2i_draft")] if method == "exact" else []
+    drafter = {"exact": ["--drafter", str(paths / "c2i_draft")], "exact-head": ["--drafter", str(paths / "c2i_head")]}
+    drafter = drafter.get(method, [])
+    method = method.split("-")[0]
     rc = main(["imagegen", "--model", str(paths / "c2i"), "--tokenizer", str(paths / "tok"), *drafter,
                "--class", "3", "--class", "5", "--num-images", "2",
                "--method", method, "--seed", "1", "--out", str(out)])
