@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         rc |= image_gen.main(common + ["--only", "LANTERN,exact SD", "--draft-lengths", "8", "--lantern-deltas",
                                        "0.3,0.9,1.0", "--lantern-lambdas", "3,50", "--mulo-taus", "",
                                        "--section", "## Image generation: LANTERN budget sweep (issue 15)"])
+        rc |= image_gen.main(common + ["--only", "EAGLE head,exact SD (drafter", "--draft-lengths", "4,8",
+                                       "--mulo-taus", "", "--lantern-deltas", "0.3", "--lantern-lambdas", "3",
+                                       "--section", "## Image generation: EAGLE feature head (issue 15)"])
     if "trees" in parts:
         rc |= trees.main(common)
     if "train" in parts:
