@@ -10,6 +10,7 @@ from scipy import stats
 
 from mmspec import engine
 from mmspec.drafters.model import ModelDrafter
+from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import (ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter,
                                resolve_model_dir)
@@ -47,6 +48,8 @@ def _drafters(target):
     return {
         "head chain": lambda: load_smollm2_drafter("head", target, draft_length=4),
         "head tree": lambda: load_smollm2_drafter("head", target, tree=DynamicTree(depth=4, top_k=4, num_nodes=12)),
+        "head chain + TTS": lambda: TTSDrafter(load_smollm2_drafter("head", target, draft_length=4),
+                                               TTSConfig(update_every=1, window=32)),
         "standalone drafter": lambda: ModelDrafter(load_smollm2_drafter("model", target)),
         "prompt lookup": lambda: "prompt_lookup",
     }

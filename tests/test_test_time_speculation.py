@@ -42,7 +42,8 @@ def test_greedy_identical_to_hf_while_the_head_learns(arch, shape):
     tts = TTSDrafter(inner, TTSConfig(scope="persistent", **FAST))
     out = engine.generate(target, ids, attention_mask=mask, drafter=tts, max_new_tokens=24)
     assert torch.equal(out.sequences[:, : ref.shape[1]], ref)
-    assert tts.updates > 0 and _changed(before, head)
+    assert tts.updates > 0 and _changed(before, tts.head)
+    assert not _changed(before, head)  # the wrapper learns on its own copy
 
 
 def test_lora_updates_only_adapters_and_keeps_greedy_identity():
@@ -51,6 +52,7 @@ def test_lora_updates_only_adapters_and_keeps_greedy_identity():
     ids, mask = left_padded_prompts(2, 7, V, seed=1)
     ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     tts = TTSDrafter(FeatureDrafter(head, 3), TTSConfig(params="lora", lora_rank=4, scope="persistent", **FAST))
+    head = tts.head
     base = {k: v.clone() for k, v in head.state_dict().items() if "lora_" not in k}
     lora = {k: v.clone() for k, v in head.state_dict().items() if "lora_" in k}
     assert lora  # adapters were added
@@ -68,6 +70,7 @@ def test_scopes_reset_or_keep_what_was_learnt():
         head = make_head(target)
         start = _weights(head)
         tts = TTSDrafter(FeatureDrafter(head, 3), TTSConfig(scope=scope, **FAST))
+        head = tts.head
         engine.generate(target, ids, attention_mask=mask, drafter=tts, max_new_tokens=16)
         learnt = _weights(head)
         assert _changed(start, head)

@@ -17,7 +17,8 @@ Glossary:
                  of rank ``lora_rank`` on the head's projections; the base weights stay frozen)
     scope        ``"request"``: the head is reset to its starting weights (and a fresh optimiser) at every
                  ``start``; ``"persistent"``: what it learnt carries over to later requests until
-                 :meth:`TTSDrafter.reset`
+                 :meth:`TTSDrafter.reset`. The wrapper learns on its own copy of the head (``.head``); the
+                 head it was given never changes
     stale cache  the head's KV cache keeps the keys and values computed before an update; they are refreshed
                  as new tokens arrive (the target's output never depends on them)
 
@@ -28,6 +29,7 @@ drafts depend on the other rows of its batch (one head learns from all of them);
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -82,8 +84,11 @@ class TTSDrafter(Drafter):
     def __init__(self, drafter: FeatureDrafter, config: TTSConfig | None = None):
         if not isinstance(drafter, FeatureDrafter):
             raise TypeError(f"Test-Time Speculation wraps a FeatureDrafter, got {type(drafter).__name__}")
-        self.inner = drafter
-        self.head = drafter.head
+        # a private copy of the head (the borrowed target embedding stays shared): the caller's head never changes
+        head = copy.deepcopy(drafter.head, memo={id(drafter.head._embed): drafter.head._embed})
+        self.inner = copy.copy(drafter)
+        self.inner.head = self.inner.model = head
+        self.head = head
         self.config = config if config is not None else TTSConfig()
         self.vocab_size = drafter.vocab_size
         layers = tuple(drafter.hidden_layers)
