@@ -3,7 +3,8 @@
 Runs, one after the other (never concurrently: 2-core timings), the text benchmark (toy pair, then
 SmolLM2-135M-Instruct with its trained drafters), the VLM
 benchmark on the zoo pair, the image-generation benchmark on the zoo image models, draft trees
-against chains (and MuLo-SD on the cached loop), and the zoo's
+against chains (and MuLo-SD on the cached loop), Test-Time Speculation on SmolLM2 under a domain
+shift, and the zoo's
 training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own
 baseline, and writes the sections of ``--out`` plus the PNGs (speed-quality, acceptance histograms)
 into ``--plots``.
@@ -15,19 +16,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_gen, smollm2, smollm2_vlm, text, trees, vlm, zoo_training
+from . import image_gen, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,train",
-                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,train")
+    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,train",
+                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,tts,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "train"}
+    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "tts", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "--section", "## Image generation: EAGLE feature head (issue 15)"])
     if "trees" in parts:
         rc |= trees.main(common)
+    if "tts" in parts:
+        rc |= tts.main(common + plots)
     if "train" in parts:
         rc |= zoo_training.main(common)
     return rc

@@ -7,9 +7,11 @@ from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
 from .model import ModelDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
+from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
 from .tree import DynamicTree, StaticTree, TreeDrafter
 
 __all__ = [
     "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
+    "TTSConfig", "TTSConfigError", "TTSDrafter",
 ]
