@@ -107,6 +107,17 @@ def _table(models) -> torch.Tensor:
     return image_neighbours(models, 8)
 
 
+def _median_ms(forward, undo, repeats: int) -> float:
+    """Median milliseconds of ``forward()`` over ``repeats`` runs, ``undo()`` (untimed) after each."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - t0)
+        undo()
+    return 1000 * statistics.median(times)
+
+
 @torch.no_grad()
 def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
     """ms of one cached forward of N tokens at batch 1 under CFG (two rows), after a 64-token context (32 for
@@ -127,14 +138,8 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
         for w in widths:
             if ctx + w > model.config.num_image_tokens:
                 continue
-            toks = torch.zeros((1, w), dtype=torch.long)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                session.extend(toks)
-                times.append(time.perf_counter() - t0)
-                session.rollback(torch.tensor([w]))
-            ms[w] = 1000 * statistics.median(times)
+            ms[w] = _median_ms(lambda: session.extend(torch.zeros((1, w), dtype=torch.long)),
+                               lambda: session.rollback(torch.tensor([w])), repeats)
         base[name] = ms[1]
         cells = " | ".join(f"{ms[w]:.1f}" if w in ms else "–" for w in widths)
         cfg = model.config
@@ -148,13 +153,8 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
         session.extend(torch.zeros((2, 64), dtype=torch.long), features=torch.zeros((2, 64, d)))
         ms = {}
         for w in widths:
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                session.extend(torch.zeros((2, w), dtype=torch.long), features=torch.zeros((2, w, d)))
-                times.append(time.perf_counter() - t0)
-                session.rollback(torch.tensor([w, w]))
-            ms[w] = 1000 * statistics.median(times)
+            ms[w] = _median_ms(lambda: session.extend(torch.zeros((2, w), dtype=torch.long), features=torch.zeros((2, w, d))),
+                               lambda: session.rollback(torch.tensor([w, w])), repeats)
         cells = " | ".join(f"{ms[w]:.1f}" for w in widths)
         rows.append(f"| EAGLE head (1 layer × {d}, on the target's features) | {cells} | {ms[1] / base['target']:.2f} |")
     head = ("| model | " + " | ".join(f"N={w}" for w in widths) + " | c (1-token forward / target's) |\n"

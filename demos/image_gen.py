@@ -58,17 +58,12 @@ def load_session(model: str | None = None, tokenizer: str | None = None, drafter
 
     if tokenizer is None:
         raise SystemExit("error: --tokenizer is required with --model (images are decoded by it)")
-    from pathlib import Path
-
     target = ig.ARImageModel.from_pretrained(model)
-    head = None
-    if drafter and (Path(drafter) / "head_config.json").is_file():  # --drafter names an EAGLE head folder
-        from mmspec.heads.eagle3 import Eagle3Head
-
-        head, drafter = Eagle3Head.load(drafter, target), None
-    return ImageSession(target, ig.VQTokenizer.from_pretrained(tokenizer),
-                        ig.ARImageModel.from_pretrained(drafter) if drafter else None,
-                        ig.ARImageModel.from_pretrained(lowres) if lowres else None, head=head)
+    loaded = ig.load_image_drafter(drafter, target) if drafter else None  # an AR model or an EAGLE head
+    is_model = isinstance(loaded, ig.ARImageModel)
+    return ImageSession(target, ig.VQTokenizer.from_pretrained(tokenizer), loaded if is_model else None,
+                        ig.ARImageModel.from_pretrained(lowres) if lowres else None,
+                        head=None if is_model else loaded)
 
 
 def _condition(session: ImageSession, prompt: str):

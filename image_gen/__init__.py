@@ -7,7 +7,7 @@ one decoding loop of :mod:`mmspec.engine` (MuLo-SD: its reference loop for now).
 """
 
 from .ar_drafter import ARDrafter
-from .feature_head import forced_batch, image_head
+from .feature_head import forced_batch, image_head, load_image_drafter
 from .fixed_point import FixedPointEncoding, FixedPointError, FixedPointResult
 from .generate import ImageGenerationOutput, generate, generate_stream
 from .methods import METHOD_NAMES, METHODS, ImageMethod, MethodError, get_method
@@ -21,5 +21,5 @@ __all__ = [
     "FixedPointResult", "ImageGenerationOutput", "ImageGenerationStats", "ImageMethod", "ImageTokenizer",
     "InvalidImageError", "InvalidTokenError", "JacobiDrafter", "METHOD_NAMES", "METHODS", "MethodError",
     "VQTokenizer", "forced_batch", "generate", "generate_stream", "get_method", "guidance_scale",
-    "guide", "image_head", "tiny_vq_tokenizer",
+    "guide", "image_head", "load_image_drafter", "tiny_vq_tokenizer",
 ]

@@ -30,6 +30,15 @@ from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
 from .model import ARImageModel
 
 
+def load_image_drafter(path, target: ARImageModel) -> ARImageModel | Eagle3Head:
+    """A drafter folder: an EAGLE head (``head_config.json``, attached to ``target``) or an AR image model."""
+    from pathlib import Path
+
+    if (Path(path) / "head_config.json").is_file():
+        return Eagle3Head.load(path, target)
+    return ARImageModel.from_pretrained(path)
+
+
 def image_head(target: ARImageModel, layers: Sequence[int]) -> Eagle3Head:
     """A fresh head for ``target`` reading hidden-state indices ``layers`` (three of 0 .. num_layers),
     predicting over the whole codebook, attached to the target."""

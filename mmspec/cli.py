@@ -404,12 +404,8 @@ def _run_imagegen(args: argparse.Namespace) -> int:
     try:
         target = ig.ARImageModel.from_pretrained(args.model)
         tokenizer = ig.VQTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-        if args.drafter and (Path(args.drafter) / "head_config.json").is_file():  # an EAGLE feature head
-            from mmspec.heads.eagle3 import Eagle3Head
-
-            method_args["drafter"] = Eagle3Head.load(args.drafter, target)
-        elif args.drafter:
-            method_args["drafter"] = ig.ARImageModel.from_pretrained(args.drafter)
+        if args.drafter:  # an AR image model or an EAGLE head folder
+            method_args["drafter"] = ig.load_image_drafter(args.drafter, target)
         if args.resampler:
             from mmspec.image_gen.token_resampler import TokenResampler
 

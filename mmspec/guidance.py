@@ -76,6 +76,15 @@ def guidance_scale(cfg_scale: float, schedule: str, positions: torch.Tensor, num
     raise MMSpecError(f"unknown cfg schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
+def guide_halves(logits: torch.Tensor, guidance: Guidance, predicts: torch.Tensor) -> torch.Tensor:
+    """Logits of both halves [2B, ..., V] (conditional rows first) -> guided logits [B, ..., V] at the scale of
+    the generated index each column predicts, ``predicts`` long [B, ...]."""
+    batch = logits.shape[0] // 2
+    g = guidance
+    scale = guidance_scale(g.scale, g.schedule, predicts.clamp_min(0), g.num_tokens).unsqueeze(-1)
+    return guide(logits[:batch].float(), logits[batch:].float(), scale.to(logits.device))
+
+
 class GuidedSession:
     """One model's cache over 2B rows (both halves) returning guided logits [B, w, V]."""
 
@@ -177,9 +186,7 @@ class GuidedSession:
         return rows
 
     def _guided(self, logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        g = self.guidance
-        scale = guidance_scale(g.scale, g.schedule, pos.clamp_min(0), g.num_tokens).unsqueeze(-1)
-        return guide(logits[: self.batch].float(), logits[self.batch:].float(), scale.to(logits.device))
+        return guide_halves(logits, self.guidance, pos)
 
     # -- draft trees (see CacheSession.extend_tree) ---------------------------------------------
     def begin_tree(self) -> None:

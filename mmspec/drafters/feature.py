@@ -33,7 +33,7 @@ import torch
 from ..cache import CacheSession
 from ..config import SamplingParams
 from ..errors import DeviceMismatchError, VocabularyMismatchError
-from ..guidance import Guidance, conditional_prompts, guidance_scale, guide, guided_rows
+from ..guidance import Guidance, conditional_prompts, guide_halves, guided_rows
 from ..heads.eagle3 import Eagle3Head
 from ..rng import DRAFT, RowRandom
 from ..sampling import logits_to_probs, sample_inverse_cdf
@@ -103,11 +103,7 @@ class FeatureDrafter(ModelDrafter):
     def _sequence_logits(self, logits: torch.Tensor, predicts: torch.Tensor) -> torch.Tensor:
         """Head-row logits [R, ..., Vd] -> each sequence's drafting logits [B, ..., Vd]: the guided combination of
         its two halves at the CFG scale of the generated index ``predicts`` long [B, ...] (the identity unguided)."""
-        if self.guidance is None:
-            return logits
-        g = self.guidance
-        scale = guidance_scale(g.scale, g.schedule, predicts.clamp_min(0), g.num_tokens).unsqueeze(-1)
-        return guide(logits[: self.batch].float(), logits[self.batch:].float(), scale.to(logits.device))
+        return logits if self.guidance is None else guide_halves(logits, self.guidance, predicts)
 
     def _ready(self) -> torch.Tensor:
         """bool [B]: sequences whose head rows all hold a pair (they can draft)."""

@@ -197,7 +197,7 @@ class TTSDrafter(Drafter):
     # ----------------------------------------------------------------------------------- learning
     def _features(self, hidden: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.head.fc.weight.dtype
-        feats = torch.cat([hidden[layer] for layer in self.head.config.feature_layers], dim=-1)
+        feats = self.inner._features(hidden)
         return feats.detach().to(dtype).cpu(), hidden[_FINAL].detach().to(dtype).cpu()
 
     def _append(self, row: dict, tokens: list[int], feats: torch.Tensor, final: torch.Tensor, scored) -> None:

@@ -180,8 +180,10 @@ def export_live_codes(tok: VQTokenizer, out: Path) -> None:
     (out / LIVE_CODES_FILE).write_text(json.dumps({"live": live, "num_live": len(live)}) + "\n")
 
 
-def ar_batch(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, image_size: int):
-    """Left-padded (prefix + image tokens) ids, mask, positions and next-token targets of one step."""
+def scene_tokens(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, image_size: int,
+                 cond_drop: float) -> tuple[torch.Tensor, list[list[int]]]:
+    """One step's training scenes: their image tokens long [B, N] at ``image_size`` and each one's prefix ids,
+    the null prompt's with probability ``cond_drop`` (a pure function of (seed, step))."""
     scenes = train_scenes(seed, step, batch)
     x = render_batch(scenes)
     if image_size != IMAGE_SIZE:
@@ -189,8 +191,13 @@ def ar_batch(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch:
     with torch.no_grad():
         codes = tok.encode(x).flatten(1)  # [B, N]
     g = torch.Generator().manual_seed(seed * 7919 + step)
-    drop = torch.rand(batch, generator=g) < COND_DROP
-    prefixes = [model.prefix_ids(s.caption(), unconditional=bool(d)) for s, d in zip(scenes, drop)]
+    drop = torch.rand(batch, generator=g) < cond_drop
+    return codes, [model.prefix_ids(s.caption(), unconditional=bool(d)) for s, d in zip(scenes, drop)]
+
+
+def ar_batch(model: ARImageModel, tok: VQTokenizer, seed: int, step: int, batch: int, image_size: int):
+    """Left-padded (prefix + image tokens) ids, mask, positions and next-token targets of one step."""
+    codes, prefixes = scene_tokens(model, tok, seed, step, batch, image_size, COND_DROP)
     P = max(len(p) for p in prefixes)
     N = codes.shape[1]
     ids = torch.zeros(batch, P + N - 1, dtype=torch.long)
@@ -266,12 +273,7 @@ def head_batch(target: ARImageModel, tok: VQTokenizer, seed: int, step: int, bat
     probability ``uncond`` (:func:`mmspec.image_gen.feature_head.forced_batch`)."""
     from mmspec.image_gen.feature_head import forced_batch
 
-    scenes = train_scenes(seed, step, batch)
-    with torch.no_grad():
-        codes = tok.encode(render_batch(scenes)).flatten(1)  # [B, N]
-    g = torch.Generator().manual_seed(seed * 7919 + step)
-    drop = torch.rand(batch, generator=g) < uncond
-    prefixes = [target.prefix_ids(s.caption(), unconditional=bool(d)) for s, d in zip(scenes, drop)]
+    codes, prefixes = scene_tokens(target, tok, seed, step, batch, IMAGE_SIZE, uncond)
     return forced_batch(target, prefixes, codes, layers)
 
 
