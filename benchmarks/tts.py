@@ -53,6 +53,47 @@ def code_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
     return out
 
 
+MAN_PAGES = ("dpkg-deb", "dpkg-query", "dpkg-source", "apt-transport-http", "dpkg-split", "dpkg-divert")
+
+
+def _render_man(path: Path) -> str:
+    """A man page as plain text: ``man -l`` when the machine has it, else the troff source with its requests
+    and font escapes stripped."""
+    import gzip
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("man"):
+        out = subprocess.run(["man", "-l", str(path)], capture_output=True, text=True,
+                             env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": "0"})
+        if out.returncode == 0 and out.stdout.strip():
+            return re.sub(r".\x08", "", out.stdout)
+    src = gzip.open(path, "rt", errors="replace").read()
+    lines = [ln for ln in src.splitlines() if not ln.startswith((".", "'"))]
+    text = re.sub(r"\\f[BIRP]|\\&|\\-", lambda m: "-" if m.group(0).endswith("-") else "", "\n".join(lines))
+    return re.sub(r"\\\(:([aouAOU])", r"\1e", text)
+
+
+def german_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
+    """The first ``length`` tokens of ``count`` German man pages (Debian's translations on this machine): prose
+    in another language, where the chat-trained head meets text it has never seen."""
+    root = Path("/usr/share/man/de")
+    out = []
+    for name in MAN_PAGES:
+        hits = sorted(root.glob(f"man*/{name}.*.gz"))
+        if not hits:
+            continue
+        text = " ".join(_render_man(hits[0]).split())  # one paragraph: no layout whitespace to copy
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :length]
+        out.append(ids)
+        if len(out) == count:
+            break
+    if len(out) < count:
+        raise SystemExit(f"only {len(out)} German man pages found under {root}, {count} asked for")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from mmspec import engine
     from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
@@ -65,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--bin", type=int, default=128, help="output positions per τ bin")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (outputs checked against AR)")
+    ap.add_argument("--domain", choices=["code", "german"], default="code",
+                    help="code: standard-library source; german: German man pages (prose in another language)")
     ap.add_argument("--section", default=SECTION, help="the RESULTS.md section heading to (re)write")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
@@ -75,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     load = os.getloadavg()[0]
     target, tok = load_causal_lm()
-    prompts = code_prompts(tok, args.prompts, args.prompt_tokens)
+    prompts = (code_prompts if args.domain == "code" else german_prompts)(tok, args.prompts, args.prompt_tokens)
+    sources = (", ".join(MODULES[:len(prompts)]) + " (standard-library source" if args.domain == "code"
+               else ", ".join(MAN_PAGES[:len(prompts)]) + " (German man pages, rendered to one paragraph")
     head = load_smollm2_drafter("head", target, draft_length=args.k)
     methods = {
         "AR": lambda: None,
@@ -147,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         args.section, "",
         f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads, "
         f"load average {load:.2f} at start), torch {torch.__version__}. {len(prompts)} prompts: the first "
-        f"{args.prompt_tokens} tokens of {', '.join(MODULES[:len(prompts)])} (standard-library source, no chat "
-        f"template; the head was trained on chat answers), {args.new_tokens} tokens each ({'greedy' if args.temperature == 0 else f'sampled at temperature {args.temperature}'}, EOS off), k = "
+        f"{args.prompt_tokens} tokens of {sources}, no chat "
+        f"template; the head was trained on English chat answers), {args.new_tokens} tokens each ({'greedy' if args.temperature == 0 else f'sampled at temperature {args.temperature}'}, EOS off), k = "
         f"{args.k}, batch 1. Outputs identical to plain AR for every method: {identical}. {repeated:.0%} of the "
         "generated 4-grams had appeared earlier in the prompt or the output (how much an n-gram lookup can "
         "find).", "",
@@ -174,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             ax.plot([b + args.bin / 2 for b in bins], [tau(n, b, b + args.bin) for b in bins], marker="o", label=n)
         ax.set_xlabel("output position (tokens)")
         ax.set_ylabel("τ (tokens per target forward)")
-        ax.set_title("SmolLM2 continuing Python source")
+        ax.set_title("SmolLM2 continuing " + ("Python source" if args.domain == "code" else "German prose"))
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
         args.plots.mkdir(parents=True, exist_ok=True)
-        suffix = "" if args.temperature == 0 else f"_t{args.temperature:g}"
+        suffix = ("" if args.domain == "code" else f"_{args.domain}") + ("" if args.temperature == 0 else f"_t{args.temperature:g}")
         fig.savefig(args.plots / f"tts_tau_by_position{suffix}.png", dpi=120)
     return 0 if identical in (True, "n/a (sampled)") else 1
 

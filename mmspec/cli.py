@@ -536,6 +536,7 @@ def _run_train_drafter(args: argparse.Namespace) -> int:
     _check_number(args, "num_prompts", lo=17, integer=True)
     _check_number(args, "draft_vocab", lo=1, integer=True)
     _check_number(args, "layers", lo=1, integer=True)
+    _check_number(args, "num_heads", lo=1, integer=True)
     _check_number(args, "max_new_tokens", lo=1, integer=True)
     if not args.target.strip():
         raise CLIError(EXIT_BAD_INPUT, "--target is empty")
@@ -549,7 +550,8 @@ def _run_train_drafter(args: argparse.Namespace) -> int:
                                        "self-distillation prompts)")
     summary = train_drafter(model, tokenizer, kind=args.kind, out=args.out, minutes=args.minutes,
                             num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                            draft_vocab_size=args.draft_vocab, num_layers=args.layers, seed=args.seed)
+                            draft_vocab_size=args.draft_vocab, num_layers=args.layers, num_heads=args.num_heads,
+                            seed=args.seed)
     print(f"{args.kind} drafter written to {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return EXIT_OK
 
@@ -603,15 +605,17 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.set_defaults(func=_run_vlm)
 
     td = sub.add_parser("train-drafter", help="train a drafter for a causal LM by self-distillation: an EAGLE-3 "
-                                              "head (--kind head) or a small drafter LM (--kind model)")
+                                              "head (--kind head), a small drafter LM (--kind model) or "
+                                              "blockwise parallel heads (--kind heads)")
     td.add_argument("--target", default="smollm2", help="HF folder, .gguf file or 'smollm2' (default)")
-    td.add_argument("--kind", default="head", choices=["head", "model"])
+    td.add_argument("--kind", default="head", choices=["head", "model", "heads"])
     td.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (data + training); "
                                                                  "re-running with the same --out continues")
     td.add_argument("--out", default="mmspec_drafter", help="run directory (data, checkpoints, the drafter)")
     td.add_argument("--num-prompts", type=int, default=1024, help="self-distillation prompts (stdlib docstrings)")
     td.add_argument("--max-new-tokens", type=int, default=160, help="answer length per prompt")
-    td.add_argument("--draft-vocab", type=int, default=4096, help="FR-Spec draft vocabulary size (head)")
+    td.add_argument("--draft-vocab", type=int, default=4096, help="FR-Spec draft vocabulary size (head, heads)")
+    td.add_argument("--num-heads", type=int, default=4, help="blockwise heads: tokens proposed per block (heads)")
     td.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
     td.add_argument("--seed", type=int, default=0)
     td.set_defaults(func=_run_train_drafter)

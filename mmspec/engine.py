@@ -149,7 +149,8 @@ def warn_ignored_generation_settings(model: torch.nn.Module) -> list[str]:
 
 
 def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | None) -> Drafter:
-    """Accept a Drafter, a HF model (-> ModelDrafter), ``"prompt_lookup"`` or None (plain AR)."""
+    """Accept a Drafter, a HF model (-> ModelDrafter), an EAGLE-3 head (-> FeatureDrafter), blockwise heads
+    (-> BlockwiseDrafter), ``"prompt_lookup"`` or None (plain AR)."""
     if drafter is None:
         return NoDrafter()
     if isinstance(drafter, str):
@@ -157,7 +158,19 @@ def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | No
             raise ValueError(f"unknown drafter {drafter!r}; pass a Drafter, a model or 'prompt_lookup'")
         drafter = PromptLookupDrafter()
     elif isinstance(drafter, torch.nn.Module):
-        drafter = ModelDrafter(drafter)
+        from .heads.blockwise import BlockwiseHeads
+        from .heads.eagle3 import Eagle3Head
+
+        if isinstance(drafter, BlockwiseHeads):
+            from .drafters.blockwise import BlockwiseDrafter
+
+            drafter = BlockwiseDrafter(drafter)
+        elif isinstance(drafter, Eagle3Head):
+            from .drafters.feature import FeatureDrafter
+
+            drafter = FeatureDrafter(drafter)
+        else:
+            drafter = ModelDrafter(drafter)
     elif not isinstance(drafter, Drafter):
         raise TypeError(f"drafter must be a Drafter, a torch model or 'prompt_lookup', got {type(drafter).__name__}")
     if num_draft_tokens is not None and hasattr(drafter, "set_default_length"):

@@ -134,13 +134,14 @@ def chat_inputs(tokenizer: Any, prompts: list[str], *, system: str | None = None
 
 
 #: the drafters this repository trained for SmolLM2 (``mmspec train-drafter``), under the zoo's weights
-SMOLLM2_DRAFTERS = {"head": "smollm2/head", "model": "smollm2/drafter"}
+SMOLLM2_DRAFTERS = {"head": "smollm2/head", "model": "smollm2/drafter", "heads": "smollm2/heads"}
 
 
 def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
     """The shipped drafter for SmolLM2 (checked against the zoo's ``SHA256SUMS``): ``"head"`` -> a
     :class:`~mmspec.drafters.feature.FeatureDrafter` (``kwargs``: draft length / ``tree=``), ``"model"`` ->
-    the distilled 2-layer drafter LM around ``target``'s embedding and head."""
+    the distilled 2-layer drafter LM around ``target``'s embedding and head, ``"heads"`` -> a
+    :class:`~mmspec.drafters.blockwise.BlockwiseDrafter` (``kwargs``: ``lattice=`` / ``rescorer=``)."""
     from .distill import load_drafter
     from .zoo import WEIGHTS_DIR, verify_checksums
 
@@ -148,4 +149,4 @@ def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
         raise ValueError(f"kind must be one of {sorted(SMOLLM2_DRAFTERS)}, got {kind!r}")
     verify_checksums(SMOLLM2_DRAFTERS[kind])
     folder = Path(WEIGHTS_DIR) / SMOLLM2_DRAFTERS[kind]
-    return load_drafter(folder, target, **kwargs) if kind == "head" else load_drafter(folder, target)
+    return load_drafter(folder, target, **kwargs) if kind in ("head", "heads") else load_drafter(folder, target)

@@ -1,10 +1,11 @@
 """Training drafters for a target the user already has: self-distillation data, an EAGLE-3 head, a
-standalone drafter LM (``mmspec train-drafter``).
+standalone drafter LM, blockwise parallel heads (``mmspec train-drafter``).
 
 Glossary:
     run dir   ``out/``: ``data/`` (self-distillation shards), ``train_state.pt`` while training, and
-              the finished drafter (``head.safetensors`` + ``head_config.json``, or
-              ``drafter.safetensors`` + ``config.json``); re-running the same command continues
+              the finished drafter (``head.safetensors`` + ``head_config.json``,
+              ``drafter.safetensors`` + ``config.json``, or ``blockwise.safetensors`` +
+              ``blockwise_config.json``); re-running the same command continues
     budget    ``minutes`` for the whole job: the data takes up to ``data_share`` of it (the target's own
               answers first, teacher-forced documentation in what is left), training the rest
 """
@@ -16,15 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-KINDS = ("head", "model")
+KINDS = ("head", "model", "heads")
 
 
 def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | Path, minutes: float = 30.0,
                   data_dir: str | Path | None = None, num_prompts: int = 1024, max_new_tokens: int = 160,
                   batch_size: int = 16, data_share: float = 0.4, draft_vocab_size: int = 4096,
-                  num_layers: int = 2, seed: int = 0, progress: bool = True) -> dict:
+                  num_layers: int = 2, num_heads: int = 4, seed: int = 0, progress: bool = True) -> dict:
     """Build self-distillation data from ``model``'s answers, then train a drafter of ``kind``
-    (``"head"``: EAGLE-3 head, ``"model"``: a distilled ``num_layers`` drafter LM) into ``out``."""
+    (``"head"``: EAGLE-3 head, ``"model"``: a distilled ``num_layers`` drafter LM, ``"heads"``: ``num_heads``
+    blockwise parallel heads) into ``out``."""
     from .data import build_dataset, build_forced_dataset, load_examples
     from .train_head import HeadTraining, train_head
     from .train_model import train_model_drafter
@@ -48,6 +50,12 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     if kind == "head":
         summary = train_head(model, examples, out, config=HeadTraining(draft_vocab_size=draft_vocab_size, seed=seed),
                              minutes=left, tokenizer=tokenizer, progress=progress)
+    elif kind == "heads":
+        from .train_blockwise import BlockwiseTraining, train_blockwise_heads
+
+        summary = train_blockwise_heads(model, examples, out, config=BlockwiseTraining(
+            num_heads=num_heads, draft_vocab_size=draft_vocab_size, seed=seed), minutes=left, tokenizer=tokenizer,
+            progress=progress)
     else:
         summary = train_model_drafter(model, examples, out, num_layers=num_layers, minutes=left, seed=seed,
                                       progress=progress)
@@ -57,16 +65,23 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
 
 
 def load_drafter(folder: str | Path, target: Any, **kwargs: Any):
-    """A trained drafter folder -> a :class:`~mmspec.drafters.feature.FeatureDrafter` (head) or a HF
-    causal LM (distilled model), attached to ``target``."""
+    """A trained drafter folder -> a :class:`~mmspec.drafters.feature.FeatureDrafter` (head), a
+    :class:`~mmspec.drafters.blockwise.BlockwiseDrafter` (heads) or a HF causal LM (distilled model), attached
+    to ``target``."""
     folder = Path(folder)
     if (folder / "head_config.json").is_file():
         from ..drafters.feature import FeatureDrafter
         from ..heads.eagle3 import Eagle3Head
 
         return FeatureDrafter(Eagle3Head.load(folder, target, dtype=next(target.parameters()).dtype), **kwargs)
+    if (folder / "blockwise_config.json").is_file():
+        from ..drafters.blockwise import BlockwiseDrafter
+        from ..heads.blockwise import BlockwiseHeads
+
+        return BlockwiseDrafter(BlockwiseHeads.load(folder, target, dtype=next(target.parameters()).dtype), **kwargs)
     if (folder / "drafter.safetensors").is_file():
         from .train_model import load_model_drafter
 
         return load_model_drafter(folder, target)
-    raise FileNotFoundError(f"no trained drafter at {folder} (head_config.json or drafter.safetensors)")
+    raise FileNotFoundError(f"no trained drafter at {folder} (head_config.json, blockwise_config.json or "
+                            "drafter.safetensors)")
