@@ -15,8 +15,9 @@ Glossary:
                 final hidden state, lattice of the top ``--top-k`` tokens per head
     p           candidates (lattice paths) verified per step as one tree; every blockwise row at one p verifies
                 the same number of candidates, so τ differences are the rescoring's
-    n-gram      trigram Witten-Bell model of local text (standard-library docstrings on this machine, tokenized)
-                mixed 1:1 with one of the row's own context, weight ``--ngram-weight``
+    n-gram      trigram Witten-Bell model of local text (the answers the heads were trained on, shipped as their
+                folder's token table, ``load_smollm2_ngram``; never the benchmark's prompts) mixed 1:1 with one of
+                the row's own context, weight ``--ngram-weight``
     neural      the distilled 2-layer SmolLM2 drafter (the standalone drafter of issue 13) scoring the beams,
                 weight ``--neural-weight``; one drafter forward per lattice column
     τ           tokens emitted per target forward; "vs plain" is τ / τ of the plain heads at the same p
@@ -40,21 +41,15 @@ import torch
 SECTION = "## Blockwise parallel drafts with lattice rescoring on SmolLM2 (issue 16)"
 
 
-def docstring_ngram(tokenizer, order: int = 3, limit_modules: int = 400):
-    """A global n-gram model of the standard library's docstrings (text found on this machine)."""
-    from mmspec.distill.data import _docstrings
-    from mmspec.drafters.lattice_rescoring import NGramModel
-
-    seqs = [tokenizer(d, add_special_tokens=False)["input_ids"] for _, _, d in _docstrings(limit_modules)]
-    return NGramModel.from_sequences(seqs, order, len(tokenizer)), sum(len(s) for s in seqs)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.blockwise", description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--candidates", default="1,4", help="comma-separated p values")
+    ap.add_argument("--depth", type=int, default=None, help="heads used per block (default: all)")
+    ap.add_argument("--pack", action="store_true", help="pre-pack the target's and the drafter LM's linear weights "
+                                                          "for oneDNN first (mmspec.cpu_packing)")
     ap.add_argument("--ngram-weight", type=float, default=0.5)
     ap.add_argument("--neural-weight", type=float, default=0.5)
     ap.add_argument("--k-head", type=int, default=3, help="EAGLE-3 head chain length")
@@ -73,19 +68,25 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec import engine
     from mmspec.drafters.blockwise import Lattice
     from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
-    from mmspec.pretrained import chat_inputs, load_causal_lm, load_smollm2_drafter
+    from mmspec.pretrained import chat_inputs, load_causal_lm, load_smollm2_drafter, load_smollm2_ngram
 
     load = os.getloadavg()[0]
     target, tok = load_causal_lm()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     small = load_smollm2_drafter("model", target)
+    if a.pack:
+        from mmspec.cpu_packing import pack_linear_weights
+
+        pack_linear_weights(target)
+        pack_linear_weights(small)
     t0 = time.perf_counter()
-    ngram, ngram_tokens = docstring_ngram(tok)
+    ngram = load_smollm2_ngram(order=3)
+    ngram_tokens = sum(ngram.totals[0].values())
     ngram_build = time.perf_counter() - t0
     ps = [int(x) for x in a.candidates.split(",") if x.strip()]
 
     def heads(p: int, rescorer=None):
-        return lambda: load_smollm2_drafter("heads", target, lattice=Lattice(top_k=a.top_k, num_candidates=p),
+        return lambda: load_smollm2_drafter("heads", target, lattice=Lattice(top_k=a.top_k, num_candidates=p, depth=a.depth),
                                             rescorer=rescorer() if rescorer else None)
 
     methods = {"AR": lambda: None, "prompt lookup": lambda: "prompt_lookup",
@@ -142,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         a.section, "",
         f"`{cmd}` — {_dt.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"2 threads, load average {load:.2f} at the start. {a.prompts} held-out chat prompts × {a.max_new_tokens} "
-        f"new tokens, batch 1, greedy; lattice top-{a.top_k} per head; outputs identical to plain AR: {identical}. "
-        f"Global n-gram: trigrams of {ngram_tokens} docstring tokens (built in {ngram_build:.1f} s).", "",
+        f"new tokens, batch 1, greedy; lattice top-{a.top_k} per head, depth {a.depth or 'all heads'}"
+        f"{'; linear weights pre-packed' if a.pack else ''}; outputs identical to plain AR: {identical}. "
+        f"Global n-gram: trigrams of the heads' {ngram_tokens} training-answer tokens (built in {ngram_build:.1f} s); "
+        f"weights: n-gram {a.ngram_weight}, neural {a.neural_weight} (chosen on 4 other prompts).", "",
         "| method | speedup vs AR | tok/s | τ | τ vs plain heads (same p) | nodes/step | split target/draft/verify (ms per step) |",
         "|---|---|---|---|---|---|---|", *rows, ""])
     print(text)

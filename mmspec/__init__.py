@@ -6,8 +6,9 @@ batched; the same loop serves :mod:`mmspec.vision` and :mod:`mmspec.image_gen`.
 """
 
 from .config import SamplingParams
-from .drafters import (ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
-                       ModelDrafter, PromptLookupDrafter, StaticTree, TreeDrafter, check_same_tokenizer)
+from .drafters import (BlockwiseDrafter, ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
+                       Lattice, ModelDrafter, NGramRescorer, NeuralRescorer, PromptLookupDrafter, StaticTree, TreeDrafter,
+                       check_same_tokenizer)
 from .engine import GenerationOutput, StepEvent, generate, generate_stream
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError, InvalidLengthError,
                      InvalidSamplingError, MethodParameterError, MMSpecError, NonFiniteError, ShapeError,
@@ -20,7 +21,7 @@ from .verify import ExactRule, GreedyRule, TreeVerifyResult, VerifyResult, verif
 __version__ = "0.1.0"
 
 __all__ = [
-    "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
+    "BlockwiseDrafter", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
     "ExactRule", "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "Guidance",
     "HeuristicDraftLength", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
     "MMSpecError", "MethodParameterError", "ModelDrafter", "NonFiniteError", "PromptLookupDrafter", "RowRandom",

@@ -150,3 +150,14 @@ def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
     verify_checksums(SMOLLM2_DRAFTERS[kind])
     folder = Path(WEIGHTS_DIR) / SMOLLM2_DRAFTERS[kind]
     return load_drafter(folder, target, **kwargs) if kind in ("head", "heads") else load_drafter(folder, target)
+
+
+def load_smollm2_ngram(order: int = 3) -> Any:
+    """The n-gram model of the answers the shipped SmolLM2 blockwise heads were trained on (their folder's
+    ``corpus.safetensors``, checksummed): local text for
+    :class:`~mmspec.drafters.lattice_rescoring.NGramRescorer`. About 160 k tokens; builds in a few seconds."""
+    from .distill.train_blockwise import load_corpus_ngram
+    from .zoo import WEIGHTS_DIR, verify_checksums
+
+    verify_checksums(SMOLLM2_DRAFTERS["heads"])
+    return load_corpus_ngram(Path(WEIGHTS_DIR) / SMOLLM2_DRAFTERS["heads"], vocab_size=49152, order=order)

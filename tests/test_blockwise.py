@@ -13,7 +13,7 @@ import torch
 from mmspec import engine
 from mmspec.distill import load_drafter
 from mmspec.distill.data import target_features
-from mmspec.distill.train_blockwise import BlockwiseTraining, train_blockwise_heads
+from mmspec.distill.train_blockwise import BlockwiseTraining, load_corpus_ngram, train_blockwise_heads
 from mmspec.drafters.base import Draft
 from mmspec.drafters.blockwise import BlockwiseDrafter, Lattice, build_candidate_tree, search_lattice
 from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer
@@ -205,6 +205,17 @@ def test_ngram_extend_matches_counting_the_whole_sequence():
     assert a.counts == b.counts and a.totals == b.totals
 
 
+def test_ngram_from_a_corpus_table_splits_documents_at_the_separator():
+    table = torch.tensor([1, 2, 3, -1, 4, 5, -1, 6], dtype=torch.int32)
+    a = NGramModel.from_corpus(table, order=2, vocab_size=10)
+    b = NGramModel.from_sequences([[1, 2, 3], [4, 5], [6]], order=2, vocab_size=10)
+    assert a.counts == b.counts and a.totals == b.totals  # no bigram (3, 4) across the separator
+    with pytest.raises(MethodParameterError, match="ids must lie"):
+        NGramModel.from_corpus(torch.tensor([1, 12]), order=2, vocab_size=10)
+    with pytest.raises(MethodParameterError, match="1-D"):
+        NGramModel.from_corpus(torch.zeros((2, 2), dtype=torch.long), order=2, vocab_size=10)
+
+
 # --------------------------------------------------------------------------------- train and load
 def _examples(target, n=24, length=20, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -233,6 +244,9 @@ def test_heads_train_save_and_load_for_another_family(tmp_path):
     out = engine.generate(target, ids, drafter=drafter, max_new_tokens=14, eos_token_id=[])
     assert torch.equal(out.sequences, plain.sequences)  # lossless either way
     assert out.stats.accepted_tokens > plain.stats.accepted_tokens  # and the trained heads accept more
+    # the training answers are kept as a corpus table for n-gram rescoring
+    corpus = load_corpus_ngram(tmp_path, vocab_size=V)
+    assert sum(corpus.totals[0].values()) == sum(int(e["loss_mask"].sum()) for e in examples) - 4 * 16
     # re-running continues from the saved state
     again = train_blockwise_heads(target, examples, tmp_path, config=cfg, progress=False, holdout=4)
     assert again["steps"] == 60

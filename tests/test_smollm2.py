@@ -10,6 +10,8 @@ from scipy import stats
 
 from mmspec import engine
 from mmspec.drafters.model import ModelDrafter
+from mmspec.drafters.blockwise import Lattice
+from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
 from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import (ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter,
@@ -51,6 +53,10 @@ def _drafters(target):
         "head chain + TTS": lambda: TTSDrafter(load_smollm2_drafter("head", target, draft_length=4),
                                                TTSConfig(update_every=1, window=32)),
         "standalone drafter": lambda: ModelDrafter(load_smollm2_drafter("model", target)),
+        "blockwise heads": lambda: load_smollm2_drafter("heads", target, lattice=Lattice(top_k=4, num_candidates=4)),
+        "blockwise heads + n-gram": lambda: load_smollm2_drafter("heads", target, rescorer=NGramRescorer(order=3)),
+        "blockwise heads + neural": lambda: load_smollm2_drafter(
+            "heads", target, rescorer=NeuralRescorer(load_smollm2_drafter("model", target))),
         "prompt lookup": lambda: "prompt_lookup",
     }
 

@@ -1,5 +1,5 @@
-"""`mmspec train-drafter` on tiny random targets of other families: the trained head and the distilled
-drafter load and decode token-identically to HF generate."""
+"""`mmspec train-drafter` on tiny random targets of other families: the trained head, the distilled
+drafter and the blockwise heads load and decode token-identically to HF generate."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import torch
 from mmspec import engine
 from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_OUTPUT, main
 from mmspec.distill import load_drafter
+from mmspec.drafters.blockwise import BlockwiseDrafter
 from mmspec.drafters.feature import FeatureDrafter
+from mmspec.drafters.lattice_rescoring import NGramRescorer
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import chat_inputs, load_causal_lm
 from tiny_tokenizer import save_tiny_chat_model
@@ -35,7 +37,7 @@ def _check_decodes_like_hf(target, tokenizer, drafter):
     assert torch.equal(got, ref[:, : got.shape[1]])
 
 
-@pytest.mark.parametrize("kind", ["head", "model"])
+@pytest.mark.parametrize("kind", ["head", "model", "heads"])
 def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir, tmp_path, kind):
     out = tmp_path / kind
     code = main(["train-drafter", "--target", str(tiny_target_dir), "--kind", kind, "--minutes", "0.25",
@@ -50,6 +52,10 @@ def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir,
         assert isinstance(drafter, FeatureDrafter) and drafter.head.d2t.numel() == 200
         _check_decodes_like_hf(target, tokenizer, load_drafter(out, target, tree=DynamicTree(depth=3, top_k=3,
                                                                                                num_nodes=8)))
+    elif kind == "heads":
+        assert isinstance(drafter, BlockwiseDrafter) and drafter.heads.num_heads == 4
+        assert summary["num_heads"] == 4 and len(summary["heldout_top1_per_head"]) == 4
+        _check_decodes_like_hf(target, tokenizer, load_drafter(out, target, rescorer=NGramRescorer(order=2)))
     else:
         assert target.get_input_embeddings() is drafter.get_input_embeddings()  # borrowed, not copied
         hf = target.generate(**chat_inputs(tokenizer, ["Decode a JSON document."]), assistant_model=drafter,

@@ -14,7 +14,8 @@ Glossary:
     accuracy     per head, how often its top token is the teacher's top token: the chance a chain of one
                  head's guesses survives greedy verification at that depth, given a correct prefix
     run dir      ``out/train_state.pt`` (heads + optimiser + step) while training, re-running continues; the
-                 finished heads are ``out/blockwise.safetensors`` + ``out/blockwise_config.json``
+                 finished heads are ``out/blockwise.safetensors`` + ``out/blockwise_config.json``, and
+                 ``out/corpus.safetensors`` keeps the training answers' tokens (local text for n-gram rescoring)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..heads.blockwise import BlockwiseConfig, BlockwiseHeads
+
+CORPUS_NAME = "corpus.safetensors"
 
 
 @dataclass(frozen=True)
@@ -191,4 +194,35 @@ def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path
                "heldout_top1_per_head": [round(a, 4) for a in held_acc], "train_loss_ema": ema,
                "examples": len(train), "heldout_examples": len(held), "train_positions": int(starts.numel())}
     heads.save(out, extra={"training": summary})
+    save_corpus(out, train)
     return summary
+
+
+def save_corpus(folder: str | Path, examples: list[dict]) -> Path:
+    """``corpus.safetensors``: the answer tokens of ``examples`` as one int32 table, documents separated by -1
+    (local text for :class:`~mmspec.drafters.lattice_rescoring.NGramRescorer`, see :func:`load_corpus_ngram`)."""
+    from safetensors.torch import save_file
+
+    from ..drafters.lattice_rescoring import SEPARATOR
+
+    parts = []
+    for ex in examples:
+        answer = ex["tokens"][ex["loss_mask"].bool()]
+        if answer.numel():
+            parts += [answer.to(torch.int32), torch.tensor([SEPARATOR], dtype=torch.int32)]
+    table = torch.cat(parts) if parts else torch.zeros((0,), dtype=torch.int32)
+    path = Path(folder) / CORPUS_NAME
+    save_file({"tokens": table.contiguous()}, str(path))
+    return path
+
+
+def load_corpus_ngram(folder: str | Path, vocab_size: int, order: int = 3):
+    """The n-gram model of a heads folder's ``corpus.safetensors`` (a table passed to the rescorer, built once)."""
+    from safetensors.torch import load_file
+
+    from ..drafters.lattice_rescoring import NGramModel
+
+    path = Path(folder) / CORPUS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no n-gram corpus at {path}")
+    return NGramModel.from_corpus(load_file(str(path))["tokens"], order, vocab_size)

@@ -3,8 +3,10 @@
 from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLength,
                        HeuristicDraftLength)
 from .base import Draft, Drafter, StepOutcome
+from .blockwise import BlockwiseDrafter, Lattice
 from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
+from .lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer
 from .model import ModelDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
 from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
@@ -13,5 +15,6 @@ from .tree import DynamicTree, StaticTree, TreeDrafter
 __all__ = [
     "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
-    "TTSConfig", "TTSConfigError", "TTSDrafter",
+    "TTSConfig", "TTSConfigError", "TTSDrafter", "BlockwiseDrafter", "Lattice", "NGramModel", "NGramRescorer",
+    "NeuralRescorer",
 ]

@@ -16,8 +16,9 @@ Glossary:
                 ``observe`` / ``select_rows`` follow the drafter protocol, ``finish`` learns which beams
                 became tree nodes
     n-gram      :class:`NGramModel`: interpolated Witten-Bell estimates of order n over token ids, built from
-                local text (a global model passed in) and/or the row's own context (prompt and every
-                committed token, updated each step); with both, their mixture 1/2 : 1/2
+                local text (a global model passed in; e.g. from the corpus table that ``train-drafter --kind
+                heads`` keeps: the answers the heads were trained on) and/or the row's own context (prompt and
+                every committed token, updated each step); with both, their mixture 1/2 : 1/2
     neural      :class:`NeuralRescorer`: a small causal LM on the target's vocabulary (the standalone drafter)
                 keeps the committed context in its cache and reads the beams as draft-tree slots, one forward
                 per column (EAGLE-2's tree machinery, :mod:`mmspec.drafters.tree`)
@@ -32,6 +33,9 @@ import torch
 
 from ..errors import MethodParameterError
 from .base import StepOutcome
+
+#: separates documents in a corpus token table (:meth:`NGramModel.from_corpus`)
+SEPARATOR = -1
 
 
 class NGramModel:
@@ -55,6 +59,21 @@ class NGramModel:
         for seq in sequences:
             model.add(seq)
         return model
+
+    @classmethod
+    def from_corpus(cls, corpus: torch.Tensor, order: int, vocab_size: int) -> "NGramModel":
+        """From a token table: long/int [T], documents separated by ``SEPARATOR`` (-1)."""
+        if corpus.ndim != 1:
+            raise MethodParameterError(f"corpus must be a 1-D token table, got shape {tuple(corpus.shape)}")
+        flat = corpus.tolist()
+        docs, start = [], 0
+        for i, t in enumerate(flat + [SEPARATOR]):
+            if t == SEPARATOR:
+                docs.append(flat[start:i])
+                start = i + 1
+        if any(t < SEPARATOR or t >= vocab_size for t in flat):
+            raise MethodParameterError(f"corpus ids must lie in [0, {vocab_size}) (or be the separator -1)")
+        return cls.from_sequences(docs, order, vocab_size)
 
     def add(self, tokens: Sequence[int]) -> None:
         self.extend([], tokens)
