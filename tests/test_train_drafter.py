@@ -58,6 +58,10 @@ def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir,
         _check_decodes_like_hf(target, tokenizer, load_drafter(out, target, rescorer=NGramRescorer(order=2)))
     else:
         assert target.get_input_embeddings() is drafter.get_input_embeddings()  # borrowed, not copied
+        # the rotary buffers (not in the state dict) equal the target's, never left uninitialised
+        own = dict(target.named_buffers())
+        rotary = {n: b for n, b in drafter.named_buffers() if "inv_freq" in n}
+        assert rotary and all(torch.equal(b, own[n]) for n, b in rotary.items())
         hf = target.generate(**chat_inputs(tokenizer, ["Decode a JSON document."]), assistant_model=drafter,
                              max_new_tokens=16, do_sample=False)
         ref = target.generate(**chat_inputs(tokenizer, ["Decode a JSON document."]), max_new_tokens=16, do_sample=False)

@@ -86,13 +86,25 @@ def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: to
     missing = [m for m in missing if m not in shared]
     if unexpected or missing:
         raise ValueError(f"drafter weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    # buffers (rotary frequencies) are not in the state dict: recompute them
-    for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-            inv, _ = module.rope_init_fn(module.config, module.inv_freq.device)
-            module.inv_freq.copy_(inv)
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq = inv
+    # buffers (rotary frequencies) are not in the state dict and to_empty left them uninitialised: copy the
+    # target's (same config, same names); recompute from the config any the target does not have
+    own = dict(target.named_buffers())
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if not hasattr(module, "inv_freq"):
+                continue
+            for buf_name in ("inv_freq", "original_inv_freq"):
+                src = own.get(f"{mod_name}.{buf_name}")
+                buf = getattr(module, buf_name, None)
+                if isinstance(buf, torch.Tensor) and src is not None and src.shape == buf.shape:
+                    buf.copy_(src)
+                    continue
+                init = getattr(module, "rope_init_fn", None) or getattr(module, "compute_default_rope_parameters", None)
+                if init is None:
+                    raise ValueError(f"cannot initialise the drafter's rotary frequencies ({mod_name}.{buf_name})")
+                inv, _ = init(module.config, module.inv_freq.device)
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(inv)
     model.generation_config = copy.deepcopy(target.generation_config)
     return model.to(dtype).eval()
 
