@@ -3,7 +3,8 @@ heads + n-gram rescoring and heads + neural rescoring, beside the EAGLE-3 head a
 
 Run from the repository root::
 
-    python -m benchmarks.blockwise --out benchmarks/RESULTS.md     # full run (~15 min on 2 cores)
+    python -m benchmarks.blockwise --pack --ngram-weight 1.0 --out benchmarks/RESULTS.md --plots benchmarks
+                                                                    # full run (~13 min on 2 cores)
     python -m benchmarks.blockwise --quick                          # smoke run
 
 One interleaved run over the held-out chat prompts of ``benchmarks.smollm2`` (batch 1, greedy, EOS on):
@@ -41,6 +42,41 @@ import torch
 SECTION = "## Blockwise parallel drafts with lattice rescoring on SmolLM2 (issue 16)"
 
 
+def plot_tau_and_speed(rows: dict[str, tuple[float, float]], path: Path) -> None:
+    """Two bar charts: τ and speedup vs AR per method (``rows``: name -> (τ, speedup))."""
+    from ._plots import _pyplot
+
+    plt = _pyplot()
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, idx, label in ((axes[0], 0, "τ (tokens per target forward)"), (axes[1], 1, "speedup vs plain AR")):
+        colors = ["C2" if "n-gram" in n else "C1" if "neural" in n else "C0" if n.startswith("heads") else "grey"
+                  for n in names]
+        ax.barh(range(len(names)), [rows[n][idx] for n in names], color=colors)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.axvline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle("Blockwise parallel drafts on SmolLM2-135M (greedy, batch 1, 2-core CPU)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def rows_from_results(results: Path, section: str = SECTION) -> dict[str, tuple[float, float]]:
+    """(τ, speedup) per method, read back from the section's table in RESULTS.md."""
+    text = results.read_text()
+    part = text[text.index(section):]
+    end = part.find("\n## ", 1)
+    out = {}
+    for line in (part if end < 0 else part[:end]).splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) >= 4 and cells[1].startswith("x"):
+            out[cells[0]] = (float(cells[3]), float(cells[1][1:]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.blockwise", description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -57,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--section", default=SECTION)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plots", type=Path, default=None, help="folder for blockwise_tau_speed.png")
     a = ap.parse_args(argv)
     if a.quick:
         a.prompts, a.max_new_tokens = 2, 24
@@ -154,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         from ._report import write_section
 
         write_section(a.out, a.section, text)
+    if a.plots is not None and not a.quick:
+        plot_tau_and_speed({n: (tau(n), acc["AR"]["time"] / acc[n]["time"]) for n in names},
+                           a.plots / "blockwise_tau_speed.png")
     return 0 if identical else 1
 
 
