@@ -14,3 +14,14 @@ def chisquare_pvalue(samples_idx, probs):
     if exp[-1] == 0:
         obs, exp = obs[:-1], exp[:-1]
     return stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue
+
+
+def first_two_token_tables(target, prompt):
+    """The target's distribution of the first token after ``prompt`` [1, L] (float [V]) and of the first two
+    (float [V, V], row = first token), computed cache-free."""
+    with torch.no_grad():
+        p1 = target(input_ids=prompt).logits[0, -1].double().softmax(-1)  # [V]
+        vocab = p1.numel()
+        both = torch.cat([prompt.expand(vocab, -1), torch.arange(vocab)[:, None]], dim=1)
+        p2 = target(input_ids=both).logits[:, -1].double().softmax(-1)  # [V, V]
+    return p1, p1[:, None] * p2

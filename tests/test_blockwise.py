@@ -20,7 +20,7 @@ from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramModel, NGramR
 from mmspec.errors import InvalidDraftLengthError, MethodParameterError, VocabularyMismatchError
 from mmspec.heads.blockwise import BlockwiseConfig, BlockwiseHeads
 from mmspec.verify.tree_rules import DeterministicTreeRule
-from stat_helpers import chisquare_pvalue
+from stat_helpers import chisquare_pvalue, first_two_token_tables
 from tiny_models import ARCHS, build, left_padded_prompts, truncated_drafter
 
 V = 96
@@ -81,14 +81,6 @@ def test_rescoring_with_an_oracle_lm_accepts_more_than_the_heads_alone():
 
 
 # ---------------------------------------------------------------------------------------- sampling
-def _target_tables(target, prompt):
-    with torch.no_grad():
-        p1 = target(input_ids=prompt).logits[0, -1].double().softmax(-1)  # [V]
-        both = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
-        p2 = target(input_ids=both).logits[:, -1].double().softmax(-1)  # [V, V]
-    return p1, p1[:, None] * p2
-
-
 class KeepsRejected(DeterministicTreeRule):
     """Negative control: a rejected sibling's token is not removed from the residual (over-emits drafts)."""
 
@@ -120,7 +112,7 @@ def test_sampling_follows_the_target_first_and_first_two_tokens():
     heads = make_heads(target, num_heads=2)
     prompt, first, pair, stats = _draw(target, heads)
     assert 0.05 < stats.accepted_tokens / stats.row_steps < 0.95  # drafts are tried and some are accepted
-    p1, p12 = _target_tables(target, prompt)
+    p1, p12 = first_two_token_tables(target, prompt)
     assert chisquare_pvalue(first, p1) > 1e-3
     assert chisquare_pvalue(pair, p12.flatten()) > 1e-3
 
@@ -129,7 +121,7 @@ def test_the_sampling_test_catches_a_wrong_tree_rule():
     target = build("llama", layers=3, init=0.08)
     heads = make_heads(target, num_heads=2)
     prompt, first, pair, _ = _draw(target, heads, cls=WrongRuleDrafter)
-    p1, p12 = _target_tables(target, prompt)
+    p1, p12 = first_two_token_tables(target, prompt)
     assert chisquare_pvalue(first, p1) < 1e-6 or chisquare_pvalue(pair, p12.flatten()) < 1e-6
 
 

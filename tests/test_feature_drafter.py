@@ -13,7 +13,7 @@ from mmspec.drafters.tree import DynamicTree, StaticTree
 from mmspec.errors import VocabularyMismatchError
 from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
 from mmspec.heads.frspec import count_tokens, coverage, rank_vocabulary
-from stat_helpers import chisquare_pvalue
+from stat_helpers import chisquare_pvalue, first_two_token_tables
 from tiny_models import ARCHS, build, left_padded_prompts
 
 V = 96
@@ -58,12 +58,7 @@ def test_a_one_token_prompt_drafts_nothing_first_then_decodes_like_hf():
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _target_tables(target, prompt):
-    with torch.no_grad():
-        p1 = target(input_ids=prompt).logits[0, -1].double().softmax(-1)  # [V]
-        both = torch.cat([prompt.expand(V, -1), torch.arange(V)[:, None]], dim=1)
-        p2 = target(input_ids=both).logits[:, -1].double().softmax(-1)  # [V, V]
-    return p1, p1[:, None] * p2
+_target_tables = first_two_token_tables
 
 
 class WrongQ(FeatureDrafter):

@@ -108,19 +108,12 @@ def blockwise_loss(heads: BlockwiseHeads, data: FlatData, starts: torch.Tensor) 
     return total / max(weight, 1), acc
 
 
-def _lr_at(step: int, cfg: BlockwiseTraining) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-
-
 def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path, *,
                           config: BlockwiseTraining = BlockwiseTraining(), minutes: float = float("inf"),
                           tokenizer: Any = None, progress: bool = True, holdout: int = 16) -> dict:
     """Train (or continue training) blockwise heads for ``target`` on ``examples`` (dicts with ``tokens``,
     ``loss_mask`` and ``final``, as :mod:`mmspec.distill.data` writes them); returns a summary dict."""
-    from .train_head import draft_vocabulary
+    from .train_head import draft_vocabulary, lr_at
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +161,7 @@ def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # batch = f(seed, step)
         pick = starts[torch.randint(starts.numel(), (min(config.positions_per_step, starts.numel()),), generator=g)]
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = lr_at(step, config)
         loss, acc = blockwise_loss(heads, data, pick)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -110,7 +110,8 @@ def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
     return total / max(weight, 1e-9), acc
 
 
-def lr_at(step: int, cfg: HeadTraining) -> float:
+def lr_at(step: int, cfg: Any) -> float:
+    """Linear warm-up then cosine decay to 10 % (``cfg``: any training config with lr, warmup and steps)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
