@@ -16,19 +16,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import image_gen, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
+from . import blockwise, image_gen, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,train",
-                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,tts,train")
+    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,train",
+                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "tts", "train"}
+    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "tts", "blockwise", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -60,6 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         rc |= trees.main(common)
     if "tts" in parts:
         rc |= tts.main(common + plots)
+        rc |= tts.main(common + plots + ["--prompts", "2", "--temperature", "0.8", "--section",
+                                         "## Test-Time Speculation on SmolLM2, sampled continuation (issue 16)"])
+        for extra, title in (([], ""), (["--temperature", "0.8"], ", sampled")):
+            rc |= tts.main(common + plots + ["--domain", "german", "--prompts", "2", *extra, "--section",
+                                             f"## Test-Time Speculation on SmolLM2, German prose{title} (issue 16)"])
+    if "blockwise" in parts:
+        rc |= blockwise.main(common + plots + ["--pack", "--ngram-weight", "1.0"])
     if "train" in parts:
         rc |= zoo_training.main(common)
     return rc

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "| method | speedup vs AR | tok/s | τ | τ vs plain heads (same p) | nodes/step | split target/draft/verify (ms per step) |",
         "|---|---|---|---|---|---|---|", *rows, ""])
     print(text)
-    if a.out is not None:
+    if a.out is not None and not a.quick:
         from ._report import write_section
 
         write_section(a.out, a.section, text)
