@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..config import SamplingParams
-from ..errors import InvalidDraftLengthError, MethodParameterError, VocabularyMismatchError
+from ..errors import DeviceMismatchError, InvalidDraftLengthError, MethodParameterError, VocabularyMismatchError
 from ..heads.blockwise import BlockwiseHeads
 from ..rng import RowRandom
 from ..verify.tree_rules import DeterministicTreeRule
@@ -160,7 +160,7 @@ class BlockwiseDrafter(Drafter):
         if vocab != self.vocab_size:
             raise VocabularyMismatchError(f"the heads draft for a vocabulary of {self.vocab_size}, the target has {vocab}")
         if model_device(self.heads) != model_device(target):
-            raise MethodParameterError(f"heads are on {model_device(self.heads)} but target is on {model_device(target)}")
+            raise DeviceMismatchError(f"heads are on {model_device(self.heads)} but target is on {model_device(target)}")
         if not self.heads.attached:
             self.heads.attach(target)
         if self.rescorer is not None and hasattr(self.rescorer, "check_compatible"):

@@ -65,14 +65,14 @@ class NGramModel:
         """From a token table: long/int [T], documents separated by ``SEPARATOR`` (-1)."""
         if corpus.ndim != 1:
             raise MethodParameterError(f"corpus must be a 1-D token table, got shape {tuple(corpus.shape)}")
+        if corpus.numel() and (int(corpus.min()) < SEPARATOR or int(corpus.max()) >= vocab_size):
+            raise MethodParameterError(f"corpus ids must lie in [0, {vocab_size}) (or be the separator -1)")
         flat = corpus.tolist()
         docs, start = [], 0
         for i, t in enumerate(flat + [SEPARATOR]):
             if t == SEPARATOR:
                 docs.append(flat[start:i])
                 start = i + 1
-        if any(t < SEPARATOR or t >= vocab_size for t in flat):
-            raise MethodParameterError(f"corpus ids must lie in [0, {vocab_size}) (or be the separator -1)")
         return cls.from_sequences(docs, order, vocab_size)
 
     def add(self, tokens: Sequence[int]) -> None:
