@@ -51,7 +51,7 @@ from .rng import ACCEPT, EMIT, RowRandom
 from .stats import GenerationStats
 from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
-from .verify.types import VerifyResult
+from .verify.types import PLACEHOLDER_TOKEN_ID, VerifyResult
 
 DEFAULT_NUM_DRAFT_TOKENS = 5
 
@@ -429,6 +429,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         t1 = time.perf_counter()
         k = draft.k
         kept_masks = None
+        held = torch.zeros((len(active),), dtype=torch.long, device=device)  # rows ending on a pending draft
         if draft.is_tree:
             if pending.shape[1] != 1:
                 raise ValueError("a draft tree must follow a chain or tree step (one pending token per row)")
@@ -451,8 +452,13 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
                 result = verify_chain(draft.tokens, draft.probs, logits, rule, sampling, num_draft=draft.num_draft,
                                       uniforms=uniforms, noise=noise)
                 t3 = time.perf_counter()
+                if draft.open_end and k:  # no target distribution after the last draft: a row accepting all
+                    held = (result.num_accepted == k).long()  # [B] emits no bonus; its last draft stays pending
+                    tokens = result.tokens.clone()
+                    tokens[held.bool(), k] = PLACEHOLDER_TOKEN_ID
+                    result = VerifyResult(num_accepted=result.num_accepted, tokens=tokens)
                 if k:  # nothing was drafted: nothing to roll back
-                    session.rollback(k - result.num_accepted)
+                    session.rollback(k - result.num_accepted + held)
             else:  # repair on the block's slots (the drafts), then drop them and feed the result next step
                 final, kept = repair(session, draft.tokens, logits[:, :k], position, rng, last=pending[:, -1])
                 session.rollback(torch.full((len(active),), k, dtype=torch.long, device=device))
@@ -462,10 +468,12 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         n_acc = result.num_accepted.tolist()
         out = result.tokens.tolist()
         # the next step feeds the emitted token, or the whole repaired block
-        pending = result.tokens.gather(1, result.num_accepted.unsqueeze(1)) if kept_masks is None else result.tokens
+        pending = (result.tokens.gather(1, (result.num_accepted - held).unsqueeze(1)) if kept_masks is None
+                   else result.tokens)
+        held_list = held.tolist() if draft.open_end else [0] * len(active)
         committed, finished = [], []
         for i, row in enumerate(active):
-            emitted = out[i] if kept_masks is not None else out[i][: n_acc[i] + 1]
+            emitted = out[i] if kept_masks is not None else out[i][: n_acc[i] + 1 - held_list[i]]
             toks, done = commit_row(emitted, len(emitted) - 1, remaining[i], eos)
             generated[row].extend(toks)
             committed.append(toks)
@@ -552,6 +560,14 @@ def generate(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator, seed=seed,
         eos_token_id=eos_token_id, attention_mask=attention_mask, rule=rule, prefill=prefill, **model_inputs)
+    return collect_output(stream, input_ids, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                          generation_config=getattr(target, "generation_config", None))
+
+
+def collect_output(stream: Iterator[StepEvent], input_ids: torch.Tensor, *, pad_token_id: int | None,
+                   eos_token_id: int | list[int] | None, generation_config: Any = None) -> GenerationOutput:
+    """Run a step stream to the end and lay its tokens out like HF ``generate`` (finished rows padded with
+    ``pad_token_id``, by default the generation config's pad, else EOS, else 0)."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
@@ -561,10 +577,10 @@ def generate(
         for row, toks in zip(event.rows, event.tokens):
             generated[row].extend(toks)
     if pad_token_id is None:
-        config = getattr(target, "generation_config", None)
-        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = getattr(generation_config, "pad_token_id", None)
         if pad_token_id is None:
-            eos = _as_eos_set(eos_token_id if eos_token_id is not None else getattr(config, "eos_token_id", None))
+            eos = _as_eos_set(eos_token_id if eos_token_id is not None
+                              else getattr(generation_config, "eos_token_id", None))
             pad_token_id = min(eos) if eos else 0
     width = max(len(g) for g in generated)
     new = torch.full((len(generated), width), int(pad_token_id), dtype=torch.long)

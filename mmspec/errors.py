@@ -49,3 +49,7 @@ class NonFiniteError(MMSpecError):
 
 class MethodParameterError(MMSpecError):
     """A parameter the chosen method does not use, or a value the method cannot take."""
+
+
+class InvalidWeightsError(MMSpecError):
+    """Combination weights that are not finite, negative, do not sum to 1, or do not match the models."""

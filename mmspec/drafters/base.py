@@ -5,7 +5,8 @@ Glossary:
                  distributions they were sampled from (float [B, k, V], or ``None`` for a
                  deterministic drafter) and ``num_draft`` long [B] (real drafts per row, <= k);
                  a tree also carries ``parents`` long [B, N] (-1 for children of the root; a chain
-                 is parents[i] = i - 1) and the tree rule matching how its children were drawn
+                 is parents[i] = i - 1) and the tree rule matching how its children were drawn;
+                 an ``open_end`` chain asks for no bonus token (see :class:`Draft`)
     StepOutcome  what verification decided: the draft, the ``VerifyResult``, the tokens each
                  row really committed (after EOS / max-length truncation) and what the target's
                  verification forward produced (its processed-to-be logits, and the hidden states
@@ -48,6 +49,10 @@ class Draft:
     num_draft: torch.Tensor  # long [B]
     parents: torch.Tensor | None = None  # long [B, N]: a tree (-1: child of the root); None: a chain
     tree_rule: Any = None  # the lossless TreeRule matching how children were drawn (None: the default)
+    #: a chain whose target does not compute the distribution after its last draft (collaborative decoding's
+    #: alternate proposals): a row accepting every draft commits the drafts only, no bonus token, and its last
+    #: draft becomes the next step's pending token
+    open_end: bool = False
 
     @property
     def k(self) -> int:
