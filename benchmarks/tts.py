@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from mmspec.distill.train_domain import render_man_page
+
 SECTION = "## Test-Time Speculation on SmolLM2 under a domain shift (issue 16)"
 MODULES = ("textwrap", "json.decoder", "argparse", "fractions", "shlex", "string")
 
@@ -56,25 +58,6 @@ def code_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
 MAN_PAGES = ("dpkg-deb", "dpkg-query", "dpkg-source", "apt-transport-http", "dpkg-split", "dpkg-divert")
 
 
-def _render_man(path: Path) -> str:
-    """A man page as plain text: ``man -l`` when the machine has it, else the troff source with its requests
-    and font escapes stripped."""
-    import gzip
-    import re
-    import shutil
-    import subprocess
-
-    if shutil.which("man"):
-        out = subprocess.run(["man", "-l", str(path)], capture_output=True, text=True,
-                             env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": "0"})
-        if out.returncode == 0 and out.stdout.strip():
-            return re.sub(r".\x08", "", out.stdout)
-    src = gzip.open(path, "rt", errors="replace").read()
-    lines = [ln for ln in src.splitlines() if not ln.startswith((".", "'"))]
-    text = re.sub(r"\\f[BIRP]|\\&|\\-", lambda m: "-" if m.group(0).endswith("-") else "", "\n".join(lines))
-    return re.sub(r"\\\(:([aouAOU])", r"\1e", text)
-
-
 def german_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
     """The first ``length`` tokens of ``count`` German man pages (Debian's translations on this machine): prose
     in another language, where the chat-trained head meets text it has never seen."""
@@ -84,7 +67,7 @@ def german_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
         hits = sorted(root.glob(f"man*/{name}.*.gz"))
         if not hits:
             continue
-        text = " ".join(_render_man(hits[0]).split())  # one paragraph: no layout whitespace to copy
+        text = " ".join(render_man_page(hits[0]).split())  # one paragraph: no layout whitespace to copy
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :length]
         out.append(ids)
         if len(out) == count:

@@ -556,6 +556,104 @@ def _run_train_drafter(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+COLLAB_SHIPPED = ("smollm2", "smollm2-drafter", "smollm2-code", "smollm2-german")
+
+
+def _load_collab_models(paths: list[str]):
+    """(models, tokenizer) for ``--models``: HF checkpoints, ``smollm2``, ``smollm2-code`` / ``smollm2-german``
+    (SmolLM2 with the shipped domain LoRA merged) and ``smollm2-drafter`` (the shipped 2-layer drafter around
+    SmolLM2's embedding and head); one tokenizer checked against every model's."""
+    import mmspec
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models, tokenizers, smollm2 = [], [], None
+    for path in paths:
+        if path in COLLAB_SHIPPED:
+            from mmspec.pretrained import ModelNotFoundError, load_causal_lm, load_smollm2_domain, load_smollm2_drafter
+
+            if smollm2 is None:
+                try:
+                    smollm2 = load_causal_lm()
+                except ModelNotFoundError as exc:
+                    raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+            if path == "smollm2":
+                models.append(smollm2[0])
+            elif path == "smollm2-drafter":
+                models.append(load_smollm2_drafter("model", smollm2[0]))
+            else:
+                models.append(load_smollm2_domain(path.split("-", 1)[1]))
+            tokenizers.append(smollm2[1])
+        else:
+            _check_model_path("--models", path)
+            models.append(_load("model", path, lambda p: AutoModelForCausalLM.from_pretrained(p).eval()))
+            tokenizers.append(_load("tokenizer", path, AutoTokenizer.from_pretrained))
+    try:
+        for tok in tokenizers[1:]:
+            mmspec.check_same_tokenizer(tokenizers[0], tok)
+    except mmspec.MMSpecError as exc:
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    return models, tokenizers[0]
+
+
+def _run_collaborate(args: argparse.Namespace) -> int:
+    import mmspec
+    from mmspec import collaborative as co
+    from mmspec.pretrained import chat_inputs
+
+    _check_sampling(args)
+    if args.prompt is not None and not args.prompt.strip():
+        raise CLIError(EXIT_BAD_INPUT, "--prompt is empty")
+    if len(args.models) < 2:
+        raise CLIError(EXIT_BAD_INPUT, f"--models needs at least 2 models, got {len(args.models)}")
+    n = len(args.models)
+    try:
+        if args.combine == "ensemble":
+            combine = co.WeightedEnsemble(tuple(args.weights) if args.weights else tuple([1.0 / n] * n))
+        else:
+            combine = co.ContrastiveDecoding(alpha=args.alpha, plausibility=args.plausibility)
+        gammas = tuple(args.gamma) if args.gamma else None
+        if args.proposal == "none":
+            proposal = None
+        elif args.proposal == "fixed":
+            proposer = args.proposer if args.proposer is not None else n - 1
+            proposal = co.FixedProposer(proposer, gammas[proposer] if gammas else 4)
+        else:
+            proposal = co.AlternateProposals(gammas or tuple([1] * (n - 1) + [4]))
+        combine.check_models(n)
+        if proposal is not None:
+            proposal.gammas(n)
+    except mmspec.MMSpecError as exc:
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    models, tokenizer = _load_collab_models(args.models)
+    enc = chat_inputs(tokenizer, [args.prompt or "Give me three tips for staying focused while studying."])
+    common = dict(combine=combine, attention_mask=enc["attention_mask"], max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    try:
+        t0 = time.perf_counter()
+        out = co.generate(models, enc["input_ids"], proposal=proposal, **common)
+        t_spec = time.perf_counter() - t0
+    except mmspec.MMSpecError as exc:
+        raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
+    new = out.sequences[0, enc["input_ids"].shape[1]:]
+    print("generated text:", tokenizer.decode(new, skip_special_tokens=True))
+    print("mmspec:", out.stats.summary())
+    print("forwards per model:", out.stats.extra.get("calls_per_model"))
+    if proposal is not None and args.compare:
+        t0 = time.perf_counter()
+        ref = co.generate(models, enc["input_ids"], proposal=None, **common)
+        t_std = time.perf_counter() - t0
+        line = f"standard collaborative decoding: {t_std:.2f}s; CoS ({args.proposal}): {t_spec:.2f}s; " \
+               f"speedup x{t_std / t_spec:.2f}"
+        if args.temperature == 0.0:
+            same = torch.equal(ref.sequences, out.sequences)
+            print(f"{line}; identical: {same}")
+            if not same:
+                return EXIT_NOT_IDENTICAL
+        else:
+            print(line)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mmspec", description="Speculative decoding for multimodal models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -588,6 +686,31 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--top-p", type=float, default=None)
     text.add_argument("--seed", type=int, default=0)
     text.set_defaults(func=_run_text)
+
+    col = sub.add_parser("collaborate", help="collaborative decoding of several models (weighted ensemble or "
+                                             "contrastive decoding), sped up losslessly by speculation (CoS)")
+    col.add_argument("--models", nargs="+", default=["smollm2", "smollm2-code"],
+                     help="HF checkpoints sharing one tokenizer, or the shipped smollm2, smollm2-code, smollm2-german, "
+                          "smollm2-drafter (default: smollm2 smollm2-code, a general and a code model)")
+    col.add_argument("--combine", default="ensemble", choices=["ensemble", "contrastive"])
+    col.add_argument("--weights", nargs="+", type=float, help="ensemble weights, one per model, sum 1 (default equal)")
+    col.add_argument("--alpha", type=float, default=0.1, help="contrastive: expert (model 1) - alpha x amateur (model 2)")
+    col.add_argument("--plausibility", type=float, default=None,
+                     help="contrastive: keep tokens the expert gives >= this x its top probability (default: no cut)")
+    col.add_argument("--proposal", default="alternate", choices=["alternate", "fixed", "none"],
+                     help="alternate proposals (default), one fixed proposer, or none (standard collaborative decoding)")
+    col.add_argument("--gamma", nargs="+", type=int,
+                     help="proposal lengths, one per model (default: 4 for the last model, 1 for the others)")
+    col.add_argument("--proposer", type=int, default=None, help="--proposal fixed: index of the proposer (default: last)")
+    col.add_argument("--prompt", default=None, help="the prompt (one chat turn)")
+    col.add_argument("--max-new-tokens", type=int, default=64)
+    col.add_argument("--temperature", type=float, default=0.0)
+    col.add_argument("--top-k", type=int, default=None)
+    col.add_argument("--top-p", type=float, default=None)
+    col.add_argument("--seed", type=int, default=0)
+    col.add_argument("--no-compare", dest="compare", action="store_false",
+                     help="skip the standard collaborative decoding run (speedup, and identity when greedy)")
+    col.set_defaults(func=_run_collaborate)
 
     vlm = sub.add_parser("vlm", help="VLM speculative decoding with a pruned drafter (HF checkpoints)")
     vlm.add_argument("--target", required=True, help="HF VLM checkpoint (LLaVA, LLaVA-NeXT, Qwen2-VL, ...)")

@@ -152,6 +152,24 @@ def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
     return load_drafter(folder, target, **kwargs) if kind in ("head", "heads") else load_drafter(folder, target)
 
 
+#: domain models this repository trained from SmolLM2 (``python -m mmspec.distill.train_domain``): LoRA adapters
+SMOLLM2_DOMAINS = {"code": "smollm2/code", "german": "smollm2/german"}
+
+
+def load_smollm2_domain(domain: str) -> Any:
+    """SmolLM2-135M-Instruct adapted to ``domain`` (``"code"``: Python sources, ``"german"``: German man pages)
+    with the shipped LoRA adapter (checksummed) merged in: a second model with SmolLM2's tokenizer, e.g. for
+    collaborative decoding (:mod:`mmspec.collaborative`). Loads a fresh copy of SmolLM2 (about 18 s)."""
+    from .distill.train_domain import load_domain_model
+    from .zoo import WEIGHTS_DIR, verify_checksums
+
+    if domain not in SMOLLM2_DOMAINS:
+        raise ValueError(f"domain must be one of {sorted(SMOLLM2_DOMAINS)}, got {domain!r}")
+    verify_checksums(SMOLLM2_DOMAINS[domain])
+    base, _ = load_causal_lm()
+    return load_domain_model(Path(WEIGHTS_DIR) / SMOLLM2_DOMAINS[domain], base)
+
+
 def load_smollm2_ngram(order: int = 3) -> Any:
     """The n-gram model of the answers the shipped SmolLM2 blockwise heads were trained on (their folder's
     ``corpus.safetensors``, checksummed): local text for

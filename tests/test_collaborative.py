@@ -254,3 +254,43 @@ def test_named_errors():
     with pytest.raises(EmptyPromptError):
         co.generate([big, small], torch.zeros((1, 0), dtype=torch.long), combine=WeightedEnsemble((0.5, 0.5)),
                     max_new_tokens=2)
+
+
+# ------------------------------------------------------------------------------------------ domain models
+def test_domain_lora_trains_resumes_and_merges(tmp_path):
+    from mmspec.distill.train_domain import DomainTraining, heldout_loss, load_domain_model, token_stream, domain_texts, train_domain_lora
+    from tiny_tokenizer import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = DomainTraining(rank=4, alpha=8, seq_len=32, batch_size=4, steps=6, max_chars=20_000, save_every=2, lr=3e-3)
+    model = build("llama", vocab=len(tok), seed=0, dtype=torch.float32)
+    first = train_domain_lora(model, tok, "code", tmp_path, config=cfg, progress=False, minutes=0.0)
+    assert first["steps"] == 0 and not first["finished"]  # out of time before the first step
+    import dataclasses
+    train_domain_lora(build("llama", vocab=len(tok), seed=0, dtype=torch.float32), tok, "code", tmp_path,
+                      config=dataclasses.replace(cfg, steps=3), progress=False)
+    summary = train_domain_lora(build("llama", vocab=len(tok), seed=0, dtype=torch.float32), tok, "code", tmp_path,
+                                config=cfg, progress=False)
+    assert summary["steps"] == 6 and summary["finished"]  # the rerun continued
+    assert summary["heldout_loss"] < summary["heldout_loss_base"]
+    merged = load_domain_model(tmp_path, build("llama", vocab=len(tok), seed=0, dtype=torch.float32))
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    held = token_stream(tok, domain_texts("code", held_out=True))
+    assert heldout_loss(merged, held, 32) == pytest.approx(summary["heldout_loss"], abs=1e-3)
+    with pytest.raises(ValueError, match="domain must be one of"):
+        domain_texts("klingon")
+    with pytest.raises(FileNotFoundError, match="no domain adapter"):
+        load_domain_model(tmp_path / "nothing", merged)
+
+
+def test_cli_collaborate_rejects_bad_input_before_loading(capsys):
+    from mmspec.cli import EXIT_BAD_INPUT, main
+
+    cases = [(["--weights", "0.5", "0.6"], "sum to 1"), (["--models", "smollm2"], "at least 2 models"),
+             (["--gamma", "1", "1", "1"], "3 proposal lengths for 2 models"), (["--temperature", "-1"], "temperature"),
+             (["--prompt", " "], "--prompt is empty"), (["--combine", "contrastive", "--alpha", "nan"], "alpha"),
+             (["--proposal", "fixed", "--proposer", "5"], "not one of the 2 models")]
+    for args, match in cases:
+        assert main(["collaborate", *args]) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err

@@ -13,7 +13,7 @@ Glossary:
                  compute their distribution after its last draft, and when every draft is accepted the
                  next model in turn proposes from that cached distribution (its "bonus token", with its
                  own distribution as q) without a forward of its own; a rejection sends the turn back to
-                 the default proposer (the first model with gamma > 0)
+                 the default proposer (the model with the largest gamma)
 
 Drafts are drawn by inverse CDF from the row's keyed uniforms (``rng.uniform(DRAFT, position)``), so a row's
 output never depends on the batch it is in.
@@ -64,7 +64,8 @@ class FixedProposer:
 class AlternateProposals:
     """Models take turns proposing, ``num_draft_tokens[i]`` tokens each (the first of them the bonus token
     from the distribution it computed while scoring the previous step); CoS's alternate proposal framework.
-    The first model with gamma > 0 is the default proposer (after a rejection and at the start)."""
+    The model with the largest gamma (the first of equals; as in CoS, the cheapest model is meant to propose
+    most) is the default proposer, at the start and after a rejection."""
 
     num_draft_tokens: tuple[int, ...] = (4, 1)
 
@@ -92,7 +93,7 @@ class ProposalDrafter(Drafter):
         self.session = session
         self.scheme = scheme
         self.gammas = scheme.gammas(len(session.members))
-        self.default = next(i for i, g in enumerate(self.gammas) if g > 0)
+        self.default = max(range(len(self.gammas)), key=lambda i: (self.gammas[i], -i))
         self.vocab_size = None
         self.proposals = [0] * len(self.gammas)  # steps each model proposed
         self.bonus_proposals = 0  # steps whose first draft came from a cached bonus distribution
