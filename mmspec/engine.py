@@ -490,7 +490,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         stats.verify_time += t3 - t2
         stats.bookkeeping_time += t_obs - t3
         num_draft_list = draft.num_draft.tolist()
-        stats.record(n_acc, num_draft_list, num_committed)
+        stats.record(n_acc, num_draft_list, num_committed, held=sum(held_list))
         stats.target_calls = session.calls
         stats.drafter_calls = getattr(drafter, "num_calls", 0)
         stats.total_time = time.perf_counter() - t_start

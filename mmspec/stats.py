@@ -27,6 +27,7 @@ class GenerationStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     emitted_tokens: int = 0
+    held_row_steps: int = 0  # row steps ending on a pending draft (open-end drafts accepted whole)
     accepted_at_position: list[int] = field(default_factory=list)
     drafted_at_position: list[int] = field(default_factory=list)
     accepted_length_counts: list[int] = field(default_factory=list)  # [n]: row steps that accepted n drafts
@@ -39,8 +40,10 @@ class GenerationStats:
     total_time: float = 0.0
     extra: dict = field(default_factory=dict)  # facts from the drafter / adapters (e.g. visual tokens)
 
-    def record(self, num_accepted: list[int], num_draft: list[int], num_committed: list[int]) -> None:
+    def record(self, num_accepted: list[int], num_draft: list[int], num_committed: list[int], held: int = 0) -> None:
+        """One step; ``held``: rows that accepted an open-end draft whole (they emit no bonus token)."""
         self.steps += 1
+        self.held_row_steps += held
         self.row_steps += len(num_accepted)
         self.drafted_tokens += sum(num_draft)
         self.accepted_tokens += sum(num_accepted)
@@ -60,8 +63,10 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Mean tokens emitted per row step (accepted + 1)."""
-        return (self.accepted_tokens + self.row_steps) / self.row_steps if self.row_steps else 0.0
+        """Mean tokens emitted per row step (accepted + 1, or accepted alone after an open-end draft accepted
+        whole: collaborative decoding's alternate proposals)."""
+        return ((self.accepted_tokens + self.row_steps - self.held_row_steps) / self.row_steps
+                if self.row_steps else 0.0)
 
     @property
     def acceptance_rate(self) -> float:

@@ -193,8 +193,17 @@ def train_domain_lora(model: Any, tokenizer: Any, domain: str, out_dir: str | Pa
                "heldout_loss_base": round(base_loss, 4), "heldout_loss": round(heldout_loss(peft_model, held, config.seq_len), 4),
                "train_tokens": int(stream.numel()), "config": asdict(config)}
     peft_model.save_pretrained(out)
+    _to_half(out / "adapter_model.safetensors")
+    (out / "README.md").unlink(missing_ok=True)  # peft's model-card template
     (out / "domain_info.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _to_half(path: Path) -> None:
+    """Store the adapter in float16 (half the size; merged into the base in its own dtype)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file({k: v.half().contiguous() for k, v in load_file(str(path)).items()}, str(path))
 
 
 def load_domain_model(folder: str | Path, base: Any) -> Any:
