@@ -615,10 +615,12 @@ def _run_collaborate(args: argparse.Namespace) -> int:
         if args.proposal == "none":
             proposal = None
         elif args.proposal == "fixed":
-            proposer = args.proposer if args.proposer is not None else n - 1
-            proposal = co.FixedProposer(proposer, gammas[proposer] if gammas else 4)
+            proposer = args.proposer if args.proposer is not None else 0
+            if gammas is not None and len(gammas) != n:
+                raise CLIError(EXIT_BAD_INPUT, f"--gamma gives {len(gammas)} proposal lengths for {n} models")
+            proposal = co.FixedProposer(proposer, gammas[proposer] if gammas and proposer < n else 3)
         else:
-            proposal = co.AlternateProposals(gammas or tuple([1] * (n - 1) + [4]))
+            proposal = co.AlternateProposals(gammas or tuple([1] * n))
         combine.check_models(n)
         if proposal is not None:
             proposal.gammas(n)
@@ -700,8 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--proposal", default="alternate", choices=["alternate", "fixed", "none"],
                      help="alternate proposals (default), one fixed proposer, or none (standard collaborative decoding)")
     col.add_argument("--gamma", nargs="+", type=int,
-                     help="proposal lengths, one per model (default: 4 for the last model, 1 for the others)")
-    col.add_argument("--proposer", type=int, default=None, help="--proposal fixed: index of the proposer (default: last)")
+                     help="proposal lengths, one per model (default: 1 each, best for models of one size; give a "
+                          "cheap model a longer one)")
+    col.add_argument("--proposer", type=int, default=None, help="--proposal fixed: index of the proposer (default: 0)")
     col.add_argument("--prompt", default=None, help="the prompt (one chat turn)")
     col.add_argument("--max-new-tokens", type=int, default=64)
     col.add_argument("--temperature", type=float, default=0.0)
