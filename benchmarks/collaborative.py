@@ -20,6 +20,7 @@ Glossary:
                  becomes the next proposal
     accept       drafted tokens accepted / drafted
     fwd/tok      model forwards per generated token (all models; standard: the number of models)
+    ceiling      standard forwards per token / this method's: the speedup if forwards were all that cost
 """
 
 from __future__ import annotations
@@ -77,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--fixed-gamma", type=int, default=3)
-    ap.add_argument("--alt-gamma", default="1,1", help="comma-separated proposal lengths of the 2-model runs")
-    ap.add_argument("--alt-gamma3", default="1,1,1", help="of the 3-model runs")
+    ap.add_argument("--alt-gamma", default="2,2", help="comma-separated proposal lengths of the 2-model runs")
+    ap.add_argument("--alt-gamma3", default="2,2,2", help="of the 3-model runs")
     ap.add_argument("--temperature", type=float, default=1.0, help="of the sampled ensemble configuration")
     ap.add_argument("--configs", default="ensemble,ensemble-sampled,contrastive,three",
                     help="comma-separated subset of ensemble,ensemble-sampled,contrastive,three")
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = {"standard": lambda cfg: None, "fixed": lambda cfg: co.FixedProposer(0, a.fixed_gamma),
                "alternate": lambda cfg: cfg["alt"]}
     runs = [(c, m) for c in configs for m in methods]
-    acc = {r: dict(time=0.0, tokens=0, steps=0, accepted=0, drafted=0, calls=0) for r in runs}
+    acc = {r: dict(time=0.0, tokens=0, steps=0, accepted=0, drafted=0, calls=0, verify=0.0, draft=0.0, rest=0.0)
+           for r in runs}
     outputs: dict = {r: [] for r in runs}
     for i, prompt in enumerate(PROMPTS[: a.prompts]):
         enc = chat_inputs(tok, [prompt])
@@ -147,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             r["accepted"] += s.accepted_tokens
             r["drafted"] += s.drafted_tokens
             r["calls"] += sum(s.extra["calls_per_model"]) - len(cfg["models"])  # without the prefills
+            r["verify"] += s.target_time
+            r["draft"] += s.drafter_time
+            r["rest"] += dt - s.target_time - s.drafter_time
             outputs[(c, m)].append(out.sequences[0, enc["input_ids"].shape[1]:].tolist())
             print(f"prompt {i} {c} {m}: {s.emitted_tokens} tokens, {dt:.1f} s", file=sys.stderr, flush=True)
     lines, plot_rows, identical_all = [], [], True
@@ -160,8 +165,11 @@ def main(argv: list[str] | None = None) -> int:
             gam = {"standard": "–", "fixed": f"model 0, γ={a.fixed_gamma}",
                    "alternate": "γ=" + "/".join(str(g) for g in cfg["alt"].num_draft_tokens)}[m]
             acc_rate = f"{r['accepted'] / r['drafted']:.2f}" if r["drafted"] else "–"
+            fpt = r["calls"] / max(r["tokens"], 1)
+            ceiling = (base["calls"] / max(base["tokens"], 1)) / fpt  # speedup if every forward cost the same
+            split = "/".join(f"{1000 * r[k] / max(r['tokens'], 1):.0f}" for k in ("verify", "draft", "rest"))
             lines.append(f"| {cfg['label']} | {m} ({gam}) | x{speed:.2f} | {r['tokens'] / r['time']:.1f} | {acc_rate} | "
-                         f"{r['tokens'] / max(r['steps'], 1):.2f} | {r['calls'] / max(r['tokens'], 1):.2f} | {same} |")
+                         f"{r['tokens'] / max(r['steps'], 1):.2f} | {fpt:.2f} | x{ceiling:.2f} | {split} | {same} |")
             if m != "standard":
                 plot_rows.append((cfg["label"].split(",")[0] + ("" if not cfg["temperature"] else " (sampled)")
                                   + (" CD" if "contrastive" in cfg["label"] else ""), m, speed))
@@ -174,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         f"adapters for Python code and German (merged; the same size and cost as SmolLM2)"
         f"{'; linear weights pre-packed' if a.pack else ''}. Speedup: tokens/s over "
         f"standard collaborative decoding of the same combination, measured in one interleaved run.", "",
-        "| combination | method | speedup | tok/s | accept | tokens/step | forwards/token | identical (greedy) |",
-        "|---|---|---|---|---|---|---|---|", *lines, ""])
+        "| combination | method | speedup | tok/s | accept | tokens/step | forwards/token | forward ceiling | "
+        "ms/token verify/draft/rest | identical (greedy) |",
+        "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+        "forward ceiling: the speedup if every model forward cost the same and nothing else took time (standard "
+        "forwards per token / this row's). ms/token: the verification step's forwards (all scoring models; standard: "
+        "every forward), the proposals (drafting forwards of the proposer, cache lookups), and the rest (prefill, "
+        "combination, verification, bookkeeping).", ""])
     print(text)
     if a.out is not None and not a.quick:
         from ._report import write_section

@@ -620,7 +620,7 @@ def _run_collaborate(args: argparse.Namespace) -> int:
                 raise CLIError(EXIT_BAD_INPUT, f"--gamma gives {len(gammas)} proposal lengths for {n} models")
             proposal = co.FixedProposer(proposer, gammas[proposer] if gammas and proposer < n else 3)
         else:
-            proposal = co.AlternateProposals(gammas or tuple([1] * n))
+            proposal = co.AlternateProposals(gammas or tuple([2] * n))
         combine.check_models(n)
         if proposal is not None:
             proposal.gammas(n)
@@ -702,8 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--proposal", default="alternate", choices=["alternate", "fixed", "none"],
                      help="alternate proposals (default), one fixed proposer, or none (standard collaborative decoding)")
     col.add_argument("--gamma", nargs="+", type=int,
-                     help="proposal lengths, one per model (default: 1 each, best for models of one size; give a "
-                          "cheap model a longer one)")
+                     help="proposal lengths, one per model (default: 2 each, the fastest measured for models of one "
+                          "size; give a cheap model a longer one)")
     col.add_argument("--proposer", type=int, default=None, help="--proposal fixed: index of the proposer (default: 0)")
     col.add_argument("--prompt", default=None, help="the prompt (one chat turn)")
     col.add_argument("--max-new-tokens", type=int, default=64)

@@ -82,6 +82,8 @@ def test_speculation_saves_forwards_of_the_large_model():
         out = co.generate(models, ids, attention_mask=mask, combine=WeightedEnsemble((0.5, 0.5)), proposal=proposal,
                           max_new_tokens=24, eos_token_id=[])
         calls[name] = out.stats.extra["calls_per_model"]
+        s = out.stats  # tokens per step counts no bonus after an open-end step accepted whole
+        assert s.mean_accepted_length == pytest.approx(s.emitted_tokens / s.row_steps)
     assert calls["standard"] == [25, 25]  # prefill + one forward per token
     assert calls["fixed"][1] < 15 and calls["alternate"][1] < 15
     # alternate proposals reuse the large model's bonus distribution: the small model runs fewer forwards

@@ -4,7 +4,7 @@ proposals.
 
     from mmspec.collaborative import generate, WeightedEnsemble, AlternateProposals
     out = generate([general, domain], input_ids, combine=WeightedEnsemble((0.5, 0.5)),
-                   proposal=AlternateProposals((4, 1)), max_new_tokens=128)
+                   proposal=AlternateProposals((2, 2)), max_new_tokens=128)
 """
 
 from .combine import Combination, ContrastiveDecoding, WeightedEnsemble

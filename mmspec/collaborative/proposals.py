@@ -67,7 +67,7 @@ class AlternateProposals:
     The model with the largest gamma (the first of equals; as in CoS, the cheapest model is meant to propose
     most) is the default proposer, at the start and after a rejection."""
 
-    num_draft_tokens: tuple[int, ...] = (4, 1)
+    num_draft_tokens: tuple[int, ...] = (2, 2)
 
     def __post_init__(self) -> None:
         gammas = tuple(self.num_draft_tokens)
