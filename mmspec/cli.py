@@ -627,6 +627,11 @@ def _run_collaborate(args: argparse.Namespace) -> int:
     except mmspec.MMSpecError as exc:
         raise CLIError(EXIT_BAD_INPUT, _one_line(exc)) from None
     models, tokenizer = _load_collab_models(args.models)
+    if args.pack:  # multi-token forwards (verification) cost about one single-token forward once packed
+        from mmspec.cpu_packing import pack_linear_weights
+
+        for model in {id(m): m for m in models}.values():
+            pack_linear_weights(model)
     enc = chat_inputs(tokenizer, [args.prompt or "Give me three tips for staying focused while studying."])
     common = dict(combine=combine, attention_mask=enc["attention_mask"], max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -711,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--top-k", type=int, default=None)
     col.add_argument("--top-p", type=float, default=None)
     col.add_argument("--seed", type=int, default=0)
+    col.add_argument("--no-pack", dest="pack", action="store_false",
+                     help="keep the linear layers' BLAS path (default: pre-pack float32 CPU weights for oneDNN)")
     col.add_argument("--no-compare", dest="compare", action="store_false",
                      help="skip the standard collaborative decoding run (speedup, and identity when greedy)")
     col.set_defaults(func=_run_collaborate)
