@@ -110,3 +110,21 @@ def test_sampling_with_the_head_matches_hf_sampling_in_distribution(smollm2):
     a, b, w = (_target_logprob(target, enc, s, plen) for s in (hf, ours, wrong))
     assert stats.ks_2samp(a.numpy(), b.numpy()).pvalue > 1e-3
     assert stats.ks_2samp(a.numpy(), w.numpy()).pvalue < 1e-3  # negative control: a hotter sampler is caught
+
+
+@pytest.mark.slow
+def test_collaborative_decoding_with_the_code_model_equals_plain_collaborative_decoding(smollm2):
+    """SmolLM2 + its shipped code LoRA model, batch 2 (left padded): CoS (fixed and alternate) gives plain
+    collaborative decoding's greedy tokens, for the ensemble and contrastive decoding."""
+    from mmspec import collaborative as co
+    from mmspec.pretrained import load_smollm2_domain
+
+    target, tok = smollm2
+    code = load_smollm2_domain("code")
+    enc = chat_inputs(tok, PROMPTS[:2])
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for combine in (co.WeightedEnsemble((0.5, 0.5)), co.ContrastiveDecoding(alpha=0.1, plausibility=0.1)):
+        kw = dict(attention_mask=enc["attention_mask"], combine=combine, max_new_tokens=32, eos_token_id=eos)
+        plain = co.generate([target, code], enc["input_ids"], proposal=None, **kw).sequences
+        for proposal in (co.FixedProposer(0, 3), co.AlternateProposals((2, 2))):
+            assert torch.equal(co.generate([target, code], enc["input_ids"], proposal=proposal, **kw).sequences, plain)
