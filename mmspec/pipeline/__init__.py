@@ -1,0 +1,16 @@
+"""Pipelined speculative decoding across processes and machines (torch.distributed, gloo): the target's
+layers split into stages, one process each; rank 0 decodes with the one loop.
+
+Paper: FlowSpec (arXiv 2507.02620). This package holds the pipeline itself and the naive pipelined
+speculative decoding baseline (each draft travels the whole pipeline before the next is drafted).
+
+    torchrun --nproc-per-node 2 -m mmspec.pipeline --drafter truncated     # SmolLM2 over 2 stages
+"""
+
+from .plan import PipelineConfigError, StagePlan, plan_stages
+from .run import generate, init_group, stage_for_rank
+from .session import PipelineSession, PipelineStageError, serve_stage
+from .stage import build_stage_model
+
+__all__ = ["PipelineConfigError", "PipelineSession", "PipelineStageError", "StagePlan", "build_stage_model",
+           "generate", "init_group", "plan_stages", "serve_stage", "stage_for_rank"]

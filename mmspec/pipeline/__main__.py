@@ -1,0 +1,135 @@
+"""``torchrun --nproc-per-node N -m mmspec.pipeline``: the target split over N stage processes (gloo), rank 0
+decoding (plain pipelined AR, or speculative with a drafter on rank 0). Rank 0 prints the result (and writes
+``--out`` as JSON); a stage that dies or stops answering makes every process exit with code 5 and one line."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+
+import torch
+
+
+def _example_target(seed: int, layers: int) -> torch.nn.Module:
+    """A tiny random Llama (the same on every rank: built from the seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).to(torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _truncated(model: torch.nn.Module, keep: int) -> torch.nn.Module:
+    drafter = copy.deepcopy(model)
+    drafter.model.layers = drafter.model.layers[:keep]
+    drafter.config.num_hidden_layers = keep
+    if getattr(drafter.config, "layer_types", None):
+        drafter.config.layer_types = drafter.config.layer_types[:keep]
+    return drafter.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .plan import PipelineConfigError, StagePlan
+    from .run import DEFAULT_TIMEOUT_S, generate, init_group, serve_stage, stage_for_rank
+    from .session import PipelineStageError
+
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m mmspec.pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--example", action="store_true", help="a tiny random Llama (tests) instead of SmolLM2")
+    ap.add_argument("--example-layers", type=int, default=4)
+    ap.add_argument("--plan", default=None, help="stage boundaries, e.g. 0,10,30 (default: even split)")
+    ap.add_argument("--drafter", default="none", choices=["none", "prompt_lookup", "truncated"],
+                    help="none: pipelined AR; truncated: the target's first layer as a drafter on rank 0")
+    ap.add_argument("--num-draft-tokens", type=int, default=4)
+    ap.add_argument("--prompt-ids", default="5,17,33,9,41,12", help="--example: comma-separated ids")
+    ap.add_argument("--prompt", default="Give me three tips for staying focused while studying.")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds any stage waits for another")
+    ap.add_argument("--die-after", type=int, default=0, help=argparse.SUPPRESS)  # tests: rank 1 exits after n forwards
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    try:
+        rank, world = init_group(a.timeout)
+        tokenizer = None
+        if a.example:
+            target = _example_target(a.seed, a.example_layers)
+            input_ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
+            attention_mask = None
+        else:
+            from mmspec.pretrained import chat_inputs, load_causal_lm
+
+            target, tokenizer = load_causal_lm()
+            enc = chat_inputs(tokenizer, [a.prompt])
+            input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        vocab = int(target.config.vocab_size)
+        drafter = None
+        if rank == 0 and a.drafter == "truncated":
+            drafter = _truncated(target, 1)
+        elif a.drafter == "prompt_lookup":
+            drafter = "prompt_lookup"
+        plan = StagePlan(tuple(int(x) for x in a.plan.split(","))) if a.plan else None
+        eos = target.generation_config.eos_token_id
+        stage = stage_for_rank(target, rank, world, plan)
+        if rank > 0:
+            if a.die_after and rank == 1:
+                _die_after(stage, a.die_after)
+            serve_stage(stage, rank, world)
+            return 0
+        t0 = time.perf_counter()
+        out = generate(stage, input_ids, world_size=world, vocab_size=vocab, drafter=drafter,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
+                       num_draft_tokens=a.num_draft_tokens, eos_token_id=eos, attention_mask=attention_mask)
+        seconds = time.perf_counter() - t0
+
+        from .session import STOP, _header, _send
+
+        if world > 1:
+            _send(_header(STOP), 1)
+        new = out.sequences[0, input_ids.shape[1]:].tolist()
+        result = {"tokens": new, "seconds": seconds, "stages": world, "steps": out.stats.steps,
+                  "accepted": out.stats.accepted_tokens, "drafted": out.stats.drafted_tokens}
+        if tokenizer is not None:
+            result["text"] = tokenizer.decode(new, skip_special_tokens=True)
+        print(json.dumps(result))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump(result, f)
+        return 0
+    except (PipelineStageError, PipelineConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 5 if isinstance(exc, PipelineStageError) else 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a dead peer can make the teardown itself fail
+                pass
+
+
+def _die_after(stage: torch.nn.Module, forwards: int) -> None:
+    """Tests: make this process exit (as if killed) after ``forwards`` forwards."""
+    import os
+
+    count = {"n": 0}
+    original = stage.forward
+
+    def forward(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > forwards:
+            os._exit(9)
+        return original(*args, **kwargs)
+
+    stage.forward = forward
+
+
+if __name__ == "__main__":
+    sys.exit(main())

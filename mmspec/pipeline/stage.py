@@ -1,0 +1,62 @@
+"""One pipeline stage's share of the target: a HF causal LM cut down to a contiguous range of decoder layers.
+
+Glossary:
+    stage model  the target with only layers [a, b) (re-indexed from 0, so it keeps its own KV cache); stage 0
+                 embeds token ids, later stages take the previous stage's hidden states as ``inputs_embeds``;
+                 every stage but the last has an identity final norm and LM head, so its "logits" are the hidden
+                 states it passes on. Each stage derives positions and masks from the same valid masks, so the
+                 pipeline computes exactly what the whole model computes
+
+Any :class:`~mmspec.cache.CacheSession` can drive a stage model: rollback, trees and row selection work per stage.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .plan import PipelineConfigError, StagePlan
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family HF causal LM (``model.model.layers``)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "norm") or not hasattr(model, "lm_head"):
+        raise PipelineConfigError(f"{type(model).__name__} cannot be split into stages: the pipeline splits Llama-family "
+                                  "causal LMs (model.model.layers, model.model.norm, model.lm_head)")
+    return layers
+
+
+def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place: bool = False) -> nn.Module:
+    """Stage ``stage`` of ``plan`` cut from ``model`` (a copy unless ``in_place``; a stage process owns its model)."""
+    layers = decoder_layers(model)
+    plan.check(len(layers))
+    if not 0 <= stage < plan.num_stages:
+        raise PipelineConfigError(f"stage {stage} is not one of the plan's {plan.num_stages} stages")
+    part = model if in_place else copy.deepcopy(model)
+    keep = plan.layers(stage)
+    kept = nn.ModuleList([decoder_layers(part)[i] for i in keep])
+    for i, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    part.model.layers = kept
+    config = part.config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    if stage < plan.num_stages - 1:
+        part.model.norm = nn.Identity()
+        part.lm_head = nn.Identity()
+    return part.eval()
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
