@@ -216,7 +216,8 @@ class CacheSession:
         mask = torch.zeros(allowed.shape, dtype=dtype, device=tokens.device).masked_fill(~allowed, torch.finfo(dtype).min)
         if hidden_layers:
             model_inputs = dict(model_inputs, output_hidden_states=True)
-        out = self.model(input_ids=tokens, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
+        ids = {} if "inputs_embeds" in model_inputs else {"input_ids": tokens}  # a pipeline stage feeds hidden states
+        out = self.model(**ids, attention_mask=mask.unsqueeze(1), position_ids=position_ids,
                          past_key_values=self.cache, use_cache=True, **model_inputs)
         self.calls += 1
         self.last_hidden = _pick_hidden(out, hidden_layers)

@@ -43,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--example", action="store_true", help="a tiny random Llama (tests) instead of SmolLM2")
     ap.add_argument("--example-layers", type=int, default=4)
     ap.add_argument("--plan", default=None, help="stage boundaries, e.g. 0,10,30 (default: even split)")
-    ap.add_argument("--drafter", default="none", choices=["none", "prompt_lookup", "truncated"],
-                    help="none: pipelined AR; truncated: the target's first layer as a drafter on rank 0")
+    ap.add_argument("--drafter", default="none", choices=["none", "prompt_lookup", "truncated", "truncated-tree"],
+                    help="none: pipelined AR; truncated: the target's first layer as a drafter on rank 0 (chains, "
+                         "or an EAGLE-2 dynamic tree of 8 nodes)")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--prompt-ids", default="5,17,33,9,41,12", help="--example: comma-separated ids")
     ap.add_argument("--prompt", default="Give me three tips for staying focused while studying.")
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         drafter = None
         if rank == 0 and a.drafter == "truncated":
             drafter = _truncated(target, 1)
+        elif rank == 0 and a.drafter == "truncated-tree":
+            from mmspec.drafters.model import ModelDrafter
+            from mmspec.drafters.tree import DynamicTree
+
+            drafter = ModelDrafter(_truncated(target, 1), tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
         elif a.drafter == "prompt_lookup":
             drafter = "prompt_lookup"
         plan = StagePlan(tuple(int(x) for x in a.plan.split(","))) if a.plan else None

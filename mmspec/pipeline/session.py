@@ -9,7 +9,8 @@ Glossary:
     command      what rank 0 sends down the chain (rank s -> s + 1): a header long [8] = (op, batch, width,
                  has_valid, num_logits, 0, 0, 0) and its payload; ``EXTEND`` carries the valid mask and the
                  hidden states, ``ROLLBACK`` the tokens to remove per row, ``SELECT`` the rows to keep, ``STOP``
-                 nothing, ``RESET`` (a new batch) nothing. The last stage sends the logits of an ``EXTEND`` back to rank 0
+                 nothing, ``RESET`` (a new batch) nothing; trees: ``BEGIN_TREE``, ``EXTEND_TREE`` (parents, valid
+                 mask, hidden states) and ``KEEP_PATH`` (path, tokens kept). The last stage sends the logits of an ``EXTEND`` back to rank 0
     timeout      every receive waits at most the process group's timeout; a stage that died or stopped
                  answering makes the others raise :class:`PipelineStageError` (and exit), never hang
 """
@@ -25,7 +26,7 @@ from ..cache import CacheSession
 from ..errors import MMSpecError
 from .stage import float_dtype, hidden_size
 
-EXTEND, ROLLBACK, SELECT, STOP, RESET = 1, 2, 3, 4, 5
+EXTEND, ROLLBACK, SELECT, STOP, RESET, BEGIN_TREE, EXTEND_TREE, KEEP_PATH = 1, 2, 3, 4, 5, 6, 7, 8
 HEADER = 8
 
 
@@ -109,7 +110,31 @@ class PipelineSession:
             _send(_header(STOP), 1)
 
     def begin_tree(self) -> None:
-        raise ValueError("the pipelined target verifies chains (draft trees through the pipeline: FlowSpec, to come)")
+        self.local.begin_tree()
+        if self.world > 1:
+            _send(_header(BEGIN_TREE), 1)
+
+    def extend_tree(self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor | None = None,
+                    hidden_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        if hidden_layers:
+            raise ValueError("a pipelined target takes token ids only (no hidden states for feature drafters yet)")
+        valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
+        if self.world == 1:
+            return self.local.extend_tree(tokens, parents, valid)
+        batch, width = tokens.shape
+        _send(_header(EXTEND_TREE, batch, width, 1, width), 1)
+        hidden = self.local.extend_tree(tokens, parents, valid)
+        _send(parents.to(torch.long).cpu(), 1)
+        _send(valid.cpu(), 1)
+        _send(hidden.cpu(), 1)
+        return _recv((batch, width, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+
+    def keep_path(self, path: torch.Tensor, num_keep: torch.Tensor) -> None:
+        self.local.keep_path(path, num_keep)
+        if self.world > 1:
+            _send(_header(KEEP_PATH, path.shape[0], path.shape[1]), 1)
+            _send(path.to(torch.long).cpu(), 1)
+            _send(num_keep.to(torch.long).cpu(), 1)
 
 
 def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int:
@@ -142,6 +167,30 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
                 if valid is not None:
                     _send(valid, rank + 1)
                 _send(out, rank + 1)
+        elif op == BEGIN_TREE:
+            assert session is not None
+            session.begin_tree()
+        elif op == EXTEND_TREE:
+            assert session is not None
+            parents = _recv((batch, width), torch.long, rank - 1)
+            valid = _recv((batch, width), torch.long, rank - 1)
+            hidden = _recv((batch, width, d), dtype, rank - 1)
+            out = session.extend_tree(torch.zeros((batch, width), dtype=torch.long), parents, valid,
+                                      inputs_embeds=hidden)
+            forwards += 1
+            if last:
+                _send(out.to(dtype), 0)
+            else:
+                for t in (parents, valid, out):
+                    _send(t, rank + 1)
+        elif op == KEEP_PATH:
+            assert session is not None
+            path = _recv((batch, width), torch.long, rank - 1)
+            keep = _recv((batch,), torch.long, rank - 1)
+            if not last:
+                _send(path, rank + 1)
+                _send(keep, rank + 1)
+            session.keep_path(path, keep)
         elif op in (ROLLBACK, SELECT):
             arg = _recv((batch,), torch.long, rank - 1)
             if not last:
