@@ -50,6 +50,21 @@ def test_greedy_pipeline_equals_hf_generate(tmp_path, stages, drafter):
         assert result["steps"] < 16  # drafts were accepted: fewer pipeline passes than tokens
 
 
+def test_sampling_over_two_stages_follows_the_target_and_repeats_the_single_process_run(tmp_path):
+    from stat_helpers import chisquare_pvalue
+
+    args = ("--drafter", "truncated", "--temperature", "1.0", "--batch", "20000", "--max-new-tokens", "2", "--seed", "3")
+    proc, two, _ = launch(2, *args, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first = torch.tensor([row[0] for row in two["all_tokens"]])
+    with torch.no_grad():
+        p = _example_target(0, 4)(input_ids=torch.tensor([PROMPT])).logits[0, -1].double().softmax(-1)
+    assert chisquare_pvalue(first, p) > 1e-3
+    assert 0 < two["accepted"] < two["drafted"]
+    proc, one, _ = launch(1, *args, tmp_path=tmp_path)  # the same seeds: the same tokens as one process
+    assert proc.returncode == 0 and one["all_tokens"] == two["all_tokens"]
+
+
 def test_an_uneven_plan_decodes_the_same(tmp_path):
     proc, result, _ = launch(3, "--plan", "0,1,3,4", "--drafter", "truncated", "--max-new-tokens", "12", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--prompt-ids", default="5,17,33,9,41,12", help="--example: comma-separated ids")
     ap.add_argument("--prompt", default="Give me three tips for staying focused while studying.")
+    ap.add_argument("--batch", type=int, default=1, help="--example: rows of the same prompt (sampling tests)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = init_group(a.timeout)
         tokenizer = None
         if a.example:
-            target = _example_target(a.seed, a.example_layers)
-            input_ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]])
+            target = _example_target(0, a.example_layers)  # the same weights on every rank and in the tests
+            input_ids = torch.tensor([[int(x) for x in a.prompt_ids.split(",")]]).expand(a.batch, -1).contiguous()
             attention_mask = None
         else:
             from mmspec.pretrained import chat_inputs, load_causal_lm
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             _send(_header(STOP), 1)
         new = out.sequences[0, input_ids.shape[1]:].tolist()
-        result = {"tokens": new, "seconds": seconds, "stages": world, "steps": out.stats.steps,
+        result = {"tokens": new, "seconds": seconds,
+                  "all_tokens": out.sequences[:, input_ids.shape[1]:].tolist() if a.batch > 1 else None, "stages": world, "steps": out.stats.steps,
                   "accepted": out.stats.accepted_tokens, "drafted": out.stats.drafted_tokens}
         if tokenizer is not None:
             result["text"] = tokenizer.decode(new, skip_special_tokens=True)
