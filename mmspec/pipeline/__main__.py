@@ -26,12 +26,9 @@ def _example_target(seed: int, layers: int) -> torch.nn.Module:
 
 
 def _truncated(model: torch.nn.Module, keep: int) -> torch.nn.Module:
-    drafter = copy.deepcopy(model)
-    drafter.model.layers = drafter.model.layers[:keep]
-    drafter.config.num_hidden_layers = keep
-    if getattr(drafter.config, "layer_types", None):
-        drafter.config.layer_types = drafter.config.layer_types[:keep]
-    return drafter.eval()
+    from .stage import keep_layers
+
+    return keep_layers(copy.deepcopy(model), range(keep)).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

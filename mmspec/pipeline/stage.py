@@ -30,6 +30,22 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def keep_layers(model: nn.Module, keep: range) -> nn.Module:
+    """Keep only the decoder layers ``keep`` of ``model`` (in place), re-indexed from 0 so that the model's own
+    KV cache holds exactly them; the config follows."""
+    kept = nn.ModuleList([decoder_layers(model)[i] for i in keep])
+    for i, layer in enumerate(kept):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = i
+    model.model.layers = kept
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    return model
+
+
 def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place: bool = False) -> nn.Module:
     """Stage ``stage`` of ``plan`` cut from ``model`` (a copy unless ``in_place``; a stage process owns its model)."""
     layers = decoder_layers(model)
@@ -37,17 +53,7 @@ def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place
     if not 0 <= stage < plan.num_stages:
         raise PipelineConfigError(f"stage {stage} is not one of the plan's {plan.num_stages} stages")
     part = model if in_place else copy.deepcopy(model)
-    keep = plan.layers(stage)
-    kept = nn.ModuleList([decoder_layers(part)[i] for i in keep])
-    for i, layer in enumerate(kept):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = i
-    part.model.layers = kept
-    config = part.config
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep]
+    keep_layers(part, plan.layers(stage))
     if stage < plan.num_stages - 1:
         part.model.norm = nn.Identity()
         part.lm_head = nn.Identity()
