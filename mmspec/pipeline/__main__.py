@@ -43,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drafter", default="none", choices=["none", "prompt_lookup", "truncated", "truncated-tree"],
                     help="none: pipelined AR; truncated: the target's first layer as a drafter on rank 0 (chains, "
                          "or an EAGLE-2 dynamic tree of 8 nodes)")
+    ap.add_argument("--draft-layers", type=int, default=1, help="layers of the truncated drafter")
+    ap.add_argument("--flowspec", action="store_true",
+                    help="FlowSpec: stream score-ordered segments of a growing draft tree through the stages "
+                         "(the truncated drafter; batch 1)")
+    ap.add_argument("--segment-size", type=int, default=8)
+    ap.add_argument("--max-in-flight", type=int, default=None, help="segments in flight (default: one per stage)")
+    ap.add_argument("--top-k", type=int, default=4, help="FlowSpec: children per expanded node")
+    ap.add_argument("--max-nodes", type=int, default=64, help="FlowSpec: nodes per draft tree")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--prompt-ids", default="5,17,33,9,41,12", help="--example: comma-separated ids")
     ap.add_argument("--prompt", default="Give me three tips for staying focused while studying.")
@@ -69,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         vocab = int(target.config.vocab_size)
         drafter = None
-        if rank == 0 and a.drafter == "truncated":
-            drafter = _truncated(target, 1)
+        if rank == 0 and (a.drafter == "truncated" or a.flowspec):
+            drafter = _truncated(target, a.draft_layers)
         elif rank == 0 and a.drafter == "truncated-tree":
             from mmspec.drafters.model import ModelDrafter
             from mmspec.drafters.tree import DynamicTree
 
-            drafter = ModelDrafter(_truncated(target, 1), tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
+            drafter = ModelDrafter(_truncated(target, a.draft_layers), tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
         elif a.drafter == "prompt_lookup":
             drafter = "prompt_lookup"
         plan = StagePlan(tuple(int(x) for x in a.plan.split(","))) if a.plan else None
@@ -86,16 +94,17 @@ def main(argv: list[str] | None = None) -> int:
                 _die_after(stage, a.die_after)
             serve_stage(stage, rank, world)
             return 0
+        if a.flowspec:
+            return _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eos, tokenizer)
         t0 = time.perf_counter()
         out = generate(stage, input_ids, world_size=world, vocab_size=vocab, drafter=drafter,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed,
                        num_draft_tokens=a.num_draft_tokens, eos_token_id=eos, attention_mask=attention_mask)
         seconds = time.perf_counter() - t0
 
-        from .session import STOP, _header, _send
+        from .session import stop_stages
 
-        if world > 1:
-            _send(_header(STOP), 1)
+        stop_stages(world)
         new = out.sequences[0, input_ids.shape[1]:].tolist()
         result = {"tokens": new, "seconds": seconds,
                   "all_tokens": out.sequences[:, input_ids.shape[1]:].tolist() if a.batch > 1 else None, "stages": world, "steps": out.stats.steps,
@@ -118,6 +127,32 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a dead peer can make the teardown itself fail
                 pass
+
+
+def _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eos, tokenizer) -> int:
+    from .flowspec import FlowSpecConfig, generate
+    from .session import stop_stages
+
+    config = FlowSpecConfig(segment_size=a.segment_size, max_in_flight=a.max_in_flight, top_k=a.top_k,
+                            max_nodes=a.max_nodes)
+    t0 = time.perf_counter()
+    out = generate(stage, input_ids, world_size=world, vocab_size=vocab, drafter=drafter, config=config,
+                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, eos_token_id=eos,
+                   attention_mask=attention_mask, collect_stage_stats=True)
+    seconds = time.perf_counter() - t0
+    stop_stages(world)
+    st = out.stats
+    new = out.sequences[0, input_ids.shape[1]:].tolist()
+    result = {"tokens": new, "seconds": seconds, "stages": world, "rounds": st.rounds, "segments": st.segments,
+              "accepted": st.accepted_tokens, "nodes_sent": st.nodes_sent, "killed_in_flight": st.killed_in_flight,
+              "pruned_in_flight": st.pruned_in_flight, "time_split": st.time_split, "stage_stats": st.stages}
+    if tokenizer is not None:
+        result["text"] = tokenizer.decode(new, skip_special_tokens=True)
+    print(json.dumps(result))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f)
+    return 0
 
 
 def _die_after(stage: torch.nn.Module, forwards: int) -> None:

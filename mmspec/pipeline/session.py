@@ -10,13 +10,23 @@ Glossary:
                  has_valid, num_logits, 0, 0, 0) and its payload; ``EXTEND`` carries the valid mask and the
                  hidden states, ``ROLLBACK`` the tokens to remove per row, ``SELECT`` the rows to keep, ``STOP``
                  nothing, ``RESET`` (a new batch) nothing; trees: ``BEGIN_TREE``, ``EXTEND_TREE`` (parents, valid
-                 mask, hidden states) and ``KEEP_PATH`` (path, tokens kept). The last stage sends the logits of an ``EXTEND`` back to rank 0
+                 mask, hidden states) and ``KEEP_PATH`` (path, tokens kept). The last stage sends the logits of an
+                 ``EXTEND`` back to rank 0. FlowSpec (:mod:`~mmspec.pipeline.flowspec`): ``SEGMENT`` (node ids and
+                 parent ids long [2, w], hidden states; the last stage answers with the ids and logits of the nodes
+                 it computed), ``COMMIT`` (the round's accepted path as node ids), ``STATS`` (every stage answers
+                 rank 0 with its counters)
+    kill         FlowSpec's in-flight pruning: rank 0 sends each stage, on a side channel (tag ``KILL_TAG``, read by
+                 a listener thread), the nodes that can no longer be accepted; a stage drops them from segments it
+                 has not forwarded yet, so pruned nodes cost no stage compute after the news reaches it
     timeout      every receive waits at most the process group's timeout; a stage that died or stopped
                  answering makes the others raise :class:`PipelineStageError` (and exit), never hang
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -27,7 +37,15 @@ from ..errors import MMSpecError
 from .stage import float_dtype, hidden_size
 
 EXTEND, ROLLBACK, SELECT, STOP, RESET, BEGIN_TREE, EXTEND_TREE, KEEP_PATH = 1, 2, 3, 4, 5, 6, 7, 8
+SEGMENT, COMMIT, STATS = 9, 10, 11
 HEADER = 8
+KILL_TAG, STATS_TAG = 9, 3
+#: a kill message: long [2 + MAX_KILL] = (dead_below, n, ids...): node ids < dead_below and the n ids are dead;
+#: dead_below = EXIT_LISTENER ends the stage's listener thread
+MAX_KILL = 512
+EXIT_LISTENER = -2
+#: a stage's counters (``STATS``): forwards, busy seconds, wall seconds, tokens computed, tokens pruned in flight
+NUM_STATS = 5
 
 
 class PipelineStageError(MMSpecError):
@@ -41,18 +59,100 @@ def _send(t: torch.Tensor, dst: int) -> None:
         raise PipelineStageError(f"stage {dist.get_rank()} cannot reach stage {dst}: {str(exc).splitlines()[0]}") from None
 
 
-def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int = 0) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype)
     try:
-        dist.recv(t, src)
+        dist.recv(t, src, tag=tag)
     except RuntimeError as exc:
         raise PipelineStageError(f"stage {dist.get_rank()} got no answer from stage {src} (it died or stopped "
                                  f"answering within the timeout): {str(exc).splitlines()[0]}") from None
     return t
 
 
+class Outbox:
+    """Non-blocking sends (gloo ``isend``): a send completes only once the peer posts its receive, so a stage
+    never waits on its successor; the oldest sends are awaited once more than ``depth`` are outstanding."""
+
+    def __init__(self, depth: int = 64):
+        self.works: deque = deque()
+        self.depth = depth
+
+    def post(self, t: torch.Tensor, dst: int, tag: int = 0) -> None:
+        t = t.contiguous()
+        try:
+            self.works.append((dist.isend(t, dst, tag=tag), t))
+            while len(self.works) > self.depth:
+                self.works.popleft()[0].wait()
+        except RuntimeError as exc:
+            raise PipelineStageError(f"stage {dist.get_rank()} cannot reach stage {dst}: "
+                                     f"{str(exc).splitlines()[0]}") from None
+
+    def flush(self) -> None:
+        try:
+            while self.works:
+                self.works.popleft()[0].wait()
+        except RuntimeError as exc:
+            raise PipelineStageError(f"stage {dist.get_rank()}: a send was never received: "
+                                     f"{str(exc).splitlines()[0]}") from None
+
+
+def kill_message(dead_below: int, ids: list[int]) -> torch.Tensor:
+    """long [2 + MAX_KILL]: node ids < ``dead_below`` and ``ids`` are dead (``ids`` beyond MAX_KILL are dropped:
+    pruning is an optimisation, never needed for correctness)."""
+    ids = ids[:MAX_KILL]
+    msg = torch.zeros(2 + MAX_KILL, dtype=torch.long)
+    msg[0], msg[1] = dead_below, len(ids)
+    if ids:
+        msg[2:2 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return msg
+
+
+class KillList:
+    """A stage's view of the dead nodes, filled by a listener thread reading rank 0's kill messages."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.dead_below = 0
+        self.dead: set[int] = set()
+        self.thread: threading.Thread | None = None
+
+    def listen(self) -> None:
+        def run() -> None:
+            while True:
+                msg = torch.empty(2 + MAX_KILL, dtype=torch.long)
+                try:
+                    dist.recv(msg, 0, tag=KILL_TAG)
+                except RuntimeError:
+                    return  # the main loop reports a dead peer
+                below, n = int(msg[0]), int(msg[1])
+                if below == EXIT_LISTENER:
+                    return
+                with self.lock:
+                    if below > self.dead_below:
+                        self.dead_below = below
+                        self.dead = {i for i in self.dead if i >= below}
+                    self.dead.update(msg[2:2 + n].tolist())
+
+        self.thread = threading.Thread(target=run, name="mmspec-kill-listener", daemon=True)
+        self.thread.start()
+
+    def alive(self, ids: list[int]) -> list[bool]:
+        with self.lock:
+            return [i >= self.dead_below and i not in self.dead for i in ids]
+
+
 def _header(op: int, batch: int = 0, width: int = 0, has_valid: int = 0, num_logits: int = 0) -> torch.Tensor:
     return torch.tensor([op, batch, width, has_valid, num_logits, 0, 0, 0], dtype=torch.long)
+
+
+def stop_stages(world_size: int, outbox: Outbox | None = None) -> None:
+    """Rank 0, at the end: every stage ends its kill listener and its command loop."""
+    if world_size > 1:
+        outbox = outbox if outbox is not None else Outbox()
+        for r in range(1, world_size):
+            outbox.post(kill_message(EXIT_LISTENER, []), r, KILL_TAG)
+        outbox.post(_header(STOP), 1)
+        outbox.flush()
 
 
 class PipelineSession:
@@ -66,8 +166,10 @@ class PipelineSession:
         self.world = world_size
         self.vocab = vocab_size
         self.device = device
+        self.outbox = Outbox()
+        self._results: deque = deque()  # one process: segment results, in order
         if world_size > 1:
-            _send(_header(RESET), 1)  # a new batch: every stage starts an empty cache
+            self.outbox.post(_header(RESET), 1)  # a new batch: every stage starts an empty cache
 
     @property
     def calls(self) -> int:
@@ -105,9 +207,59 @@ class PipelineSession:
             _send(rows.to(torch.long).cpu(), 1)
 
     def stop(self) -> None:
-        """Tell every stage to exit its loop."""
+        """Tell every stage to exit its loop (and its kill listener)."""
+        stop_stages(self.world, self.outbox)
+
+    # FlowSpec: segments of a draft tree streamed through the stages (see mmspec.pipeline.flowspec)
+    def send_segment(self, ids: list[int], parent_ids: list[int], tokens: torch.Tensor,
+                     local_parents: torch.Tensor) -> None:
+        """Feed tree nodes ``ids`` (tokens long [1, w]; ``local_parents`` long [1, w]: parents as stage-0 tree
+        indices, -1 for a child of the committed context) to stage 0 and post its hidden states down the chain;
+        the last stage's logits come back through :meth:`receive_segment`, in order."""
+        width = tokens.shape[1]
+        out = self.local.extend_tree(tokens, local_parents, torch.ones_like(tokens))  # [1, w, d] (or logits)
+        if self.world == 1:
+            self._results.append((list(ids), out))
+            return
+        self.outbox.post(_header(SEGMENT, 1, width), 1)
+        self.outbox.post(torch.tensor([ids, parent_ids], dtype=torch.long), 1)
+        self.outbox.post(out.cpu(), 1)
+
+    def receive_segment(self) -> tuple[list[int], torch.Tensor | None]:
+        """The next segment's result from the last stage: (node ids it computed, logits [1, n, V] or None when
+        every node was pruned on the way)."""
+        if self.world == 1:
+            return self._results.popleft()
+        header = _recv((HEADER,), torch.long, self.world - 1)
+        n = int(header[2])
+        if n == 0:
+            return [], None
+        ids = _recv((n,), torch.long, self.world - 1).tolist()
+        logits = _recv((1, n, self.vocab), float_dtype(self.local.model), self.world - 1)
+        return ids, logits.to(self.device)
+
+    def commit(self, path_ids: list[int], path_local: torch.Tensor) -> None:
+        """End a round: every stage keeps the tree nodes ``path_ids`` (root first; stage 0's indices
+        ``path_local`` long [1, D]) as committed slots and drops the rest of its tree."""
+        self.local.keep_path(path_local, torch.tensor([len(path_ids)], device=path_local.device))
         if self.world > 1:
-            _send(_header(STOP), 1)
+            self.outbox.post(_header(COMMIT, 1, len(path_ids)), 1)
+            self.outbox.post(torch.tensor(path_ids, dtype=torch.long), 1)
+
+    def kill(self, dead_below: int, ids: list[int]) -> None:
+        """Tell every later stage, ahead of the queued segments, that these nodes can no longer be accepted."""
+        if self.world > 1:
+            msg = kill_message(dead_below, ids)
+            for r in range(1, self.world):
+                self.outbox.post(msg, r, KILL_TAG)
+
+    def stage_stats(self) -> list[list[float]]:
+        """Counters of stages 1 .. N-1 since the last call (forwards, busy s, wall s, tokens computed, tokens
+        pruned in flight); each stage resets them."""
+        if self.world == 1:
+            return []
+        self.outbox.post(_header(STATS), 1)
+        return [_recv((NUM_STATS,), torch.float64, r, STATS_TAG).tolist() for r in range(1, self.world)]
 
     def begin_tree(self) -> None:
         self.local.begin_tree()
@@ -143,30 +295,98 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
     last = rank == world_size - 1
     d, dtype = hidden_size(stage_model), float_dtype(stage_model)
     session: CacheSession | None = None
+    kills = KillList()
+    kills.listen()
+    outbox = Outbox()
+    tree: dict[int, int] | None = None  # FlowSpec: node id -> this stage's tree index, while a round is open
     forwards = 0
+    counters = [0.0] * NUM_STATS  # forwards, busy s, wall s, tokens computed, tokens pruned
+    since = time.perf_counter()
+
+    def timed(fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        counters[1] += time.perf_counter() - t0
+        return out
+
     while True:
         header = _recv((HEADER,), torch.long, rank - 1)
         op, batch, width, has_valid, n = (int(x) for x in header[:5])
-        if not last:
-            _send(header, rank + 1)
+        if not last and op != SEGMENT:  # a segment's header is re-sent with the width left after pruning
+            outbox.post(header, rank + 1)
         if op == STOP:
+            outbox.flush()
+            if kills.thread is not None:
+                kills.thread.join(timeout=1.0)
             return forwards
         if op == RESET:
-            session = None
+            session, tree = None, None
+            continue
+        if op == STATS:
+            counters[2] = time.perf_counter() - since
+            outbox.post(torch.tensor(counters, dtype=torch.float64), 0, STATS_TAG)
+            counters, since = [0.0] * NUM_STATS, time.perf_counter()
             continue
         if op == EXTEND:
             if session is None or session.batch_size != batch:
                 session = CacheSession(stage_model, batch, torch.device("cpu"))
             valid = _recv((batch, width), torch.long, rank - 1) if has_valid else None
             hidden = _recv((batch, width, d), dtype, rank - 1)
-            out = session.extend(None, valid, inputs_embeds=hidden, num_logits=n if last else None)
+            out = timed(session.extend, None, valid, inputs_embeds=hidden, num_logits=n if last else None)
             forwards += 1
+            counters[0] += 1
             if last:
                 _send(out.to(dtype), 0)
             else:
                 if valid is not None:
                     _send(valid, rank + 1)
                 _send(out, rank + 1)
+        elif op == SEGMENT:
+            assert session is not None
+            meta = _recv((2, width), torch.long, rank - 1) if width else torch.zeros((2, 0), dtype=torch.long)
+            hidden = _recv((1, width, d), dtype, rank - 1) if width else None
+            if tree is None:
+                session.begin_tree()
+                tree = {}
+            ids, pars = meta[0].tolist(), meta[1].tolist()
+            alive = kills.alive(ids)
+            keep, local_parents = [], []
+            for j in range(width):  # in order: a parent may come earlier in the same segment
+                if alive[j] and (pars[j] < 0 or pars[j] in tree):
+                    local_parents.append(tree[pars[j]] if pars[j] >= 0 else -1)
+                    tree[ids[j]] = session.tree_size + len(keep)
+                    keep.append(j)
+            counters[4] += width - len(keep)
+            if keep:
+                local = torch.tensor([local_parents])
+                k = torch.tensor(keep)
+                out = timed(session.extend_tree, torch.zeros((1, len(keep)), dtype=torch.long), local,
+                            torch.ones((1, len(keep)), dtype=torch.long), inputs_embeds=hidden[:, k])
+                forwards += 1
+                counters[0] += 1
+                counters[3] += len(keep)
+                meta = meta[:, k]
+            if last:
+                outbox.post(_header(SEGMENT, 1, len(keep)), 0)
+                if keep:
+                    outbox.post(meta[0].clone(), 0)
+                    outbox.post(out.to(dtype), 0)
+            else:
+                outbox.post(_header(SEGMENT, 1, len(keep)), rank + 1)
+                if keep:
+                    outbox.post(meta, rank + 1)
+                    outbox.post(out, rank + 1)
+        elif op == COMMIT:
+            assert session is not None and tree is not None
+            path_ids = _recv((width,), torch.long, rank - 1)
+            if not last:
+                outbox.post(path_ids, rank + 1)
+            missing = [i for i in path_ids.tolist() if i not in tree]
+            if missing:
+                raise PipelineStageError(f"stage {rank} was asked to keep nodes it never computed: {missing}")
+            path = torch.tensor([[tree[i] for i in path_ids.tolist()]])
+            timed(session.keep_path, path, torch.tensor([width]))
+            tree = None
         elif op == BEGIN_TREE:
             assert session is not None
             session.begin_tree()
@@ -175,9 +395,10 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             parents = _recv((batch, width), torch.long, rank - 1)
             valid = _recv((batch, width), torch.long, rank - 1)
             hidden = _recv((batch, width, d), dtype, rank - 1)
-            out = session.extend_tree(torch.zeros((batch, width), dtype=torch.long), parents, valid,
-                                      inputs_embeds=hidden)
+            out = timed(session.extend_tree, torch.zeros((batch, width), dtype=torch.long), parents, valid,
+                        inputs_embeds=hidden)
             forwards += 1
+            counters[0] += 1
             if last:
                 _send(out.to(dtype), 0)
             else:
