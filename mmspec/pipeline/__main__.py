@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-in-flight", type=int, default=None, help="segments in flight (default: one per stage)")
     ap.add_argument("--top-k", type=int, default=4, help="FlowSpec: children per expanded node")
     ap.add_argument("--max-nodes", type=int, default=64, help="FlowSpec: nodes per draft tree")
+    ap.add_argument("--draft-model", default="truncated", choices=["truncated", "distilled"],
+                    help="SmolLM2: the target's first --draft-layers layers, or the shipped distilled 2-layer drafter")
+    ap.add_argument("--pack", action="store_true", help="pre-pack linear weights for oneDNN (CPU, float32)")
+    ap.add_argument("--draws", type=int, default=1, help="FlowSpec: generations with seeds seed, seed + 1, ... "
+                    "(sampling tests; all_tokens in the result)")
     ap.add_argument("--num-draft-tokens", type=int, default=4)
     ap.add_argument("--prompt-ids", default="5,17,33,9,41,12", help="--example: comma-separated ids")
     ap.add_argument("--prompt", default="Give me three tips for staying focused while studying.")
@@ -77,18 +82,34 @@ def main(argv: list[str] | None = None) -> int:
             input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
         vocab = int(target.config.vocab_size)
         drafter = None
+        draft_model = None
+        if rank == 0 and (a.drafter in ("truncated", "truncated-tree") or a.flowspec):
+            if a.draft_model == "distilled" and not a.example:
+                from mmspec.pretrained import load_smollm2_drafter
+
+                draft_model = load_smollm2_drafter("model", target)
+            else:
+                draft_model = _truncated(target, a.draft_layers)
+            if a.pack:
+                from mmspec.cpu_packing import pack_linear_weights
+
+                pack_linear_weights(draft_model)
         if rank == 0 and (a.drafter == "truncated" or a.flowspec):
-            drafter = _truncated(target, a.draft_layers)
+            drafter = draft_model
         elif rank == 0 and a.drafter == "truncated-tree":
             from mmspec.drafters.model import ModelDrafter
             from mmspec.drafters.tree import DynamicTree
 
-            drafter = ModelDrafter(_truncated(target, a.draft_layers), tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
+            drafter = ModelDrafter(draft_model, tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
         elif a.drafter == "prompt_lookup":
             drafter = "prompt_lookup"
         plan = StagePlan(tuple(int(x) for x in a.plan.split(","))) if a.plan else None
         eos = target.generation_config.eos_token_id
         stage = stage_for_rank(target, rank, world, plan)
+        if a.pack:
+            from mmspec.cpu_packing import pack_linear_weights
+
+            pack_linear_weights(stage)
         if rank > 0:
             if a.die_after and rank == 1:
                 _die_after(stage, a.die_after)
@@ -136,14 +157,19 @@ def _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eo
     config = FlowSpecConfig(segment_size=a.segment_size, max_in_flight=a.max_in_flight, top_k=a.top_k,
                             max_nodes=a.max_nodes)
     t0 = time.perf_counter()
-    out = generate(stage, input_ids, world_size=world, vocab_size=vocab, drafter=drafter, config=config,
-                   max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, eos_token_id=eos,
-                   attention_mask=attention_mask, collect_stage_stats=True)
+    draws = []
+    for i in range(max(1, a.draws)):
+        out = generate(stage, input_ids[:1], world_size=world, vocab_size=vocab, drafter=drafter, config=config,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed + i,
+                       eos_token_id=eos, attention_mask=None if attention_mask is None else attention_mask[:1],
+                       collect_stage_stats=i == a.draws - 1 or a.draws <= 1)
+        draws.append(out.sequences[0, input_ids.shape[1]:].tolist())
     seconds = time.perf_counter() - t0
     stop_stages(world)
     st = out.stats
-    new = out.sequences[0, input_ids.shape[1]:].tolist()
-    result = {"tokens": new, "seconds": seconds, "stages": world, "rounds": st.rounds, "segments": st.segments,
+    new = draws[0]
+    result = {"tokens": new, "all_tokens": draws if a.draws > 1 else None, "seconds": seconds, "stages": world,
+              "rounds": st.rounds, "segments": st.segments,
               "accepted": st.accepted_tokens, "nodes_sent": st.nodes_sent, "killed_in_flight": st.killed_in_flight,
               "pruned_in_flight": st.pruned_in_flight, "time_split": st.time_split, "stage_stats": st.stages}
     if tokenizer is not None:

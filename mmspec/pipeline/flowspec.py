@@ -142,6 +142,8 @@ class _Tree:
 class FlowSpecRunner:
     """Rank 0's FlowSpec loop over a :class:`PipelineSession` (see the module glossary)."""
 
+    first_free_id = 0  # process-wide: the next generation's first node id
+
     def __init__(self, session: PipelineSession, drafter: ModelDrafter, config: FlowSpecConfig,
                  sampling: SamplingParams, rng: RowRandom, eos: set[int], max_new_tokens: int):
         self.s, self.d, self.cfg = session, drafter, config
@@ -152,7 +154,8 @@ class FlowSpecRunner:
         self.stats = FlowSpecStats()
         self.out: list[int] = []
         self.in_flight = 0
-        self.next_id = 0
+        self.next_id = FlowSpecRunner.first_free_id  # ids keep increasing across generations (stages only raise
+        # their dead-below mark)
         self.done = False
 
     # -- timing -------------------------------------------------------------------------------------------
@@ -341,6 +344,7 @@ class FlowSpecRunner:
             self.receive()
             self.walk()
         self.next_id = self.tree.first_id + len(self.tree)
+        FlowSpecRunner.first_free_id = self.next_id
         self.s.kill(self.next_id, [])
         while self.in_flight:  # drain: the stages skip what they have not started
             self.receive()

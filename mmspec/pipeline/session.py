@@ -59,10 +59,16 @@ def _send(t: torch.Tensor, dst: int) -> None:
         raise PipelineStageError(f"stage {dist.get_rank()} cannot reach stage {dst}: {str(exc).splitlines()[0]}") from None
 
 
+#: seconds this process has spent blocked in receives (rank 0: waiting for the pipeline; benchmarks read it)
+RECV_WAIT = [0.0]
+
+
 def _recv(shape: tuple[int, ...], dtype: torch.dtype, src: int, tag: int = 0) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype)
+    t0 = time.perf_counter()
     try:
         dist.recv(t, src, tag=tag)
+        RECV_WAIT[0] += time.perf_counter() - t0
     except RuntimeError as exc:
         raise PipelineStageError(f"stage {dist.get_rank()} got no answer from stage {src} (it died or stopped "
                                  f"answering within the timeout): {str(exc).splitlines()[0]}") from None
@@ -153,6 +159,15 @@ def stop_stages(world_size: int, outbox: Outbox | None = None) -> None:
             outbox.post(kill_message(EXIT_LISTENER, []), r, KILL_TAG)
         outbox.post(_header(STOP), 1)
         outbox.flush()
+
+
+def collect_stage_stats(world_size: int, outbox: Outbox | None = None) -> list[list[float]]:
+    """Rank 0, between generations: counters of stages 1 .. N-1 since their last report (forwards, busy s, wall
+    s, tokens computed, tokens pruned in flight); each stage resets them."""
+    if world_size == 1:
+        return []
+    (outbox if outbox is not None else Outbox()).post(_header(STATS), 1)
+    return [_recv((NUM_STATS,), torch.float64, r, STATS_TAG).tolist() for r in range(1, world_size)]
 
 
 class PipelineSession:
@@ -254,12 +269,8 @@ class PipelineSession:
                 self.outbox.post(msg, r, KILL_TAG)
 
     def stage_stats(self) -> list[list[float]]:
-        """Counters of stages 1 .. N-1 since the last call (forwards, busy s, wall s, tokens computed, tokens
-        pruned in flight); each stage resets them."""
-        if self.world == 1:
-            return []
-        self.outbox.post(_header(STATS), 1)
-        return [_recv((NUM_STATS,), torch.float64, r, STATS_TAG).tolist() for r in range(1, self.world)]
+        """Counters of stages 1 .. N-1 since the last call (see :func:`collect_stage_stats`)."""
+        return collect_stage_stats(self.world, self.outbox)
 
     def begin_tree(self) -> None:
         self.local.begin_tree()

@@ -1,0 +1,359 @@
+"""SmolLM2 split over pipeline stages, one process and one thread each: single-process AR, pipelined AR, naive
+pipelined speculative decoding and FlowSpec, in one interleaved run (issue 18).
+
+    python -m benchmarks.pipeline --out benchmarks/RESULTS.md --plots benchmarks
+    python -m benchmarks.pipeline --quick                      # smoke run (2 prompts, 16 tokens)
+
+The command measures per-layer, head and drafter costs in one process (one thread), derives a cost-balanced
+two-stage plan from them, then launches ``torchrun --nproc-per-node 2 -m benchmarks.pipeline --worker``. In the
+group, rank 0 also holds a whole copy of the target for the single-process row, and every method runs on every
+prompt, in rotated order.
+
+Glossary:
+    naive        one draft tree (EAGLE-2 dynamic tree from the same drafter) travels the whole pipeline before the
+                 next is drafted: the one loop with a :class:`~mmspec.pipeline.session.PipelineSession`
+    FlowSpec     :mod:`mmspec.pipeline.flowspec`: score-ordered segments in flight back to back, step-wise
+                 verification, in-flight pruning, expansion while busy
+    bubble       per stage, the share of the run's wall time it was not computing (rank 0: waiting for the last
+                 stage; later stages: waiting for their predecessor); "mean" over the stages
+    pruned       tokens the later stages dropped from queued segments because rank 0 had pruned them in flight
+    tokens/round tokens emitted per verification round (naive: per step; FlowSpec: per round, i.e. per token the
+                 target produced that was not in the tree)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SECTION_HEADING = "## Pipelined speculative decoding (FlowSpec) on SmolLM2 (issue 18)"
+DRAFT_LAYERS = 2
+
+
+def _truncated(model: torch.nn.Module, keep: int) -> torch.nn.Module:
+    from mmspec.pipeline.stage import keep_layers
+
+    return keep_layers(copy.deepcopy(model), range(keep)).eval()
+
+
+# -- costs, measured in one process ------------------------------------------------------------------------------
+def _best(fn, reps: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, widths=(1, 4, 8), context: int = 200) -> dict:
+    """Median seconds of one decoder layer, the final norm + LM head and one drafter forward at each width, with a
+    ``context``-token cache (one thread)."""
+    from transformers import DynamicCache
+
+    inner = target.model
+    d = target.config.hidden_size
+    out = {"layer": {}, "head": {}, "draft": {}}
+    for w in widths:
+        cache = DynamicCache(config=target.config)
+        ids = torch.randint(0, 1000, (1, context))
+        target(input_ids=ids, past_key_values=cache, use_cache=True)
+        layer = inner.layers[len(inner.layers) // 2]
+        h = torch.randn(1, w, d)
+        pos = torch.arange(context, context + w).unsqueeze(0)
+        emb = inner.rotary_emb(h, pos)
+        full = torch.ones(1, 1, w, context + w, dtype=torch.bool)
+
+        def one_layer():
+            layer(h, attention_mask=None if w == 1 else full, position_ids=pos, position_embeddings=emb,
+                  past_key_values=None, use_cache=False)
+
+        out["layer"][w] = _best(one_layer)
+        out["head"][w] = _best(lambda: target.lm_head(inner.norm(h)))
+        dcache = DynamicCache(config=draft.config)
+        draft(input_ids=ids, past_key_values=dcache, use_cache=True)
+
+        def one_draft():
+            draft(input_ids=torch.randint(0, 1000, (1, w)), past_key_values=dcache, use_cache=True)
+            dcache.crop(context)
+
+        out["draft"][w] = _best(one_draft)
+    return out
+
+
+def balanced_plan(num_layers: int, costs: dict, width: int) -> tuple[int, ...]:
+    """Two stages: rank 0 carries the drafter (one forward per segment) besides its layers; the last stage the
+    LM head; both in units of one layer at the segment width."""
+    from mmspec.pipeline.plan import plan_stages
+
+    unit = costs["layer"][width]
+    plan = plan_stages(num_layers, 2, first_extra=costs["draft"][width] / unit, last_extra=costs["head"][width] / unit)
+    return plan.bounds
+
+
+# -- the worker, under torchrun -----------------------------------------------------------------------------------
+def _link_latency(rank: int, d: int, vocab: int, widths=(1, 8), reps: int = 20) -> dict:
+    """Median one-way seconds rank 0 -> 1 for a segment's hidden states and 1 -> 0 for its logits (half a round
+    trip of each)."""
+    import torch.distributed as dist
+
+    out = {}
+    for w in widths:
+        for name, shape in (("hidden", (1, w, d)), ("logits", (1, w, vocab))):
+            buf = torch.zeros(shape)
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                if rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                elif rank == 1:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+                times.append((time.perf_counter() - t0) / 2)
+            out[f"{name}@{w}"] = sorted(times)[len(times) // 2]
+    return out
+
+
+def worker(a) -> int:
+    from mmspec import generate as mm_generate
+    from mmspec.cpu_packing import pack_linear_weights
+    from mmspec.drafters.model import ModelDrafter
+    from mmspec.drafters.tree import DynamicTree
+    from mmspec.pipeline import flowspec, run, session as pipe_session
+    from mmspec.pipeline.plan import StagePlan
+    from mmspec.pretrained import chat_inputs, load_causal_lm
+
+    from .smollm2 import PROMPTS
+
+    rank, world = run.init_group(120.0)
+    target, tok = load_causal_lm()
+    vocab, d = int(target.config.vocab_size), int(target.config.hidden_size)
+    eos = target.generation_config.eos_token_id
+    full = draft = None
+    if rank == 0:
+        full = copy.deepcopy(target)
+        draft = _truncated(target, DRAFT_LAYERS)
+    stage = run.stage_for_rank(target, rank, world, StagePlan(tuple(int(x) for x in a.plan.split(","))))
+    for m in (full, draft, stage):
+        if m is not None and a.pack:
+            pack_linear_weights(m)
+    link = _link_latency(rank, d, vocab)
+    if rank > 0:
+        pipe_session.serve_stage(stage, rank, world)
+        return 0
+    prompts = list(PROMPTS[: a.prompts])
+    config = flowspec.FlowSpecConfig(segment_size=a.segment_size, top_k=a.top_k, max_nodes=a.max_nodes,
+                                     max_depth=a.max_depth)
+    tree = DynamicTree(depth=a.naive_depth, top_k=a.naive_top_k, num_nodes=a.naive_nodes)
+    methods = ["single-process AR", "pipelined AR", "naive pipelined SD", "FlowSpec"]
+    rows = {m: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepted": 0, "wait": 0.0, "busy1": 0.0, "wall1": 0.0,
+                "pruned": 0, "killed": 0, "sent": 0, "identical": [], "split": {}} for m in methods}
+
+    def wait_total() -> float:
+        return pipe_session.RECV_WAIT[0]
+
+    for i, prompt in enumerate(prompts):
+        enc = chat_inputs(tok, [prompt])
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        order = methods[i % len(methods):] + methods[: i % len(methods)]
+        ref = None
+        results = {}
+        for m in order:
+            pipe_session.collect_stage_stats(world)  # reset the stages' counters
+            w0 = wait_total()
+            t0 = time.perf_counter()
+            if m == "single-process AR":
+                out = mm_generate(full, ids, attention_mask=mask, max_new_tokens=a.max_new_tokens, eos_token_id=eos)
+                new, rounds, acc, split = out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, 0, {}
+            elif m in ("pipelined AR", "naive pipelined SD"):
+                drafter = None if m == "pipelined AR" else ModelDrafter(draft, tree=tree)
+                out = run.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=drafter,
+                                   max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
+                st = out.stats
+                new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.steps, st.accepted_tokens
+                split = {"target": st.target_time, "draft": st.drafter_time, "verify": st.verify_time}
+            else:
+                out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=draft, config=config,
+                                        max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
+                st = out.stats
+                new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.rounds, st.accepted_tokens
+                split = dict(st.time_split)
+                rows[m]["killed"] += st.killed_in_flight
+                rows[m]["sent"] += st.nodes_sent
+            seconds = time.perf_counter() - t0
+            stats = pipe_session.collect_stage_stats(world)
+            r = rows[m]
+            r["tokens"] += len(new)
+            r["seconds"] += seconds
+            r["rounds"] += rounds
+            r["accepted"] += acc
+            r["wait"] += wait_total() - w0
+            if stats:
+                r["busy1"] += stats[0][1]
+                r["wall1"] += seconds
+                r["pruned"] += int(stats[0][4])
+            for k, v in split.items():
+                r["split"][k] = r["split"].get(k, 0.0) + v
+            results[m] = new
+        ref = results["single-process AR"]
+        for m in methods:
+            rows[m]["identical"].append(results[m] == ref)
+        print(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(f"{m} {len(results[m])} tok" for m in methods),
+              file=sys.stderr, flush=True)
+    pipe_session.stop_stages(world)
+    result = {"rows": rows, "link": link, "plan": a.plan, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
+              "config": {"segment_size": a.segment_size, "top_k": a.top_k, "max_nodes": a.max_nodes,
+                         "max_depth": a.max_depth, "naive": [a.naive_depth, a.naive_top_k, a.naive_nodes]}}
+    Path(a.json).write_text(json.dumps(result))
+    return 0
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
+    rows = res["rows"]
+    base = rows["single-process AR"]
+    naive = rows["naive pipelined SD"]
+
+    def tps(r):
+        return r["tokens"] / r["seconds"]
+
+    lines = [SECTION_HEADING, "",
+             f"`python -m benchmarks.pipeline {args}`: {_dt.date.today().isoformat()}, {platform.machine()}, torch "
+             f"{torch.__version__}, load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. "
+             f"SmolLM2-135M-Instruct (float32{', linear weights pre-packed' if pack else ''}) over 2 stages "
+             f"(torchrun, gloo on loopback, **one thread per process**; plan {res['plan']}, from the measured costs "
+             f"below), {res['prompts']} held-out chat prompts x at most {res['max_new_tokens']} new tokens, greedy, "
+             f"batch 1, one interleaved run (every method on every prompt, rotated order). Drafter for both SD rows: "
+             f"the target's first {DRAFT_LAYERS} layers with its head (early exit) on rank 0. Naive: EAGLE-2 dynamic "
+             f"tree depth {res['config']['naive'][0]}, top-{res['config']['naive'][1]}, {res['config']['naive'][2]} "
+             f"nodes. FlowSpec: segments of {res['config']['segment_size']}, top-{res['config']['top_k']}, at most "
+             f"{res['config']['max_nodes']} nodes and depth {res['config']['max_depth']} per round, one segment in "
+             f"flight per stage.", "",
+             "| method | tok/s | vs single-process AR | vs naive pipelined SD | tokens/round | bubble rank 0 / stage 1 "
+             "| pruned in flight (tokens) | time split on rank 0 (s) | identical |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        single = name == "single-process AR"
+        bubble0 = "" if single else f"{r['wait'] / r['seconds']:.0%}"
+        bubble1 = "" if single or not r["wall1"] else f"{1 - r['busy1'] / r['wall1']:.0%}"
+        split = ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items())
+        pruned = f"{r['pruned']} (of {r['killed']} nodes pruned while sent; {r['sent']} sent)" if name == "FlowSpec" else ""
+        lines.append(f"| {name} | {tps(r):.2f} | {tps(r) / tps(base):.2f}x | {tps(r) / tps(naive):.2f}x | "
+                     f"{r['tokens'] / max(1, r['rounds']):.2f} | {bubble0}{' / ' + bubble1 if bubble1 else ''} | "
+                     f"{pruned} | {split} | {'yes' if all(r['identical']) else 'NO'} |")
+    lw = costs["layer"]
+    lines += ["", "Measured inputs (one thread, 200-token context; ms): decoder layer " +
+              ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in lw.items()) + "; final norm + LM head " +
+              ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in costs["head"].items()) + f"; {DRAFT_LAYERS}-layer drafter "
+              "forward " + ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in costs["draft"].items()) +
+              "; one-way loopback transfer " + ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in res["link"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    names = list(rows)
+    tps = [rows[n]["tokens"] / rows[n]["seconds"] for n in names]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    bars = ax.barh(names[::-1], tps[::-1], color=["#4c72b0", "#dd8452", "#8c8c8c", "#55a868"][::-1])
+    for b, v in zip(bars, tps[::-1]):
+        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f}", va="center")
+    ax.set_xlabel("tokens / s (SmolLM2, 2 stages, one thread each)")
+    ax.set_title("Pipelined speculative decoding on a 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--plan", default=None, help="stage boundaries, e.g. 0,19,30 (default: balanced from measured costs)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--segment-size", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--max-nodes", type=int, default=64)
+    ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--naive-depth", type=int, default=4)
+    ap.add_argument("--naive-top-k", type=int, default=3)
+    ap.add_argument("--naive-nodes", type=int, default=8)
+    ap.add_argument("--no-pack", dest="pack", action="store_false", help="plain BLAS linear layers")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plots", default=None)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    if a.quick:
+        a.prompts, a.max_new_tokens = 2, 16
+    load = os.getloadavg()
+    torch.set_num_threads(1)
+    from mmspec.cpu_packing import pack_linear_weights
+    from mmspec.pretrained import load_causal_lm
+
+    target, _ = load_causal_lm()
+    draft = _truncated(target, DRAFT_LAYERS)
+    if a.pack:
+        pack_linear_weights(target)
+        pack_linear_weights(draft)
+    costs = measure_costs(target, draft, widths=(1, a.segment_size, 8) if a.segment_size != 8 else (1, 8))
+    plan = a.plan or ",".join(str(b) for b in balanced_plan(len(target.model.layers), costs, a.segment_size))
+    del target, draft
+    print(f"costs measured; plan {plan}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        out_json = Path(tmp) / "pipeline.json"
+        forwarded = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--quick",)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "benchmarks.pipeline", "--worker", "--json", str(out_json),
+               "--plan", plan, "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
+               "--segment-size", str(a.segment_size), "--top-k", str(a.top_k), "--max-nodes", str(a.max_nodes),
+               "--max-depth", str(a.max_depth), "--naive-depth", str(a.naive_depth), "--naive-top-k",
+               str(a.naive_top_k), "--naive-nodes", str(a.naive_nodes)] + ([] if a.pack else ["--no-pack"])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0 or not out_json.exists():
+            print(f"error: the pipeline run failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        res = json.loads(out_json.read_text())
+    table = report(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load,
+                   " ".join(forwarded) if forwarded else "", a.pack)
+    print(table)
+    if a.out:
+        from ._report import write_section
+
+        write_section(Path(a.out), SECTION_HEADING, table)
+    if a.plots:
+        plot(res, Path(a.plots) / "pipeline_speed.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
