@@ -61,37 +61,26 @@ def _best(fn, reps: int = 7) -> float:
 
 @torch.no_grad()
 def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, widths=(1, 4, 8), context: int = 200) -> dict:
-    """Median seconds of one decoder layer, the final norm + LM head and one drafter forward at each width, with a
-    ``context``-token cache (one thread)."""
+    """Median seconds, with a ``context``-token cache (one thread), of one decoder layer (the body's forward over
+    the number of layers), the LM head, and one drafter forward, at each width."""
     from transformers import DynamicCache
 
-    inner = target.model
-    d = target.config.hidden_size
+    num_layers = len(target.model.layers)
     out = {"layer": {}, "head": {}, "draft": {}}
+    ids = torch.randint(0, 1000, (1, context))
     for w in widths:
-        cache = DynamicCache(config=target.config)
-        ids = torch.randint(0, 1000, (1, context))
-        target(input_ids=ids, past_key_values=cache, use_cache=True)
-        layer = inner.layers[len(inner.layers) // 2]
-        h = torch.randn(1, w, d)
-        pos = torch.arange(context, context + w).unsqueeze(0)
-        emb = inner.rotary_emb(h, pos)
-        full = torch.ones(1, 1, w, context + w, dtype=torch.bool)
+        new = torch.randint(0, 1000, (1, w))
+        for key, model in (("layer", target.model), ("draft", draft)):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
 
-        def one_layer():
-            layer(h, attention_mask=None if w == 1 else full, position_ids=pos, position_embeddings=emb,
-                  past_key_values=None, use_cache=False)
+            def step(model=model, cache=cache):
+                model(input_ids=new, past_key_values=cache, use_cache=True)
+                cache.crop(-w)
 
-        out["layer"][w] = _best(one_layer)
-        out["head"][w] = _best(lambda: target.lm_head(inner.norm(h)))
-        dcache = DynamicCache(config=draft.config)
-        draft(input_ids=ids, past_key_values=dcache, use_cache=True)
-
-        def one_draft():
-            draft(input_ids=torch.randint(0, 1000, (1, w)), past_key_values=dcache, use_cache=True)
-            dcache.crop(context)
-
-        out["draft"][w] = _best(one_draft)
+            out[key][w] = _best(step) / (num_layers if key == "layer" else 1)
+        h = torch.randn(1, w, target.config.hidden_size)
+        out["head"][w] = _best(lambda: target.lm_head(h))
     return out
 
 
@@ -102,7 +91,7 @@ def balanced_plan(num_layers: int, costs: dict, width: int) -> tuple[int, ...]:
 
     unit = costs["layer"][width]
     plan = plan_stages(num_layers, 2, first_extra=costs["draft"][width] / unit, last_extra=costs["head"][width] / unit)
-    return plan.bounds
+    return plan.boundaries
 
 
 # -- the worker, under torchrun -----------------------------------------------------------------------------------
@@ -178,7 +167,8 @@ def worker(a) -> int:
             w0 = wait_total()
             t0 = time.perf_counter()
             if m == "single-process AR":
-                out = mm_generate(full, ids, attention_mask=mask, max_new_tokens=a.max_new_tokens, eos_token_id=eos)
+                out = mm_generate(full, ids, drafter=None, attention_mask=mask, max_new_tokens=a.max_new_tokens,
+                                  eos_token_id=eos)
                 new, rounds, acc, split = out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, 0, {}
             elif m in ("pipelined AR", "naive pipelined SD"):
                 drafter = None if m == "pipelined AR" else ModelDrafter(draft, tree=tree)

@@ -102,6 +102,11 @@ class Outbox:
                                      f"{str(exc).splitlines()[0]}") from None
 
 
+#: this process's sends in flight: one outbox for the whole process, so no send is dropped (a gloo send whose
+#: handle is garbage-collected before the peer receives it may never arrive)
+OUTBOX = Outbox()
+
+
 def kill_message(dead_below: int, ids: list[int]) -> torch.Tensor:
     """long [2 + MAX_KILL]: node ids < ``dead_below`` and ``ids`` are dead (``ids`` beyond MAX_KILL are dropped:
     pruning is an optimisation, never needed for correctness)."""
@@ -154,7 +159,7 @@ def _header(op: int, batch: int = 0, width: int = 0, has_valid: int = 0, num_log
 def stop_stages(world_size: int, outbox: Outbox | None = None) -> None:
     """Rank 0, at the end: every stage ends its kill listener and its command loop."""
     if world_size > 1:
-        outbox = outbox if outbox is not None else Outbox()
+        outbox = outbox if outbox is not None else OUTBOX
         for r in range(1, world_size):
             outbox.post(kill_message(EXIT_LISTENER, []), r, KILL_TAG)
         outbox.post(_header(STOP), 1)
@@ -166,7 +171,7 @@ def collect_stage_stats(world_size: int, outbox: Outbox | None = None) -> list[l
     s, tokens computed, tokens pruned in flight); each stage resets them."""
     if world_size == 1:
         return []
-    (outbox if outbox is not None else Outbox()).post(_header(STATS), 1)
+    (outbox if outbox is not None else OUTBOX).post(_header(STATS), 1)
     return [_recv((NUM_STATS,), torch.float64, r, STATS_TAG).tolist() for r in range(1, world_size)]
 
 
@@ -181,7 +186,7 @@ class PipelineSession:
         self.world = world_size
         self.vocab = vocab_size
         self.device = device
-        self.outbox = Outbox()
+        self.outbox = OUTBOX
         self._results: deque = deque()  # one process: segment results, in order
         if world_size > 1:
             self.outbox.post(_header(RESET), 1)  # a new batch: every stage starts an empty cache
@@ -308,7 +313,7 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
     session: CacheSession | None = None
     kills = KillList()
     kills.listen()
-    outbox = Outbox()
+    outbox = OUTBOX
     tree: dict[int, int] | None = None  # FlowSpec: node id -> this stage's tree index, while a round is open
     forwards = 0
     counters = [0.0] * NUM_STATS  # forwards, busy s, wall s, tokens computed, tokens pruned
