@@ -4,7 +4,8 @@ Runs, one after the other (never concurrently: 2-core timings), the text benchma
 SmolLM2-135M-Instruct with its trained drafters), the VLM
 benchmark on the zoo pair, the image-generation benchmark on the zoo image models, draft trees
 against chains (and MuLo-SD on the cached loop), Test-Time Speculation on SmolLM2 under a domain
-shift, blockwise heads, collaborative decoding via speculation (CoS), and the zoo's
+shift, blockwise heads, collaborative decoding via speculation (CoS), SmolLM2 over pipeline stages
+(naive pipelined SD and FlowSpec), and the zoo's
 training-step benchmark (fp32 against bf16 autocast), each an interleaved run against its own
 baseline, and writes the sections of ``--out`` plus the PNGs (speed-quality, acceptance histograms)
 into ``--plots``.
@@ -16,21 +17,22 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import blockwise, collaborative, image_gen, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
+from . import blockwise, collaborative, image_gen, pipeline, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,collaborative,train",
+    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,collaborative,pipeline,"
+                                      "train",
                     help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,"
-                         "collaborative,train")
+                         "collaborative,pipeline,train")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
     parts = {p.strip() for p in a.only.split(",") if p.strip()}
     unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "tts", "blockwise", "collaborative",
-                       "train"}
+                       "pipeline", "train"}
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         rc |= blockwise.main(common + plots + ["--pack", "--ngram-weight", "1.0"])
     if "collaborative" in parts:
         rc |= collaborative.main(common + plots + ["--pack"])
+    if "pipeline" in parts:
+        rc |= pipeline.main(common + plots + ["--plan", "0,20,30"])
     if "train" in parts:
         rc |= zoo_training.main(common)
     return rc

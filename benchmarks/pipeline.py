@@ -226,8 +226,8 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
              f"`python -m benchmarks.pipeline {args}`: {_dt.date.today().isoformat()}, {platform.machine()}, torch "
              f"{torch.__version__}, load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. "
              f"SmolLM2-135M-Instruct (float32{', linear weights pre-packed' if pack else ''}) over 2 stages "
-             f"(torchrun, gloo on loopback, **one thread per process**; plan {res['plan']}, from the measured costs "
-             f"below), {res['prompts']} held-out chat prompts x at most {res['max_new_tokens']} new tokens, greedy, "
+             f"(torchrun, gloo on loopback, **one thread per process**; plan {res['plan']}"
+             f"{', given' if res.get('plan_given') else ', balanced from the measured costs below'}), {res['prompts']} held-out chat prompts x at most {res['max_new_tokens']} new tokens, greedy, "
              f"batch 1, one interleaved run (every method on every prompt, rotated order). Drafter for both SD rows: "
              f"the target's first {DRAFT_LAYERS} layers with its head (early exit) on rank 0. Naive: EAGLE-2 dynamic "
              f"tree depth {res['config']['naive'][0]}, top-{res['config']['naive'][1]}, {res['config']['naive'][2]} "
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the pipeline run failed (exit {proc.returncode})", file=sys.stderr)
             return 1
         res = json.loads(out_json.read_text())
+        res["plan_given"] = bool(a.plan)
     table = report(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load,
                    " ".join(forwarded) if forwarded else "", a.pack)
     print(table)
