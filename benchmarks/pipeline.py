@@ -133,10 +133,14 @@ def worker(a) -> int:
     target, tok = load_causal_lm()
     vocab, d = int(target.config.vocab_size), int(target.config.hidden_size)
     eos = target.generation_config.eos_token_id
-    full = draft = None
+    full = draft = head = None
     if rank == 0:
         full = copy.deepcopy(target)
         draft = _truncated(target, DRAFT_LAYERS)
+        if "head" in a.drafters:
+            from mmspec.pretrained import load_smollm2_drafter
+
+            head = load_smollm2_drafter("head", full).head  # attached to the whole copy (embedding, head rows)
     stage = run.stage_for_rank(target, rank, world, StagePlan(tuple(int(x) for x in a.plan.split(","))))
     for m in (full, draft, stage):
         if m is not None and a.pack:
@@ -148,8 +152,22 @@ def worker(a) -> int:
     prompts = list(PROMPTS[: a.prompts])
     config = flowspec.FlowSpecConfig(segment_size=a.segment_size, top_k=a.top_k, max_nodes=a.max_nodes,
                                      max_depth=a.max_depth)
+    gated_config = flowspec.FlowSpecConfig(segment_size=a.segment_size, top_k=a.top_k, max_nodes=a.max_nodes,
+                                           max_depth=a.max_depth, min_path_prob=a.gate or 0.0)
     tree = DynamicTree(depth=a.naive_depth, top_k=a.naive_top_k, num_nodes=a.naive_nodes)
-    methods = ["single-process AR", "pipelined AR", "naive pipelined SD", "FlowSpec"]
+    from mmspec.drafters.feature import FeatureDrafter
+
+    gated = f", gated (p >= {a.gate:g})"
+    labels = {"truncated": f"{DRAFT_LAYERS}-layer", "head": "EAGLE-3 head"}
+    methods = ["single-process AR", "pipelined AR"]
+    for kind in a.drafters.split(","):
+        methods += [f"naive pipelined SD ({labels[kind]})", f"FlowSpec ({labels[kind]})"]
+        methods += [f"FlowSpec{gated} ({labels[kind]})"] if a.gate else []
+
+    def make_drafter(m: str, tree_shape=None):
+        if "EAGLE" in m:
+            return FeatureDrafter(head, tree=tree_shape) if tree_shape is not None else FeatureDrafter(head, 4)
+        return ModelDrafter(draft, tree=tree_shape) if tree_shape is not None else draft
     rows = {m: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepted": 0, "wait": 0.0, "busy1": 0.0, "wall1": 0.0,
                 "pruned": 0, "killed": 0, "sent": 0, "identical": [], "split": {}} for m in methods}
 
@@ -170,15 +188,16 @@ def worker(a) -> int:
                 out = mm_generate(full, ids, drafter=None, attention_mask=mask, max_new_tokens=a.max_new_tokens,
                                   eos_token_id=eos)
                 new, rounds, acc, split = out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, 0, {}
-            elif m in ("pipelined AR", "naive pipelined SD"):
-                drafter = None if m == "pipelined AR" else ModelDrafter(draft, tree=tree)
+            elif m == "pipelined AR" or m.startswith("naive"):
+                drafter = None if m == "pipelined AR" else make_drafter(m, tree)
                 out = run.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=drafter,
                                    max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
                 st = out.stats
                 new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.steps, st.accepted_tokens
                 split = {"target": st.target_time, "draft": st.drafter_time, "verify": st.verify_time}
             else:
-                out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=draft, config=config,
+                out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=make_drafter(m),
+                                        config=gated_config if "gated" in m else config,
                                         max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
                 st = out.stats
                 new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.rounds, st.accepted_tokens
@@ -208,7 +227,7 @@ def worker(a) -> int:
     pipe_session.stop_stages(world)
     result = {"rows": rows, "link": link, "plan": a.plan, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
               "config": {"segment_size": a.segment_size, "top_k": a.top_k, "max_nodes": a.max_nodes,
-                         "max_depth": a.max_depth, "naive": [a.naive_depth, a.naive_top_k, a.naive_nodes]}}
+                         "max_depth": a.max_depth, "gate": a.gate, "naive": [a.naive_depth, a.naive_top_k, a.naive_nodes]}}
     Path(a.json).write_text(json.dumps(result))
     return 0
 
@@ -217,10 +236,14 @@ def worker(a) -> int:
 def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
     rows = res["rows"]
     base = rows["single-process AR"]
-    naive = rows["naive pipelined SD"]
 
     def tps(r):
         return r["tokens"] / r["seconds"]
+
+    def naive_of(name: str):
+        kind = name[name.rfind("("):] if name.endswith(")") else None
+        match = [r for n, r in rows.items() if n.startswith("naive") and kind and n.endswith(kind)]
+        return match[0] if match else None
 
     lines = [SECTION_HEADING, "",
              f"`python -m benchmarks.pipeline {args}`: {_dt.date.today().isoformat()}, {platform.machine()}, torch "
@@ -228,13 +251,16 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
              f"SmolLM2-135M-Instruct (float32{', linear weights pre-packed' if pack else ''}) over 2 stages "
              f"(torchrun, gloo on loopback, **one thread per process**; plan {res['plan']}"
              f"{', given' if res.get('plan_given') else ', balanced from the measured costs below'}), {res['prompts']} held-out chat prompts x at most {res['max_new_tokens']} new tokens, greedy, "
-             f"batch 1, one interleaved run (every method on every prompt, rotated order). Drafter for both SD rows: "
-             f"the target's first {DRAFT_LAYERS} layers with its head (early exit) on rank 0. Naive: EAGLE-2 dynamic "
+             f"batch 1, one interleaved run (every method on every prompt, rotated order). Drafters, on rank 0: "
+             f"the target's first {DRAFT_LAYERS} layers with its LM head (early exit), and the shipped EAGLE-3 head "
+             f"(it reads the target's hidden states 3, 15 and 28, which the stages return with the logits). Naive: "
+             f"EAGLE-2 dynamic "
              f"tree depth {res['config']['naive'][0]}, top-{res['config']['naive'][1]}, {res['config']['naive'][2]} "
              f"nodes. FlowSpec: segments of {res['config']['segment_size']}, top-{res['config']['top_k']}, at most "
-             f"{res['config']['max_nodes']} nodes and depth {res['config']['max_depth']} per round, one segment in "
-             f"flight per stage.", "",
-             "| method | tok/s | vs single-process AR | vs naive pipelined SD | tokens/round | bubble rank 0 / stage 1 "
+             f"{res['config']['max_nodes']} nodes and depth {res['config']['max_depth']} per round, at most one segment "
+             f"in flight per stage; the gated row sends a round's later segments only if their best node's path "
+             f"probability (the drafter's) is at least {res['config']['gate']:g}.", "",
+             "| method | tok/s | vs single-process AR | vs naive pipelined SD (same drafter) | tokens/round | bubble rank 0 / stage 1 "
              "| pruned in flight (tokens) | time split on rank 0 (s) | identical |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -242,8 +268,11 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
         bubble0 = "" if single else f"{r['wait'] / r['seconds']:.0%}"
         bubble1 = "" if single or not r["wall1"] else f"{1 - r['busy1'] / r['wall1']:.0%}"
         split = ", ".join(f"{k} {v:.1f}" for k, v in r["split"].items())
-        pruned = f"{r['pruned']} (of {r['killed']} nodes pruned while sent; {r['sent']} sent)" if name == "FlowSpec" else ""
-        lines.append(f"| {name} | {tps(r):.2f} | {tps(r) / tps(base):.2f}x | {tps(r) / tps(naive):.2f}x | "
+        pruned = (f"{r['pruned']} (of {r['killed']} nodes pruned while sent; {r['sent']} sent)"
+                  if name.startswith("FlowSpec") else "")
+        naive = naive_of(name)
+        vs_naive = f"{tps(r) / tps(naive):.2f}x" if naive is not None else ""
+        lines.append(f"| {name} | {tps(r):.2f} | {tps(r) / tps(base):.2f}x | {vs_naive} | "
                      f"{r['tokens'] / max(1, r['rounds']):.2f} | {bubble0}{' / ' + bubble1 if bubble1 else ''} | "
                      f"{pruned} | {split} | {'yes' if all(r['identical']) else 'NO'} |")
     lw = costs["layer"]
@@ -264,8 +293,10 @@ def plot(res: dict, path: Path) -> None:
     rows = res["rows"]
     names = list(rows)
     tps = [rows[n]["tokens"] / rows[n]["seconds"] for n in names]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    bars = ax.barh(names[::-1], tps[::-1], color=["#4c72b0", "#dd8452", "#8c8c8c", "#55a868"][::-1])
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2))
+    colors = ["#4c72b0" if n == "single-process AR" else "#dd8452" if n == "pipelined AR" else "#8c8c8c"
+              if n.startswith("naive") else "#55a868" for n in names]
+    bars = ax.barh(names[::-1], tps[::-1], color=colors[::-1])
     for b, v in zip(bars, tps[::-1]):
         ax.text(v, b.get_y() + b.get_height() / 2, f" {v:.2f}", va="center")
     ax.set_xlabel("tokens / s (SmolLM2, 2 stages, one thread each)")
@@ -292,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--max-nodes", type=int, default=64)
     ap.add_argument("--max-depth", type=int, default=8)
+    ap.add_argument("--drafters", default="truncated,head",
+                    help="comma-separated: truncated (the target's first 2 layers, early exit), head (the shipped "
+                         "EAGLE-3 head, fed with the stages' hidden states)")
+    ap.add_argument("--gate", type=float, default=0.5,
+                    help="a second FlowSpec row sending a round's later segments only if their best path probability "
+                         "reaches this (0: no second row)")
     ap.add_argument("--naive-depth", type=int, default=4)
     ap.add_argument("--naive-top-k", type=int, default=3)
     ap.add_argument("--naive-nodes", type=int, default=8)
@@ -325,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                "--master-port", str(_free_port()), "-m", "benchmarks.pipeline", "--worker", "--json", str(out_json),
                "--plan", plan, "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
                "--segment-size", str(a.segment_size), "--top-k", str(a.top_k), "--max-nodes", str(a.max_nodes),
-               "--max-depth", str(a.max_depth), "--naive-depth", str(a.naive_depth), "--naive-top-k",
+               "--max-depth", str(a.max_depth), "--gate", str(a.gate), "--drafters", a.drafters, "--naive-depth", str(a.naive_depth), "--naive-top-k",
                str(a.naive_top_k), "--naive-nodes", str(a.naive_nodes)] + ([] if a.pack else ["--no-pack"])
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)

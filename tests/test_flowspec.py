@@ -134,3 +134,30 @@ def test_bad_input_gets_named_errors(pair):
     with pytest.raises(MethodParameterError, match="config must be a FlowSpecConfig"):
         generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter=drafter, config={},
                  max_new_tokens=4)
+
+
+def test_an_eagle_head_reads_the_stages_hidden_states(pair, tmp_path):
+    """The stages return the hidden states a feature drafter reads: over 2 stages the head drafts exactly what it
+    drafts in one process (same rounds and acceptances), for FlowSpec and for the naive pipelined tree."""
+    from mmspec.drafters.feature import FeatureDrafter
+    from mmspec.drafters.tree import DynamicTree
+    from mmspec.pipeline import run
+    from mmspec.pipeline.__main__ import _head
+
+    target = pair[0]
+    proc, two, _ = launch(2, "--flowspec", "--draft-model", "head", "--max-in-flight", "2", "--max-new-tokens", "24",
+                          tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter=_head(target, True),
+                   config=FlowSpecConfig(max_in_flight=2), max_new_tokens=24)
+    assert two["tokens"] == one.sequences[0, len(PROMPT):].tolist() == reference(24)
+    assert (two["rounds"], two["accepted"]) == (one.stats.rounds, one.stats.accepted_tokens)
+    assert one.stats.accepted_tokens > 0
+    proc, naive, _ = launch(2, "--drafter", "truncated-tree", "--draft-model", "head", "--max-new-tokens", "24",
+                            tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head = _head(target, True).head
+    single = run.generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, max_new_tokens=24,
+                          drafter=FeatureDrafter(head, tree=DynamicTree(depth=3, top_k=3, num_nodes=8)))
+    assert naive["tokens"] == reference(24)
+    assert (naive["steps"], naive["accepted"]) == (single.stats.steps, single.stats.accepted_tokens)

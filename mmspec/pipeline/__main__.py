@@ -47,12 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flowspec", action="store_true",
                     help="FlowSpec: stream score-ordered segments of a growing draft tree through the stages "
                          "(the truncated drafter; batch 1)")
-    ap.add_argument("--segment-size", type=int, default=8)
+    ap.add_argument("--segment-size", type=int, default=4)
     ap.add_argument("--max-in-flight", type=int, default=None, help="segments in flight (default: one per stage)")
-    ap.add_argument("--top-k", type=int, default=4, help="FlowSpec: children per expanded node")
+    ap.add_argument("--top-k", type=int, default=3, help="FlowSpec: children per expanded node")
     ap.add_argument("--max-nodes", type=int, default=64, help="FlowSpec: nodes per draft tree")
-    ap.add_argument("--draft-model", default="truncated", choices=["truncated", "distilled"],
-                    help="SmolLM2: the target's first --draft-layers layers, or the shipped distilled 2-layer drafter")
+    ap.add_argument("--draft-model", default="truncated", choices=["truncated", "distilled", "head"],
+                    help="the target's first --draft-layers layers; SmolLM2's shipped distilled 2-layer drafter; or an "
+                         "EAGLE-3 head reading the target's hidden states (SmolLM2: the shipped head; --example: a "
+                         "random one)")
     ap.add_argument("--pack", action="store_true", help="pre-pack linear weights for oneDNN (CPU, float32)")
     ap.add_argument("--draws", type=int, default=1, help="FlowSpec: generations with seeds seed, seed + 1, ... "
                     "(sampling tests; all_tokens in the result)")
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab = int(target.config.vocab_size)
         drafter = None
         draft_model = None
-        if rank == 0 and (a.drafter in ("truncated", "truncated-tree") or a.flowspec):
+        if rank == 0 and (a.drafter in ("truncated", "truncated-tree") or a.flowspec) and a.draft_model == "head":
+            draft_model = _head(target, a.example)
+        elif rank == 0 and (a.drafter in ("truncated", "truncated-tree") or a.flowspec):
             if a.draft_model == "distilled" and not a.example:
                 from mmspec.pretrained import load_smollm2_drafter
 
@@ -97,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 and (a.drafter == "truncated" or a.flowspec):
             drafter = draft_model
         elif rank == 0 and a.drafter == "truncated-tree":
+            from mmspec.drafters.feature import FeatureDrafter
             from mmspec.drafters.model import ModelDrafter
             from mmspec.drafters.tree import DynamicTree
 
-            drafter = ModelDrafter(draft_model, tree=DynamicTree(depth=3, top_k=3, num_nodes=8))
+            tree = DynamicTree(depth=3, top_k=3, num_nodes=8)
+            drafter = (FeatureDrafter(draft_model.head, tree=tree) if a.draft_model == "head"
+                       else ModelDrafter(draft_model, tree=tree))
         elif a.drafter == "prompt_lookup":
             drafter = "prompt_lookup"
         plan = StagePlan(tuple(int(x) for x in a.plan.split(","))) if a.plan else None
@@ -148,6 +155,24 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a dead peer can make the teardown itself fail
                 pass
+
+
+def _head(target: torch.nn.Module, example: bool):
+    """An EAGLE-3 feature drafter: SmolLM2's shipped head, or (``--example``) a random head (seeded, so the
+    same on every run) over the tiny target."""
+    if not example:
+        from mmspec.pretrained import load_smollm2_drafter
+
+        return load_smollm2_drafter("head", target, draft_length=4)
+    from mmspec.drafters.feature import FeatureDrafter
+    from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
+
+    torch.manual_seed(1)
+    vocab = int(target.config.vocab_size)
+    d2t = torch.randperm(vocab)[:64].sort().values
+    head = Eagle3Head(Eagle3Config.from_target(target, d2t.numel()), d2t=d2t).eval()
+    head.init_from_target(target)
+    return FeatureDrafter(head.attach(target), 4)
 
 
 def _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eos, tokenizer) -> int:

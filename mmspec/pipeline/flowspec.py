@@ -30,6 +30,7 @@ verification; rank 0 is one thread reading results in their fixed order, so the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +38,15 @@ from typing import Any
 import torch
 
 from ..config import SamplingParams
-from ..drafters.feature import FeatureDrafter
-from ..drafters.model import ModelDrafter, right_align
+from ..drafters.model import ModelDrafter
 from ..drafters.tree import ranking_distribution
-from ..engine import _as_eos_set, _validate, prefill_causal_lm, resolve_drafter
+from ..drafters.base import Draft, StepOutcome
+from ..engine import _as_eos_set, _validate, resolve_drafter
 from ..errors import MethodParameterError
 from ..rng import ACCEPT, EMIT, RowRandom
-from ..verify.tree import verify_tree
+from ..verify.tree import TreeVerifyResult, verify_tree
 from ..verify.tree_rules import DeterministicTreeRule
+from .run import prefill_pipeline
 from .session import MAX_KILL, PipelineSession
 
 
@@ -52,11 +54,15 @@ from .session import MAX_KILL, PipelineSession
 class FlowSpecConfig:
     """FlowSpec's draft-tree and streaming parameters (validated once, here)."""
 
-    segment_size: int = 8
+    segment_size: int = 4
     max_in_flight: int | None = None  # segments travelling at once; None: one per stage
-    top_k: int = 4  # children per expanded node, and nodes expanded per drafter forward
+    top_k: int = 3  # children per expanded node, and nodes expanded per drafter forward
     max_nodes: int = 64  # nodes per round
     max_depth: int = 8  # tree depth below the root
+    #: a segment after the first of a round goes out only if its best node's path probability (the drafter's)
+    #: reaches this: on a single-threaded rank 0 every extra segment delays the next decision by its stage-0
+    #: forward, which pays only when the accepted path is likely to reach it (0: always send)
+    min_path_prob: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("segment_size", "top_k", "max_nodes", "max_depth"):
@@ -66,6 +72,8 @@ class FlowSpecConfig:
         if self.max_in_flight is not None and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):
             raise MethodParameterError(f"FlowSpecConfig.max_in_flight must be None or an int >= 1, "
                                        f"got {self.max_in_flight!r}")
+        if not isinstance(self.min_path_prob, (int, float)) or not 0.0 <= self.min_path_prob <= 1.0:
+            raise MethodParameterError(f"FlowSpecConfig.min_path_prob must be in [0, 1], got {self.min_path_prob!r}")
         if self.max_nodes > MAX_KILL:
             raise MethodParameterError(f"FlowSpecConfig.max_nodes must be <= {MAX_KILL}, got {self.max_nodes}")
 
@@ -115,6 +123,7 @@ class _Tree:
         self.sent, self.expanded, self.alive = [False], [True], [True]
         self.children: list[list[int]] = [[]]
         self.logits: dict[int, torch.Tensor] = {}
+        self.feats: dict[int, dict[int, torch.Tensor]] = {}  # node -> the target's hidden states (feature drafters)
 
     def __len__(self) -> int:
         return len(self.token)
@@ -150,6 +159,7 @@ class FlowSpecRunner:
         self.sampling, self.rng, self.eos = sampling, rng, eos
         self.budget = max_new_tokens
         self.max_in_flight = config.max_in_flight or session.world
+        self.log_min_prob = math.log(config.min_path_prob) if config.min_path_prob > 0 else -math.inf
         self.rule = DeterministicTreeRule()  # top-k children are a deterministic function of the context
         self.stats = FlowSpecStats()
         self.out: list[int] = []
@@ -242,19 +252,23 @@ class FlowSpecRunner:
                 if not self.expand():
                     break
                 continue
+            if self.in_flight and max(self.tree.score[i] for i in seg) < self.log_min_prob:
+                break  # not likely enough to be reached: keep rank 0 free for the next decision
             self.send(seg)
         t = self.tree
         while sum(1 for i in range(len(t)) if t.alive[i] and not t.sent[i]) < self.cfg.segment_size and self.expand():
             pass
 
     def receive(self) -> None:
-        ids, logits = self._timed("wait", self.s.receive_segment)
+        ids, logits, feats = self._timed("wait", self.s.receive_segment)
         self.in_flight -= 1
         t = self.tree
         for j, gid in enumerate(ids):
             i = gid - t.first_id
             if 0 <= i < len(t) and t.alive[i]:
                 t.logits[i] = logits[0, j]
+                if feats is not None:
+                    t.feats[i] = {layer: h[0, j] for layer, h in feats.items()}
 
     # -- verification -------------------------------------------------------------------------------------
     def decide(self, node: int) -> tuple[int | None, int]:
@@ -321,18 +335,30 @@ class FlowSpecRunner:
         self.s.kill(self.next_id, [])  # all of this round but the path (which every stage already holds)
         path_local = torch.tensor([[t.s0[i] for i in self.path]], device=self.s.device)
         self._timed("stage0", self.s.commit, [t.first_id + i for i in self.path], path_local)
-        # the drafter keeps the accepted nodes it fed (a prefix of the path); the rest become its pending tokens
-        acc = self.path[1:]
-        committed = [t.token[i] for i in acc] + [bonus]
-        slots = [t.dslot[i] for i in acc]
-        kept = 0
-        while kept < len(slots) and slots[kept] >= 0:
-            kept += 1
-        self.d.session.keep_path(torch.tensor([slots], dtype=torch.long, device=self.s.device).view(1, -1),
-                                 torch.tensor([kept], device=self.s.device))
-        self.d.pending, self.d.pending_valid = right_align([committed[kept:]], self.d.pending.device)
-        self.d.position = self.d.position + len(committed)
+        self._timed("draft", self.d.observe, self.outcome(bonus))
         self.start_round(bonus)
+
+    def outcome(self, bonus: int) -> StepOutcome:
+        """The round as the loop would report a verified tree step (node j of the draft = tree node j + 1; the
+        root is the pending token), so the drafter observes it as usual."""
+        t = self.tree
+        dev = self.s.device
+        acc = [i - 1 for i in self.path[1:]]
+        committed = [t.token[i] for i in self.path[1:]] + [bonus]
+        n = len(t) - 1
+        draft = Draft(tokens=torch.tensor([t.token[1:]], dtype=torch.long, device=dev).view(1, n), probs=None,
+                      num_draft=torch.tensor([n], device=dev),
+                      parents=torch.tensor([[p - 1 for p in t.parent[1:]]], dtype=torch.long, device=dev).view(1, n))
+        result = TreeVerifyResult(num_accepted=torch.tensor([len(acc)], device=dev),
+                                  tokens=torch.tensor([committed], device=dev),
+                                  accepted_nodes=torch.tensor([acc], dtype=torch.long, device=dev).view(1, -1))
+        self.d._tree_slot = torch.tensor([t.dslot[1:]], dtype=torch.long, device=dev).view(1, n)  # model drafters
+        hidden = None
+        if self.d.hidden_layers:  # the target's hidden states at [root, nodes] (only the path's are read)
+            like = next(iter(t.feats[0].values()))
+            hidden = {layer: torch.stack([t.feats[i][layer] if i in t.feats else torch.zeros_like(like)
+                                          for i in range(len(t))]).unsqueeze(0) for layer in t.feats[0]}
+        return StepOutcome(draft=draft, result=result, committed=[committed], target_hidden=hidden)
 
     def run(self, pending: int) -> list[int]:
         t0 = time.perf_counter()
@@ -353,14 +379,11 @@ class FlowSpecRunner:
 
 
 def check_drafter(drafter: Any) -> ModelDrafter:
-    """FlowSpec drafts with a model drafter's tree hooks; feature heads need the target's hidden states, which
-    the stages do not send back yet."""
-    if isinstance(drafter, FeatureDrafter):
-        raise MethodParameterError("FlowSpec drafts with a model drafter (a small LM); an EAGLE head needs the "
-                                   "target's hidden states, which the pipeline does not return yet")
+    """FlowSpec drafts with the tree hooks of a model drafter (a small LM) or a feature drafter (an EAGLE head,
+    which reads the target's hidden states: the stages return them with the logits)."""
     if not isinstance(drafter, ModelDrafter):
-        raise MethodParameterError(f"FlowSpec needs a draft model (nn.Module or ModelDrafter), got "
-                                   f"{type(drafter).__name__}")
+        raise MethodParameterError(f"FlowSpec needs a draft model or an EAGLE head (nn.Module, ModelDrafter or "
+                                   f"FeatureDrafter), got {type(drafter).__name__}")
     return drafter
 
 
@@ -383,8 +406,7 @@ def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_siz
     rng = RowRandom.from_seed(seed, 1, None)
     eos = _as_eos_set(eos_token_id)
     session = PipelineSession(stage_model, 1, device, world_size=world_size, vocab_size=vocab_size)
-    prefill_causal_lm(session, input_ids, attention_mask, {})
-    drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng)
+    prefill_pipeline(session, drafter, input_ids, attention_mask, sampling, rng)
     runner = FlowSpecRunner(session, drafter, config, sampling, rng, eos, max_new_tokens)
     out = runner.run(int(input_ids[0, -1]))
     if collect_stage_stats:

@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from ..config import SamplingParams
 from ..drafters.model import model_vocab_size
-from ..engine import (GenerationOutput, _as_eos_set, _validate, collect_output, decode, prefill_causal_lm,
-                      resolve_drafter)
+from ..engine import GenerationOutput, _as_eos_set, _validate, collect_output, decode, resolve_drafter
 from ..rng import RowRandom
 from ..stats import GenerationStats
 from ..verify.chain import default_rule
@@ -52,6 +51,19 @@ def stage_for_rank(model: torch.nn.Module, rank: int, world_size: int, plan: Sta
     return build_stage_model(model, plan, rank, in_place=True)
 
 
+def prefill_pipeline(session: PipelineSession, drafter: Any, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, sampling: SamplingParams, rng: RowRandom) -> None:
+    """The target's and the drafter's prefill; a feature drafter gets the prompt's hidden states."""
+    layers = tuple(drafter.hidden_layers)
+    if layers:
+        session.set_features(layers)
+    if input_ids.shape[1] > 1:
+        session.extend(input_ids[:, :-1], attention_mask[:, :-1], num_logits=1, hidden_layers=layers)
+    drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng)
+    if layers:
+        drafter.observe_prefill(session.last_hidden if input_ids.shape[1] > 1 else None)
+
+
 @torch.no_grad()
 def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_size: int, vocab_size: int,
              drafter: Any = None, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -73,8 +85,7 @@ def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_siz
 
     def stream():
         stats = GenerationStats()
-        prefill_causal_lm(session, input_ids, attention_mask, {})
-        drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng)
+        prefill_pipeline(session, drafter, input_ids, attention_mask, sampling, rng)
         yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=[max_new_tokens] * input_ids.shape[0],
                           sampling=sampling, rule=default_rule(sampling), rng=rng, eos=eos, stats=stats)
 

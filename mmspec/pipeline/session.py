@@ -15,6 +15,10 @@ Glossary:
                  parent ids long [2, w], hidden states; the last stage answers with the ids and logits of the nodes
                  it computed), ``COMMIT`` (the round's accepted path as node ids), ``STATS`` (every stage answers
                  rank 0 with its counters)
+    features     hidden states a feature drafter (EAGLE) reads: ``FEATURES`` names them (HF ``hidden_states``
+                 indices of the whole model); every later forward then carries, after its hidden states, the
+                 features computed so far ([B, w, n d], in index order): each stage appends the ones of its
+                 layers and the last stage returns all of them with the logits
     kill         FlowSpec's in-flight pruning: rank 0 sends each stage, on a side channel (tag ``KILL_TAG``, read by
                  a listener thread), the nodes that can no longer be accepted; a stage drops them from segments it
                  has not forwarded yet, so pruned nodes cost no stage compute after the news reaches it
@@ -34,10 +38,10 @@ import torch.distributed as dist
 
 from ..cache import CacheSession
 from ..errors import MMSpecError
-from .stage import float_dtype, hidden_size
+from .stage import float_dtype, hidden_size, layer_range, owned_features
 
 EXTEND, ROLLBACK, SELECT, STOP, RESET, BEGIN_TREE, EXTEND_TREE, KEEP_PATH = 1, 2, 3, 4, 5, 6, 7, 8
-SEGMENT, COMMIT, STATS = 9, 10, 11
+SEGMENT, COMMIT, STATS, FEATURES = 9, 10, 11, 12
 HEADER = 8
 KILL_TAG, STATS_TAG = 9, 3
 #: a kill message: long [2 + MAX_KILL] = (dead_below, n, ids...): node ids < dead_below and the n ids are dead;
@@ -187,6 +191,8 @@ class PipelineSession:
         self.vocab = vocab_size
         self.device = device
         self.outbox = OUTBOX
+        self.features: list[int] = []
+        self.own0: list[int] = []
         self._results: deque = deque()  # one process: segment results, in order
         if world_size > 1:
             self.outbox.post(_header(RESET), 1)  # a new batch: every stage starts an empty cache
@@ -199,20 +205,55 @@ class PipelineSession:
     def batch_size(self) -> int:
         return self.local.batch_size
 
+    def set_features(self, layers: tuple[int, ...]) -> None:
+        """From now on every forward also returns these hidden states (whole-model HF indices) in
+        :attr:`last_hidden`: what a feature drafter reads."""
+        self.features = sorted({int(i) for i in layers})
+        _, self.own0 = owned_features(self.features, layer_range(self.local.model))
+        if self.world > 1:
+            self.outbox.post(_header(FEATURES, 0, len(self.features)), 1)
+            if self.features:
+                self.outbox.post(torch.tensor(self.features, dtype=torch.long), 1)
+
+    def _check_features(self, hidden_layers: tuple[int, ...]) -> None:
+        if self.world > 1 and not set(hidden_layers) <= set(self.features):
+            raise ValueError(f"hidden states {sorted(set(hidden_layers) - set(self.features))} were not asked for: "
+                             "call set_features first")
+
+    def _stage0_features(self) -> torch.Tensor | None:
+        if not self.own0:
+            return None
+        return torch.cat([self.local.last_hidden[i] for i in self.own0], dim=-1).cpu()
+
+    def _recv_features(self, batch: int, width: int, dtype: torch.dtype) -> None:
+        self.last_hidden = None
+        if self.features:
+            d = hidden_size(self.local.model)
+            feats = _recv((batch, width, len(self.features) * d), dtype, self.world - 1).to(self.device)
+            self.last_hidden = {i: feats[..., k * d:(k + 1) * d] for k, i in enumerate(self.features)}
+
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *, num_logits: int | None = None,
                hidden_layers: tuple[int, ...] = (), **model_inputs: Any) -> torch.Tensor:
-        if hidden_layers or model_inputs:
-            raise ValueError("a pipelined target takes token ids only (no hidden states for feature drafters yet)")
+        if model_inputs:
+            raise ValueError("a pipelined target takes token ids only")
         if self.world == 1:
-            return self.local.extend(tokens, valid, num_logits=num_logits)
+            out = self.local.extend(tokens, valid, num_logits=num_logits, hidden_layers=hidden_layers)
+            self.last_hidden = self.local.last_hidden
+            return out
+        self._check_features(hidden_layers)
         batch, width = tokens.shape
         n = num_logits if num_logits is not None else width
         _send(_header(EXTEND, batch, width, int(valid is not None), n), 1)
-        hidden = self.local.extend(tokens, valid)  # [B, w, d]
+        hidden = self.local.extend(tokens, valid, hidden_layers=tuple(self.own0))  # [B, w, d]
         if valid is not None:
             _send(valid.to(torch.long).cpu(), 1)
         _send(hidden.cpu(), 1)
-        return _recv((batch, n, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+        feats0 = self._stage0_features()
+        if feats0 is not None:
+            _send(feats0, 1)
+        logits = _recv((batch, n, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+        self._recv_features(batch, width, hidden.dtype)
+        return logits
 
     def rollback(self, num_remove: torch.Tensor) -> None:
         self.local.rollback(num_remove)
@@ -237,26 +278,32 @@ class PipelineSession:
         indices, -1 for a child of the committed context) to stage 0 and post its hidden states down the chain;
         the last stage's logits come back through :meth:`receive_segment`, in order."""
         width = tokens.shape[1]
-        out = self.local.extend_tree(tokens, local_parents, torch.ones_like(tokens))  # [1, w, d] (or logits)
         if self.world == 1:
-            self._results.append((list(ids), out))
+            out = self.local.extend_tree(tokens, local_parents, torch.ones_like(tokens), hidden_layers=tuple(self.features))
+            self._results.append((list(ids), out, self.local.last_hidden))
             return
+        out = self.local.extend_tree(tokens, local_parents, torch.ones_like(tokens), hidden_layers=tuple(self.own0))
         self.outbox.post(_header(SEGMENT, 1, width), 1)
         self.outbox.post(torch.tensor([ids, parent_ids], dtype=torch.long), 1)
         self.outbox.post(out.cpu(), 1)
+        feats0 = self._stage0_features()
+        if feats0 is not None:
+            self.outbox.post(feats0, 1)
 
-    def receive_segment(self) -> tuple[list[int], torch.Tensor | None]:
+    def receive_segment(self) -> tuple[list[int], torch.Tensor | None, dict[int, torch.Tensor] | None]:
         """The next segment's result from the last stage: (node ids it computed, logits [1, n, V] or None when
-        every node was pruned on the way)."""
+        every node was pruned on the way, the :meth:`set_features` hidden states of those nodes or None)."""
         if self.world == 1:
             return self._results.popleft()
         header = _recv((HEADER,), torch.long, self.world - 1)
         n = int(header[2])
         if n == 0:
-            return [], None
+            return [], None, None
         ids = _recv((n,), torch.long, self.world - 1).tolist()
-        logits = _recv((1, n, self.vocab), float_dtype(self.local.model), self.world - 1)
-        return ids, logits.to(self.device)
+        dtype = float_dtype(self.local.model)
+        logits = _recv((1, n, self.vocab), dtype, self.world - 1).to(self.device)
+        self._recv_features(1, n, dtype)
+        return ids, logits, self.last_hidden
 
     def commit(self, path_ids: list[int], path_local: torch.Tensor) -> None:
         """End a round: every stage keeps the tree nodes ``path_ids`` (root first; stage 0's indices
@@ -284,18 +331,24 @@ class PipelineSession:
 
     def extend_tree(self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor | None = None,
                     hidden_layers: tuple[int, ...] = ()) -> torch.Tensor:
-        if hidden_layers:
-            raise ValueError("a pipelined target takes token ids only (no hidden states for feature drafters yet)")
         valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
         if self.world == 1:
-            return self.local.extend_tree(tokens, parents, valid)
+            out = self.local.extend_tree(tokens, parents, valid, hidden_layers=hidden_layers)
+            self.last_hidden = self.local.last_hidden
+            return out
+        self._check_features(hidden_layers)
         batch, width = tokens.shape
         _send(_header(EXTEND_TREE, batch, width, 1, width), 1)
-        hidden = self.local.extend_tree(tokens, parents, valid)
+        hidden = self.local.extend_tree(tokens, parents, valid, hidden_layers=tuple(self.own0))
         _send(parents.to(torch.long).cpu(), 1)
         _send(valid.cpu(), 1)
         _send(hidden.cpu(), 1)
-        return _recv((batch, width, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+        feats0 = self._stage0_features()
+        if feats0 is not None:
+            _send(feats0, 1)
+        logits = _recv((batch, width, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+        self._recv_features(batch, width, hidden.dtype)
+        return logits
 
     def keep_path(self, path: torch.Tensor, num_keep: torch.Tensor) -> None:
         self.local.keep_path(path, num_keep)
@@ -318,12 +371,23 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
     forwards = 0
     counters = [0.0] * NUM_STATS  # forwards, busy s, wall s, tokens computed, tokens pruned
     since = time.perf_counter()
+    layers = layer_range(stage_model)
+    carried, own = 0, []  # features: how many earlier stages computed, this stage's (local indices)
 
     def timed(fn, *args, **kwargs):
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         counters[1] += time.perf_counter() - t0
         return out
+
+    def forward(fn, feats_in, *args, **kwargs):
+        """Run a forward that also keeps this stage's feature layers; (output, features so far or None)."""
+        out = timed(fn, *args, hidden_layers=tuple(own), **kwargs)
+        parts = ([feats_in] if feats_in is not None else []) + [session.last_hidden[j] for j in own]
+        return out, (torch.cat(parts, dim=-1) if parts else None)
+
+    def recv_features(batch: int, width: int) -> torch.Tensor | None:
+        return _recv((batch, width, carried * d), dtype, rank - 1) if carried else None
 
     while True:
         header = _recv((HEADER,), torch.long, rank - 1)
@@ -337,30 +401,43 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             return forwards
         if op == RESET:
             session, tree = None, None
+            carried, own = 0, []  # a new generation asks for its features again
             continue
         if op == STATS:
             counters[2] = time.perf_counter() - since
             outbox.post(torch.tensor(counters, dtype=torch.float64), 0, STATS_TAG)
             counters, since = [0.0] * NUM_STATS, time.perf_counter()
             continue
+        if op == FEATURES:
+            features = _recv((width,), torch.long, rank - 1).tolist() if width else []
+            if not last and width:
+                outbox.post(torch.tensor(features, dtype=torch.long), rank + 1)
+            carried, own = owned_features(features, layers)
+            continue
         if op == EXTEND:
             if session is None or session.batch_size != batch:
                 session = CacheSession(stage_model, batch, torch.device("cpu"))
             valid = _recv((batch, width), torch.long, rank - 1) if has_valid else None
             hidden = _recv((batch, width, d), dtype, rank - 1)
-            out = timed(session.extend, None, valid, inputs_embeds=hidden, num_logits=n if last else None)
+            out, feats = forward(session.extend, recv_features(batch, width), None, valid, inputs_embeds=hidden,
+                                 num_logits=n if last else None)
             forwards += 1
             counters[0] += 1
             if last:
                 _send(out.to(dtype), 0)
+                if feats is not None:
+                    _send(feats, 0)
             else:
                 if valid is not None:
                     _send(valid, rank + 1)
                 _send(out, rank + 1)
+                if feats is not None:
+                    _send(feats, rank + 1)
         elif op == SEGMENT:
             assert session is not None
             meta = _recv((2, width), torch.long, rank - 1) if width else torch.zeros((2, 0), dtype=torch.long)
             hidden = _recv((1, width, d), dtype, rank - 1) if width else None
+            feats_in = recv_features(1, width) if width else None
             if tree is None:
                 session.begin_tree()
                 tree = {}
@@ -376,22 +453,20 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             if keep:
                 local = torch.tensor([local_parents])
                 k = torch.tensor(keep)
-                out = timed(session.extend_tree, torch.zeros((1, len(keep)), dtype=torch.long), local,
-                            torch.ones((1, len(keep)), dtype=torch.long), inputs_embeds=hidden[:, k])
+                out, feats = forward(session.extend_tree, None if feats_in is None else feats_in[:, k],
+                                     torch.zeros((1, len(keep)), dtype=torch.long), local,
+                                     torch.ones((1, len(keep)), dtype=torch.long), inputs_embeds=hidden[:, k])
                 forwards += 1
                 counters[0] += 1
                 counters[3] += len(keep)
                 meta = meta[:, k]
-            if last:
-                outbox.post(_header(SEGMENT, 1, len(keep)), 0)
-                if keep:
-                    outbox.post(meta[0].clone(), 0)
-                    outbox.post(out.to(dtype), 0)
-            else:
-                outbox.post(_header(SEGMENT, 1, len(keep)), rank + 1)
-                if keep:
-                    outbox.post(meta, rank + 1)
-                    outbox.post(out, rank + 1)
+            dst = 0 if last else rank + 1
+            outbox.post(_header(SEGMENT, 1, len(keep)), dst)
+            if keep:
+                outbox.post(meta[0].clone() if last else meta, dst)
+                outbox.post(out.to(dtype) if last else out, dst)
+                if feats is not None:
+                    outbox.post(feats, dst)
         elif op == COMMIT:
             assert session is not None and tree is not None
             path_ids = _recv((width,), torch.long, rank - 1)
@@ -411,14 +486,16 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             parents = _recv((batch, width), torch.long, rank - 1)
             valid = _recv((batch, width), torch.long, rank - 1)
             hidden = _recv((batch, width, d), dtype, rank - 1)
-            out = timed(session.extend_tree, torch.zeros((batch, width), dtype=torch.long), parents, valid,
-                        inputs_embeds=hidden)
+            out, feats = forward(session.extend_tree, recv_features(batch, width),
+                                 torch.zeros((batch, width), dtype=torch.long), parents, valid, inputs_embeds=hidden)
             forwards += 1
             counters[0] += 1
             if last:
                 _send(out.to(dtype), 0)
+                if feats is not None:
+                    _send(feats, 0)
             else:
-                for t in (parents, valid, out):
+                for t in (parents, valid, out) + (() if feats is None else (feats,)):
                     _send(t, rank + 1)
         elif op == KEEP_PATH:
             assert session is not None

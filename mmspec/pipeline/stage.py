@@ -54,10 +54,26 @@ def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place
         raise PipelineConfigError(f"stage {stage} is not one of the plan's {plan.num_stages} stages")
     part = model if in_place else copy.deepcopy(model)
     keep_layers(part, plan.layers(stage))
+    part.mmspec_layer_range = (plan.layers(stage).start, plan.layers(stage).stop)  # global layers [a, b)
     if stage < plan.num_stages - 1:
         part.model.norm = nn.Identity()
         part.lm_head = nn.Identity()
     return part.eval()
+
+
+def layer_range(model: nn.Module) -> tuple[int, int]:
+    """The global decoder layers [a, b) a stage model holds (a whole model: all of them)."""
+    return getattr(model, "mmspec_layer_range", None) or (0, len(decoder_layers(model)))
+
+
+def owned_features(features: list[int], layers: tuple[int, int]) -> tuple[int, list[int]]:
+    """For a stage holding layers [a, b): (how many of the sorted hidden-state indices ``features`` earlier stages
+    computed, the ones this stage computes as local indices). Index i is the output of layer i - 1 (0: the
+    embeddings), so a stage owns a < i <= b, and stage 0 also i = 0."""
+    a, b = layers
+    carried = sum(1 for i in features if i <= a and not (a == 0 and i == 0))
+    own = [i - a for i in features if (a < i <= b) or (a == 0 and i == 0)]
+    return carried, own
 
 
 def hidden_size(model: nn.Module) -> int:
