@@ -15,5 +15,6 @@ from .flowspec import FlowSpecConfig, FlowSpecOutput, FlowSpecStats
 from .session import PipelineSession, PipelineStageError, serve_stage
 from .stage import build_stage_model
 
-__all__ = ["FlowSpecConfig", "FlowSpecOutput", "FlowSpecStats", "PipelineConfigError", "PipelineSession", "PipelineStageError", "StagePlan", "build_stage_model",
+__all__ = ["FlowSpecConfig", "FlowSpecOutput", "FlowSpecStats", "PipelineConfigError", "PipelineSession",
+           "PipelineStageError", "StagePlan", "build_stage_model",
            "generate", "init_group", "plan_stages", "serve_stage", "stage_for_rank"]

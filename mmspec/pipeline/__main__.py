@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"tokens": new, "seconds": seconds,
                   "all_tokens": out.sequences[:, input_ids.shape[1]:].tolist() if a.batch > 1 else None, "stages": world, "steps": out.stats.steps,
                   "accepted": out.stats.accepted_tokens, "drafted": out.stats.drafted_tokens}
-        if tokenizer is not None:
-            result["text"] = tokenizer.decode(new, skip_special_tokens=True)
-        print(json.dumps(result))
-        if a.out:
-            with open(a.out, "w") as f:
-                json.dump(result, f)
-        return 0
+        return _report(result, new, tokenizer, a.out)
     except (PipelineStageError, PipelineConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 5 if isinstance(exc, PipelineStageError) else 2
@@ -197,11 +191,16 @@ def _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eo
               "rounds": st.rounds, "segments": st.segments,
               "accepted": st.accepted_tokens, "nodes_sent": st.nodes_sent, "killed_in_flight": st.killed_in_flight,
               "pruned_in_flight": st.pruned_in_flight, "time_split": st.time_split, "stage_stats": st.stages}
+    return _report(result, new, tokenizer, a.out)
+
+
+def _report(result: dict, new: list[int], tokenizer, out: str | None) -> int:
+    """Rank 0: print the result as one JSON line (with the text when there is a tokenizer) and write ``out``."""
     if tokenizer is not None:
         result["text"] = tokenizer.decode(new, skip_special_tokens=True)
     print(json.dumps(result))
-    if a.out:
-        with open(a.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f)
     return 0
 
