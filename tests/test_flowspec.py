@@ -106,7 +106,7 @@ def test_greedy_over_real_stages_equals_hf_generate(tmp_path, stages):
     assert len(result["stage_stats"]) == stages - 1
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # CI runs the naive pipeline's dead-stage test (tests/test_pipeline.py)
 def test_a_dead_stage_ends_flowspec_with_an_error(tmp_path):
     proc, result, seconds = launch(2, "--flowspec", "--die-after", "3", "--timeout", "10", "--max-new-tokens", "16",
                                    tmp_path=tmp_path, timeout=120)

@@ -41,11 +41,11 @@ def reference(new_tokens: int, layers: int = 4) -> list[int]:
 
 
 CORE = {(1, "truncated"), (2, "none"), (2, "truncated-tree"), (2, "prompt_lookup")}  # CI runs these (3 stages: FlowSpec's
-# tests); the rest of the grid is marked slow (each launch takes ~9 s)
+# tests); the rest of the grid is marked extended, beyond CI's budget (each launch takes ~9 s)
 
 
 @pytest.mark.parametrize("stages, drafter", [
-    pytest.param(s, d, marks=() if (s, d) in CORE else pytest.mark.slow)
+    pytest.param(s, d, marks=() if (s, d) in CORE else pytest.mark.extended)
     for s in (1, 2, 3) for d in ("none", "truncated", "truncated-tree", "prompt_lookup")])
 def test_greedy_pipeline_equals_hf_generate(tmp_path, stages, drafter):
     proc, result, _ = launch(stages, "--drafter", drafter, "--max-new-tokens", "16", tmp_path=tmp_path)
@@ -55,7 +55,7 @@ def test_greedy_pipeline_equals_hf_generate(tmp_path, stages, drafter):
         assert result["steps"] < 16  # drafts were accepted: fewer pipeline passes than tokens
 
 
-@pytest.mark.slow  # ~30 s; CI keeps FlowSpec's sampling test over 2 stages
+@pytest.mark.extended  # ~30 s; CI keeps FlowSpec's sampling test over 2 stages
 def test_sampling_over_two_stages_follows_the_target_and_repeats_the_single_process_run(tmp_path):
     from stat_helpers import chisquare_pvalue
 
@@ -71,7 +71,7 @@ def test_sampling_over_two_stages_follows_the_target_and_repeats_the_single_proc
     assert proc.returncode == 0 and one["all_tokens"] == two["all_tokens"]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_an_uneven_plan_decodes_the_same(tmp_path):
     proc, result, _ = launch(3, "--plan", "0,1,3,4", "--drafter", "truncated", "--max-new-tokens", "12", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
