@@ -38,14 +38,10 @@ from pathlib import Path
 
 import torch
 
+from mmspec.pipeline.stage import truncated_copy
+
 SECTION_HEADING = "## Pipelined speculative decoding (FlowSpec) on SmolLM2 (issue 18)"
 DRAFT_LAYERS = 2
-
-
-def _truncated(model: torch.nn.Module, keep: int) -> torch.nn.Module:
-    from mmspec.pipeline.stage import keep_layers
-
-    return keep_layers(copy.deepcopy(model), range(keep)).eval()
 
 
 # -- costs, measured in one process ------------------------------------------------------------------------------
@@ -136,7 +132,7 @@ def worker(a) -> int:
     full = draft = head = None
     if rank == 0:
         full = copy.deepcopy(target)
-        draft = _truncated(target, DRAFT_LAYERS)
+        draft = truncated_copy(target, DRAFT_LAYERS)
         if "head" in a.drafters:
             from mmspec.pretrained import load_smollm2_drafter
 
@@ -347,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec.pretrained import load_causal_lm
 
     target, _ = load_causal_lm()
-    draft = _truncated(target, DRAFT_LAYERS)
+    draft = truncated_copy(target, DRAFT_LAYERS)
     if a.pack:
         pack_linear_weights(target)
         pack_linear_weights(draft)

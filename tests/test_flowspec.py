@@ -9,7 +9,8 @@ from test_pipeline import PROMPT, launch, reference
 
 from mmspec.errors import MethodParameterError
 from mmspec.pipeline import flowspec
-from mmspec.pipeline.__main__ import _example_target, _truncated
+from mmspec.pipeline.__main__ import _example_target
+from mmspec.pipeline.stage import truncated_copy
 from mmspec.pipeline.flowspec import FlowSpecConfig, generate
 from mmspec.verify.tree_rules import DeterministicTreeRule
 
@@ -20,7 +21,7 @@ SAMPLED_ARGS = ("--segment-size", "2", "--max-in-flight", "3", "--top-k", "2", "
 @pytest.fixture(scope="module")
 def pair():
     target = _example_target(0, 4)
-    return target, _truncated(target, 1)
+    return target, truncated_copy(target, 1)
 
 
 def _run(pair, config, **kw):

@@ -5,7 +5,6 @@ decoding (plain pipelined AR, or speculative with a drafter on rank 0). Rank 0 p
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -25,16 +24,11 @@ def _example_target(seed: int, layers: int) -> torch.nn.Module:
     return model
 
 
-def _truncated(model: torch.nn.Module, keep: int) -> torch.nn.Module:
-    from .stage import keep_layers
-
-    return keep_layers(copy.deepcopy(model), range(keep)).eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     from .plan import PipelineConfigError, StagePlan
     from .run import DEFAULT_TIMEOUT_S, generate, init_group, serve_stage, stage_for_rank
     from .session import PipelineStageError
+    from .stage import truncated_copy
 
     ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m mmspec.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--example", action="store_true", help="a tiny random Llama (tests) instead of SmolLM2")
@@ -93,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 draft_model = load_smollm2_drafter("model", target)
             else:
-                draft_model = _truncated(target, a.draft_layers)
+                draft_model = truncated_copy(target, a.draft_layers)
             if a.pack:
                 from mmspec.cpu_packing import pack_linear_weights
 

@@ -160,22 +160,21 @@ def _header(op: int, batch: int = 0, width: int = 0, has_valid: int = 0, num_log
     return torch.tensor([op, batch, width, has_valid, num_logits, 0, 0, 0], dtype=torch.long)
 
 
-def stop_stages(world_size: int, outbox: Outbox | None = None) -> None:
+def stop_stages(world_size: int) -> None:
     """Rank 0, at the end: every stage ends its kill listener and its command loop."""
     if world_size > 1:
-        outbox = outbox if outbox is not None else OUTBOX
         for r in range(1, world_size):
-            outbox.post(kill_message(EXIT_LISTENER, []), r, KILL_TAG)
-        outbox.post(_header(STOP), 1)
-        outbox.flush()
+            OUTBOX.post(kill_message(EXIT_LISTENER, []), r, KILL_TAG)
+        OUTBOX.post(_header(STOP), 1)
+        OUTBOX.flush()
 
 
-def collect_stage_stats(world_size: int, outbox: Outbox | None = None) -> list[list[float]]:
+def collect_stage_stats(world_size: int) -> list[list[float]]:
     """Rank 0, between generations: counters of stages 1 .. N-1 since their last report (forwards, busy s, wall
     s, tokens computed, tokens pruned in flight); each stage resets them."""
     if world_size == 1:
         return []
-    (outbox if outbox is not None else OUTBOX).post(_header(STATS), 1)
+    OUTBOX.post(_header(STATS), 1)
     return [_recv((NUM_STATS,), torch.float64, r, STATS_TAG).tolist() for r in range(1, world_size)]
 
 
@@ -225,6 +224,18 @@ class PipelineSession:
             return None
         return torch.cat([self.local.last_hidden[i] for i in self.own0], dim=-1).cpu()
 
+    def _pass_down(self, hidden: torch.Tensor, num_logits: int) -> torch.Tensor:
+        """Send stage 0's hidden states [B, w, d] (and its features) on; the last stage's logits [B, n, V] (and
+        every stage's features, in :attr:`last_hidden`)."""
+        batch, width = hidden.shape[:2]
+        _send(hidden.cpu(), 1)
+        feats0 = self._stage0_features()
+        if feats0 is not None:
+            _send(feats0, 1)
+        logits = _recv((batch, num_logits, self.vocab), hidden.dtype, self.world - 1).to(self.device)
+        self._recv_features(batch, width, hidden.dtype)
+        return logits
+
     def _recv_features(self, batch: int, width: int, dtype: torch.dtype) -> None:
         self.last_hidden = None
         if self.features:
@@ -247,13 +258,7 @@ class PipelineSession:
         hidden = self.local.extend(tokens, valid, hidden_layers=tuple(self.own0))  # [B, w, d]
         if valid is not None:
             _send(valid.to(torch.long).cpu(), 1)
-        _send(hidden.cpu(), 1)
-        feats0 = self._stage0_features()
-        if feats0 is not None:
-            _send(feats0, 1)
-        logits = _recv((batch, n, self.vocab), hidden.dtype, self.world - 1).to(self.device)
-        self._recv_features(batch, width, hidden.dtype)
-        return logits
+        return self._pass_down(hidden, n)
 
     def rollback(self, num_remove: torch.Tensor) -> None:
         self.local.rollback(num_remove)
@@ -266,10 +271,6 @@ class PipelineSession:
         if self.world > 1:
             _send(_header(SELECT, rows.numel()), 1)
             _send(rows.to(torch.long).cpu(), 1)
-
-    def stop(self) -> None:
-        """Tell every stage to exit its loop (and its kill listener)."""
-        stop_stages(self.world, self.outbox)
 
     # FlowSpec: segments of a draft tree streamed through the stages (see mmspec.pipeline.flowspec)
     def send_segment(self, ids: list[int], parent_ids: list[int], tokens: torch.Tensor,
@@ -322,7 +323,7 @@ class PipelineSession:
 
     def stage_stats(self) -> list[list[float]]:
         """Counters of stages 1 .. N-1 since the last call (see :func:`collect_stage_stats`)."""
-        return collect_stage_stats(self.world, self.outbox)
+        return collect_stage_stats(self.world)
 
     def begin_tree(self) -> None:
         self.local.begin_tree()
@@ -342,13 +343,7 @@ class PipelineSession:
         hidden = self.local.extend_tree(tokens, parents, valid, hidden_layers=tuple(self.own0))
         _send(parents.to(torch.long).cpu(), 1)
         _send(valid.cpu(), 1)
-        _send(hidden.cpu(), 1)
-        feats0 = self._stage0_features()
-        if feats0 is not None:
-            _send(feats0, 1)
-        logits = _recv((batch, width, self.vocab), hidden.dtype, self.world - 1).to(self.device)
-        self._recv_features(batch, width, hidden.dtype)
-        return logits
+        return self._pass_down(hidden, width)
 
     def keep_path(self, path: torch.Tensor, num_keep: torch.Tensor) -> None:
         self.local.keep_path(path, num_keep)
@@ -381,10 +376,25 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
         return out
 
     def forward(fn, feats_in, *args, **kwargs):
-        """Run a forward that also keeps this stage's feature layers; (output, features so far or None)."""
+        """Run (and count) a forward that also keeps this stage's feature layers; (output, features so far or
+        None)."""
+        nonlocal forwards
         out = timed(fn, *args, hidden_layers=tuple(own), **kwargs)
+        forwards += 1
+        counters[0] += 1
         parts = ([feats_in] if feats_in is not None else []) + [session.last_hidden[j] for j in own]
         return out, (torch.cat(parts, dim=-1) if parts else None)
+
+    def pass_on(inputs: tuple[torch.Tensor, ...], out: torch.Tensor, feats: torch.Tensor | None) -> None:
+        """After an ``EXTEND`` / ``EXTEND_TREE`` forward: the last stage sends its logits (and the features) to
+        rank 0; the others send the command's ``inputs``, their output and the features on."""
+        if last:
+            _send(out.to(dtype), 0)
+            if feats is not None:
+                _send(feats, 0)
+            return
+        for t in inputs + (out,) + (() if feats is None else (feats,)):
+            _send(t, rank + 1)
 
     def recv_features(batch: int, width: int) -> torch.Tensor | None:
         return _recv((batch, width, carried * d), dtype, rank - 1) if carried else None
@@ -421,18 +431,7 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             hidden = _recv((batch, width, d), dtype, rank - 1)
             out, feats = forward(session.extend, recv_features(batch, width), None, valid, inputs_embeds=hidden,
                                  num_logits=n if last else None)
-            forwards += 1
-            counters[0] += 1
-            if last:
-                _send(out.to(dtype), 0)
-                if feats is not None:
-                    _send(feats, 0)
-            else:
-                if valid is not None:
-                    _send(valid, rank + 1)
-                _send(out, rank + 1)
-                if feats is not None:
-                    _send(feats, rank + 1)
+            pass_on(() if valid is None else (valid,), out, feats)
         elif op == SEGMENT:
             assert session is not None
             meta = _recv((2, width), torch.long, rank - 1) if width else torch.zeros((2, 0), dtype=torch.long)
@@ -456,8 +455,6 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
                 out, feats = forward(session.extend_tree, None if feats_in is None else feats_in[:, k],
                                      torch.zeros((1, len(keep)), dtype=torch.long), local,
                                      torch.ones((1, len(keep)), dtype=torch.long), inputs_embeds=hidden[:, k])
-                forwards += 1
-                counters[0] += 1
                 counters[3] += len(keep)
                 meta = meta[:, k]
             dst = 0 if last else rank + 1
@@ -488,15 +485,7 @@ def serve_stage(stage_model: torch.nn.Module, rank: int, world_size: int) -> int
             hidden = _recv((batch, width, d), dtype, rank - 1)
             out, feats = forward(session.extend_tree, recv_features(batch, width),
                                  torch.zeros((batch, width), dtype=torch.long), parents, valid, inputs_embeds=hidden)
-            forwards += 1
-            counters[0] += 1
-            if last:
-                _send(out.to(dtype), 0)
-                if feats is not None:
-                    _send(feats, 0)
-            else:
-                for t in (parents, valid, out) + (() if feats is None else (feats,)):
-                    _send(t, rank + 1)
+            pass_on((parents, valid), out, feats)
         elif op == KEEP_PATH:
             assert session is not None
             path = _recv((batch, width), torch.long, rank - 1)

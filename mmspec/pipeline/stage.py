@@ -46,6 +46,12 @@ def keep_layers(model: nn.Module, keep: range) -> nn.Module:
     return model
 
 
+def truncated_copy(model: nn.Module, keep: int) -> nn.Module:
+    """A copy of ``model`` with only its first ``keep`` decoder layers (and its norm and head): an early-exit draft
+    model that shares nothing with the target."""
+    return keep_layers(copy.deepcopy(model), range(keep)).eval()
+
+
 def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place: bool = False) -> nn.Module:
     """Stage ``stage`` of ``plan`` cut from ``model`` (a copy unless ``in_place``; a stage process owns its model)."""
     layers = decoder_layers(model)
