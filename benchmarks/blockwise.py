@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec import engine
     from mmspec.drafters.blockwise import Lattice
     from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
-    from mmspec.pretrained import chat_inputs, load_causal_lm, load_smollm2_drafter, load_smollm2_ngram
+    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.zoo.smollm2 import load_smollm2_drafter, load_smollm2_ngram
 
     load = os.getloadavg()[0]
     target, tok = load_causal_lm()

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     from mmspec import collaborative as co
-    from mmspec.pretrained import chat_inputs, load_causal_lm, load_smollm2_domain
+    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.zoo.smollm2 import load_smollm2_domain
 
     load = os.getloadavg()[0]
     general, tok = load_causal_lm()

@@ -134,7 +134,7 @@ def worker(a) -> int:
         full = copy.deepcopy(target)
         draft = truncated_copy(target, DRAFT_LAYERS)
         if "head" in a.drafters:
-            from mmspec.pretrained import load_smollm2_drafter
+            from mmspec.zoo.smollm2 import load_smollm2_drafter
 
             head = load_smollm2_drafter("head", full).head  # attached to the whole copy (embedding, head rows)
     stage = run.stage_for_rank(target, rank, world, StagePlan(tuple(int(x) for x in a.plan.split(","))))

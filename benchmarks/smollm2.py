@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec.drafters.feature import FeatureDrafter
     from mmspec.drafters.model import ModelDrafter
     from mmspec.drafters.tree import DynamicTree
-    from mmspec.pretrained import chat_inputs, load_causal_lm, load_smollm2_drafter
+    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.zoo.smollm2 import load_smollm2_drafter
 
     target, tok = load_causal_lm()
     head_drafter = load_smollm2_drafter("head", target)

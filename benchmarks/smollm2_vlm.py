@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     import mmspec.vision as mv
-    from mmspec.scenes import render
+    from mmspec.zoo.scenes import render
     from mmspec.zoo.data import heldout_scenes
     from mmspec.zoo.smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 

@@ -80,7 +80,8 @@ def german_prompts(tokenizer, count: int, length: int) -> list[torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     from mmspec import engine
     from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
-    from mmspec.pretrained import load_causal_lm, load_smollm2_drafter
+    from mmspec.pretrained import load_causal_lm
+    from mmspec.zoo.smollm2 import load_smollm2_drafter
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=3)

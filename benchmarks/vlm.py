@@ -87,7 +87,7 @@ def decode_forward_ms(model, inputs, steps: int = 16) -> float:
 
 
 def zoo_setup(num_prompts: int):
-    from mmspec.scenes import render
+    from mmspec.zoo.scenes import render
     from mmspec.zoo import load_default_vlm
     from mmspec.zoo.data import IMAGE_SIZE, heldout_scenes
     from mmspec.zoo.train_vlm import caption_prompt

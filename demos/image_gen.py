@@ -84,7 +84,7 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
     exact SD and LANTERN."""
     import mmspec
     import mmspec.image_gen as ig
-    from mmspec.heatmap import heatmap_image
+    from mmspec.image_gen.heatmap import heatmap_image
 
     condition = _condition(session, prompt)
     if method not in METHODS:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from mmspec.distill.train_head import HeadBatch
+from mmspec.heads.ttt import HeadBatch
 from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
 
 from .model import ARImageModel

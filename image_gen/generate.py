@@ -32,7 +32,8 @@ import torch
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Drafter
 from mmspec.drafters.feature import FeatureDrafter
-from mmspec.drafters.model import ModelDrafter, right_align
+from mmspec.cache import right_align
+from mmspec.drafters.model import ModelDrafter
 from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.engine import StepEvent
 from mmspec.engine import generate_stream as decode_stream

@@ -67,7 +67,11 @@ class MultiScaleDrafter(Drafter):
         self.low, self.resampler = low_model, resampler
         self.scale, self.hi_grid, self.lo_grid = scale, hi_grid, lo_grid
         self.vocab_size = low_model.config.codebook_size
-        self.num_calls = 0
+        self._calls = 0
+
+    @property
+    def num_calls(self) -> int:
+        return self._calls
 
     def check_compatible(self, target: torch.nn.Module) -> None:
         from .ar_drafter import check_image_drafter
@@ -113,7 +117,7 @@ class MultiScaleDrafter(Drafter):
             if u < (row + 1) * n_lo - 1:
                 logits = self.session.extend(toks.unsqueeze(1).to(device))[:, -1]
         self.session.rollback(torch.full((batch,), n_lo - 1, dtype=torch.long, device=device))
-        self.num_calls += self.session.calls - calls
+        self._calls += self.session.calls - calls
         up = self.resampler.upsample(lo.view(batch, n_lo, n_lo)).flatten(1)
         block = up[:, t0:t0 + m].to(device)
         return Draft(tokens=block, probs=None, num_draft=torch.full((batch,), m, dtype=torch.long, device=device))

@@ -323,3 +323,15 @@ class CacheSession:
         # slots only the dropped rows used become dead; the tail ones are cropped, the others
         # stay as masked holes (cache layers can only be cropped at the end)
         self._crop_dead_tail()
+
+
+def right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged token lists -> (tokens long [B, P], valid long [B, P]) aligned to the right."""
+    width = max((len(r) for r in rows), default=0)
+    tokens = torch.zeros((len(rows), width), dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            tokens[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            valid[b, width - len(r):] = 1
+    return tokens.to(device), valid.to(device)

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .engine import generate_stream
+
 
 @dataclass
 class TurnStats:
@@ -72,8 +74,6 @@ class Chat:
 
     def reply(self, text: str) -> Iterator[str]:
         """Stream the answer to the user's ``text``; the answer joins the conversation when done."""
-        from .engine import generate_stream
-
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: write something to the model")
         self.messages.append({"role": "user", "content": text})
@@ -107,32 +107,3 @@ class Chat:
             self.last = TurnStats(len(tokens), time.perf_counter() - t0, len(tokens) / max(steps, 1))
             self._turn += 1
 
-
-def build_chat_drafter(kind: str, target: Any, tree: str | None = "5,4,16") -> Any:
-    """The drafter for ``mmspec chat``: ``head`` (the shipped EAGLE-3 head), ``model`` (the shipped
-    distilled drafter LM), ``prompt-lookup``, or a folder written by ``mmspec train-drafter``. A head
-    drafts dynamic trees ``depth,top_k,nodes``, or chains when ``tree`` is None."""
-    from .distill import load_drafter
-    from .drafters.tree import DynamicTree
-    from .pretrained import SMOLLM2_DRAFTERS, load_smollm2_drafter
-
-    if kind == "prompt-lookup":
-        return "prompt_lookup"
-    kw = {}
-    if tree is not None:
-        depth, top_k, nodes = parse_tree(tree)
-        kw["tree"] = DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)
-    if kind in SMOLLM2_DRAFTERS:
-        return load_smollm2_drafter(kind, target, **kw)
-    return load_drafter(kind, target, **kw)
-
-
-def parse_tree(spec: str) -> tuple[int, int, int]:
-    """``"depth,top_k,nodes"`` -> three ints >= 1 (ValueError otherwise)."""
-    try:
-        parts = tuple(int(x) for x in spec.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) < 1:
-        raise ValueError(f"tree must be three ints >= 1 as depth,top_k,nodes (e.g. 5,4,16); got {spec!r}")
-    return parts  # type: ignore[return-value]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .image_gen.methods import METHOD_NAMES, get_method
-from .heatmap import heatmap_image  # noqa: F401  (re-exported: ``mmspec.cli.heatmap_image`` used to live here)
+from .image_gen.heatmap import heatmap_image
 
 #: exit codes of ``mmspec`` and ``mmspec-imagegen``, one per kind of outcome
 EXIT_OK = 0
@@ -216,7 +216,8 @@ def _run_text(args: argparse.Namespace) -> int:
     tokenizer = None
     attention_mask = None
     if not args.example and args.target is None:  # the real default: SmolLM2 with its shipped EAGLE-3 head
-        from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter
+        from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm
+        from mmspec.zoo.smollm2 import load_smollm2_drafter
 
         try:
             target, tokenizer = load_causal_lm()
@@ -445,7 +446,7 @@ def imagegen_main(argv: list[str] | None = None) -> int:
 
 def _run_main_job(args: argparse.Namespace) -> int:
     import mmspec
-    from mmspec.main_job import MainJobConfig, run_main_job
+    from mmspec.zoo.main_job import MainJobConfig, run_main_job
     from mmspec.zoo import ZooError
 
     if args.prompt is not None and not args.prompt.strip():
@@ -466,15 +467,30 @@ def _run_main_job(args: argparse.Namespace) -> int:
     return EXIT_OK if same else EXIT_NOT_IDENTICAL
 
 
+def parse_tree(spec: str):
+    """``"depth,top_k,nodes"`` -> a :class:`~mmspec.drafters.tree.DynamicTree` (ValueError otherwise)."""
+    from mmspec.drafters.tree import DynamicTree
+
+    try:
+        parts = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise ValueError(f"tree must be three ints >= 1 as depth,top_k,nodes (e.g. 5,4,16); got {spec!r}")
+    depth, top_k, nodes = parts
+    return DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes)
+
+
 def _run_chat(args: argparse.Namespace) -> int:
     """Interactive chat (stdin lines; ``/reset`` forgets the conversation, ``/exit`` or EOF ends it)."""
     import mmspec
-    from mmspec.chat import Chat, build_chat_drafter, parse_tree
+    from mmspec.chat import Chat
     from mmspec.pretrained import ModelNotFoundError, load_causal_lm
+    from mmspec.zoo.smollm2 import chat_drafter
 
     _check_sampling(args)
     try:
-        parse_tree(args.tree)
+        tree = None if args.chain else parse_tree(args.tree)
     except ValueError as exc:
         raise CLIError(EXIT_BAD_INPUT, f"--tree: {exc}") from None
     shipped = args.drafter in ("head", "model")
@@ -492,7 +508,7 @@ def _run_chat(args: argparse.Namespace) -> int:
 
         pack_linear_weights(target)
     try:
-        drafter = build_chat_drafter(args.drafter, target, None if args.chain else args.tree)
+        drafter = chat_drafter(args.drafter, target, tree)
         chat = Chat(target, tokenizer, drafter, system=args.system, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_draft_tokens=args.k,
                     seed=args.seed)
@@ -569,7 +585,8 @@ def _load_collab_models(paths: list[str]):
     models, tokenizers, smollm2 = [], [], None
     for path in paths:
         if path in COLLAB_SHIPPED:
-            from mmspec.pretrained import ModelNotFoundError, load_causal_lm, load_smollm2_domain, load_smollm2_drafter
+            from mmspec.pretrained import ModelNotFoundError, load_causal_lm
+            from mmspec.zoo.smollm2 import load_smollm2_domain, load_smollm2_drafter
 
             if smollm2 is None:
                 try:

@@ -41,16 +41,14 @@ import torch
 from .cache import CacheSession
 from .config import SamplingParams
 from .drafters.adaptive import DraftLengthPolicy
-from .drafters.base import Draft, Drafter, NoDrafter, StepOutcome
-from .drafters.model import ModelDrafter, model_device
-from .drafters.prompt_lookup import PromptLookupDrafter
-from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError,
-                     InvalidLengthError, ShapeError, TokenIdError)
+from .drafters.base import Draft, Drafter, StepOutcome
 from .guidance import Guidance, GuidedSession, open_session
-from .rng import ACCEPT, EMIT, RowRandom
+from .request import DecodeRequest, eos_set, prepare_drafter, prepare_request
+from .rng import ACCEPT, EMIT, RowRandom, tree_accept_keys
 from .stats import GenerationStats
 from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
+from .verify.tree import compute_depths, default_tree_rule, verify_tree
 from .verify.types import PLACEHOLDER_TOKEN_ID, VerifyResult
 
 DEFAULT_NUM_DRAFT_TOKENS = 5
@@ -108,133 +106,6 @@ def commit_row(emitted: list[int], num_accepted: int, remaining: int, eos: set[i
     return toks, len(toks) == remaining
 
 
-def _as_eos_set(eos_token_id: int | list[int] | torch.Tensor | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, torch.Tensor):
-        return set(eos_token_id.flatten().tolist())
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(e) for e in eos_token_id}
-
-
-#: generation_config fields that change HF generate's logits but that mmspec does not apply
-_UNSUPPORTED_GENERATION_SETTINGS = {
-    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0,
-    "bad_words_ids": None, "min_length": 0, "min_new_tokens": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None,
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
-    "exponential_decay_length_penalty": None, "sequence_bias": None,
-}
-
-
-def warn_ignored_generation_settings(model: torch.nn.Module) -> list[str]:
-    """Warn (once per call) about generation_config settings HF ``generate`` would apply and mmspec does not;
-    mmspec's output equals ``generate()`` with those settings at their neutral values."""
-    config = getattr(model, "generation_config", None)
-    if config is None:
-        return []
-    ignored = []
-    for name, neutral in _UNSUPPORTED_GENERATION_SETTINGS.items():
-        value = getattr(config, name, neutral)
-        if value is not None and value != neutral and not (name == "min_length" and value == 0):
-            ignored.append(f"{name}={value!r}")
-    if ignored:
-        import warnings
-        warnings.warn(
-            f"{type(model).__name__}.generation_config sets {', '.join(ignored)}, which mmspec does not apply "
-            "(it applies temperature, top_k and top_p as given); the output equals HF generate() with these "
-            "settings neutral", UserWarning, stacklevel=3)
-    return ignored
-
-
-def resolve_drafter(drafter: Any, num_draft_tokens: int | DraftLengthPolicy | None) -> Drafter:
-    """Accept a Drafter, a HF model (-> ModelDrafter), an EAGLE-3 head (-> FeatureDrafter), blockwise heads
-    (-> BlockwiseDrafter), ``"prompt_lookup"`` or None (plain AR)."""
-    if drafter is None:
-        return NoDrafter()
-    if isinstance(drafter, str):
-        if drafter != "prompt_lookup":
-            raise ValueError(f"unknown drafter {drafter!r}; pass a Drafter, a model or 'prompt_lookup'")
-        drafter = PromptLookupDrafter()
-    elif isinstance(drafter, torch.nn.Module):
-        from .heads.blockwise import BlockwiseHeads
-        from .heads.eagle3 import Eagle3Head
-
-        if isinstance(drafter, BlockwiseHeads):
-            from .drafters.blockwise import BlockwiseDrafter
-
-            drafter = BlockwiseDrafter(drafter)
-        elif isinstance(drafter, Eagle3Head):
-            from .drafters.feature import FeatureDrafter
-
-            drafter = FeatureDrafter(drafter)
-        else:
-            drafter = ModelDrafter(drafter)
-    elif not isinstance(drafter, Drafter):
-        raise TypeError(f"drafter must be a Drafter, a torch model or 'prompt_lookup', got {type(drafter).__name__}")
-    if num_draft_tokens is not None and hasattr(drafter, "set_default_length"):
-        drafter.set_default_length(num_draft_tokens)
-    return drafter
-
-
-def input_vocab_size(model: torch.nn.Module) -> int | None:
-    """Rows of the input embedding table (ids >= this crash the embedding lookup)."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        emb = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        emb = None
-    weight = getattr(emb, "weight", None)
-    return int(weight.shape[0]) if weight is not None else None
-
-
-def check_token_ids(input_ids: torch.Tensor, vocab: int | None) -> None:
-    """:class:`TokenIdError` for a prompt id < 0 or >= the model's vocabulary (padding included)."""
-    if vocab is None or input_ids.numel() == 0:
-        return
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or hi >= vocab:
-        bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
-        raise TokenIdError(f"input_ids hold ids outside the vocabulary [0, {vocab}): {sorted(set(bad.tolist()))[:5]}")
-
-
-def _validate(target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator, embeds_vocab=None):
-    if not isinstance(input_ids, torch.Tensor):
-        raise ShapeError(f"input_ids must be a torch.LongTensor, got {type(input_ids).__name__}")
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-        raise ShapeError(f"input_ids must be a long tensor [B, L], got {tuple(input_ids.shape)} {input_ids.dtype}")
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise EmptyPromptError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.dim() == 1:
-        attention_mask = attention_mask.unsqueeze(0)
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ShapeError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    attention_mask = attention_mask.to(torch.long)
-    empty_rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
-    if empty_rows:
-        raise EmptyPromptError(f"empty prompt: rows {empty_rows} have no unmasked token")
-    if not bool(attention_mask[:, -1].all()):
-        raise ShapeError("prompts must be left padded (attention_mask[:, -1] must be 1 for every row)")
-    device = model_device(target)
-    for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
-        if t.device != device:
-            raise DeviceMismatchError(f"{name} is on {t.device} but the target model is on {device}")
-    if generator is not None and torch.device(generator.device).type != device.type:
-        raise DeviceMismatchError(f"generator is on {generator.device} but the target model is on {device}")
-    check_token_ids(input_ids, embeds_vocab)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
-        raise InvalidLengthError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
-    if num_draft_tokens is not None and not isinstance(num_draft_tokens, DraftLengthPolicy):
-        if not isinstance(num_draft_tokens, int) or isinstance(num_draft_tokens, bool) or num_draft_tokens < 1:
-            raise InvalidDraftLengthError(f"num_draft_tokens (k) must be an int >= 1, got {num_draft_tokens!r}")
-    return input_ids, attention_mask, device
-
-
 def generate_stream(
     target: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -262,23 +133,14 @@ def generate_stream(
 
     Input is validated eagerly (before the first ``next``).
     """
-    input_ids, attention_mask, device = _validate(
-        target, input_ids, attention_mask, max_new_tokens, num_draft_tokens, generator, input_vocab_size(target))
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    rng = RowRandom.from_seed(seed, input_ids.shape[0], generator)
-    warn_ignored_generation_settings(target)
-    drafter = resolve_drafter(drafter, num_draft_tokens)
-    drafter.check_compatible(target)
+    request = prepare_request(target, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, generator=generator, seed=seed, eos_token_id=eos_token_id,
+                              attention_mask=attention_mask, num_draft_tokens=num_draft_tokens)
+    drafter = prepare_drafter(drafter, request, num_draft_tokens=num_draft_tokens, target=target)
     if guidance is not None and prefill is not None:
         raise ValueError("guidance and a custom prefill cannot be combined")
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(target, "generation_config", None), "eos_token_id", None)
-    eos = _as_eos_set(eos_token_id)
-    if hasattr(drafter, "set_stop_tokens"):  # prompt lookup cuts its drafts before EOS
-        drafter.set_stop_tokens(eos)
-    return _run(target, drafter, input_ids, attention_mask, device, max_new_tokens, sampling,
-                rule if rule is not None else default_rule(sampling), rng,
-                eos, model_inputs, prefill or prefill_causal_lm, guidance,
+    return _run(target, drafter, request, rule if rule is not None else default_rule(request.sampling),
+                model_inputs, prefill or prefill_causal_lm, guidance,
                 stats if stats is not None else GenerationStats(), repair)
 
 
@@ -288,24 +150,22 @@ def _sync(device: torch.device) -> None:
 
 
 def needs_no_prefill(drafter: Drafter) -> bool:
-    """Whether the drafter needs nothing from the target's prefill: no hidden states, no prefill context,
-    no model of its own kept in step with the target (plain AR, and drafters declaring
-    ``needs_no_prefill = True``: prompt lookup). The loop then feeds the prompt in its first step, together
-    with the first draft, as HF's prompt lookup does: one target forward fewer than a prefill followed by
-    a step, and the same tokens, positions and randomness."""
-    if drafter.hidden_layers:
-        return False
-    return isinstance(drafter, NoDrafter) or bool(getattr(drafter, "needs_no_prefill", False))
+    """Whether the drafter needs nothing from the target's prefill (:attr:`Drafter.needs_no_prefill`: plain AR and
+    prompt lookup; never a drafter reading hidden states). The loop then feeds the prompt in its first step,
+    together with the first draft, as HF's prompt lookup does: one target forward fewer than a prefill followed
+    by a step, and the same tokens, positions and randomness."""
+    return drafter.needs_no_prefill and not drafter.hidden_layers
 
 
-def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_tokens, sampling, rule, rng,
-         eos, model_inputs, prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
+def _run(target, drafter: Drafter, request: DecodeRequest, rule: AcceptRule, model_inputs: dict,
+         prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
          repair: Any = None) -> Iterator[StepEvent]:
     """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``).
 
     With the default prefill, no guidance, repair or extra model inputs and a drafter that
     :func:`needs_no_prefill`, there is no separate target prefill: the whole prompt is step 0's pending
     block (``prefill_time`` stays 0, the prompt's forward counts as target time)."""
+    input_ids, attention_mask, device = request.input_ids, request.attention_mask, request.device
     prompt_in_first_step = (guidance is None and repair is None and prefill is prefill_causal_lm
                             and not model_inputs and needs_no_prefill(drafter))
     with torch.no_grad():
@@ -323,17 +183,18 @@ def _run(target, drafter: Drafter, input_ids, attention_mask, device, max_new_to
         _sync(device)
         stats.prefill_time = time.perf_counter() - t_start
         t0 = time.perf_counter()
-        drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng, guidance=guidance, **model_inputs)
+        drafter.start(input_ids, attention_mask, sampling=request.sampling, rng=request.rng, guidance=guidance,
+                      **model_inputs)
         if drafter.hidden_layers:
             drafter.observe_prefill(session.last_hidden)
         _sync(device)
         stats.drafter_prefill_time = time.perf_counter() - t0
         stats.drafter_time += stats.drafter_prefill_time
         stats.extra.update(drafter.info)
-    budget = [max_new_tokens] * input_ids.shape[0]
     pending, pending_valid = (input_ids, attention_mask) if prompt_in_first_step else (input_ids[:, -1:], None)
-    yield from decode(session, drafter, pending, max_new_tokens=budget, sampling=sampling, rule=rule,
-                      rng=rng, eos=eos, stats=stats, t_start=t_start, repair=repair, pending_valid=pending_valid)
+    yield from decode(session, drafter, pending, max_new_tokens=request.budgets, sampling=request.sampling,
+                      rule=rule, rng=request.rng, eos=request.eos, stats=stats, t_start=t_start, repair=repair,
+                      pending_valid=pending_valid)
 
 
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
@@ -346,13 +207,22 @@ def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: tor
     return rng.uniform(ACCEPT, cols, device=device), rng.exponential(EMIT, position, vocab, device=device)
 
 
+def draw_tree_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, num_nodes: int,
+                         vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uniforms float [B, N], noise float [B, V]) of one tree verification, keyed by each row's first position
+    ``position`` long [B]: node i draws at :func:`~mmspec.rng.tree_accept_keys`, so rows never share numbers;
+    (None, None) when greedy. FlowSpec's step-wise decisions draw the same numbers."""
+    if sampling.is_greedy:
+        return None, None
+    return (rng.uniform(ACCEPT, tree_accept_keys(position, num_nodes), device=device),
+            rng.exponential(EMIT, position, vocab, device=device))
+
+
 def cap_draft(draft: Draft, caps: torch.Tensor) -> torch.Tensor:
     """long [B]: real drafts per row so that no row can accept more than ``caps[b]`` tokens (a chain:
     at most caps[b] drafts; a tree, whose nodes come in order of depth: the nodes of depth <= caps[b])."""
     if not draft.is_tree:
         return torch.minimum(draft.num_draft, caps)
-    from .verify.tree import compute_depths
-
     depth = compute_depths(draft.parents, draft.num_draft)  # [B, N], 0 for padding
     real = (depth > 0) & (depth <= caps.unsqueeze(1))
     shallow = real.long().cumprod(dim=1).sum(dim=1)  # the prefix of nodes within the cap
@@ -362,8 +232,6 @@ def cap_draft(draft: Draft, caps: torch.Tensor) -> torch.Tensor:
 def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: AcceptRule, sampling: SamplingParams,
                       rng: RowRandom, position: torch.Tensor, device: torch.device, hidden_layers: tuple = ()):
     """One forward over [pending, tree] (4-D ancestor mask), :func:`verify_tree`, keep the accepted path."""
-    from .verify.tree import default_tree_rule, verify_tree
-
     if not rule.lossless:
         raise ValueError(f"draft trees are verified by lossless tree rules only; got {type(rule).__name__}")
     n = draft.k
@@ -376,13 +244,7 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
     logits = session.extend_tree(torch.cat([pending, draft.tokens.clamp_min(0)], dim=1), parents, valid,
                                  hidden_layers=hidden_layers)  # [B, 1+N, V]
     tree_rule = draft.tree_rule if draft.tree_rule is not None else default_tree_rule(sampling, draft.probs)
-    if sampling.is_greedy:
-        uniforms, noise = None, None
-    else:
-        # one uniform per node, keyed by (row position, node index): rows never share numbers
-        keys = position.unsqueeze(1) * 4096 + torch.arange(n, dtype=torch.long)
-        uniforms = rng.uniform(ACCEPT, keys, device=device)
-        noise = rng.exponential(EMIT, position, logits.shape[-1], device=device)
+    uniforms, noise = draw_tree_randomness(rng, sampling, position, n, logits.shape[-1], device)
     result = verify_tree(draft.tokens, draft.parents, draft.probs, logits, tree_rule, sampling,
                          num_draft=draft.num_draft, uniforms=uniforms, noise=noise)
     nodes = result.accepted_nodes
@@ -492,7 +354,7 @@ def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: tor
         num_draft_list = draft.num_draft.tolist()
         stats.record(n_acc, num_draft_list, num_committed, held=sum(held_list))
         stats.target_calls = session.calls
-        stats.drafter_calls = getattr(drafter, "num_calls", 0)
+        stats.drafter_calls = drafter.num_calls
         stats.total_time = time.perf_counter() - t_start
         yield StepEvent(step=step, rows=list(active), tokens=committed, num_accepted=n_acc,
                         num_draft=num_draft_list, finished=finished, stats=stats,
@@ -579,8 +441,8 @@ def collect_output(stream: Iterator[StepEvent], input_ids: torch.Tensor, *, pad_
     if pad_token_id is None:
         pad_token_id = getattr(generation_config, "pad_token_id", None)
         if pad_token_id is None:
-            eos = _as_eos_set(eos_token_id if eos_token_id is not None
-                              else getattr(generation_config, "eos_token_id", None))
+            eos = eos_set(eos_token_id if eos_token_id is not None
+                          else getattr(generation_config, "eos_token_id", None))
             pad_token_id = min(eos) if eos else 0
     width = max(len(g) for g in generated)
     new = torch.full((len(generated), width), int(pad_token_id), dtype=torch.long)

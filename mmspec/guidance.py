@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .cache import CacheSession
+from .cache import CacheSession, right_align
 from .errors import MMSpecError, NonFiniteError
 
 SCHEDULES = ("constant", "linear")
@@ -222,8 +222,6 @@ class GuidedSession:
 def guided_rows(cond: list[list[int]], guidance: Guidance, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The 2B prompt rows of a guided session (conditional prompts, then their unconditional twins), right
     aligned: (ids long [2B, W], valid long [2B, W]). A guided feature drafter lays its rows out the same way."""
-    from .drafters.model import right_align  # (drafters.model imports this module)
-
     return right_align(cond + guidance.uncond, device)
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InvalidSamplingError
+
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
 _M2 = -7723592293110705685  # 0x94D049BB133111EB
@@ -118,6 +120,18 @@ def _wrap(x: int) -> int:
 #: named streams of :class:`RowRandom`
 DRAFT, ACCEPT, EMIT, JACOBI = 1, 2, 3, 4
 _PURPOSE_MIX = 0x2545F4914F6CDD1D
+#: a draft tree verified at row position t draws node i's acceptance uniform at key t * TREE_KEY_STRIDE + i
+#: (:func:`tree_accept_keys`): keys of different steps never meet while a tree has fewer nodes than this
+TREE_KEY_STRIDE = 4096
+
+
+def tree_accept_keys(position: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """long [B, N]: the ``ACCEPT`` keys of the N nodes of the draft trees verified at row positions ``position``
+    (long [B], each row's committed tokens), one per (row, node): every loop that verifies trees (the one loop,
+    FlowSpec's step-wise decisions) draws at these keys, so both make the same decisions from the same seed."""
+    if num_nodes > TREE_KEY_STRIDE:
+        raise ValueError(f"a draft tree of {num_nodes} nodes exceeds the {TREE_KEY_STRIDE} keys of one step")
+    return position.to(torch.long).unsqueeze(1) * TREE_KEY_STRIDE + torch.arange(num_nodes, dtype=torch.long)
 
 
 class RowRandom:
@@ -136,8 +150,6 @@ class RowRandom:
                   generator: torch.Generator | None = None) -> "RowRandom":
         """Row seeds from ``seed`` (one int per row, or one int: row b gets ``mix(seed, b)``), else drawn
         from ``generator`` (then a row's numbers depend on its index in the batch), else random."""
-        from .errors import InvalidSamplingError
-
         if seed is None:
             s = torch.randint(-(2 ** 62), 2 ** 62, (batch,), generator=generator,
                               device=generator.device if generator is not None else "cpu").cpu()

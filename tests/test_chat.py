@@ -8,8 +8,9 @@ import io
 import pytest
 import torch
 
-from mmspec.chat import Chat, parse_tree
-from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from mmspec.chat import Chat
+from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, main, parse_tree
+from mmspec.drafters.tree import DynamicTree
 from tiny_tokenizer import save_tiny_chat_model, tiny_tokenizer
 
 
@@ -70,6 +71,7 @@ def test_bad_chat_input_is_named(tiny_chat_model):
         Chat(model, bare, "prompt_lookup")
     with pytest.raises(ValueError, match="depth,top_k,nodes"):
         parse_tree("5,4")
+    assert parse_tree("5,4,16") == DynamicTree(depth=5, top_k=4, num_nodes=16)
     # a setting the loop rejects leaves the conversation as it was
     bad = Chat(model, tok, "prompt_lookup", num_draft_tokens=0)
     with pytest.raises(Exception, match="num_draft_tokens|>= 1"):
@@ -102,9 +104,9 @@ def test_chat_cli_rejects_bad_input_before_loading(tiny_chat_model, capsys, args
 
 @pytest.mark.slow
 def test_smollm2_chat_with_the_head_tree_equals_hf_generate():
-    from mmspec.chat import build_chat_drafter
     from mmspec.pretrained import load_causal_lm
+    from mmspec.zoo.smollm2 import chat_drafter
 
     target, tok = load_causal_lm()
-    chat = Chat(target, tok, build_chat_drafter("head", target, "5,4,16"), max_new_tokens=24)
+    chat = Chat(target, tok, chat_drafter("head", target, parse_tree("5,4,16")), max_new_tokens=24)
     _check_turns_equal_hf_generate(chat, target, tok, ("What is the capital of France?", "And of Italy?"))

@@ -32,7 +32,7 @@ def no_work(monkeypatch):
                    "transformers.AutoProcessor.from_pretrained", "mmspec.image_gen.ARImageModel.from_pretrained",
                    "mmspec.image_gen.VQTokenizer.from_pretrained", "mmspec.image_gen.generate", "mmspec.generate",
                    "mmspec.zoo.load_default_vlm", "mmspec.zoo.load_default_image_models",
-                   "mmspec.main_job.run_captioning", "mmspec.main_job.run_image_generation"):
+                   "mmspec.zoo.main_job.run_captioning", "mmspec.zoo.main_job.run_image_generation"):
         _forbid(monkeypatch, target)
 
 
@@ -162,7 +162,7 @@ def test_run_without_zoo_weights_has_its_own_code(tmp_path, monkeypatch, capsys)
 
 def test_main_job_checks_its_config_before_loading(monkeypatch, tmp_path):
     from mmspec.errors import InvalidLengthError, MethodParameterError
-    from mmspec.main_job import MainJobConfig, run_main_job
+    from mmspec.zoo.main_job import MainJobConfig, run_main_job
 
     _forbid(monkeypatch, "mmspec.zoo.load_default_image_models")
     _forbid(monkeypatch, "mmspec.zoo.load_default_vlm")
@@ -275,7 +275,7 @@ def test_console_script_exit_code_and_one_line(tmp_path):
 def test_heatmap_lives_in_its_own_module():
     import torch
 
-    from mmspec.heatmap import ACCEPTED_RGB, TARGET_RGB, heatmap_image
+    from mmspec.image_gen.heatmap import ACCEPTED_RGB, TARGET_RGB, heatmap_image
 
     img = heatmap_image(torch.tensor([[0.0, 1.0, 0.5], [2.0, -1.0, 1.0]]), cell=4)
     assert img.size == (12, 8) and img.mode == "RGB"
@@ -287,7 +287,7 @@ def test_heatmap_lives_in_its_own_module():
 
 @pytest.mark.parametrize("path", ["mmspec/main_job.py", "demos/image_gen.py", "demos/vlm_chat.py"])
 def test_no_module_imports_the_cli_for_the_heatmap(path):
-    """main_job and the demos import mmspec.heatmap, not the CLI (no cli <-> main_job cycle)."""
+    """main_job and the demos import mmspec.image_gen.heatmap, not the CLI (no cli <-> main_job cycle)."""
     tree = ast.parse((ROOT / path).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):

@@ -85,8 +85,8 @@ def _true_answer(scene_png: Path, kind: str):
 
     from PIL import Image
 
-    from mmspec.scene_questions import ask
-    from mmspec.scenes import parse_image
+    from mmspec.zoo.scene_questions import ask
+    from mmspec.zoo.scenes import parse_image
 
     return ask(parse_image(Image.open(scene_png).convert("RGB")), kind, random.Random(0))
 

@@ -11,7 +11,7 @@ import torch
 
 import mmspec.image_gen as ig
 from mmspec import SamplingParams
-from mmspec.distill.train_head import ttt_loss
+from mmspec.heads.ttt import ttt_loss
 from mmspec.drafters.feature import FeatureDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.errors import VocabularyMismatchError

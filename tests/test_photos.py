@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mmspec.photos import (NOT_SHAPES, PHOTOS, Photo, PhotoUnavailable, ask_photo, load_photo, photo_answer,
+from mmspec.zoo.photos import (NOT_SHAPES, PHOTOS, Photo, PhotoUnavailable, ask_photo, load_photo, photo_answer,
                            photos, random_crop)
 
 

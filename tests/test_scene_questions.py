@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from mmspec.scene_questions import KINDS, ask, caption_answer, detail_answer, draw_question
-from mmspec.scenes import Scene, SceneObject, scenes
+from mmspec.zoo.scene_questions import KINDS, ask, caption_answer, detail_answer, draw_question
+from mmspec.zoo.scenes import Scene, SceneObject, scenes
 
 TWO = Scene((SceneObject(0, "circle", "red"), SceneObject(8, "square", "blue")), "grey")
 SAME_SHAPE = Scene((SceneObject(1, "circle", "red"), SceneObject(4, "circle", "red")))

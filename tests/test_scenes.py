@@ -5,7 +5,7 @@ import random
 import pytest
 from PIL import Image
 
-from mmspec.scenes import (BACKGROUNDS, CELLS, COLOURS, SHAPES, Scene, SceneObject, parse_caption, parse_image,
+from mmspec.zoo.scenes import (BACKGROUNDS, CELLS, COLOURS, SHAPES, Scene, SceneObject, parse_caption, parse_image,
                            render, scenes)
 
 

@@ -14,8 +14,8 @@ from mmspec.drafters.blockwise import Lattice
 from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
 from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
 from mmspec.drafters.tree import DynamicTree
-from mmspec.pretrained import (ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter,
-                               resolve_model_dir)
+from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, resolve_model_dir
+from mmspec.zoo.smollm2 import load_smollm2_drafter
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Give two tips for learning to cook.", "Explain what a prime number is."]
@@ -117,7 +117,7 @@ def test_collaborative_decoding_with_the_code_model_equals_plain_collaborative_d
     """SmolLM2 + its shipped code LoRA model, batch 2 (left padded): CoS (fixed and alternate) gives plain
     collaborative decoding's greedy tokens, for the ensemble and contrastive decoding."""
     from mmspec import collaborative as co
-    from mmspec.pretrained import load_smollm2_domain
+    from mmspec.zoo.smollm2 import load_smollm2_domain
 
     target, tok = smollm2
     code = load_smollm2_domain("code")

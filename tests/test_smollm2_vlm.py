@@ -14,8 +14,8 @@ from PIL import Image
 import mmspec.vision as mv
 from mmspec import zoo
 from mmspec.errors import MMSpecError
-from mmspec.scene_questions import KINDS
-from mmspec.scenes import render
+from mmspec.zoo.scene_questions import KINDS
+from mmspec.zoo.scenes import render
 from mmspec.zoo.data import heldout_scenes
 from mmspec.zoo.smollm2_llava import (IMAGE_TOKEN_ID, TILE, evaluate, evaluate_photos, load_smollm2_vlm,
                                       shipped_dir, tile_image, vlm_inputs)

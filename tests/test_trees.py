@@ -11,7 +11,8 @@ import torch
 
 import mmspec
 from mmspec.cache import CacheSession
-from mmspec.drafters.tree import DynamicTree, StaticTree, TreeDrafter
+from mmspec.drafters.model import TreeDrafter
+from mmspec.drafters.tree import DynamicTree, StaticTree
 from tiny_models import ARCHS, build, left_padded_prompts, truncated_drafter
 
 MAX_NEW = 24

@@ -72,7 +72,7 @@ def image_models():
 @needs_zoo
 def test_vlm_pair_shapes(vlm_pair):
     from mmspec.zoo.data import IMAGE_SIZE, heldout_scenes
-    from mmspec.scenes import render
+    from mmspec.zoo.scenes import render
     from mmspec.zoo.train_vlm import caption_prompt
 
     t, d = vlm_pair.target, vlm_pair.drafter
@@ -331,7 +331,7 @@ def test_main_job_rejects_bad_prompts_before_any_work(tmp_path, capsys):
 
 
 def test_quality_judges_exact_cases():
-    from mmspec.scenes import render, scenes
+    from mmspec.zoo.scenes import render, scenes
     from mmspec.zoo.quality import caption_exact_match, frechet_distance, prompt_faithfulness
 
     sc = scenes(6, seed=3)

@@ -21,13 +21,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..config import SamplingParams
 from ..drafters.base import NoDrafter
 from ..drafters.model import check_same_tokenizer, model_device, model_vocab_size
-from ..engine import (GenerationOutput, StepEvent, _as_eos_set, _validate, collect_output, decode,
-                      input_vocab_size, warn_ignored_generation_settings)
+from ..engine import GenerationOutput, StepEvent, collect_output, decode
 from ..errors import DeviceMismatchError, InvalidWeightsError, VocabularyMismatchError
-from ..rng import RowRandom
+from ..request import DecodeRequest, prepare_request
 from ..stats import GenerationStats
 from ..verify.chain import default_rule
 from .combine import Combination
@@ -77,30 +75,25 @@ def generate_stream(
     check_models(models, combine, tokenizers)
     if proposal is not None and not isinstance(proposal, (FixedProposer, AlternateProposals)):
         raise TypeError(f"proposal must be None, a FixedProposer or AlternateProposals, got {type(proposal).__name__}")
-    vocabs = [v for v in (input_vocab_size(m) for m in models) if v is not None]
-    input_ids, attention_mask, device = _validate(models[0], input_ids, attention_mask, max_new_tokens, None,
-                                                  generator, min(vocabs) if vocabs else None)
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    rng = RowRandom.from_seed(seed, input_ids.shape[0], generator)
-    for m in models:
-        warn_ignored_generation_settings(m)
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(models[0], "generation_config", None), "eos_token_id", None)
-    session = CollaborativeSession(models, combine, input_ids.shape[0], device)
+    request = prepare_request(models, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                              top_p=top_p, generator=generator, seed=seed, eos_token_id=eos_token_id,
+                              attention_mask=attention_mask)
+    session = CollaborativeSession(models, combine, request.batch_size, request.device)
     drafter = NoDrafter() if proposal is None else ProposalDrafter(session, proposal)
-    return _run(session, drafter, input_ids, attention_mask, max_new_tokens, sampling, rng,
-                _as_eos_set(eos_token_id), stats if stats is not None else GenerationStats())
+    drafter.set_stop_tokens(request.eos)
+    return _run(session, drafter, request, stats if stats is not None else GenerationStats())
 
 
-def _run(session, drafter, input_ids, attention_mask, max_new_tokens, sampling, rng, eos, stats) -> Iterator[StepEvent]:
+def _run(session: CollaborativeSession, drafter: NoDrafter | ProposalDrafter, request: DecodeRequest,
+         stats: GenerationStats) -> Iterator[StepEvent]:
     with torch.no_grad():
         t_start = time.perf_counter()
-        session.prefill(input_ids, attention_mask)
+        session.prefill(request.input_ids, request.attention_mask)
         stats.prefill_time = time.perf_counter() - t_start
-        drafter.start(input_ids, attention_mask, sampling=sampling, rng=rng)
-        budget = [max_new_tokens] * input_ids.shape[0]
-        yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=budget, sampling=sampling,
-                          rule=default_rule(sampling), rng=rng, eos=eos, stats=stats, t_start=t_start)
+        drafter.start(request.input_ids, request.attention_mask, sampling=request.sampling, rng=request.rng)
+        yield from decode(session, drafter, request.input_ids[:, -1:], max_new_tokens=request.budgets,
+                          sampling=request.sampling, rule=default_rule(request.sampling), rng=request.rng,
+                          eos=request.eos, stats=stats, t_start=t_start)
         stats.extra.update(drafter.info)
         stats.extra["calls_per_model"] = session.calls_per_model
 

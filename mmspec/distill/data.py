@@ -33,6 +33,8 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from ..heads.eagle3 import feature_layers
+
 _TEMPLATES = (
     "Explain in simple terms what this means: {s}",
     "Summarize the following text in two sentences: {p}",
@@ -88,11 +90,6 @@ def prompt_bank(num: int, seed: int = 0) -> list[str]:
         s = re.split(r"(?<=[.!?])\s", p)[0]
         prompts.append(rng.choice(_TEMPLATES).format(s=s[:300], p=p[:600], m=m, f=f, w=rng.choice(words)))
     return prompts
-
-
-def feature_layers(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's low / middle / high layers as HF ``hidden_states`` indices (0 = embeddings)."""
-    return (min(3, num_layers), max(1, num_layers // 2), max(1, num_layers - 2))
 
 
 @torch.no_grad()

@@ -21,12 +21,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ..heads.eagle3 import Eagle3Config, Eagle3Head
+from ..heads.eagle3 import Eagle3Config, Eagle3Head, feature_layers
+from ..heads.ttt import make_batch, ttt_loss
 from ..heads.frspec import count_tokens, coverage, rank_vocabulary
 
 
@@ -42,72 +43,6 @@ class HeadTraining:
     steps: int = 2000  # the schedule's length (``minutes`` may stop earlier; a rerun continues)
     seed: int = 0
     save_every: int = 25
-
-
-class HeadBatch(NamedTuple):
-    tokens: torch.Tensor  # long [B, L]
-    valid: torch.Tensor  # long [B, L]
-    loss_mask: torch.Tensor  # bool [B, L]: answer tokens
-    features: torch.Tensor  # float [B, L, 3d]
-    final: torch.Tensor  # float [B, L, d]
-    positions: torch.Tensor  # long [B, L]: each row's position (the example's own, or the count of valid rows)
-
-
-def _batch(examples: list[dict], idx: list[int], max_len: int) -> HeadBatch:
-    rows = [examples[i] for i in idx]
-    L = min(max_len, max(r["tokens"].shape[0] for r in rows))
-    b = len(rows)
-    d3 = rows[0]["features"].shape[1] * rows[0]["features"].shape[2]
-    d = rows[0]["final"].shape[1]
-    tokens = torch.zeros((b, L), dtype=torch.long)
-    valid = torch.zeros((b, L), dtype=torch.long)
-    lmask = torch.zeros((b, L), dtype=torch.bool)
-    feats = torch.zeros((b, L, d3))
-    final = torch.zeros((b, L, d))
-    positions = torch.arange(L).repeat(b, 1)
-    for i, r in enumerate(rows):
-        n = min(L, r["tokens"].shape[0])
-        tokens[i, :n] = r["tokens"][:n]
-        valid[i, :n] = 1
-        lmask[i, :n] = r["loss_mask"][:n]
-        feats[i, :n] = r["features"][:n].float().reshape(n, -1)
-        final[i, :n] = r["final"][:n].float()
-        if "positions" in r:  # pruned VLM examples keep their rows' original positions
-            positions[i, :n] = r["positions"][:n]
-    return HeadBatch(tokens, valid, lmask, feats, final, positions)
-
-
-def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
-    """(loss, accuracy per step): pairs t = (features t, token t+1) for t < L-1, at the positions of rows t."""
-    tokens, valid, lmask, feats, final, positions = batch
-    ids, pv = tokens[:, 1:], valid[:, 1:]
-    outs = head.forward_ttt(ids, feats[:, :-1], pv, steps, logits=False,
-                            positions=positions[:, :-1])  # hidden states [B, L-1, d] per step
-    L1 = ids.shape[1]
-    # every step scores the same target positions p (those whose next token is a valid answer token; step j
-    # row t reads p = t + j + 1), so the teacher is computed once per batch, on those positions only
-    need = lmask[:, 1:] & valid[:, 1:].bool()  # [B, L-1]: position p is a teacher position
-    with torch.no_grad():  # the target's distribution within the draft vocabulary
-        teacher_rows = (final[:, :-1][need] @ head._lm_weight.T).float().softmax(-1)  # [P, Vd]
-    row_of = need.flatten().cumsum(0).view_as(need) - 1  # [B, L-1]: p -> its row of teacher_rows
-    total, weight, acc = 0.0, 0.0, []
-    for j, hidden in enumerate(outs):
-        # row t predicts token t + j + 2 from the target's position t + j + 1
-        n = L1 - j - 1
-        if n <= 0:
-            break
-        score = lmask[:, j + 2: j + 2 + n] & valid[:, j + 2: j + 2 + n].bool()
-        if not bool(score.any()):
-            continue
-        lg = head.lm_logits(hidden[:, :n][score])  # [M, Vd]: only the scored rows go through the head
-        teacher = teacher_rows[row_of[:, j + 1: j + 1 + n][score]]  # [M, Vd]: position t + j + 1
-        # the teacher's top token within the draft vocabulary: what greedy verification would accept
-        loss = -(teacher * lg.float().log_softmax(-1)).sum(-1).mean()
-        w = decay ** j
-        total = total + w * loss
-        weight += w
-        acc.append(float((lg.argmax(-1) == teacher.argmax(-1)).float().mean()))
-    return total / max(weight, 1e-9), acc
 
 
 def lr_at(step: int, cfg: Any) -> float:
@@ -190,7 +125,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     while step < config.steps and (time.time() - t0) / 60 < minutes:
         g = random.Random(config.seed * 1_000_003 + step)  # the batch is a pure function of (seed, step)
         idx = [g.randrange(len(train)) for _ in range(config.batch_size)]
-        batch = _batch(train, idx, config.max_len)
+        batch = make_batch(train, idx, config.max_len)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, config)
         loss, acc = ttt_loss(head, batch, config.ttt_steps, config.step_decay)
@@ -210,7 +145,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     save_state()
     head.eval()
     with torch.no_grad():
-        _, held_acc = ttt_loss(head, _batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
+        _, held_acc = ttt_loss(head, make_batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
                                config.step_decay)
     summary = {"steps": step, "finished": step >= config.steps, "draft_vocab_size": int(head.d2t.numel()),
                "draft_vocab_coverage": round(cov, 4), "heldout_top1_per_step": [round(a, 4) for a in held_acc],
@@ -220,7 +155,5 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
 
 
 def _layers_of(examples: list[dict], target: Any) -> tuple[int, int, int]:
-    from .data import feature_layers
-
     return feature_layers(target.config.get_text_config().num_hidden_layers
                           if hasattr(target.config, "get_text_config") else target.config.num_hidden_layers)

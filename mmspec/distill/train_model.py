@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..heads.ttt import make_batch
+
 
 def _layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     base = getattr(model, "model", None) or getattr(model, "transformer", None)
@@ -115,7 +117,6 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
     """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary."""
     from safetensors.torch import save_file
 
-    from .train_head import _batch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
     try:
         while step < steps and (time.time() - t0) / 60 < minutes:
             g = random.Random(seed * 1_000_003 + step)
-            batch = _batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len)
+            batch = make_batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len)
             frac = step / max(steps, 1)
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
@@ -185,7 +186,7 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
     save_state()
     student.eval()
     with torch.no_grad():
-        _, held_acc = loss_of(_batch(held, list(range(len(held))), max_len))
+        _, held_acc = loss_of(make_batch(held, list(range(len(held))), max_len))
     summary = {"steps": step, "finished": step >= steps, "num_layers": num_layers, "heldout_top1": round(held_acc, 4),
                "train_loss_ema": ema, "examples": len(train)}
     save_file({k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()

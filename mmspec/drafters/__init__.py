@@ -7,10 +7,10 @@ from .blockwise import BlockwiseDrafter, Lattice
 from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
 from .lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer
-from .model import ModelDrafter, check_same_tokenizer
+from .model import ModelDrafter, TreeDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
 from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
-from .tree import DynamicTree, StaticTree, TreeDrafter
+from .tree import DynamicTree, StaticTree
 
 __all__ = [
     "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",

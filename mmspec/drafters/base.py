@@ -119,6 +119,24 @@ class Drafter(ABC):
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (long [B']) of the batch."""
 
+    #: the drafter needs nothing from the target's prefill (no hidden states, no prompt context of its own kept
+    #: in step with the target): the loop may then feed the prompt in the first verification step, together
+    #: with the first draft, one target forward fewer (prompt lookup, as HF's prompt lookup does)
+    needs_no_prefill: bool = False
+
+    # -- optional hooks: the defaults do nothing ------------------------------------------------------------
+    def set_default_length(self, k: "int | Any") -> None:
+        """The call's ``num_draft_tokens`` (an int or a draft-length policy); a drafter given a length of its
+        own keeps it (default: drafters without a draft length ignore it)."""
+
+    def set_stop_tokens(self, tokens: "frozenset[int] | set[int]") -> None:
+        """The request's EOS ids (default: ignored; prompt lookup cuts its drafts after one)."""
+
+    @property
+    def num_calls(self) -> int:
+        """Forwards of the drafter's own model so far (for the stats; 0 without a model)."""
+        return 0
+
     def check_compatible(self, target: torch.nn.Module) -> None:
         """Raise a named error if this drafter cannot serve ``target`` (default: no check)."""
 
@@ -135,6 +153,8 @@ class Drafter(ABC):
 
 class NoDrafter(Drafter):
     """Drafts nothing: the loop then samples one target token per step (plain AR decoding)."""
+
+    needs_no_prefill = True
 
     def start(self, input_ids, attention_mask, *, sampling, rng, guidance=None, **model_inputs) -> None:
         self.device = input_ids.device

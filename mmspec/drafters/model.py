@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..cache import CacheSession
+from ..cache import CacheSession, right_align
 from ..config import SamplingParams
 from ..errors import DeviceMismatchError, VocabularyMismatchError
 from ..guidance import Guidance, open_session
@@ -33,6 +33,7 @@ from ..rng import DRAFT, RowRandom
 from ..sampling import logits_to_probs, sample_inverse_cdf
 from .adaptive import DraftLengthPolicy, as_policy
 from .base import Draft, Drafter, StepOutcome, widest_budget
+from .tree import DynamicTree, StaticTree, observe_tree, propose_tree
 
 
 def model_vocab_size(model: torch.nn.Module) -> int | None:
@@ -71,25 +72,11 @@ def check_same_tokenizer(target_tokenizer: Any, drafter_tokenizer: Any) -> None:
     )
 
 
-def right_align(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged token lists -> (tokens long [B, P], valid long [B, P]) aligned to the right."""
-    width = max((len(r) for r in rows), default=0)
-    tokens = torch.zeros((len(rows), width), dtype=torch.long)
-    valid = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, r in enumerate(rows):
-        if r:
-            tokens[b, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            valid[b, width - len(r):] = 1
-    return tokens.to(device), valid.to(device)
-
-
 class ModelDrafter(Drafter):
     """Drafts autoregressively with ``model`` (any HF causal LM sharing the target's vocabulary)."""
 
     def __init__(self, model: torch.nn.Module, draft_length: int | DraftLengthPolicy | None = None, *,
                  tree: Any = None):
-        from .tree import DynamicTree, StaticTree
-
         if tree is not None and not isinstance(tree, (StaticTree, DynamicTree)):
             raise TypeError(f"tree must be a StaticTree, a DynamicTree or None (chains), got {type(tree).__name__}")
         self.model = model
@@ -151,8 +138,6 @@ class ModelDrafter(Drafter):
     def propose(self, max_tokens: torch.Tensor | int) -> Draft:
         assert self.session is not None and self.policy is not None
         if self.tree is not None:
-            from .tree import propose_tree
-
             return propose_tree(self, self.tree, max_tokens)
         k = max(1, min(self.policy.current(), widest_budget(max_tokens)))
         batch = self.session.batch_size
@@ -210,8 +195,6 @@ class ModelDrafter(Drafter):
         assert self.session is not None and self.policy is not None
         self.position = self.position + torch.tensor([len(c) for c in outcome.committed], dtype=torch.long)
         if outcome.draft.is_tree:
-            from .tree import observe_tree
-
             observe_tree(self, outcome)
             return
         n = outcome.result.num_accepted
@@ -230,3 +213,11 @@ class ModelDrafter(Drafter):
         self.pending_valid = self.pending_valid[rows]
         while self.pending_valid.shape[1] > 1 and not bool(self.pending_valid[:, 0].any()):
             self.pending, self.pending_valid = self.pending[:, 1:], self.pending_valid[:, 1:]
+
+
+class TreeDrafter(ModelDrafter):
+    """A :class:`ModelDrafter` drafting trees: ``TreeDrafter(model, StaticTree(...) | DynamicTree(...))``
+    (equivalently ``ModelDrafter(model, tree=...)``; VLM and image drafters take ``tree=`` too)."""
+
+    def __init__(self, model: torch.nn.Module, tree: StaticTree | DynamicTree = StaticTree()):
+        super().__init__(model, tree=tree)

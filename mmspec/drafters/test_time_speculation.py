@@ -10,7 +10,7 @@ Glossary:
                  (a step's bonus token is verified as the next step's pending column). The prompt's entries
                  (from the prefill) give context and are never scored
     update       every ``update_every`` steps, one AdamW step on the last ``window`` entries of every row:
-                 EAGLE-3's training-time test (:func:`~mmspec.distill.train_head.ttt_loss`), soft
+                 EAGLE-3's training-time test (:func:`~mmspec.heads.ttt.ttt_loss`), soft
                  cross-entropy to the target's own distribution restricted to the draft vocabulary, as the
                  head was trained offline; no extra target forward
     params       what is updated: ``"all"`` (every trainable head weight) or ``"lora"`` (peft LoRA adapters
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..distill.train_head import HeadBatch, ttt_loss
+from ..heads.ttt import HeadBatch, ttt_loss
 from ..errors import MMSpecError
 from .base import Draft, Drafter, StepOutcome
 from .feature import FeatureDrafter

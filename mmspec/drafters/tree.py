@@ -27,15 +27,18 @@ contiguous cache slots and feeds the rest of the committed tokens next step, lik
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..cache import right_align
 from ..errors import InvalidDraftLengthError
 from ..sampling import logits_to_probs
 from ..verify.tree_rules import DeterministicTreeRule
 from .base import Draft, StepOutcome, widest_budget
-from .model import ModelDrafter, right_align
+
+if TYPE_CHECKING:  # the drafters whose hooks the proposal calls (they import this module)
+    from .model import ModelDrafter
 
 
 @dataclass(frozen=True)
@@ -167,10 +170,3 @@ def observe_tree(drafter: ModelDrafter, outcome: StepOutcome) -> None:
     rest = [row[m:] for row, m in zip(outcome.committed, kept.tolist())]
     drafter.pending, drafter.pending_valid = right_align(rest, drafter.pending.device)
 
-
-class TreeDrafter(ModelDrafter):
-    """A :class:`ModelDrafter` drafting trees: ``TreeDrafter(model, StaticTree(...) | DynamicTree(...))``
-    (equivalently ``ModelDrafter(model, tree=...)``; VLM and image drafters take ``tree=`` too)."""
-
-    def __init__(self, model: torch.nn.Module, tree: StaticTree | DynamicTree = StaticTree()):
-        super().__init__(model, tree=tree)

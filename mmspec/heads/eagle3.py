@@ -38,6 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def feature_layers(num_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low / middle / high layers as HF ``hidden_states`` indices (0 = embeddings)."""
+    return (min(3, num_layers), max(1, num_layers // 2), max(1, num_layers - 2))
+
+
 @dataclass
 class Eagle3Config:
     hidden_size: int
@@ -56,8 +61,6 @@ class Eagle3Config:
     @classmethod
     def from_target(cls, target: nn.Module, draft_vocab_size: int, feature_layers: tuple[int, int, int] | None = None,
                     ) -> "Eagle3Config":
-        from ..distill.data import feature_layers as default_layers
-
         c = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
         heads = c.num_attention_heads
         rope = getattr(c, "rope_parameters", None) or {}
@@ -68,7 +71,7 @@ class Eagle3Config:
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
                    intermediate_size=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
                    rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6) or 1e-6), rope_theta=float(theta),
-                   feature_layers=tuple(feature_layers or default_layers(c.num_hidden_layers)),
+                   feature_layers=tuple(feature_layers or feature_layers(c.num_hidden_layers)),
                    draft_vocab_size=min(int(draft_vocab_size), int(vocab)), target_vocab_size=int(vocab),
                    target_name=str(getattr(target.config, "_name_or_path", "")))
 

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             draft_model = _head(target, a.example)
         elif rank == 0 and (a.drafter in ("truncated", "truncated-tree") or a.flowspec):
             if a.draft_model == "distilled" and not a.example:
-                from mmspec.pretrained import load_smollm2_drafter
+                from mmspec.zoo.smollm2 import load_smollm2_drafter
 
                 draft_model = load_smollm2_drafter("model", target)
             else:
@@ -149,7 +149,7 @@ def _head(target: torch.nn.Module, example: bool):
     """An EAGLE-3 feature drafter: SmolLM2's shipped head, or (``--example``) a random head (seeded, so the
     same on every run) over the tiny target."""
     if not example:
-        from mmspec.pretrained import load_smollm2_drafter
+        from mmspec.zoo.smollm2 import load_smollm2_drafter
 
         return load_smollm2_drafter("head", target, draft_length=4)
     from mmspec.drafters.feature import FeatureDrafter

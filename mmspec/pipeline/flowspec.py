@@ -41,9 +41,10 @@ from ..config import SamplingParams
 from ..drafters.model import ModelDrafter
 from ..drafters.tree import ranking_distribution
 from ..drafters.base import Draft, StepOutcome
-from ..engine import _as_eos_set, _validate, resolve_drafter
+from ..engine import draw_tree_randomness
 from ..errors import MethodParameterError
-from ..rng import ACCEPT, EMIT, RowRandom
+from ..request import prepare_drafter, prepare_request
+from ..rng import RowRandom
 from ..verify.tree import TreeVerifyResult, verify_tree
 from ..verify.tree_rules import DeterministicTreeRule
 from .run import prefill_pipeline
@@ -280,12 +281,9 @@ class FlowSpecRunner:
         parents = torch.full_like(tokens, -1)
         logits = t.logits[node]
         target = logits.view(1, 1, -1).expand(1, tokens.shape[1] + 1, -1)  # children's rows are never read
-        uniforms = noise = None
-        if not self.sampling.is_greedy:
-            pos = torch.tensor([len(self.out)], dtype=torch.long)
-            uniforms = self.rng.uniform(ACCEPT, pos.unsqueeze(1) * 4096 + torch.arange(tokens.shape[1]),
-                                        device=self.s.device)
-            noise = self.rng.exponential(EMIT, pos, logits.shape[-1], device=self.s.device)
+        position = torch.tensor([len(self.out)], dtype=torch.long)  # the one loop's key for a tree at this step
+        uniforms, noise = draw_tree_randomness(self.rng, self.sampling, position, tokens.shape[1], logits.shape[-1],
+                                               self.s.device)
         res = verify_tree(tokens, parents, None, target, self.rule, self.sampling,
                           num_draft=torch.tensor([n], device=self.s.device), uniforms=uniforms, noise=noise)
         tok = int(res.tokens[0, 0])
@@ -397,17 +395,16 @@ def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_siz
     :class:`~mmspec.drafters.model.ModelDrafter`; the other arguments as :func:`mmspec.generate`."""
     if not isinstance(config, FlowSpecConfig):
         raise MethodParameterError(f"config must be a FlowSpecConfig, got {type(config).__name__}")
-    input_ids, attention_mask, device = _validate(stage_model, input_ids, attention_mask, max_new_tokens, 1, None,
-                                                  None)
-    if input_ids.shape[0] != 1:
-        raise MethodParameterError(f"FlowSpec decodes one sequence at a time (batch 1), got batch {input_ids.shape[0]}")
-    drafter = check_drafter(resolve_drafter(drafter, 1))
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    rng = RowRandom.from_seed(seed, 1, None)
-    eos = _as_eos_set(eos_token_id)
-    session = PipelineSession(stage_model, 1, device, world_size=world_size, vocab_size=vocab_size)
-    prefill_pipeline(session, drafter, input_ids, attention_mask, sampling, rng)
-    runner = FlowSpecRunner(session, drafter, config, sampling, rng, eos, max_new_tokens)
+    request = prepare_request(stage_model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                              attention_mask=attention_mask, num_draft_tokens=1, vocab_size=None)
+    if request.batch_size != 1:
+        raise MethodParameterError(f"FlowSpec decodes one sequence at a time (batch 1), got batch {request.batch_size}")
+    drafter = check_drafter(prepare_drafter(drafter, request, num_draft_tokens=1))
+    session = PipelineSession(stage_model, 1, request.device, world_size=world_size, vocab_size=vocab_size)
+    input_ids = request.input_ids
+    prefill_pipeline(session, drafter, input_ids, request.attention_mask, request.sampling, request.rng)
+    runner = FlowSpecRunner(session, drafter, config, request.sampling, request.rng, request.eos, max_new_tokens)
     out = runner.run(int(input_ids[0, -1]))
     if collect_stage_stats:
         runner.stats.stages = session.stage_stats()

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from ..config import SamplingParams
 from ..drafters.model import model_vocab_size
-from ..engine import GenerationOutput, _as_eos_set, _validate, collect_output, decode, resolve_drafter
+from ..engine import GenerationOutput, collect_output, decode
+from ..request import prepare_drafter, prepare_request
 from ..rng import RowRandom
 from ..stats import GenerationStats
 from ..verify.chain import default_rule
@@ -73,23 +74,21 @@ def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_siz
              generation_config: Any = None) -> GenerationOutput:
     """Rank 0: speculative decoding with the pipelined target (arguments as :func:`mmspec.generate`;
     ``drafter=None``: plain pipelined AR)."""
-    input_ids, attention_mask, device = _validate(stage_model, input_ids, attention_mask, max_new_tokens,
-                                                  num_draft_tokens, generator, None)
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-    rng = RowRandom.from_seed(seed, input_ids.shape[0], generator)
-    drafter = resolve_drafter(drafter, num_draft_tokens)
-    eos = _as_eos_set(eos_token_id)
-    if hasattr(drafter, "set_stop_tokens"):
-        drafter.set_stop_tokens(eos)
-    session = PipelineSession(stage_model, input_ids.shape[0], device, world_size=world_size, vocab_size=vocab_size)
+    request = prepare_request(stage_model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, generator=generator, seed=seed, eos_token_id=eos_token_id,
+                              attention_mask=attention_mask, num_draft_tokens=num_draft_tokens, vocab_size=None)
+    drafter = prepare_drafter(drafter, request, num_draft_tokens=num_draft_tokens)
+    session = PipelineSession(stage_model, request.batch_size, request.device, world_size=world_size,
+                              vocab_size=vocab_size)
 
     def stream():
         stats = GenerationStats()
-        prefill_pipeline(session, drafter, input_ids, attention_mask, sampling, rng)
-        yield from decode(session, drafter, input_ids[:, -1:], max_new_tokens=[max_new_tokens] * input_ids.shape[0],
-                          sampling=sampling, rule=default_rule(sampling), rng=rng, eos=eos, stats=stats)
+        prefill_pipeline(session, drafter, request.input_ids, request.attention_mask, request.sampling, request.rng)
+        yield from decode(session, drafter, request.input_ids[:, -1:], max_new_tokens=request.budgets,
+                          sampling=request.sampling, rule=default_rule(request.sampling), rng=request.rng,
+                          eos=request.eos, stats=stats)
 
-    return collect_output(stream(), input_ids, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+    return collect_output(stream(), request.input_ids, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                           generation_config=generation_config)
 
 

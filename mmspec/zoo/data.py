@@ -1,4 +1,4 @@
-"""Training and held-out data for the zoo models, drawn from the scene world (:mod:`mmspec.scenes`).
+"""Training and held-out data for the zoo models, drawn from the scene world (:mod:`mmspec.zoo.scenes`).
 
 Glossary:
     step batch     the scenes of training step s are a pure function of (seed, s): resumable runs
@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from mmspec.scenes import Scene, render, sample_scene, scenes
+from mmspec.zoo.scenes import Scene, render, sample_scene, scenes
 
 IMAGE_SIZE = 64
 HELDOUT_SEED = 987_654_321

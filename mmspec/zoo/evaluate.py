@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.scenes import render
+from mmspec.zoo.scenes import render
 
 from .data import IMAGE_SIZE, heldout_scenes
 from .quality import caption_exact_match, prompt_faithfulness
@@ -77,7 +77,7 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
 def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
     """Round-trip stability of the tokenizer's own encoding, of one nearest-code pass, and what the
     fixed-point projection costs: tokens it moves, passes, and scenes the parser still reads exactly."""
-    from mmspec.scenes import parse_image
+    from mmspec.zoo.scenes import parse_image
 
     from . import live_codes
     from .data import render_batch

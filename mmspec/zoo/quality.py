@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmspec.scenes import CELLS, COLOURS, SHAPES, Scene, parse_caption, parse_image
+from mmspec.zoo.scenes import CELLS, COLOURS, SHAPES, Scene, parse_caption, parse_image
 
 NUM_CELL_LABELS = 1 + len(COLOURS) * len(SHAPES)
 _COLOURS = sorted(COLOURS)

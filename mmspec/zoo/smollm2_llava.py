@@ -22,6 +22,7 @@ Glossary:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -223,6 +224,47 @@ def load_smollm2_llava(*, dtype: torch.dtype = torch.float32, device: str | torc
     return model.to(device).eval(), AutoProcessor.from_pretrained(folder)
 
 
+# the small VLM drafter shares these with its target (never stored with it)
+SHARED = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+SHARED_PREFIX = "model.vision_tower."  # the target's tower, frozen while the small VLM trains: shared, never stored
+
+
+def _shared(key: str) -> bool:
+    return key in SHARED or key.startswith(SHARED_PREFIX)
+
+
+def share_embeddings(model, target) -> None:
+    model.model.language_model.embed_tokens = target.model.language_model.embed_tokens
+    model.lm_head = target.lm_head
+
+
+def share_tower(model, target) -> None:
+    model.model.vision_tower = target.model.vision_tower
+
+
+def load_small_vlm(folder: str | Path, target, *, dtype: torch.dtype | None = None):
+    """The shipped small LLaVA drafter around ``target``'s vision tower, embedding and LM head."""
+    from safetensors.torch import load_file
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    cfg = LlavaConfig.from_dict(json.loads((folder / "llava_config.json").read_text()))
+    dtype = dtype or next(target.parameters()).dtype
+    if dtype != next(target.parameters()).dtype:
+        raise ValueError(f"the small VLM shares the target's modules: load it in the target's dtype "
+                         f"{next(target.parameters()).dtype}, not {dtype}")
+    model = LlavaForConditionalGeneration(cfg).to(device=next(target.parameters()).device, dtype=dtype)
+    share_embeddings(model, target)
+    share_tower(model, target)
+    sd = load_file(str(folder / "model.safetensors"))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    missing = [m for m in missing if not _shared(m)]
+    if missing or unexpected:
+        raise ValueError(f"small VLM weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.generation_config = copy.deepcopy(target.generation_config)
+    return model.eval()
+
+
 @dataclass(frozen=True)
 class SceneVLM:
     target: Any  # LlavaForConditionalGeneration on SmolLM2
@@ -237,8 +279,6 @@ def load_smollm2_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.
     ``target/``, ``head/`` and ``drafter/``)."""
     from mmspec import zoo
     from mmspec.heads.eagle3 import Eagle3Head
-
-    from .smollm2_llava_drafters import load_small_vlm
 
     root = Path(folder) if folder is not None else Path(zoo.WEIGHTS_DIR) / SHIPPED
     if folder is None and verify:
@@ -274,8 +314,8 @@ def evaluate(model, processor, scenes, kinds: Sequence[str], *, grid: int = 1, b
              max_new_tokens: int = 64, progress: bool = False) -> dict[str, float]:
     """Exact-match accuracy per question kind of greedy HF ``generate`` on ``scenes`` (one question of each
     kind per scene, drawn with ``seed``)."""
-    from mmspec.scene_questions import ask
-    from mmspec.scenes import render
+    from mmspec.zoo.scene_questions import ask
+    from mmspec.zoo.scenes import render
 
     rng = random.Random(seed)
     items = []
@@ -288,13 +328,13 @@ def evaluate(model, processor, scenes, kinds: Sequence[str], *, grid: int = 1, b
 
 def evaluate_photos(model, processor, *, crops: int = 4, seed: int = 1, batch: int = 8,
                     progress: bool = False) -> dict[str, float]:
-    """Robustness on real photos (:mod:`mmspec.photos`), ``crops`` random crops of each: ``train_caption`` /
+    """Robustness on real photos (:mod:`mmspec.zoo.photos`), ``crops`` random crops of each: ``train_caption`` /
     ``train_not_shapes`` (exact answers on new crops of training photos), ``heldout_caption`` (a held-out
     photo is captioned "A photo of ...") and ``heldout_not_shapes`` (shape questions about it get
-    :data:`~mmspec.photos.NOT_SHAPES`)."""
-    from mmspec.photos import PHOTOS, ask_photo, load_photo, random_crop
-    from mmspec.scene_questions import ask
-    from mmspec.scenes import sample_scene
+    :data:`~mmspec.zoo.photos.NOT_SHAPES`)."""
+    from mmspec.zoo.photos import PHOTOS, ask_photo, load_photo, random_crop
+    from mmspec.zoo.scene_questions import ask
+    from mmspec.zoo.scenes import sample_scene
 
     rng = random.Random(seed)
     items = []

@@ -6,11 +6,11 @@ Kim et al., "Sequence-Level Knowledge Distillation" (2016) and Hinton et al. (20
 (soft cross-entropy against the target's distribution on its own answers).
 
 Glossary:
-    data        :func:`mmspec.distill.vlm_data.scene_examples` over training scenes (one question of every
+    data        :func:`mmspec.zoo.vlm_data.scene_examples` over training scenes (one question of every
                 kind, 64 visual tokens) plus a few tiled prompts (grid 4: 1088 visual tokens), cached
                 in the run dir
     pruned      every example is also used with a random share of its visual rows removed
-                (:func:`~mmspec.distill.vlm_data.prune_example`), original positions kept: what the
+                (:func:`~mmspec.zoo.vlm_data.prune_example`), original positions kept: what the
                 drafters see at inference
     small VLM   ``LlavaForConditionalGeneration``: the target's vision tower (shared, frozen), a projector
                 (initialised from the target's), the 2-layer SmolLM2 drafter LM (initialised from the
@@ -21,26 +21,19 @@ Glossary:
 from __future__ import annotations
 
 import copy
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SHARED = ("model.language_model.embed_tokens.weight", "lm_head.weight")
-SHARED_PREFIX = "model.vision_tower."  # the target's tower, frozen while the small VLM trains: shared, never stored
-
-
-def _shared(key: str) -> bool:
-    return key in SHARED or key.startswith(SHARED_PREFIX)
-
+from .smollm2_llava import _shared, share_embeddings, share_tower
 
 # ------------------------------------------------------------------------------------------------ data
 def build_data(target, processor, run_dir: Path, *, scenes: int, tiled_scenes: int, seed: int,
                progress: bool) -> list[dict]:
-    from mmspec.distill.vlm_data import scene_examples
-    from mmspec.scene_questions import KINDS
+    from mmspec.zoo.vlm_data import scene_examples
+    from mmspec.zoo.scene_questions import KINDS
 
     from .data import train_scenes
 
@@ -60,7 +53,7 @@ def build_data(target, processor, run_dir: Path, *, scenes: int, tiled_scenes: i
 def pruned_variants(examples: list[dict], seed: int, copies: int = 2, max_len: int = 400) -> list[dict]:
     """Each example as is (if it fits ``max_len``) and ``copies`` times pruned at a random keep ratio
     (uniform in [0.05, 0.6], lowered until the example fits ``max_len``)."""
-    from mmspec.distill.vlm_data import prune_example
+    from mmspec.zoo.vlm_data import prune_example
 
     rng = random.Random(seed)
     out = []
@@ -144,15 +137,6 @@ def build_small_vlm(target, text_drafter_folder: Path):
     return model.eval()
 
 
-def share_embeddings(model, target) -> None:
-    model.model.language_model.embed_tokens = target.model.language_model.embed_tokens
-    model.lm_head = target.lm_head
-
-
-def share_tower(model, target) -> None:
-    model.model.vision_tower = target.model.vision_tower
-
-
 def small_vlm_loss(model, examples: list[dict], temperature: float = 1.0) -> torch.Tensor:
     """Soft cross-entropy of the small VLM against the target's distribution on the answer tokens; the
     examples may be pruned (only their kept visual rows are fed, at their original positions)."""
@@ -232,26 +216,3 @@ def save_small_vlm(model, out: Path, processor: Any = None) -> None:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if not _shared(k)}
     save_file(state, out / "model.safetensors")
     (out / "llava_config.json").write_text(model.config.to_json_string())
-
-
-def load_small_vlm(folder: str | Path, target, *, dtype: torch.dtype | None = None):
-    """The shipped small LLaVA drafter around ``target``'s vision tower, embedding and LM head."""
-    from safetensors.torch import load_file
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    folder = Path(folder)
-    cfg = LlavaConfig.from_dict(json.loads((folder / "llava_config.json").read_text()))
-    dtype = dtype or next(target.parameters()).dtype
-    if dtype != next(target.parameters()).dtype:
-        raise ValueError(f"the small VLM shares the target's modules: load it in the target's dtype "
-                         f"{next(target.parameters()).dtype}, not {dtype}")
-    model = LlavaForConditionalGeneration(cfg).to(device=next(target.parameters()).device, dtype=dtype)
-    share_embeddings(model, target)
-    share_tower(model, target)
-    sd = load_file(str(folder / "model.safetensors"))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
-    missing = [m for m in missing if not _shared(m)]
-    if missing or unexpected:
-        raise ValueError(f"small VLM weights do not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.generation_config = copy.deepcopy(target.generation_config)
-    return model.eval()

@@ -46,7 +46,7 @@ from mmspec.image_gen.model import ARImageConfig, ARImageModel
 from mmspec.image_gen.multiscale import resize_images
 from mmspec.image_gen.token_resampler import TokenResampler, TokenResamplerConfig
 from mmspec.image_gen.tokenizer import VQTokenizer, write_fsq_codebook
-from mmspec.scenes import CELLS, COLOURS, SHAPES
+from mmspec.zoo.scenes import CELLS, COLOURS, SHAPES
 
 from .quality import SceneClassifier
 from .data import IMAGE_SIZE, render_batch, train_scenes
@@ -281,7 +281,7 @@ def train_feature_head(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: 
     """The EAGLE-3 head over the exported target (``out/target``), exported to ``out/head``."""
     import json
 
-    from mmspec.distill.train_head import ttt_loss
+    from mmspec.heads.ttt import ttt_loss
     from mmspec.image_gen.feature_head import image_head
 
     if not (out / "target").is_dir():

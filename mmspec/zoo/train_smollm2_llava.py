@@ -4,10 +4,10 @@ scratch plus a LoRA of the frozen SmolLM2-135M-Instruct, on questions about rend
 Paper: Liu et al., "Visual Instruction Tuning" (LLaVA, 2023); Hu et al., "LoRA" (2021), through PEFT.
 
 Glossary:
-    example     one user turn ``<image>`` + a question of :mod:`mmspec.scene_questions` (captions weighted
+    example     one user turn ``<image>`` + a question of :mod:`mmspec.zoo.scene_questions` (captions weighted
                 twice) and the assistant's exact answer; the loss covers the answer and ``<|im_end|>``
     photos      stage ``photos`` continues the target on scenes mixed with crops of real photos
-                (:mod:`mmspec.photos`, 40 % of the rows) for robustness; ``quality.json`` then also
+                (:mod:`mmspec.zoo.photos`, 40 % of the rows) for robustness; ``quality.json`` then also
                 holds the photo scores
     trainable   the vision tower and projector (PEFT ``modules_to_save``) and rank-8 LoRA on every
                 attention and MLP projection of the language model; SmolLM2's own weights stay frozen
@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmspec.scene_questions import KINDS, draw_question
-from mmspec.scenes import render
+from mmspec.zoo.scene_questions import KINDS, draw_question
+from mmspec.zoo.scenes import render
 
 from .data import heldout_scenes, train_scenes
 from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, evaluate_photos,
@@ -62,7 +62,7 @@ class SmolVLMConfig:
     tower_batch: int = 64
     seed: int = 7
     grade_scenes: int = 48
-    # robustness: the target then continues on scenes mixed with crops of real photos (mmspec.photos)
+    # robustness: the target then continues on scenes mixed with crops of real photos (mmspec.zoo.photos)
     photo_budget: StageBudget = StageBudget(steps=150, lr=4e-4, warmup=10, weight_decay=0.0, save_every=25)
     photo_share: float = 0.4
     grade_photo_crops: int = 4
@@ -91,7 +91,7 @@ class PatchReader(torch.nn.Module):
     HEADS = ("colour", "shape", "background", "cell")
 
     def __init__(self, tower, hidden: int):
-        from mmspec.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
+        from mmspec.zoo.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
 
         super().__init__()
         self.tower = tower
@@ -117,7 +117,7 @@ def projector_from_reader(llava, reader: PatchReader, tokenizer, pixels: torch.T
     to SmolLM2's embedding of its word (" red", " circle", " grey", " top left"; "none" to nothing), scaled
     by the unit's typical winning logit; every other unit starts at zero. A patch token then reads like
     "red circle top left" to the frozen language model, which LoRA only has to learn to read out."""
-    from mmspec.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
+    from mmspec.zoo.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
 
     proj = llava.model.multi_modal_projector
     embed = llava.model.language_model.embed_tokens.weight
@@ -146,7 +146,7 @@ def projector_from_reader(llava, reader: PatchReader, tokenizer, pixels: torch.T
 def patch_labels(scene) -> torch.Tensor:
     """long [P, 4]: per patch (raster order), the colour / shape index of the object in the cell holding the
     patch centre (0 = none), the background index and that cell."""
-    from mmspec.scenes import BACKGROUNDS, COLOURS, SHAPES
+    from mmspec.zoo.scenes import BACKGROUNDS, COLOURS, SHAPES
 
     side = TILE // PATCH
     by_cell = {o.cell: o for o in scene.objects}
@@ -207,7 +207,7 @@ def build_trainable(cfg: SmolVLMConfig, reader_state: dict | None = None):
 
 @lru_cache(maxsize=1)
 def _train_photos() -> tuple:
-    from mmspec.photos import load_photo, photos
+    from mmspec.zoo.photos import load_photo, photos
 
     return tuple((p, load_photo(p)) for p in photos("train"))
 
@@ -215,7 +215,7 @@ def _train_photos() -> tuple:
 def example_batch(processor, seed: int, step: int, batch: int, photo_share: float = 0.0) -> dict:
     """input ids / attention mask / labels / pixel values of one step (right padded), a pure function of
     (seed, step).  With ``photo_share`` > 0 that share of the rows asks about a crop of a real photo instead."""
-    from mmspec.photos import ask_photo, random_crop
+    from mmspec.zoo.photos import ask_photo, random_crop
 
     tok = processor.tokenizer
     rng = random.Random(seed * 1_000_003 + step)

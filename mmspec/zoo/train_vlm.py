@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from mmspec.scenes import render
+from mmspec.zoo.scenes import render
 
 from .data import IMAGE_SIZE, train_scenes
 from .train_image import WORDS

@@ -103,7 +103,7 @@ def photo_answer(photo: Photo, kind: str) -> str:
 
 def ask_photo(photo: Photo, kind: str, question: str | None = None) -> SceneQuestion:
     """The question of ``kind`` (a caption question, or ``question``: any question about shapes, e.g. one
-    drawn for a scene by :func:`mmspec.scene_questions.ask`) and its exact answer about ``photo``."""
+    drawn for a scene by :func:`mmspec.zoo.scene_questions.ask`) and its exact answer about ``photo``."""
     text = CAPTION_QUESTIONS.get(kind, question)
     if text is None:
         raise ValueError(f"a {kind!r} question about a photo needs its text (ask() draws one for a scene)")

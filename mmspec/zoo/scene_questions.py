@@ -1,4 +1,4 @@
-"""Questions and answers about scenes of :mod:`mmspec.scenes`: what the scene VLM is taught and graded on.
+"""Questions and answers about scenes of :mod:`mmspec.zoo.scenes`: what the scene VLM is taught and graded on.
 
 Glossary:
     kind        ``caption`` ("Describe the image." -> "A red circle at the top left."), ``detail``

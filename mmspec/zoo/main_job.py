@@ -16,11 +16,29 @@ Glossary:
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+
+import mmspec.vision as mv
+from mmspec import engine
+from mmspec.drafters.tree import DynamicTree
+from mmspec.errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
+from mmspec.image_gen import METHODS, generate
+from mmspec.image_gen.heatmap import heatmap_image
+from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm
+
+from . import image_neighbours, load_default_image_models
+from .data import heldout_scenes
+from .evaluate import IMAGE_SAMPLING
+from .quality import prompt_faithfulness
+from .scenes import parse_caption, render
+from .smollm2 import load_smollm2_drafter
+from .smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 
 
 @dataclass(frozen=True)
@@ -58,12 +76,6 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print, max_new_tokens:
     """The VLM part: the scene VLM on SmolLM2 answers a question about a held-out scene by plain AR (HF
     ``generate``) and by mmspec with its drafter (the EAGLE-3 head by default) seeing a pruned subset of the
     visual tokens; the answers must be identical."""
-    import mmspec.vision as mv
-    from mmspec.scenes import render
-
-    from .zoo.data import heldout_scenes
-    from .zoo.smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
-
     vlm = load_smollm2_vlm()
     drafter = vlm.head if cfg.vlm_drafter == "head" else vlm.drafter
     scene = heldout_scenes()[cfg.scene_index]
@@ -99,10 +111,6 @@ CHAT_PROMPT = "Give me three tips for staying focused while studying."
 def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
     """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
     mmspec with the shipped EAGLE-3 head drafting dynamic trees; the answers must be identical."""
-    from . import engine
-    from .drafters.tree import DynamicTree
-    from .pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, load_smollm2_drafter
-
     try:
         target, tok = load_causal_lm()
     except ModelNotFoundError as exc:
@@ -132,10 +140,6 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
 
 def faithfulness_or_none(images, prompt: str) -> float | None:
     """Prompt faithfulness, or None for a prompt outside the scene-caption grammar (nothing to judge)."""
-    from mmspec.scenes import parse_caption
-
-    from .zoo.quality import prompt_faithfulness
-
     try:
         parse_caption(prompt)
     except ValueError:
@@ -144,15 +148,6 @@ def faithfulness_or_none(images, prompt: str) -> float | None:
 
 
 def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=None) -> dict:
-    from PIL import Image
-
-    from mmspec.image_gen import METHODS, generate
-
-    from .heatmap import heatmap_image
-    from .zoo import image_neighbours, load_default_image_models
-    from .zoo.data import heldout_scenes
-    from .zoo.evaluate import IMAGE_SAMPLING
-
     models = models or load_default_image_models()
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
     table = image_neighbours(models, cfg.mulo_neighbours if cfg.image_method == "mulo" else 8)  # among live codes
@@ -193,10 +188,6 @@ PRUNINGS = ("verifier", "cls", "diversity", "uniform", "none")
 
 def check_config(cfg: MainJobConfig) -> None:
     """Named errors for a config the job cannot run, before any model is loaded."""
-    import math
-
-    from .errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
-
     def integer(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
@@ -223,8 +214,6 @@ def check_config(cfg: MainJobConfig) -> None:
         raise MethodParameterError(f"vlm_grid must be an integer in [1, 6], got {cfg.vlm_grid!r}")
     if cfg.pruning not in PRUNINGS:
         raise MethodParameterError(f"unknown pruning {cfg.pruning!r}; expected one of {PRUNINGS}")
-    from .zoo.data import heldout_scenes
-
     n_scenes = len(heldout_scenes())
     if not integer(cfg.scene_index) or not 0 <= cfg.scene_index < n_scenes:
         raise MethodParameterError(f"scene_index must be an integer in [0, {n_scenes}), got {cfg.scene_index!r}")
@@ -232,8 +221,6 @@ def check_config(cfg: MainJobConfig) -> None:
 
 def run_main_job(out_dir: str | Path, cfg: MainJobConfig = MainJobConfig(), log=print) -> dict:
     """Caption part, then image part; every input is checked before any model is loaded or run."""
-    from .zoo import load_default_image_models
-
     check_config(cfg)
     t0 = time.perf_counter()
     models = load_default_image_models()

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .data import feature_layers
+from mmspec.heads.eagle3 import feature_layers
 
 
 @torch.no_grad()
@@ -30,8 +30,8 @@ def scene_examples(model: Any, processor: Any, scenes: Sequence[Any], kinds: Seq
                    seed: int = 0, batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> list[dict]:
     """The target's greedy answers to one question of each kind in ``kinds`` about each scene (tiled
     ``grid x grid``), and its hidden states along prompt + answer."""
-    from mmspec.scene_questions import ask
-    from mmspec.scenes import render
+    from mmspec.zoo.scene_questions import ask
+    from mmspec.zoo.scenes import render
     from mmspec.zoo.smollm2_llava import TILE, vlm_inputs
 
     rng = random.Random(seed)

