@@ -9,7 +9,7 @@ from test_pipeline import PROMPT, launch, reference
 
 from mmspec.errors import MethodParameterError
 from mmspec.pipeline import flowspec
-from mmspec.pipeline.__main__ import _example_target
+from mmspec.cli.pipeline import _example_target
 from mmspec.pipeline.stage import truncated_copy
 from mmspec.pipeline.flowspec import FlowSpecConfig, generate
 from mmspec.verify.tree_rules import DeterministicTreeRule
@@ -143,7 +143,7 @@ def test_an_eagle_head_reads_the_stages_hidden_states(pair, tmp_path):
     from mmspec.drafters.feature import FeatureDrafter
     from mmspec.drafters.tree import DynamicTree
     from mmspec.pipeline import run
-    from mmspec.pipeline.__main__ import _head
+    from mmspec.cli.pipeline import _head
 
     target = pair[0]
     proc, two, _ = launch(2, "--flowspec", "--draft-model", "head", "--max-in-flight", "2", "--max-new-tokens", "24",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmspec.pipeline import PipelineConfigError, StagePlan, build_stage_model, plan_stages
-from mmspec.pipeline.__main__ import _example_target
+from mmspec.cli.pipeline import _example_target
 
 PROMPT = [5, 17, 33, 9, 41, 12]
 
@@ -26,7 +26,7 @@ def _free_port() -> int:
 def launch(nproc: int, *args: str, tmp_path, timeout: float = 180.0):
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "mmspec.pipeline", "--example", "--out", str(out), *args]
+           "--master-port", str(_free_port()), "-m", "mmspec", "pipeline", "--example", "--out", str(out), *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.read_text()) if out.exists() else None

@@ -5,8 +5,8 @@ Paper: FlowSpec (arXiv 2507.02620). This package holds the pipeline itself, the 
 decoding baseline (each draft travels the whole pipeline before the next is drafted) and FlowSpec
 (:mod:`~mmspec.pipeline.flowspec`: streamed, pruned and growing draft trees).
 
-    torchrun --nproc-per-node 2 -m mmspec.pipeline --drafter truncated-tree     # naive, SmolLM2 over 2 stages
-    torchrun --nproc-per-node 2 -m mmspec.pipeline --flowspec --draft-model head   # FlowSpec with the EAGLE head
+    torchrun --nproc-per-node 2 -m mmspec pipeline --drafter truncated-tree     # naive, SmolLM2 over 2 stages
+    torchrun --nproc-per-node 2 -m mmspec pipeline --flowspec --draft-model head   # FlowSpec with the EAGLE head
 """
 
 from .plan import PipelineConfigError, StagePlan, plan_stages

@@ -1,7 +1,7 @@
 """Launching the pipeline: process group, stage models, and generation on rank 0.
 
 Glossary:
-    launch       ``torchrun --nproc-per-node N [--nnodes M ...] -m mmspec.pipeline ...``: torchrun sets RANK,
+    launch       ``torchrun --nproc-per-node N [--nnodes M ...] -m mmspec pipeline ...``: torchrun sets RANK,
                  WORLD_SIZE, MASTER_ADDR and MASTER_PORT; every process builds the same target, keeps its
                  stage (:func:`~mmspec.pipeline.stage.build_stage_model`) and joins a gloo group (NCCL is not
                  used: activations travel as CPU tensors)
@@ -38,7 +38,7 @@ def init_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise PipelineConfigError(f"not launched by torchrun: {', '.join(missing)} not set "
-                                  "(run `torchrun --nproc-per-node N -m mmspec.pipeline ...`)")
+                                  "(run `torchrun --nproc-per-node N -m mmspec pipeline ...`)")
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()

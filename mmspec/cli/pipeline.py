@@ -1,4 +1,4 @@
-"""``torchrun --nproc-per-node N -m mmspec.pipeline``: the target split over N stage processes (gloo), rank 0
+"""``torchrun --nproc-per-node N -m mmspec pipeline``: the target split over N stage processes (gloo), rank 0
 decoding (plain pipelined AR, or speculative with a drafter on rank 0). Rank 0 prints the result (and writes
 ``--out`` as JSON); a stage that dies or stops answering makes every process exit with code 5 and one line."""
 
@@ -25,12 +25,12 @@ def _example_target(seed: int, layers: int) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .plan import PipelineConfigError, StagePlan
-    from .run import DEFAULT_TIMEOUT_S, generate, init_group, serve_stage, stage_for_rank
-    from .session import PipelineStageError
-    from .stage import truncated_copy
+    from mmspec.pipeline.plan import PipelineConfigError, StagePlan
+    from mmspec.pipeline.run import DEFAULT_TIMEOUT_S, generate, init_group, serve_stage, stage_for_rank
+    from mmspec.pipeline.session import PipelineStageError
+    from mmspec.pipeline.stage import truncated_copy
 
-    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m mmspec.pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m mmspec pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--example", action="store_true", help="a tiny random Llama (tests) instead of SmolLM2")
     ap.add_argument("--example-layers", type=int, default=4)
     ap.add_argument("--plan", default=None, help="stage boundaries, e.g. 0,10,30 (default: even split)")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                        num_draft_tokens=a.num_draft_tokens, eos_token_id=eos, attention_mask=attention_mask)
         seconds = time.perf_counter() - t0
 
-        from .session import stop_stages
+        from mmspec.pipeline.session import stop_stages
 
         stop_stages(world)
         new = out.sequences[0, input_ids.shape[1]:].tolist()
@@ -164,8 +164,8 @@ def _head(target: torch.nn.Module, example: bool):
 
 
 def _run_flowspec(a, stage, input_ids, attention_mask, world, vocab, drafter, eos, tokenizer) -> int:
-    from .flowspec import FlowSpecConfig, generate
-    from .session import stop_stages
+    from mmspec.pipeline.flowspec import FlowSpecConfig, generate
+    from mmspec.pipeline.session import stop_stages
 
     config = FlowSpecConfig(segment_size=a.segment_size, max_in_flight=a.max_in_flight, top_k=a.top_k,
                             max_nodes=a.max_nodes)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .image_gen.methods import METHOD_NAMES, get_method
-from .image_gen.heatmap import heatmap_image
+from ..image_gen.methods import METHOD_NAMES, get_method
+from ..image_gen.heatmap import heatmap_image
 
 #: exit codes of ``mmspec`` and ``mmspec-imagegen``, one per kind of outcome
 EXIT_OK = 0
@@ -822,11 +822,28 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--num-images", type=int, default=1)
     img.add_argument("--out", default="out/images")
     img.set_defaults(func=_run_imagegen)
+
+    pipe = sub.add_parser("pipeline", add_help=False,
+                          help="the target split over torchrun processes (pipelined SD, FlowSpec): "
+                               "torchrun --nproc-per-node N -m mmspec pipeline ... (--help for its options)")
+    pipe.add_argument("args", nargs=argparse.REMAINDER)
+    pipe.set_defaults(func=_run_pipeline)
     return parser
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline import main as pipeline_main
+
+    return pipeline_main(args.args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit code (``EXIT_*``). A failure prints one line on stderr."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pipeline"]:  # its own parser (the options of every torchrun process)
+        from .pipeline import main as pipeline_main
+
+        return pipeline_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
