@@ -20,20 +20,19 @@ which keeps the head's two halves laid out as the target's guided session.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from mmspec.heads.ttt import HeadBatch
 from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
+from mmspec.heads.ttt import HeadBatch
 
 from .model import ARImageModel
 
 
 def load_image_drafter(path, target: ARImageModel) -> ARImageModel | Eagle3Head:
     """A drafter folder: an EAGLE head (``head_config.json``, attached to ``target``) or an AR image model."""
-    from pathlib import Path
-
     if (Path(path) / "head_config.json").is_file():
         return Eagle3Head.load(path, target)
     return ARImageModel.from_pretrained(path)

@@ -29,23 +29,28 @@ from typing import Any, Iterator
 
 import torch
 
+from mmspec.cache import right_align
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Drafter
 from mmspec.drafters.feature import FeatureDrafter
-from mmspec.cache import right_align
 from mmspec.drafters.model import ModelDrafter
-from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.engine import StepEvent
 from mmspec.engine import generate_stream as decode_stream
 from mmspec.errors import MMSpecError
 from mmspec.guidance import Guidance, check_guidance_scale
+from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.rng import RowRandom
 from mmspec.verify.chain import default_rule
+from mmspec.verify.latent_neighbour import LatentNeighbourRule
+from mmspec.verify.pooled_threshold import PooledThresholdRule
 from mmspec.verify.rule import AcceptRule
 
 from .ar_drafter import ARDrafter
 from .methods import METHODS, ImageMethod, MethodError, get_method
 from .model import ARImageModel, ConditionError
+from .mulo import LocalResampling
+from .multiscale import MultiScaleDrafter
+from .neighbours import build_latent_neighbours
 from .sjd import JacobiDrafter
 from .stats import AcceptanceMap, ImageGenerationStats
 
@@ -85,8 +90,6 @@ def _neighbour_table(method: ImageMethod, params: dict, tokenizer: Any, k_name: 
         return params["neighbours"]
     if tokenizer is None:
         raise MethodError(f"method {method.name!r} needs neighbours= or a tokenizer with a codebook")
-    from .neighbours import build_latent_neighbours
-
     return build_latent_neighbours(tokenizer.codebook, params[k_name])
 
 
@@ -109,8 +112,6 @@ def make_drafter(method: ImageMethod, target: ARImageModel, params: dict) -> Dra
 
 def make_rule(method: ImageMethod, params: dict, sampling: SamplingParams, tokenizer: Any) -> AcceptRule:
     if method.name in RELAXED_METHODS:
-        from mmspec.verify.latent_neighbour import LatentNeighbourRule
-
         table = _neighbour_table(method, params, tokenizer, "lantern_k")
         if method.name == "lantern":
             return LatentNeighbourRule(table, params["lantern_delta"])
@@ -164,11 +165,6 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
 
 def make_mulo(target: ARImageModel, tokenizer: Any, params: dict, sampling: SamplingParams):
     """MuLo-SD on the one loop: (multi-scale drafter, pooled-threshold rule, local-resampling repair)."""
-    from mmspec.verify.pooled_threshold import PooledThresholdRule
-
-    from .mulo import LocalResampling
-    from .multiscale import MultiScaleDrafter
-
     low = params["drafter"]
     if tokenizer is None:
         raise MethodError("method 'mulo' needs a tokenizer (the drafts are up-sampled through pixels)")

@@ -31,6 +31,8 @@ import torch
 from mmspec.drafters.adaptive import DraftLengthPolicy
 from mmspec.errors import InvalidDraftLengthError, MethodParameterError, MMSpecError, NonFiniteError
 
+from .token_resampler import Resampler
+
 
 class MethodError(MMSpecError):
     """Unknown method or a method missing what it needs (e.g. 'exact' without a drafter)."""
@@ -82,8 +84,6 @@ def _any(v: Any) -> Any:
 
 
 def _resampler(v: Any) -> Any:
-    from .token_resampler import Resampler
-
     if not isinstance(v, Resampler):
         raise MethodParameterError(f"mulo_resampler must have upsample/downsample and a scale (a Resampler), got {v!r:.80}")
     return v

@@ -35,6 +35,7 @@ from mmspec.guidance import Guidance, open_session
 from mmspec.rng import RowRandom
 from mmspec.sampling import logits_to_probs
 
+from .ar_drafter import check_image_drafter
 from .mulo import draw_keyed
 from .token_resampler import PixelResampler, Resampler, resize_images  # noqa: F401  (resize_images re-exported)
 from .tokenizer import VQTokenizer
@@ -74,8 +75,6 @@ class MultiScaleDrafter(Drafter):
         return self._calls
 
     def check_compatible(self, target: torch.nn.Module) -> None:
-        from .ar_drafter import check_image_drafter
-
         check_image_drafter(target, self.low)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: SamplingParams,

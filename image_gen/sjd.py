@@ -33,6 +33,7 @@ import torch
 
 from mmspec.config import SamplingParams
 from mmspec.drafters.base import Draft, Drafter, StepOutcome, widest_budget
+from mmspec.drafters.model import model_vocab_size
 from mmspec.errors import InvalidDraftLengthError
 from mmspec.rng import JACOBI, RowRandom
 from mmspec.sampling import logits_to_probs, sample_inverse_cdf
@@ -49,8 +50,6 @@ class JacobiDrafter(Drafter):
 
     def check_compatible(self, target: torch.nn.Module) -> None:
         if self.vocab_size is None:
-            from mmspec.drafters.model import model_vocab_size
-
             self.vocab_size = model_vocab_size(target)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: SamplingParams,

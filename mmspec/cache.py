@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .session import TargetSession
+
 
 def _supports(model: torch.nn.Module, arg: str) -> bool:
     try:
@@ -54,8 +56,10 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
         return torch.float32
 
 
-class CacheSession:
+class CacheSession(TargetSession):
     """Owns the KV cache, valid mask and next position of one causal LM for a batch."""
+
+    calls: int = 0  # target forwards (a counter: set per instance)
 
     def __init__(self, model: torch.nn.Module, batch_size: int, device: torch.device):
         self.model = model

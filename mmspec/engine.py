@@ -21,10 +21,12 @@ Glossary:
                 from (s, b); without a seed they are drawn from ``generator``
 
 :func:`decode` is the loop (propose -> one target forward -> verify -> commit -> observe -> event).
-It talks to the target only through a session (:class:`~mmspec.cache.CacheSession`, or
-:class:`~mmspec.guidance.GuidedSession` for classifier-free guidance) and to the drafter only
-through the :class:`~mmspec.drafters.base.Drafter` protocol; :mod:`mmspec.vision` and
-:mod:`mmspec.image_gen` plug in their prefill, drafters and guidance and reuse it.
+It talks to the target only through a :class:`~mmspec.session.TargetSession` (a
+:class:`~mmspec.cache.CacheSession`, a :class:`~mmspec.guidance.GuidedSession` for classifier-free guidance,
+collaborative decoding's and the pipeline's sessions) and to the drafter only through the
+:class:`~mmspec.drafters.base.Drafter` protocol; every entry point checks its request through
+:mod:`mmspec.request`; :mod:`mmspec.vision` and :mod:`mmspec.image_gen` plug in their prefill, drafters and
+guidance and reuse it.
 ``generate_stream`` yields one :class:`StepEvent` per verification step; ``generate``
 consumes the stream.
 """
@@ -42,9 +44,10 @@ from .cache import CacheSession
 from .config import SamplingParams
 from .drafters.adaptive import DraftLengthPolicy
 from .drafters.base import Draft, Drafter, StepOutcome
-from .guidance import Guidance, GuidedSession, open_session
+from .guidance import Guidance, open_session
 from .request import DecodeRequest, eos_set, prepare_drafter, prepare_request
 from .rng import ACCEPT, EMIT, RowRandom, tree_accept_keys
+from .session import TargetSession
 from .stats import GenerationStats
 from .verify.chain import default_rule, verify_chain
 from .verify.rule import AcceptRule
@@ -255,7 +258,7 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
 
 
 @torch.no_grad()
-def decode(session: CacheSession | GuidedSession, drafter: Drafter, pending: torch.Tensor, *,
+def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
            max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
            eos: set[int] = frozenset(), stats: GenerationStats | None = None,
            t_start: float | None = None, repair: Any = None,

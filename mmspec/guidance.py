@@ -28,6 +28,7 @@ import torch
 
 from .cache import CacheSession, right_align
 from .errors import MMSpecError, NonFiniteError
+from .session import TargetSession
 
 SCHEDULES = ("constant", "linear")
 
@@ -85,7 +86,7 @@ def guide_halves(logits: torch.Tensor, guidance: Guidance, predicts: torch.Tenso
     return guide(logits[:batch].float(), logits[batch:].float(), scale.to(logits.device))
 
 
-class GuidedSession:
+class GuidedSession(TargetSession):
     """One model's cache over 2B rows (both halves) returning guided logits [B, w, V]."""
 
     def __init__(self, model: torch.nn.Module, cond: list[list[int]], guidance: Guidance, device: torch.device,

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from ..cache import CacheSession
+from ..session import TargetSession
 from .combine import Combination
 
 
@@ -127,7 +128,7 @@ class Lookahead:
         self._trim()
 
 
-class CollaborativeSession:
+class CollaborativeSession(TargetSession):
     """The loop's target session over ``models``: ``extend`` returns the combination's logits."""
 
     last_hidden = None
@@ -210,6 +211,3 @@ class CollaborativeSession:
         self._settle()
         for m in self.members:
             m.select_rows(rows)
-
-    def begin_tree(self) -> None:
-        raise ValueError("collaborative decoding verifies chains; draft trees are not supported")

@@ -6,7 +6,7 @@ from .base import Draft, Drafter, StepOutcome
 from .blockwise import BlockwiseDrafter, Lattice
 from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
-from .lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer
+from .lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer, Rescorer
 from .model import ModelDrafter, TreeDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
 from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
@@ -16,5 +16,5 @@ __all__ = [
     "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
     "TTSConfig", "TTSConfigError", "TTSDrafter", "BlockwiseDrafter", "Lattice", "NGramModel", "NGramRescorer",
-    "NeuralRescorer",
+    "NeuralRescorer", "Rescorer",
 ]

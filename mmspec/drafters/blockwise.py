@@ -33,6 +33,7 @@ from ..heads.blockwise import BlockwiseHeads
 from ..rng import RowRandom
 from ..verify.tree_rules import DeterministicTreeRule
 from .base import Draft, Drafter, StepOutcome, widest_budget
+from .lattice_rescoring import Rescorer
 from .model import model_device, model_vocab_size
 
 _FINAL = (-1,)  # HF hidden_states[-1]: the target's final (normed) hidden state
@@ -142,15 +143,15 @@ class BlockwiseDrafter(Drafter):
 
     hidden_layers = _FINAL
 
-    def __init__(self, heads: BlockwiseHeads, lattice: Lattice = Lattice(), *, rescorer: Any = None):
+    def __init__(self, heads: BlockwiseHeads, lattice: Lattice = Lattice(), *, rescorer: Rescorer | None = None):
         if not isinstance(heads, BlockwiseHeads):
             raise TypeError(f"heads must be BlockwiseHeads, got {type(heads).__name__}")
         if not isinstance(lattice, Lattice):
             raise TypeError(f"lattice must be a Lattice, got {type(lattice).__name__}")
         if lattice.depth is not None and lattice.depth > heads.num_heads:
             raise InvalidDraftLengthError(f"depth {lattice.depth} > the {heads.num_heads} heads")
-        if rescorer is not None and not all(hasattr(rescorer, m) for m in ("score", "start", "observe", "weight")):
-            raise TypeError(f"rescorer must be an NGramRescorer or a NeuralRescorer, got {type(rescorer).__name__}")
+        if rescorer is not None and not isinstance(rescorer, Rescorer):
+            raise TypeError(f"rescorer must be a Rescorer (NGramRescorer, NeuralRescorer), got {type(rescorer).__name__}")
         self.heads, self.lattice, self.rescorer = heads, lattice, rescorer
         self.vocab_size = heads.config.target_vocab_size
         self.depth = lattice.depth or heads.num_heads
@@ -163,7 +164,7 @@ class BlockwiseDrafter(Drafter):
             raise DeviceMismatchError(f"heads are on {model_device(self.heads)} but target is on {model_device(target)}")
         if not self.heads.attached:
             self.heads.attach(target)
-        if self.rescorer is not None and hasattr(self.rescorer, "check_compatible"):
+        if self.rescorer is not None:
             self.rescorer.check_compatible(target)
 
     def start(self, input_ids, attention_mask, *, sampling: SamplingParams, rng: RowRandom, guidance=None,
@@ -193,7 +194,7 @@ class BlockwiseDrafter(Drafter):
         tokens = self.heads.d2t[top.indices]
         search = search_lattice(tokens, top.values, self.lattice.num_candidates, self.rescorer)
         tree = build_candidate_tree(search)
-        if self.rescorer is not None and hasattr(self.rescorer, "finish"):
+        if self.rescorer is not None:
             self.rescorer.finish(tree.node_depth, tree.node_beam)
         num = torch.where(self.ready, tree.num_nodes, 0)
         return Draft(tokens=tree.tokens, probs=None, num_draft=num, parents=tree.parents,

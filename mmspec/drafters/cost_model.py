@@ -24,6 +24,9 @@ from pathlib import Path
 
 import torch
 
+from ..cache import CacheSession
+from .model import model_device, model_vocab_size
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -76,9 +79,6 @@ class CostModel:
 def measure_cost_model(target: torch.nn.Module, *, widths: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64),
                        context: int = 256, repeats: int = 5, level_seconds: float | None = None) -> CostModel:
     """Time the target's cached forward for each width (median of ``repeats``) at ``context`` tokens."""
-    from ..cache import CacheSession
-    from .model import model_device, model_vocab_size
-
     device = model_device(target)
     vocab = model_vocab_size(target) or 2
     g = torch.Generator().manual_seed(0)

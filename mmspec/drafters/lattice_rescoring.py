@@ -27,12 +27,15 @@ Glossary:
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..errors import MethodParameterError
 from .base import StepOutcome
+from .model import ModelDrafter
+from .tree import StaticTree
 
 #: separates documents in a corpus token table (:meth:`NGramModel.from_corpus`)
 SEPARATOR = -1
@@ -107,7 +110,38 @@ class NGramModel:
         return p
 
 
-class NGramRescorer:
+class Rescorer(ABC):
+    """What :class:`~mmspec.drafters.blockwise.BlockwiseDrafter` asks of a lattice rescorer (module glossary)."""
+
+    #: weight of the rescorer's log-probability beside the heads' own
+    weight: float = 1.0
+
+    @abstractmethod
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: Any, rng: Any,
+              vocab_size: int) -> None:
+        """A new batch of prompts (long [B, L], left padded)."""
+
+    @abstractmethod
+    def score(self, paths: torch.Tensor, parent_beams: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """paths long [B, P, i], parent_beams long [B, P], candidates long [B, P, k] -> log-probs float [B, P, k]."""
+
+    @abstractmethod
+    def observe(self, outcome: StepOutcome) -> None:
+        """What the step committed (as :meth:`Drafter.observe`)."""
+
+    @abstractmethod
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (long [B'])."""
+
+    # -- optional hooks: the defaults do nothing --------------------------------------------------------------
+    def check_compatible(self, target: torch.nn.Module) -> None:
+        """Raise a named error if this rescorer cannot serve ``target`` (default: no check)."""
+
+    def finish(self, node_depth: torch.Tensor, node_beam: torch.Tensor) -> None:
+        """Which beams became draft-tree nodes: node_depth / node_beam long [B, N] (default: not needed)."""
+
+
+class NGramRescorer(Rescorer):
     """Scores lattice paths with an n-gram model: ``model`` (global, built from local text), the row's
     context (``context=True``), or their mixture."""
 
@@ -121,7 +155,8 @@ class NGramRescorer:
             raise MethodParameterError(f"order must be an int >= 1, got {order!r}")
         self.model, self.use_context, self.order, self.weight = model, context, order, float(weight)
 
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, vocab_size: int, **_: Any) -> None:
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: Any = None, rng: Any = None,
+              vocab_size: int) -> None:
         self.history = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
         self.contexts: list[NGramModel] = []
         if self.use_context:
@@ -164,13 +199,10 @@ class NGramRescorer:
             self.contexts = [self.contexts[i] for i in keep]
 
 
-class NeuralRescorer:
+class NeuralRescorer(Rescorer):
     """Scores lattice paths with a small causal LM ``model`` sharing the target's vocabulary."""
 
     def __init__(self, model: torch.nn.Module, *, weight: float = 1.0):
-        from .model import ModelDrafter
-        from .tree import StaticTree
-
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise MethodParameterError(f"weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
@@ -185,7 +217,7 @@ class NeuralRescorer:
         self.lm.check_compatible(target)
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, sampling: Any, rng: Any,
-              **_: Any) -> None:
+              vocab_size: int | None = None) -> None:
         self.lm.start(input_ids, attention_mask, sampling=sampling, rng=rng)
         self._slots: list[torch.Tensor] = []  # per column i >= 1: the cache slot of each beam, long [B, P]
         self._fed = 0

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import VocabularyMismatchError
+
 
 def feature_layers(num_layers: int) -> tuple[int, int, int]:
     """EAGLE-3's low / middle / high layers as HF ``hidden_states`` indices (0 = embeddings)."""
@@ -121,8 +123,6 @@ class Eagle3Head(nn.Module):
         """Borrow ``target``'s token embedding and the LM-head rows of the draft vocabulary."""
         vocab = target.get_output_embeddings().weight.shape[0]
         if vocab != self.config.target_vocab_size:
-            from ..errors import VocabularyMismatchError
-
             raise VocabularyMismatchError(
                 f"the head was trained for a target vocabulary of {self.config.target_vocab_size}, this target has {vocab}")
         self.__dict__["_embed"] = target.get_input_embeddings()  # borrowed: not a submodule of the head

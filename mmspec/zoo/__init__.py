@@ -17,6 +17,7 @@ Glossary:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,10 @@ from typing import Any
 import torch
 
 from mmspec.errors import MMSpecError
+from mmspec.heads.eagle3 import Eagle3Head
+
+from .data import render_batch, train_scenes
+from .quality import SceneClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 CHECKSUM_FILE = "SHA256SUMS"
@@ -133,9 +138,7 @@ def load_default_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.
 
 def load_default_image_models(*, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                               verify: bool = True) -> ImageModels:
-    from mmspec.image_gen import ARImageModel, VQTokenizer
-
-    from .quality import SceneClassifier
+    from mmspec.image_gen import ARImageModel, VQTokenizer  # (mmspec.image_gen loads only where images are made)
 
     base = _root(None)  # one read of WEIGHTS_DIR: the checked copy is the loaded copy
     if verify:
@@ -151,14 +154,10 @@ def load_default_image_models(*, dtype: torch.dtype | None = None, device: str |
         resampler = TokenResampler.from_pretrained(root / "resampler").to(device)
     live = None
     if (root / LIVE_CODES_FILE).is_file():
-        import json
-
         live = torch.zeros(tok.vocab_size, dtype=torch.bool)
         live[json.loads((root / LIVE_CODES_FILE).read_text())["live"]] = True
     head = None
     if (root / "head").is_dir():
-        from mmspec.heads.eagle3 import Eagle3Head
-
         head = Eagle3Head.load(root / "head", dtype=dtype or torch.float32).to(device).attach(models[0])
     return ImageModels(tok, *models, SceneClassifier.from_pretrained(root / "classifier"), resampler, live, head)
 
@@ -172,8 +171,6 @@ def live_codes(tokenizer: Any, num_scenes: int = 2048) -> torch.Tensor:
     nearest-code pass): the codes an AR model trained on them can put mass on. The training script stores
     them (``image/live_codes.json``); :func:`load_default_image_models` reads them."""
     from mmspec.image_gen.token_resampler import resize_images
-
-    from .data import render_batch, train_scenes
 
     hi, lo = tokenizer.resized(tokenizer.image_size), tokenizer.resized(tokenizer.image_size // 2)
     seen = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from mmspec.zoo.scenes import render
+from mmspec.image_gen import generate
 
-from .data import IMAGE_SIZE, heldout_scenes
+from . import live_codes, load_default_image_models, load_default_vlm
+from .data import IMAGE_SIZE, heldout_scenes, render_batch
 from .quality import caption_exact_match, prompt_faithfulness
+from .scenes import parse_image, render
 
 # the image models' default sampling (the README's main job and the benchmarks use it too)
 IMAGE_SAMPLING = dict(cfg_scale=1.5, temperature=1.0, top_k=16)
@@ -38,7 +40,6 @@ def caption_scenes(model, processor, scenes, batch: int = 50, max_new_tokens: in
 
 
 def evaluate_vlm(num_scenes: int = 200, pair=None) -> dict:
-    from . import load_default_vlm
 
     pair = pair or load_default_vlm()
     scenes = heldout_scenes(max(num_scenes, 1))[:num_scenes]
@@ -48,7 +49,6 @@ def evaluate_vlm(num_scenes: int = 200, pair=None) -> dict:
 
 
 def sample_images(models, prompts: list[str], *, method: str = "ar", seed: int = 0, **kw):
-    from mmspec.image_gen import generate
 
     g = torch.Generator().manual_seed(seed)
     args = {**IMAGE_SAMPLING, **kw}
@@ -56,7 +56,6 @@ def sample_images(models, prompts: list[str], *, method: str = "ar", seed: int =
 
 
 def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
-    from . import load_default_image_models
 
     models = models or load_default_image_models()
     prompts = [s.caption() for s in heldout_scenes(max(num_prompts, 1))[:num_prompts]]
@@ -77,10 +76,7 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
 def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
     """Round-trip stability of the tokenizer's own encoding, of one nearest-code pass, and what the
     fixed-point projection costs: tokens it moves, passes, and scenes the parser still reads exactly."""
-    from mmspec.zoo.scenes import parse_image
 
-    from . import live_codes
-    from .data import render_batch
 
     scenes = list(heldout_scenes(max(num_scenes, 1))[:num_scenes])
     x = render_batch(scenes)

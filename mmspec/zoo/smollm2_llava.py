@@ -35,8 +35,16 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from mmspec import zoo
 from mmspec.errors import MMSpecError
+from mmspec.heads.eagle3 import Eagle3Head
+from mmspec.pretrained import cache_root, load_causal_lm
+
+from .photos import PHOTOS, ask_photo, load_photo, random_crop
+from .scene_questions import ask
+from .scenes import render, sample_scene
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = 16  # SmolLM2's "<empty_output>", never produced by its chat template
@@ -165,13 +173,11 @@ def vlm_inputs(processor, images: Sequence[Image.Image], questions: Sequence[str
 
 # -------------------------------------------------------------------------------------------- loading
 def shipped_dir(part: str = "target") -> Path:
-    from mmspec import zoo
 
     return Path(zoo.WEIGHTS_DIR) / SHIPPED / part
 
 
 def _assembled_dir(adapter: Path) -> Path:
-    from mmspec.pretrained import cache_root
 
     h = hashlib.sha256()
     for name in ("adapter_model.safetensors", "llava_config.json", "tokenizer.json", "processor_config.json",
@@ -186,7 +192,6 @@ def assemble(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaConfig
 
-    from mmspec.pretrained import load_causal_lm
 
     adapter, out = Path(adapter), Path(out)
     lm, _ = load_causal_lm("smollm2")
@@ -212,7 +217,6 @@ def load_smollm2_llava(*, dtype: torch.dtype = torch.float32, device: str | torc
     ``adapter``: another exported target folder (``train_smollm2_llava --stages target``)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from mmspec import zoo
 
     if adapter is None and verify:
         zoo.verify_checksums(SHIPPED)
@@ -277,8 +281,6 @@ def load_smollm2_vlm(*, dtype: torch.dtype = torch.float32, device: str | torch.
                      verify: bool = True, folder: str | os.PathLike | None = None) -> SceneVLM:
     """The shipped scene VLM on SmolLM2 with both of its drafters (``folder``: another training output with
     ``target/``, ``head/`` and ``drafter/``)."""
-    from mmspec import zoo
-    from mmspec.heads.eagle3 import Eagle3Head
 
     root = Path(folder) if folder is not None else Path(zoo.WEIGHTS_DIR) / SHIPPED
     if folder is None and verify:
@@ -294,7 +296,6 @@ def grade(model, processor, items: Sequence[tuple[Image.Image, str, str, Any]], 
           max_new_tokens: int = 64, progress: bool = False, desc: str = "grading") -> dict[str, float]:
     """Share of ``(image, group, question, check)`` items whose greedy HF ``generate`` answer passes
     ``check`` (an exact answer string, or a predicate on the stripped answer), per group."""
-    from tqdm.auto import tqdm
 
     right: dict[str, list[int]] = {}
     for i in tqdm(range(0, len(items), batch), desc=desc, disable=not progress):
@@ -314,8 +315,6 @@ def evaluate(model, processor, scenes, kinds: Sequence[str], *, grid: int = 1, b
              max_new_tokens: int = 64, progress: bool = False) -> dict[str, float]:
     """Exact-match accuracy per question kind of greedy HF ``generate`` on ``scenes`` (one question of each
     kind per scene, drawn with ``seed``)."""
-    from mmspec.zoo.scene_questions import ask
-    from mmspec.zoo.scenes import render
 
     rng = random.Random(seed)
     items = []
@@ -332,9 +331,6 @@ def evaluate_photos(model, processor, *, crops: int = 4, seed: int = 1, batch: i
     ``train_not_shapes`` (exact answers on new crops of training photos), ``heldout_caption`` (a held-out
     photo is captioned "A photo of ...") and ``heldout_not_shapes`` (shape questions about it get
     :data:`~mmspec.zoo.photos.NOT_SHAPES`)."""
-    from mmspec.zoo.photos import PHOTOS, ask_photo, load_photo, random_crop
-    from mmspec.zoo.scene_questions import ask
-    from mmspec.zoo.scenes import sample_scene
 
     rng = random.Random(seed)
     items = []

@@ -24,15 +24,16 @@ from tqdm.auto import tqdm
 
 from mmspec.heads.eagle3 import feature_layers
 
+from .scene_questions import ask
+from .scenes import render
+from .smollm2_llava import TILE, vlm_inputs
+
 
 @torch.no_grad()
 def scene_examples(model: Any, processor: Any, scenes: Sequence[Any], kinds: Sequence[str], *, grid: int = 1,
                    seed: int = 0, batch_size: int = 8, max_new_tokens: int = 64, progress: bool = True) -> list[dict]:
     """The target's greedy answers to one question of each kind in ``kinds`` about each scene (tiled
     ``grid x grid``), and its hidden states along prompt + answer."""
-    from mmspec.zoo.scene_questions import ask
-    from mmspec.zoo.scenes import render
-    from mmspec.zoo.smollm2_llava import TILE, vlm_inputs
 
     rng = random.Random(seed)
     items = [(s, ask(s, k, rng)) for s in scenes for k in kinds]
