@@ -1,21 +1,21 @@
 """FlowSpec (mmspec.pipeline.flowspec): greedy output equals HF generate in one process (the pipeline simulated
-by segments in flight) and over 2 and 3 real stages; sampled output follows the target (chi-square on the first
-two tokens, with a negative control that breaks the residual rule) and the 2-stage run repeats the one-process
-run for the same seeds; in-flight pruning happens; bad input gets named errors."""
+by segments in flight) and over 2 and 3 in-process stages; sampled output follows the target (chi-square on the
+first two tokens, with a negative control that breaks the residual rule) and the 2-stage run repeats the one-process
+run for the same seeds; in-flight pruning happens; an EAGLE head drafts over the stages as in one process; a dead
+stage makes rank 0 raise; bad input gets named errors. Over real stages (torchrun, gloo): greedy over 2 stages."""
 
 import pytest
 import torch
-from test_pipeline import PROMPT, launch, reference
+from test_pipeline import PROMPT, VOCAB, dies_after, in_process, launch, reference, split
 
 from mmspec.errors import MethodParameterError
-from mmspec.pipeline import flowspec
+from mmspec.pipeline import InProcessPipeline, PipelineStageError, flowspec
 from mmspec.cli.pipeline import _example_target
 from mmspec.pipeline.stage import truncated_copy
 from mmspec.pipeline.flowspec import FlowSpecConfig, generate
 from mmspec.verify.tree_rules import DeterministicTreeRule
 
 SAMPLED = FlowSpecConfig(segment_size=2, max_in_flight=3, top_k=2, max_nodes=8)
-SAMPLED_ARGS = ("--segment-size", "2", "--max-in-flight", "3", "--top-k", "2", "--max-nodes", "8")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,16 @@ def pair():
 def _run(pair, config, **kw):
     target, drafter = pair
     kw.setdefault("max_new_tokens", 24)
-    return generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter=drafter, config=config, **kw)
+    return generate(target, torch.tensor([PROMPT]), vocab_size=VOCAB, drafter=drafter, config=config, **kw)
+
+
+def _over_stages(pair, stages: int, config, seeds=(None,), **kw):
+    """FlowSpec over ``stages`` in-process stages, one generation per seed (the same stages for all)."""
+    target, drafter = pair
+    kw.setdefault("max_new_tokens", 24)
+    return in_process(target, stages, lambda stage0, transport: [generate(
+        stage0, torch.tensor([PROMPT]), transport=transport, vocab_size=VOCAB, drafter=drafter, config=config,
+        seed=seed, **kw) for seed in seeds])
 
 
 @pytest.mark.parametrize("config", [
@@ -63,51 +72,72 @@ class NoResidual(DeterministicTreeRule):
         return state
 
 
-def _first_two(pair, draws: int) -> torch.Tensor:
-    rows = [_run(pair, SAMPLED, max_new_tokens=2, temperature=1.0, seed=s).sequences[0, len(PROMPT):] for s in range(draws)]
-    return torch.stack(rows)
+def _draws(pair, draws: int, stages: int = 1) -> list:
+    """Sampled two-token generations for seeds 0 .. draws - 1."""
+    if stages == 1:
+        return [_run(pair, SAMPLED, max_new_tokens=2, temperature=1.0, seed=s) for s in range(draws)]
+    return _over_stages(pair, stages, SAMPLED, seeds=range(draws), max_new_tokens=2, temperature=1.0)
+
+
+def _first_two(outs: list) -> torch.Tensor:
+    """long [draws, 2]: the first two sampled tokens."""
+    return torch.stack([out.sequences[0, len(PROMPT):] for out in outs])
 
 
 def _joint_pvalue(pair, tokens: torch.Tensor) -> float:
     from stat_helpers import chisquare_pvalue, first_two_token_tables
 
     _, joint = first_two_token_tables(pair[0], torch.tensor([PROMPT]))
-    return chisquare_pvalue(tokens[:, 0] * 96 + tokens[:, 1], joint.flatten())
+    return chisquare_pvalue(tokens[:, 0] * VOCAB + tokens[:, 1], joint.flatten())
 
 
 DRAWS = 600
 
 
-def test_sampling_follows_the_target_and_two_stages_repeat_it(pair, tmp_path):
-    proc, two, _ = launch(2, "--flowspec", *SAMPLED_ARGS, "--temperature", "1.0", "--max-new-tokens", "2",
-                          "--draws", str(DRAWS), tmp_path=tmp_path, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    tokens = torch.tensor(two["all_tokens"])
+def test_sampling_follows_the_target_and_two_stages_repeat_it(pair):
+    two = _draws(pair, DRAWS, stages=2)
+    tokens = _first_two(two)
     assert _joint_pvalue(pair, tokens) > 1e-3
-    assert two["accepted"] >= 0 and two["segments"] > 0
-    one = _first_two(pair, 100)  # the same seeds in one process: the same tokens (the schedule is fixed)
-    assert one.tolist() == tokens[:100].tolist()
-    accepted = sum(_run(pair, SAMPLED, max_new_tokens=2, temperature=1.0, seed=s).stats.accepted_tokens
-                   for s in range(50))
+    one = _draws(pair, 50)  # the same seeds in one process: the same tokens (the schedule is fixed)
+    assert _first_two(one).tolist() == tokens[:50].tolist()
+    accepted = sum(out.stats.accepted_tokens for out in one)
     assert 10 < accepted < 95  # drafts are accepted and rejected: both branches of the rule are exercised
 
 
 @pytest.mark.slow
 def test_a_wrong_residual_rule_fails_the_same_test(pair, monkeypatch):
     monkeypatch.setattr(flowspec, "DeterministicTreeRule", NoResidual)
-    assert _joint_pvalue(pair, _first_two(pair, DRAWS)) < 1e-6
+    assert _joint_pvalue(pair, _first_two(_draws(pair, DRAWS))) < 1e-6
 
 
 @pytest.mark.parametrize("stages", [2, 3])
-def test_greedy_over_real_stages_equals_hf_generate(tmp_path, stages):
-    proc, result, _ = launch(stages, "--flowspec", "--max-new-tokens", "24", tmp_path=tmp_path)
+def test_greedy_over_stages_equals_hf_generate(pair, stages):
+    [out] = _over_stages(pair, stages, FlowSpecConfig(), collect_stage_stats=True)
+    assert out.sequences[0, len(PROMPT):].tolist() == reference(24)
+    st = out.stats
+    assert st.rounds < 24 and st.killed_in_flight > 0
+    assert len(st.stages) == stages - 1 and all(s[0] > 0 and s[3] > 0 for s in st.stages)  # forwards, tokens
+
+
+def test_greedy_over_real_stages_equals_hf_generate(tmp_path):
+    proc, result, _ = launch(2, "--flowspec", "--max-new-tokens", "24", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert result["tokens"] == reference(24) and result["stages"] == stages
+    assert result["tokens"] == reference(24) and result["stages"] == 2
     assert result["rounds"] < 24 and result["killed_in_flight"] > 0
-    assert len(result["stage_stats"]) == stages - 1
+    assert len(result["stage_stats"]) == 1
 
 
-@pytest.mark.extended  # CI runs the naive pipeline's dead-stage test (tests/test_pipeline.py)
+def test_a_dead_stage_makes_flowspec_raise(pair):
+    target, drafter = pair
+    models = split(target, 3)
+    dies_after(models[2], 3)
+    with pytest.raises(PipelineStageError, match="stage 0 .*: stage 2 ended: RuntimeError: this stage died"):
+        with InProcessPipeline(models, timeout_s=60.0) as pipe:
+            generate(pipe.stage0, torch.tensor([PROMPT]), transport=pipe.transport, vocab_size=VOCAB, drafter=drafter,
+                     max_new_tokens=16)
+
+
+@pytest.mark.extended  # CI runs the naive pipeline's dead-stage launch (tests/test_pipeline.py)
 def test_a_dead_stage_ends_flowspec_with_an_error(tmp_path):
     proc, result, seconds = launch(2, "--flowspec", "--die-after", "3", "--timeout", "10", "--max-new-tokens", "16",
                                    tmp_path=tmp_path, timeout=120)
@@ -127,17 +157,14 @@ def test_bad_input_gets_named_errors(pair):
     with pytest.raises(MethodParameterError, match="max_nodes must be <= 512"):
         FlowSpecConfig(max_nodes=1000)
     with pytest.raises(MethodParameterError, match="batch 1"):
-        generate(target, torch.tensor([PROMPT, PROMPT]), world_size=1, vocab_size=96, drafter=drafter,
-                 max_new_tokens=4)
+        generate(target, torch.tensor([PROMPT, PROMPT]), vocab_size=VOCAB, drafter=drafter, max_new_tokens=4)
     with pytest.raises(MethodParameterError, match="a draft model"):
-        generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter="prompt_lookup",
-                 max_new_tokens=4)
+        generate(target, torch.tensor([PROMPT]), vocab_size=VOCAB, drafter="prompt_lookup", max_new_tokens=4)
     with pytest.raises(MethodParameterError, match="config must be a FlowSpecConfig"):
-        generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter=drafter, config={},
-                 max_new_tokens=4)
+        generate(target, torch.tensor([PROMPT]), vocab_size=VOCAB, drafter=drafter, config={}, max_new_tokens=4)
 
 
-def test_an_eagle_head_reads_the_stages_hidden_states(pair, tmp_path):
+def test_an_eagle_head_reads_the_stages_hidden_states(pair):
     """The stages return the hidden states a feature drafter reads: over 2 stages the head drafts exactly what it
     drafts in one process (same rounds and acceptances), for FlowSpec and for the naive pipelined tree."""
     from mmspec.drafters.feature import FeatureDrafter
@@ -146,19 +173,19 @@ def test_an_eagle_head_reads_the_stages_hidden_states(pair, tmp_path):
     from mmspec.cli.pipeline import _head
 
     target = pair[0]
-    proc, two, _ = launch(2, "--flowspec", "--draft-model", "head", "--max-in-flight", "2", "--max-new-tokens", "24",
-                          tmp_path=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    one = generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, drafter=_head(target, True),
-                   config=FlowSpecConfig(max_in_flight=2), max_new_tokens=24)
-    assert two["tokens"] == one.sequences[0, len(PROMPT):].tolist() == reference(24)
-    assert (two["rounds"], two["accepted"]) == (one.stats.rounds, one.stats.accepted_tokens)
+    config = FlowSpecConfig(max_in_flight=2)
+    ids = torch.tensor([PROMPT])
+    [two] = _over_stages((target, _head(target, True)), 2, config)
+    one = generate(target, ids, vocab_size=VOCAB, drafter=_head(target, True), config=config, max_new_tokens=24)
+    assert two.sequences.tolist() == one.sequences.tolist() and one.sequences[0, len(PROMPT):].tolist() == reference(24)
+    assert (two.stats.rounds, two.stats.accepted_tokens) == (one.stats.rounds, one.stats.accepted_tokens)
     assert one.stats.accepted_tokens > 0
-    proc, naive, _ = launch(2, "--drafter", "truncated-tree", "--draft-model", "head", "--max-new-tokens", "24",
-                            tmp_path=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    head = _head(target, True).head
-    single = run.generate(target, torch.tensor([PROMPT]), world_size=1, vocab_size=96, max_new_tokens=24,
-                          drafter=FeatureDrafter(head, tree=DynamicTree(depth=3, top_k=3, num_nodes=8)))
-    assert naive["tokens"] == reference(24)
-    assert (naive["steps"], naive["accepted"]) == (single.stats.steps, single.stats.accepted_tokens)
+
+    def naive(stage0, transport=None):
+        tree = DynamicTree(depth=3, top_k=3, num_nodes=8)
+        return run.generate(stage0, ids, transport=transport, vocab_size=VOCAB, max_new_tokens=24,
+                            drafter=FeatureDrafter(_head(target, True).head, tree=tree))
+
+    over_two, single = in_process(target, 2, naive), naive(target)
+    assert over_two.sequences[0, len(PROMPT):].tolist() == reference(24)
+    assert (over_two.stats.steps, over_two.stats.accepted_tokens) == (single.stats.steps, single.stats.accepted_tokens)

@@ -1,8 +1,8 @@
 """FlowSpec: continuous pipelined speculative decoding over the stages of :mod:`mmspec.pipeline`.
 
 Paper: Sang et al., "FlowSpec: Continuous Pipelined Speculative Decoding for Efficient Distributed LLM
-Inference" (arXiv 2507.02620). Rank 0 holds stage 0, the drafter and this loop; the stages are those of
-:func:`~mmspec.pipeline.session.serve_stage`.
+Inference" (arXiv 2507.02620). Rank 0 holds stage 0, the drafter and this loop; the stages are
+:class:`~mmspec.pipeline.server.StageServer` s (messages: :mod:`~mmspec.pipeline.protocol`).
 
 Glossary:
     round       one draft tree, grown and verified until a token outside it is emitted; node 0 is the root,
@@ -18,8 +18,8 @@ Glossary:
                 deterministic top-k children). An accepted child becomes the frontier (its subtree may already
                 be in flight); otherwise the target's token ends the round
     prune       nodes outside the frontier's subtree can no longer be accepted: rank 0 stops sending them and
-                tells every stage on a side channel (``kill``), which drops them from segments not forwarded
-                yet; at the end of a round ``COMMIT`` keeps the accepted path in every stage's KV cache
+                tells every stage on the side channel (``Kill``), which drops them from segments not forwarded
+                yet; at the end of a round ``Commit`` keeps the accepted path in every stage's KV cache
     expansion   while segments are in flight the drafter expands the best unexpanded live nodes (top-k
                 children each), so the next segment is ready when a slot frees up
 
@@ -47,8 +47,10 @@ from ..request import prepare_drafter, prepare_request
 from ..rng import RowRandom
 from ..verify.tree import TreeVerifyResult, verify_tree
 from ..verify.tree_rules import DeterministicTreeRule
+from .protocol import MAX_KILL
 from .run import prefill_pipeline
-from .session import MAX_KILL, PipelineSession
+from .session import PipelineSession
+from .transport import Transport, open_transport
 
 
 @dataclass(frozen=True)
@@ -386,13 +388,14 @@ def check_drafter(drafter: Any) -> ModelDrafter:
 
 
 @torch.no_grad()
-def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_size: int, vocab_size: int,
-             drafter: Any, config: FlowSpecConfig = FlowSpecConfig(), max_new_tokens: int,
+def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, vocab_size: int, world_size: int = 1,
+             transport: Transport | None = None, drafter: Any, config: FlowSpecConfig = FlowSpecConfig(), max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, eos_token_id: int | list[int] | None = None,
              attention_mask: torch.Tensor | None = None, collect_stage_stats: bool = False) -> FlowSpecOutput:
     """Rank 0: FlowSpec over the pipelined target (batch 1). ``drafter``: a draft model or
-    :class:`~mmspec.drafters.model.ModelDrafter`; the other arguments as :func:`mmspec.generate`."""
+    :class:`~mmspec.drafters.model.ModelDrafter`; the stages as in :func:`mmspec.pipeline.run.generate`; the other
+    arguments as :func:`mmspec.generate`."""
     if not isinstance(config, FlowSpecConfig):
         raise MethodParameterError(f"config must be a FlowSpecConfig, got {type(config).__name__}")
     request = prepare_request(stage_model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -401,13 +404,15 @@ def generate(stage_model: torch.nn.Module, input_ids: torch.Tensor, *, world_siz
     if request.batch_size != 1:
         raise MethodParameterError(f"FlowSpec decodes one sequence at a time (batch 1), got batch {request.batch_size}")
     drafter = check_drafter(prepare_drafter(drafter, request, num_draft_tokens=1))
-    session = PipelineSession(stage_model, 1, request.device, world_size=world_size, vocab_size=vocab_size)
+    session = PipelineSession(stage_model, 1, request.device, vocab_size=vocab_size,
+                              transport=open_transport(world_size, transport))
     input_ids = request.input_ids
     prefill_pipeline(session, drafter, input_ids, request.attention_mask, request.sampling, request.rng)
     runner = FlowSpecRunner(session, drafter, config, request.sampling, request.rng, request.eos, max_new_tokens)
     out = runner.run(int(input_ids[0, -1]))
     if collect_stage_stats:
         runner.stats.stages = session.stage_stats()
+    session.close()
     seq = torch.cat([input_ids, torch.tensor([out], dtype=torch.long, device=input_ids.device)], dim=1)
     return FlowSpecOutput(sequences=seq, stats=runner.stats, num_generated=[len(out)])
 
