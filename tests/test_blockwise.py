@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -224,7 +225,8 @@ def _examples(target, n=24, length=20, seed=0):
 def test_heads_train_save_and_load_for_another_family(tmp_path):
     target = build("gpt2", layers=2, dtype=torch.float32)
     examples = _examples(target)
-    cfg = BlockwiseTraining(num_heads=2, draft_vocab_size=64, steps=60, positions_per_step=128, lr=3e-3, save_every=20)
+    cfg = BlockwiseTraining(num_heads=2, draft_vocab_size=64, positions_per_step=128,
+                            loop=replace(BlockwiseTraining.loop, steps=60, lr=3e-3, save_every=20))
     summary = train_blockwise_heads(target, examples, tmp_path, config=cfg, progress=False, holdout=4)
     assert summary["steps"] == 60 and len(summary["heldout_top1_per_head"]) == 2
     assert (tmp_path / "blockwise_config.json").is_file() and (tmp_path / "train_state.pt").is_file()

@@ -2,6 +2,7 @@
 proposals. Greedy output equals standard collaborative decoding (argmax r, recomputed cache-free here);
 sampled output follows r by chi-square on 100 000 draws, and verifying against p_1 instead of r fails it."""
 
+import dataclasses
 import math
 
 import pytest
@@ -264,13 +265,13 @@ def test_domain_lora_trains_resumes_and_merges(tmp_path):
     from tiny_tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    cfg = DomainTraining(rank=4, alpha=8, seq_len=32, batch_size=4, steps=6, max_chars=20_000, save_every=2, lr=3e-3)
+    cfg = DomainTraining(rank=4, alpha=8, seq_len=32, batch_size=4, max_chars=20_000,
+                         loop=dataclasses.replace(DomainTraining.loop, steps=6, save_every=2, lr=3e-3))
     model = build("llama", vocab=len(tok), seed=0, dtype=torch.float32)
     first = train_domain_lora(model, tok, "code", tmp_path, config=cfg, progress=False, minutes=0.0)
     assert first["steps"] == 0 and not first["finished"]  # out of time before the first step
-    import dataclasses
     train_domain_lora(build("llama", vocab=len(tok), seed=0, dtype=torch.float32), tok, "code", tmp_path,
-                      config=dataclasses.replace(cfg, steps=3), progress=False)
+                      config=dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, steps=3)), progress=False)
     summary = train_domain_lora(build("llama", vocab=len(tok), seed=0, dtype=torch.float32), tok, "code", tmp_path,
                                 config=cfg, progress=False)
     assert summary["steps"] == 6 and summary["finished"]  # the rerun continued

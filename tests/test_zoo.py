@@ -281,7 +281,7 @@ def test_training_resumes_exactly_where_it_stopped(tmp_path):
             return (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
         return fn
 
-    budget = training.StageBudget(steps=6, warmup=2, save_every=2)
+    budget = training.zoo_stage(steps=6, lr=1e-3, warmup=2, weight_decay=0.0, save_every=2)
     ref = make()
     res = training.run_stage("lin", ref, loss_for(ref), budget, tmp_path / "a", progress=False)
     assert res.finished and res.steps_done == 6

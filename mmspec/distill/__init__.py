@@ -8,6 +8,8 @@ Glossary:
               ``blockwise_config.json``); re-running the same command continues
     budget    ``minutes`` for the whole job: the data takes up to ``data_share`` of it (the target's own
               answers first, teacher-forced documentation in what is left), training the rest
+    loop      every trainer here (and the zoo's) trains through :func:`mmspec.distill.loop.train_loop`,
+              with its settings written out in a :class:`~mmspec.distill.loop.LoopConfig`
 """
 
 from __future__ import annotations
@@ -16,6 +18,14 @@ import json
 import time
 from pathlib import Path
 from typing import Any
+
+from ..drafters.blockwise import BlockwiseDrafter
+from ..drafters.feature import FeatureDrafter
+from ..heads.blockwise import BlockwiseHeads
+from ..heads.eagle3 import Eagle3Head
+from . import train_head, train_model  # the modules (their functions of the same names would shadow them)
+from .data import build_dataset, build_forced_dataset, load_examples
+from .train_blockwise import BlockwiseTraining, train_blockwise_heads
 
 KINDS = ("head", "model", "heads")
 
@@ -27,10 +37,6 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     """Build self-distillation data from ``model``'s answers, then train a drafter of ``kind``
     (``"head"``: EAGLE-3 head, ``"model"``: a distilled ``num_layers`` drafter LM, ``"heads"``: ``num_heads``
     blockwise parallel heads) into ``out``."""
-    from .data import build_dataset, build_forced_dataset, load_examples
-    from .train_head import HeadTraining, train_head
-    from .train_model import train_model_drafter
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not minutes > 0:
@@ -48,17 +54,16 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     examples = load_examples(data)
     left = max(minutes - (time.time() - t0) / 60, 0.05)
     if kind == "head":
-        summary = train_head(model, examples, out, config=HeadTraining(draft_vocab_size=draft_vocab_size, seed=seed),
-                             minutes=left, tokenizer=tokenizer, progress=progress)
+        config = train_head.HeadTraining(draft_vocab_size=draft_vocab_size, seed=seed)
+        summary = train_head.train_head(model, examples, out, config=config, minutes=left, tokenizer=tokenizer,
+                                        progress=progress)
     elif kind == "heads":
-        from .train_blockwise import BlockwiseTraining, train_blockwise_heads
-
         summary = train_blockwise_heads(model, examples, out, config=BlockwiseTraining(
             num_heads=num_heads, draft_vocab_size=draft_vocab_size, seed=seed), minutes=left, tokenizer=tokenizer,
             progress=progress)
     else:
-        summary = train_model_drafter(model, examples, out, num_layers=num_layers, minutes=left, seed=seed,
-                                      progress=progress)
+        summary = train_model.train_model_drafter(model, examples, out, num_layers=num_layers, minutes=left,
+                                                  seed=seed, progress=progress)
     summary = {"kind": kind, "data_examples": len(examples), "minutes": round((time.time() - t0) / 60, 2), **summary}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -70,18 +75,10 @@ def load_drafter(folder: str | Path, target: Any, **kwargs: Any):
     to ``target``."""
     folder = Path(folder)
     if (folder / "head_config.json").is_file():
-        from ..drafters.feature import FeatureDrafter
-        from ..heads.eagle3 import Eagle3Head
-
         return FeatureDrafter(Eagle3Head.load(folder, target, dtype=next(target.parameters()).dtype), **kwargs)
     if (folder / "blockwise_config.json").is_file():
-        from ..drafters.blockwise import BlockwiseDrafter
-        from ..heads.blockwise import BlockwiseHeads
-
         return BlockwiseDrafter(BlockwiseHeads.load(folder, target, dtype=next(target.parameters()).dtype), **kwargs)
     if (folder / "drafter.safetensors").is_file():
-        from .train_model import load_model_drafter
-
-        return load_model_drafter(folder, target)
+        return train_model.load_model_drafter(folder, target)
     raise FileNotFoundError(f"no trained drafter at {folder} (head_config.json, blockwise_config.json or "
                             "drafter.safetensors)")

@@ -26,6 +26,8 @@ import inspect
 import pkgutil
 import random
 import re
+import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..heads.eagle3 import feature_layers
+from ..pretrained import chat_inputs
 
 _TEMPLATES = (
     "Explain in simple terms what this means: {s}",
@@ -53,8 +56,6 @@ _WORD = re.compile(r"^[a-z]{4,12}$")
 
 def _docstrings(limit_modules: int = 400) -> list[tuple[str, str, str]]:
     """(module, function, docstring) from the standard library (no imports with side effects)."""
-    import sys
-
     out = []
     names = sorted(m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names
                    and not m.name.startswith("_") and m.name not in {"antigravity", "this", "idlelib", "tkinter", "turtle",
@@ -106,8 +107,6 @@ def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers
 def generate_examples(model: Any, tokenizer: Any, prompts: list[str], *, max_new_tokens: int = 160,
                       temperature: float = 0.0, seed: int = 0) -> list[dict]:
     """The target's answers to ``prompts`` (one batch) and its features along prompt + answer."""
-    from ..pretrained import chat_inputs
-
     enc = chat_inputs(tokenizer, prompts)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     torch.manual_seed(seed)
@@ -139,8 +138,6 @@ def build_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompt
                   progress: bool = True) -> Path:
     """Write shards of self-distillation examples to ``out_dir`` (resumable; every other batch sampled
     at temperature 0.7 for variety, the rest greedy); stops after ``minutes`` with what it has."""
-    import time
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     prompts = prompt_bank(num_prompts, seed)
@@ -171,8 +168,6 @@ _ASK = ("Explain the following documentation.", "What does this part of the docu
 def forced_examples(model: Any, tokenizer: Any, texts: list[str], *, seed: int = 0, max_len: int = 256) -> list[dict]:
     """Teacher-forced conversations: a question, and ``texts`` as the assistant's answers (the target's
     features and distributions along text it did not write; cheap: one forward, no generation)."""
-    from ..pretrained import chat_inputs
-
     rng = random.Random(seed)
     convs = []
     for text in texts:
@@ -196,8 +191,6 @@ def build_forced_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num
                          batch_size: int = 16, seed: int = 0, minutes: float = float("inf"),
                          progress: bool = True) -> Path:
     """Shards ``forced_XXXXX.pt`` of teacher-forced stdlib documentation (resumable, stops after ``minutes``)."""
-    import time
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
@@ -225,6 +218,24 @@ def load_examples(data_dir: str | Path) -> list[dict]:
         for shard in sorted(Path(data_dir).glob(pattern)):
             examples.extend(torch.load(shard))
     return examples
+
+
+def usable_examples(examples: list[dict], holdout: int, what: str) -> list[dict]:
+    """The examples a trainer can score (at least 4 tokens, an answer token); more than ``holdout`` of them or
+    a ``ValueError`` saying what could not be done (``what``: "train a head", ...)."""
+    examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
+    if len(examples) <= holdout:
+        raise ValueError(f"need more than {holdout} usable examples to {what}, got {len(examples)}")
+    return examples
+
+
+def split_heldout(examples: list[dict], holdout: int, seed: int, what: str) -> tuple[list[dict], list[dict]]:
+    """(held-out, training): the :func:`usable_examples`, ``holdout`` of them drawn for held-out scoring (a pure
+    function of ``seed``)."""
+    examples = usable_examples(examples, holdout, what)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
 
 
 def iter_token_counts(examples: list[dict]) -> Iterator[torch.Tensor]:

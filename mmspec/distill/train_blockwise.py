@@ -13,24 +13,29 @@ Glossary:
     scored       head i at t is scored when t + 1 + i is an answer token of the same example
     accuracy     per head, how often its top token is the teacher's top token: the chance a chain of one
                  head's guesses survives greedy verification at that depth, given a correct prefix
-    run dir      ``out/train_state.pt`` (heads + optimiser + step) while training, re-running continues; the
-                 finished heads are ``out/blockwise.safetensors`` + ``out/blockwise_config.json``, and
-                 ``out/corpus.safetensors`` keeps the training answers' tokens (local text for n-gram rescoring)
+    run dir      ``out/train_state.pt`` (the loop's checkpoint: heads + optimiser + step, and the heads' config
+                 and draft-vocabulary coverage) while training, re-running continues; the finished heads are
+                 ``out/blockwise.safetensors`` + ``out/blockwise_config.json``, and ``out/corpus.safetensors``
+                 keeps the training answers' tokens (local text for n-gram rescoring)
+    loop         :func:`mmspec.distill.loop.train_loop` with ``BlockwiseTraining.loop``: warm-up + cosine to
+                 10 %, AdamW betas (0.9, 0.95) without weight decay, gradient norm clipped to 1, a save every
+                 50 steps; a step scores ``positions_per_step`` positions drawn from (seed, step)
 """
 
 from __future__ import annotations
 
-import math
-import random
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_file, save_file
 
+from ..drafters.lattice_rescoring import SEPARATOR, NGramModel
 from ..heads.blockwise import BlockwiseConfig, BlockwiseHeads
+from .data import split_heldout
+from .loop import LoopConfig, read_checkpoint, step_seed, train_loop
+from .train_head import draft_vocabulary
 
 CORPUS_NAME = "corpus.safetensors"
 
@@ -42,11 +47,9 @@ class BlockwiseTraining:
     draft_vocab_size: int = 4096
     teacher_top: int = 8
     positions_per_step: int = 512
-    lr: float = 1e-3
-    warmup: int = 20
-    steps: int = 1500
     seed: int = 0
-    save_every: int = 50
+    loop: LoopConfig = LoopConfig(steps=1500, lr=1e-3, warmup=20, schedule="cosine", betas=(0.9, 0.95),
+                                  weight_decay=0.0, clip_norm=1.0, save_every=50)
 
 
 class FlatData(NamedTuple):
@@ -113,78 +116,40 @@ def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path
                           tokenizer: Any = None, progress: bool = True, holdout: int = 16) -> dict:
     """Train (or continue training) blockwise heads for ``target`` on ``examples`` (dicts with ``tokens``,
     ``loss_mask`` and ``final``, as :mod:`mmspec.distill.data` writes them); returns a summary dict."""
-    from .train_head import draft_vocabulary, lr_at
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
-    if len(examples) <= holdout:
-        raise ValueError(f"need more than {holdout} usable examples to train heads, got {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(config.seed).shuffle(order)
-    held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+    held, train = split_heldout(examples, holdout, config.seed, "train heads")
     state_path = out / "train_state.pt"
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        heads = BlockwiseHeads(BlockwiseConfig(**state["config"]), d2t=state["d2t"])
-        heads.load_state_dict(state["heads"])
+    state = read_checkpoint(state_path)
+    if state is not None:  # the loop loads the weights; the architecture and draft vocabulary come from here
+        heads = BlockwiseHeads(BlockwiseConfig(**state["config"]), d2t=state["model"]["d2t"])
         cov = state["coverage"]
     else:
         d2t, cov = draft_vocabulary(target, train, config.draft_vocab_size, tokenizer)
         heads = BlockwiseHeads(BlockwiseConfig.from_target(target, num_heads=config.num_heads,
                                                            draft_vocab_size=int(d2t.numel()),
                                                            num_layers=config.num_layers), d2t=d2t)
-        state = None
     heads.attach(target)
-    heads.train()
     data = flatten_examples(train, heads._lm_weight, config.teacher_top)
     starts = _scored_starts(data)
     if starts.numel() == 0:
         raise ValueError("no example has an answer token two positions after another token: nothing to score")
-    params = [p for p in heads.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    step = 0
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
 
-    def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"config": asdict(heads.config), "d2t": heads.d2t, "heads": heads.state_dict(),
-                    "opt": opt.state_dict(), "step": step, "coverage": cov}, tmp)
-        tmp.rename(state_path)
-
-    t0 = time.time()
-    bar = tqdm(total=config.steps, initial=step, desc="train blockwise heads", unit="step", disable=not progress)
-    ema, accs = None, None
-    while step < config.steps and (time.time() - t0) / 60 < minutes:
-        g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # batch = f(seed, step)
+    def loss_fn(step: int):
+        g = torch.Generator().manual_seed(step_seed(config.seed, step))
         pick = starts[torch.randint(starts.numel(), (min(config.positions_per_step, starts.numel()),), generator=g)]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
         loss, acc = blockwise_loss(heads, data, pick)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        value = float(loss.detach())
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        accs = acc if accs is None else [b if math.isnan(a) else 0.95 * a + 0.05 * b for a, b in zip(accs, acc)]
-        bar.set_postfix(loss=f"{ema:.3f}", acc="/".join(f"{a:.2f}" for a in accs))
-        bar.update(1)
-        if step % config.save_every == 0:
-            save_state()
-    bar.close()
-    save_state()
-    heads.eval()
+        return loss, {"acc": acc}
+
+    res = train_loop("train blockwise heads", heads, loss_fn, config.loop, state_path, minutes=minutes,
+                     progress=progress, extra={"config": asdict(heads.config), "coverage": cov}, state=state)
     held_data = flatten_examples(held, heads._lm_weight, config.teacher_top)
     held_starts = _scored_starts(held_data)
     with torch.no_grad():
         _, held_acc = blockwise_loss(heads, held_data, held_starts) if held_starts.numel() else (None, [])
-    summary = {"steps": step, "finished": step >= config.steps, "num_heads": heads.num_heads,
+    summary = {"steps": res.steps_done, "finished": res.finished, "num_heads": heads.num_heads,
                "draft_vocab_size": int(heads.d2t.numel()), "draft_vocab_coverage": round(cov, 4),
-               "heldout_top1_per_head": [round(a, 4) for a in held_acc], "train_loss_ema": ema,
+               "heldout_top1_per_head": [round(a, 4) for a in held_acc], "train_loss_ema": res.final_loss,
                "examples": len(train), "heldout_examples": len(held), "train_positions": int(starts.numel())}
     heads.save(out, extra={"training": summary})
     save_corpus(out, train)
@@ -194,10 +159,6 @@ def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path
 def save_corpus(folder: str | Path, examples: list[dict]) -> Path:
     """``corpus.safetensors``: the answer tokens of ``examples`` as one int32 table, documents separated by -1
     (local text for :class:`~mmspec.drafters.lattice_rescoring.NGramRescorer`, see :func:`load_corpus_ngram`)."""
-    from safetensors.torch import save_file
-
-    from ..drafters.lattice_rescoring import SEPARATOR
-
     parts = []
     for ex in examples:
         answer = ex["tokens"][ex["loss_mask"].bool()]
@@ -211,10 +172,6 @@ def save_corpus(folder: str | Path, examples: list[dict]) -> Path:
 
 def load_corpus_ngram(folder: str | Path, vocab_size: int, order: int = 3):
     """The n-gram model of a heads folder's ``corpus.safetensors`` (a table passed to the rescorer, built once)."""
-    from safetensors.torch import load_file
-
-    from ..drafters.lattice_rescoring import NGramModel
-
     path = Path(folder) / CORPUS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no n-gram corpus at {path}")

@@ -9,24 +9,38 @@ Glossary:
     window         ``seq_len`` consecutive tokens of the stream; a batch is ``batch_size`` windows at offsets
                    drawn from (seed, step), so a rerun continues with the same batches
     held-out loss  next-token cross-entropy on windows of the held-out sources, before and after training
-    run dir        ``out/train_state.pt`` (adapter + optimiser + step) while training, a rerun continues;
-                   finished: ``out/adapter_model.safetensors`` + ``adapter_config.json`` (peft) +
-                   ``domain_info.json``; :func:`load_domain_model` merges the adapter into a base model
+    run dir        ``out/train_state.pt`` (the loop's checkpoint: adapter + optimiser + step, and the
+                   config) while training, a rerun continues; finished: ``out/adapter_model.safetensors`` +
+                   ``adapter_config.json`` (peft) + ``domain_info.json``; :func:`load_domain_model` merges the
+                   adapter into a base model
+    loop           :func:`mmspec.distill.loop.train_loop` with ``DomainTraining.loop``: warm-up + cosine to
+                   10 %, AdamW betas (0.9, 0.95) without weight decay, gradient norm clipped to 1, a save every
+                   10 steps
+
+peft is imported inside the two functions that use it: it takes seconds to import, and
+:mod:`mmspec.zoo.smollm2` imports this module for :func:`load_domain_model` alone.
 """
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import json
+import os
 import random
-import time
-from dataclasses import asdict, dataclass
+import re
+import shutil
+import subprocess
+import sysconfig
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_file, save_file
 
-from .train_head import lr_at
+from ..pretrained import load_causal_lm
+from .loop import LoopConfig, Weights, step_seed, train_loop
 
 DOMAINS = ("code", "german")
 #: sources the benchmarks prompt with (never trained on)
@@ -40,18 +54,14 @@ class DomainTraining:
     alpha: int = 32
     seq_len: int = 128
     batch_size: int = 8
-    lr: float = 4e-4
-    warmup: int = 10
-    steps: int = 300  # the schedule's length (``minutes`` may stop earlier; a rerun continues)
     max_chars: int = 3_000_000  # corpus text read (enough for far more tokens than the schedule uses)
     seed: int = 0
-    save_every: int = 10
+    loop: LoopConfig = LoopConfig(steps=300, lr=4e-4, warmup=10, schedule="cosine", betas=(0.9, 0.95),
+                                  weight_decay=0.0, clip_norm=1.0, save_every=10)
 
 
 def domain_texts(domain: str, *, held_out: bool = False, max_chars: int = 3_000_000) -> list[str]:
     """The domain's documents on this machine (``held_out``: only the benchmarks' sources, else all others)."""
-    import sysconfig
-
     if domain not in DOMAINS:
         raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     keep = HELD_OUT[domain]
@@ -92,12 +102,6 @@ def domain_texts(domain: str, *, held_out: bool = False, max_chars: int = 3_000_
 def render_man_page(path: str | Path) -> str:
     """A gzipped man page as plain text: ``man -l`` when the machine has it, else the troff source with its
     requests and font escapes stripped."""
-    import gzip
-    import os
-    import re
-    import shutil
-    import subprocess
-
     if shutil.which("man"):
         out = subprocess.run(["man", "-l", str(path)], capture_output=True, text=True,
                              env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": "0"})
@@ -150,46 +154,18 @@ def train_domain_lora(model: Any, tokenizer: Any, domain: str, out_dir: str | Pa
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
                                                   target_modules=targets, task_type="CAUSAL_LM"))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    state_path = out / "train_state.pt"
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        set_peft_model_state_dict(peft_model, state["adapter"])
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
 
-    def save_state() -> None:
-        torch.save({"adapter": get_peft_model_state_dict(peft_model), "opt": opt.state_dict(), "step": step,
-                    "config": asdict(config)}, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").rename(state_path)
-
-    peft_model.train()
-    t0 = time.time()
-    bar = tqdm(total=config.steps, initial=step, desc=f"LoRA on {domain}", unit="step", disable=not progress)
-    ema = None
-    while step < config.steps and (time.time() - t0) / 60 < minutes:
-        g = random.Random(config.seed * 1_000_003 + step)  # the batch is a pure function of (seed, step)
+    def loss_fn(step: int) -> torch.Tensor:
+        g = random.Random(step_seed(config.seed, step))
         offsets = [g.randrange(stream.numel() - config.seq_len) for _ in range(config.batch_size)]
         batch = _windows(stream, offsets, config.seq_len)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss = peft_model(input_ids=batch, labels=batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        value = loss.item()
-        ema = value if ema is None else 0.95 * ema + 0.05 * value
-        bar.set_postfix(loss=f"{ema:.3f}")
-        bar.update(1)
-        if step % config.save_every == 0:
-            save_state()
-    bar.close()
-    save_state()
-    summary = {"domain": domain, "steps": step, "finished": step >= config.steps, "train_loss_ema": ema,
+        return peft_model(input_ids=batch, labels=batch).loss
+
+    weights = Weights(lambda: get_peft_model_state_dict(peft_model),
+                      lambda sd: set_peft_model_state_dict(peft_model, sd))
+    res = train_loop(f"LoRA on {domain}", peft_model, loss_fn, config.loop, out / "train_state.pt", minutes=minutes,
+                     progress=progress, weights=weights, extra={"config": asdict(config)})
+    summary = {"domain": domain, "steps": res.steps_done, "finished": res.finished, "train_loss_ema": res.final_loss,
                "heldout_loss_base": round(base_loss, 4), "heldout_loss": round(heldout_loss(peft_model, held, config.seq_len), 4),
                "train_tokens": int(stream.numel()), "config": asdict(config)}
     peft_model.save_pretrained(out)
@@ -201,8 +177,6 @@ def train_domain_lora(model: Any, tokenizer: Any, domain: str, out_dir: str | Pa
 
 def _to_half(path: Path) -> None:
     """Store the adapter in float16 (half the size; merged into the base in its own dtype)."""
-    from safetensors.torch import load_file, save_file
-
     save_file({k: v.half().contiguous() for k, v in load_file(str(path)).items()}, str(path))
 
 
@@ -219,20 +193,16 @@ def load_domain_model(folder: str | Path, base: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mmspec.distill.train_domain --domain code --out DIR``: LoRA-adapt SmolLM2 (or ``--base``)."""
-    import argparse
-
-    from ..pretrained import load_causal_lm
-
     ap = argparse.ArgumentParser(prog="python -m mmspec.distill.train_domain", description=main.__doc__)
     ap.add_argument("--domain", choices=DOMAINS, required=True)
     ap.add_argument("--out", required=True, help="run directory (a rerun continues)")
     ap.add_argument("--base", default="smollm2", help="the model to adapt (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--steps", type=int, default=DomainTraining.steps)
+    ap.add_argument("--steps", type=int, default=DomainTraining.loop.steps)
     args = ap.parse_args(argv)
     model, tokenizer = load_causal_lm(args.base)
-    summary = train_domain_lora(model, tokenizer, args.domain, args.out, minutes=args.minutes,
-                                config=DomainTraining(steps=args.steps))
+    config = DomainTraining(loop=replace(DomainTraining.loop, steps=args.steps))
+    summary = train_domain_lora(model, tokenizer, args.domain, args.out, minutes=args.minutes, config=config)
     print(json.dumps(summary))
     return 0
 

@@ -3,32 +3,33 @@
 Paper: Li et al., EAGLE-3 (arXiv 2503.01840); the draft vocabulary is FR-Spec's (arXiv 2502.14856).
 
 Glossary:
-    teacher      the target's distribution at each position, restricted to the draft vocabulary and
-                 renormalised: softmax(final @ lm_head[d2t].T)
-    TTT step j   the head run on its own hidden states j times (:meth:`Eagle3Head.forward_ttt`); its row t
-                 predicts token t + j + 2, scored by soft cross-entropy against the teacher there, weighted
-                 ``step_decay ** j``; only answer tokens are scored
-    accuracy     per step, how often the head's top draft token equals the target's top token (full
-                 vocabulary): the chain acceptance the head would reach at that depth, given the prefix
-    run dir      ``out/train_state.pt`` (head + optimiser + step) while training; re-running continues;
-                 the finished head is ``out/head.safetensors`` + ``out/head_config.json``
+    TTT loss     EAGLE-3's training-time test (:func:`mmspec.heads.ttt.ttt_loss`, whose glossary defines the
+                 teacher, the TTT steps j weighted ``step_decay ** j`` and the accuracy per step) on a batch of
+                 ``batch_size`` examples drawn from (seed, step)
+    draft vocab  FR-Spec's: the ``draft_vocab_size`` most frequent tokens of the training examples, EOS and
+                 the special tokens always in (:func:`draft_vocabulary`); coverage: the share of answer tokens
+                 inside it
+    run dir      ``out/train_state.pt`` (the loop's checkpoint: head + optimiser + step, and the head's
+                 config and draft-vocabulary coverage) while training; re-running continues; the finished
+                 head is ``out/head.safetensors`` + ``out/head_config.json``
+    loop         :func:`mmspec.distill.loop.train_loop` with ``HeadTraining.loop``: warm-up + cosine to 10 %,
+                 AdamW betas (0.9, 0.95) without weight decay, gradient norm clipped to 1, a save every 25 steps
 """
 
 from __future__ import annotations
 
-import math
 import random
-import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..heads.eagle3 import Eagle3Config, Eagle3Head, feature_layers
-from ..heads.ttt import make_batch, ttt_loss
 from ..heads.frspec import count_tokens, coverage, rank_vocabulary
+from ..heads.ttt import make_batch, ttt_loss
+from .data import split_heldout, usable_examples
+from .loop import LoopConfig, read_checkpoint, step_seed, train_loop
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,9 @@ class HeadTraining:
     step_decay: float = 0.8
     batch_size: int = 8
     max_len: int = 256
-    lr: float = 5e-4
-    warmup: int = 20
-    steps: int = 2000  # the schedule's length (``minutes`` may stop earlier; a rerun continues)
     seed: int = 0
-    save_every: int = 25
-
-
-def lr_at(step: int, cfg: Any) -> float:
-    """Linear warm-up then cosine decay to 10 % (``cfg``: any training config with lr, warmup and steps)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+    loop: LoopConfig = LoopConfig(steps=2000, lr=5e-4, warmup=20, schedule="cosine", betas=(0.9, 0.95),
+                                  weight_decay=0.0, clip_norm=1.0, save_every=25)
 
 
 def draft_vocabulary(target: Any, examples: list[dict], size: int, tokenizer: Any = None) -> tuple[torch.Tensor, float]:
@@ -75,85 +66,43 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
-    if len(examples) <= holdout:
-        raise ValueError(f"need more than {holdout} usable examples to train a head, got {len(examples)}")
     if heldout_examples is not None:
-        held, train = list(heldout_examples), examples
+        held, train = list(heldout_examples), usable_examples(examples, holdout, "train a head")
     else:
-        rng = random.Random(config.seed)
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+        held, train = split_heldout(examples, holdout, config.seed, "train a head")
     state_path = out / "train_state.pt"
-    layers = tuple(int(x) for x in _layers_of(examples, target))
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        head = Eagle3Head(Eagle3Config(**state["config"]), d2t=state["d2t"])
-        head.load_state_dict(state["head"])
+    state = read_checkpoint(state_path)
+    if state is not None:  # the loop loads the weights; the architecture and draft vocabulary come from here
+        head = Eagle3Head(Eagle3Config(**state["config"]), d2t=state["model"]["d2t"])
         cov = state["coverage"]
     elif init is not None:
         head = init
         answers = count_tokens((ex["tokens"][ex["loss_mask"]] for ex in train), head.config.target_vocab_size)
         cov = coverage(answers, head.d2t)
-        state = None
     else:
         d2t, cov = draft_vocabulary(target, train, config.draft_vocab_size, tokenizer)
-        head = Eagle3Head(Eagle3Config.from_target(target, len(d2t), layers), d2t=d2t)
+        head = Eagle3Head(Eagle3Config.from_target(target, len(d2t), _feature_layers(target)), d2t=d2t)
         head.init_from_target(target)
-        state = None
     head.attach(target)
-    head.train()
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    step = 0
-    if state is not None:
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
-    t0 = time.time()
-    bar = tqdm(total=config.steps, initial=step, desc="train head (TTT)", unit="step", disable=not progress)
-    ema, accs = None, None
 
-    def save_state() -> None:
-        from dataclasses import asdict
-
-        cfg = asdict(head.config)
-        torch.save({"config": cfg, "d2t": head.d2t, "head": head.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "coverage": cov}, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").rename(state_path)
-
-    while step < config.steps and (time.time() - t0) / 60 < minutes:
-        g = random.Random(config.seed * 1_000_003 + step)  # the batch is a pure function of (seed, step)
+    def loss_fn(step: int):
+        g = random.Random(step_seed(config.seed, step))
         idx = [g.randrange(len(train)) for _ in range(config.batch_size)]
-        batch = make_batch(train, idx, config.max_len)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, config)
-        loss, acc = ttt_loss(head, batch, config.ttt_steps, config.step_decay)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        loss = float(loss.detach())
-        ema = loss if ema is None else 0.95 * ema + 0.05 * loss
-        accs = acc if accs is None else [0.95 * a + 0.05 * b for a, b in zip(accs, acc)]
-        bar.set_postfix(loss=f"{ema:.3f}", acc="/".join(f"{a:.2f}" for a in accs))
-        bar.update(1)
-        if step % config.save_every == 0:
-            save_state()
-    bar.close()
-    save_state()
-    head.eval()
+        loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len), config.ttt_steps, config.step_decay)
+        return loss, {"acc": acc}
+
+    res = train_loop("train head (TTT)", head, loss_fn, config.loop, state_path, minutes=minutes, progress=progress,
+                     extra={"config": asdict(head.config), "coverage": cov}, state=state)
     with torch.no_grad():
         _, held_acc = ttt_loss(head, make_batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
                                config.step_decay)
-    summary = {"steps": step, "finished": step >= config.steps, "draft_vocab_size": int(head.d2t.numel()),
+    summary = {"steps": res.steps_done, "finished": res.finished, "draft_vocab_size": int(head.d2t.numel()),
                "draft_vocab_coverage": round(cov, 4), "heldout_top1_per_step": [round(a, 4) for a in held_acc],
-               "train_loss_ema": ema, "examples": len(train), "heldout_examples": len(held)}
+               "train_loss_ema": res.final_loss, "examples": len(train), "heldout_examples": len(held)}
     head.save(out, extra={"training": summary})
     return summary
 
 
-def _layers_of(examples: list[dict], target: Any) -> tuple[int, int, int]:
+def _feature_layers(target: Any) -> tuple[int, int, int]:
     return feature_layers(target.config.get_text_config().num_hidden_layers
                           if hasattr(target.config, "get_text_config") else target.config.num_hidden_layers)

@@ -13,6 +13,11 @@ Glossary:
     saved        ``drafter.safetensors`` (the student's own weights in float16) + ``config.json`` (the
                  cut target config) + ``drafter_info.json``; :func:`load_model_drafter` rebuilds a normal
                  HF causal LM around the target's embedding and head
+    run dir      ``out/train_state.pt`` (the loop's checkpoint: the student's own weights + optimiser + step)
+                 while training; re-running continues
+    loop         :func:`mmspec.distill.loop.train_loop` with ``MODEL_LOOP``: a 20-step warm-up ramp times a
+                 linear decay to 10 % over the run (``schedule="linear"``), AdamW betas (0.9, 0.95) with
+                 weight decay 0.01, gradient norm clipped to 1, a save every 25 steps
 """
 
 from __future__ import annotations
@@ -20,14 +25,20 @@ from __future__ import annotations
 import copy
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..heads.ttt import make_batch
+from .data import split_heldout
+from .loop import LoopConfig, Weights, step_seed, train_loop
+
+#: the distilled drafter LM's loop (its own schedule: the warm-up ramp times a linear decay over the run)
+MODEL_LOOP = LoopConfig(steps=1000, lr=3e-4, warmup=20, schedule="linear", betas=(0.9, 0.95), weight_decay=0.01,
+                        clip_norm=1.0, save_every=25)
 
 
 def _layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
@@ -69,9 +80,6 @@ def own_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The distilled drafter as a HF causal LM around ``target``'s embedding and head."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
     if not (folder / "drafter.safetensors").is_file():
         raise FileNotFoundError(f"no distilled drafter at {folder} (drafter.safetensors missing)")
@@ -112,39 +120,17 @@ def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: to
 
 
 def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, *, num_layers: int = 2,
-                        minutes: float = float("inf"), steps: int = 1000, batch_size: int = 4, max_len: int = 256,
-                        lr: float = 3e-4, seed: int = 0, progress: bool = True, holdout: int = 16) -> dict:
+                        minutes: float = float("inf"), loop: LoopConfig = MODEL_LOOP, batch_size: int = 4,
+                        max_len: int = 256, seed: int = 0, progress: bool = True, holdout: int = 16) -> dict:
     """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary."""
-    from safetensors.torch import save_file
-
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    examples = [e for e in examples if e["tokens"].shape[0] >= 4 and bool(e["loss_mask"].any())]
-    if len(examples) <= holdout:
-        raise ValueError(f"need more than {holdout} usable examples to distil a drafter, got {len(examples)}")
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    held, train = [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+    held, train = split_heldout(examples, holdout, seed, "distil a drafter")
     student = cut_model(target, num_layers)
-    state_path = out / "train_state.pt"
     shared = _shared_names(student)
-    params = [p for n, p in student.named_parameters() if n not in shared]
     for n, p in student.named_parameters(remove_duplicate=False):
-        p.requires_grad_(n not in shared)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95))
-    step = 0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
-        student.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["opt"])
-        step = state["step"]
+        p.requires_grad_(n not in shared)  # the target's embedding and head stay frozen
     head_w = target.get_output_embeddings().weight.detach().float()
-    student.train()
-
-    def save_state() -> None:
-        torch.save({"model": own_state(student), "opt": opt.state_dict(), "step": step}, state_path.with_suffix(".tmp"))
-        state_path.with_suffix(".tmp").rename(state_path)
 
     def loss_of(batch) -> tuple[torch.Tensor, float]:
         tokens, valid, lmask, final, pos = batch.tokens, batch.valid, batch.loss_mask, batch.final, batch.positions
@@ -156,39 +142,22 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
         loss = -(teacher * lg.log_softmax(-1)).sum(-1).mean()
         return loss, float((lg.argmax(-1) == teacher.argmax(-1)).float().mean())
 
-    t0 = time.time()
-    bar = tqdm(total=steps, initial=step, desc=f"distil {num_layers}-layer drafter", unit="step", disable=not progress)
-    ema = acc_ema = None
+    def loss_fn(step: int):
+        g = random.Random(step_seed(seed, step))
+        loss, acc = loss_of(make_batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len))
+        return loss, {"top1": acc}
+
+    weights = Weights(lambda: own_state(student), lambda sd: student.load_state_dict(sd, strict=False))
     try:
-        while step < steps and (time.time() - t0) / 60 < minutes:
-            g = random.Random(seed * 1_000_003 + step)
-            batch = make_batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len)
-            frac = step / max(steps, 1)
-            for group in opt.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * (1 - frac))
-            loss, acc = loss_of(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            lv = float(loss.detach())
-            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-            acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
-            bar.set_postfix(loss=f"{ema:.3f}", top1=f"{acc_ema:.2f}")
-            bar.update(1)
-            if step % 25 == 0:
-                save_state()
+        res = train_loop(f"distil {num_layers}-layer drafter", student, loss_fn, loop, out / "train_state.pt",
+                         minutes=minutes, progress=progress, weights=weights)
     finally:
         for p in target.parameters():
             p.requires_grad_(True)
-    bar.close()
-    save_state()
-    student.eval()
     with torch.no_grad():
         _, held_acc = loss_of(make_batch(held, list(range(len(held))), max_len))
-    summary = {"steps": step, "finished": step >= steps, "num_layers": num_layers, "heldout_top1": round(held_acc, 4),
-               "train_loss_ema": ema, "examples": len(train)}
+    summary = {"steps": res.steps_done, "finished": res.finished, "num_layers": num_layers,
+               "heldout_top1": round(held_acc, 4), "train_loss_ema": res.final_loss, "examples": len(train)}
     save_file({k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
                for k, v in own_state(student).items()}, str(out / "drafter.safetensors"))
     student.config.save_pretrained(out)

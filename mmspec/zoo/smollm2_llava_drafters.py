@@ -26,17 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from mmspec import zoo
+from mmspec.distill.loop import LoopConfig, step_seed
+from mmspec.distill.train_head import HeadTraining, train_head
+from mmspec.heads.eagle3 import Eagle3Head
+from mmspec.zoo.scene_questions import KINDS
+from mmspec.zoo.vlm_data import prune_example, scene_examples
+
+from .data import train_scenes
 from .smollm2_llava import _shared, share_embeddings, share_tower
+from .training import run_stage, zoo_stage
 
 # ------------------------------------------------------------------------------------------------ data
 def build_data(target, processor, run_dir: Path, *, scenes: int, tiled_scenes: int, seed: int,
                progress: bool) -> list[dict]:
-    from mmspec.zoo.vlm_data import scene_examples
-    from mmspec.zoo.scene_questions import KINDS
-
-    from .data import train_scenes
-
     run_dir.mkdir(parents=True, exist_ok=True)
     out = []
     for name, grid, n, kinds in (("single", 1, scenes, KINDS), ("tiled", 4, tiled_scenes, ("caption", "detail"))):
@@ -53,8 +59,6 @@ def build_data(target, processor, run_dir: Path, *, scenes: int, tiled_scenes: i
 def pruned_variants(examples: list[dict], seed: int, copies: int = 2, max_len: int = 400) -> list[dict]:
     """Each example as is (if it fits ``max_len``) and ``copies`` times pruned at a random keep ratio
     (uniform in [0.05, 0.6], lowered until the example fits ``max_len``)."""
-    from mmspec.zoo.vlm_data import prune_example
-
     rng = random.Random(seed)
     out = []
     for ex in examples:
@@ -72,13 +76,11 @@ def pruned_variants(examples: list[dict], seed: int, copies: int = 2, max_len: i
 def train_vlm_head(target, examples: list[dict], run_dir: Path, out: Path, *, steps: int, seed: int, minutes: float,
                    progress: bool) -> dict:
     """Fine-tune the shipped SmolLM2 head on the VLM's features (pruned contexts, original positions)."""
-    from mmspec import zoo
-    from mmspec.distill.train_head import HeadTraining, train_head
-    from mmspec.heads.eagle3 import Eagle3Head
-
     init = Eagle3Head.load(Path(zoo.WEIGHTS_DIR) / "smollm2" / "head", target)
     cover_answers(init, examples, target)
-    cfg = HeadTraining(steps=steps, batch_size=8, max_len=400, lr=3e-4, warmup=20, seed=seed)
+    cfg = HeadTraining(batch_size=8, max_len=400, seed=seed,
+                       loop=LoopConfig(steps=steps, lr=3e-4, warmup=20, schedule="cosine", betas=(0.9, 0.95),
+                                       weight_decay=0.0, clip_norm=1.0, save_every=25))
     # held out by source example (its pruned variants stay out of training too), pruned like the rest
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -119,9 +121,6 @@ def cover_answers(head, examples: list[dict], target) -> int:
 def build_small_vlm(target, text_drafter_folder: Path):
     """The small LLaVA: the target's vision tower and embedding / LM head (shared), a copy of its projector,
     the 2-layer SmolLM2 drafter LM."""
-    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
-    from safetensors.torch import load_file
-
     text = AutoConfig.from_pretrained(text_drafter_folder)
     cfg = LlavaConfig.from_dict({**target.config.to_dict(), "text_config": text.to_dict()})
     model = LlavaForConditionalGeneration(cfg)
@@ -184,10 +183,6 @@ class _Trainable(torch.nn.Module):
 
 def train_small_vlm(target, examples: list[dict], run_dir: Path, out: Path, *, steps: int, batch: int, seed: int,
                     minutes: float, progress: bool, text_drafter_folder: Path, processor: Any):
-    from dataclasses import replace
-
-    from .training import StageBudget, run_stage
-
     model = build_small_vlm(target, text_drafter_folder)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -197,11 +192,12 @@ def train_small_vlm(target, examples: list[dict], run_dir: Path, out: Path, *, s
     data = pruned_variants(examples, seed + 1)
 
     def loss_fn(step: int) -> torch.Tensor:
-        g = random.Random(seed * 1_000_003 + step)
+        g = random.Random(step_seed(seed, step))
         return small_vlm_loss(model, [data[g.randrange(len(data))] for _ in range(batch)])
 
-    budget = replace(StageBudget(steps=steps, lr=5e-4, warmup=20, save_every=50), minutes=minutes)
-    res = run_stage("smollm2_llava_drafter", trainable, loss_fn, budget, run_dir, progress=progress)
+    # the zoo's AdamW betas (0.9, 0.98)
+    budget = zoo_stage(steps=steps, lr=5e-4, warmup=20, weight_decay=0.0, save_every=50)
+    res = run_stage("smollm2_llava_drafter", trainable, loss_fn, budget, run_dir, minutes=minutes, progress=progress)
     if res.finished:
         save_small_vlm(model, out, processor)
     return res
@@ -210,8 +206,6 @@ def train_small_vlm(target, examples: list[dict], run_dir: Path, out: Path, *, s
 def save_small_vlm(model, out: Path, processor: Any = None) -> None:
     """The small VLM's own weights (float16) and config; the shared tower and embeddings are not stored,
     the processor is the target's."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items() if not _shared(k)}
     save_file(state, out / "model.safetensors")

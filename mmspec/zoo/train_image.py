@@ -8,8 +8,9 @@ classifier-free guidance.
 
 Glossary:
     stage         one model: ``vq`` (must run first), then ``target``, ``drafter``, ``lowres``,
-                  ``resampler`` (need the tokenizer), ``head`` (needs the target); each resumes from
-                  ``--run-dir`` and exports to ``--out/<stage>``
+                  ``resampler`` (need the tokenizer), ``head`` (needs the target); each trains through the
+                  one loop (:func:`mmspec.zoo.training.run_stage`) with its ``LoopConfig`` written out below,
+                  resumes from ``--run-dir`` and exports to ``--out/<stage>``
     head          an EAGLE-3 feature head over the target's hidden states (Li et al., arXiv 2503.01840),
                   trained with training-time test on teacher-forced scenes: both CFG halves (the prompt,
                   and the null prompt for ``head_uncond`` of the rows), the target's own distributions as
@@ -34,23 +35,28 @@ Usage::
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mmspec.distill.loop import LoopConfig
+from mmspec.heads.ttt import ttt_loss
+from mmspec.image_gen.feature_head import forced_batch, image_head
 from mmspec.image_gen.fixed_point import FixedPointEncoding
 from mmspec.image_gen.model import ARImageConfig, ARImageModel
 from mmspec.image_gen.multiscale import resize_images
 from mmspec.image_gen.token_resampler import TokenResampler, TokenResamplerConfig
 from mmspec.image_gen.tokenizer import VQTokenizer, write_fsq_codebook
+from mmspec.zoo import LIVE_CODES_FILE, live_codes
 from mmspec.zoo.scenes import CELLS, COLOURS, SHAPES
 
-from .quality import SceneClassifier
 from .data import IMAGE_SIZE, render_batch, train_scenes
-from .training import StageBudget, run_stage, training_cli
+from .quality import SceneClassifier
+from .training import run_stage, training_cli, zoo_stage
 
 STAGES = ("vq", "target", "drafter", "lowres", "resampler", "head", "classifier")
 WORDS = tuple(sorted({"a", "and", "at", "the", *COLOURS, *SHAPES, *(w for c in CELLS for w in c.split())}))
@@ -63,7 +69,7 @@ class ImageZooConfig:
     fsq_levels: tuple[int, ...] = (8, 5, 5, 5)  # 1000 lattice codes of dimension 4 (the FSQ paper's 2^10 choice)
     codebook_size: int = 1000
     vq_channels: tuple[int, ...] = (16, 32, 64)
-    vq: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=50)
+    vq: LoopConfig = zoo_stage(steps=1500, lr=2e-3, warmup=50, weight_decay=0.0, save_every=100)
     vq_batch: int = 16
     roundtrip_weight: float = 1.0
     target: ARImageConfig = ARImageConfig(codebook_size=1000, grid_size=16, words=WORDS, hidden_size=128,
@@ -76,38 +82,38 @@ class ImageZooConfig:
                                           num_layers=6, num_heads=4, num_kv_heads=2, intermediate_size=384)
     # fp32 (docs/design/zoo.md: 3000 fp32 steps bound colours/shapes to the prompt in 70 % of samples against
     # 53 % under bf16 autocast; 719 ms a step, about 36 min, inside the 60-min script)
-    target_budget: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01)
-    drafter_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01)
-    lowres_budget: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01)
+    target_budget: LoopConfig = zoo_stage(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01, save_every=100)
+    drafter_budget: LoopConfig = zoo_stage(steps=1500, lr=2e-3, warmup=100, weight_decay=0.01, save_every=100)
+    lowres_budget: LoopConfig = zoo_stage(steps=3000, lr=2e-3, warmup=100, weight_decay=0.01, save_every=100)
     ar_batch: int = 24
     ar_bf16: bool = False  # bf16 autocast of the AR stages' forward pass (weights and optimiser stay fp32)
     # MuLo-SD's learned U_r / D_r (token space, cross-entropy on tokens of the same scene at both sizes)
     resampler: TokenResamplerConfig = TokenResamplerConfig(vocab_size=1000, scale=LOWRES_SCALE, width=96, depth=3)
-    resampler_budget: StageBudget = StageBudget(steps=1500, lr=2e-3, warmup=50, weight_decay=0.01)
+    resampler_budget: LoopConfig = zoo_stage(steps=1500, lr=2e-3, warmup=50, weight_decay=0.01, save_every=100)
     resampler_batch: int = 32
     # the EAGLE-3 head on the target's features (both CFG halves; training-time test over 3 steps)
-    head_budget: StageBudget = StageBudget(steps=2500, lr=1e-3, warmup=50)
+    head_budget: LoopConfig = zoo_stage(steps=2500, lr=1e-3, warmup=50, weight_decay=0.0, save_every=100)
     head_batch: int = 12
     head_uncond: float = 0.3  # fraction of rows under the null prompt (the head drafts both halves)
     head_ttt_steps: int = 3
     # HF hidden_states indices the head reads: low, middle and the final (normed) layer of the 6-layer target
     # (EAGLE-1 read the top feature; EAGLE-3's low / mid / high; the generic choice repeats layer 3 here)
     head_layers: tuple[int, int, int] = (2, 4, 6)
-    classifier: StageBudget = StageBudget(steps=3000, lr=2e-3, warmup=30)
+    classifier: LoopConfig = zoo_stage(steps=3000, lr=2e-3, warmup=30, weight_decay=0.0, save_every=100)
     classifier_batch: int = 32
     seed: int = 0
 
 
-_SMOKE = StageBudget(steps=3, warmup=1, save_every=2)
+_SMOKE = zoo_stage(steps=3, lr=1e-3, warmup=1, weight_decay=0.0, save_every=2)
 PRESETS = {
     "full": ImageZooConfig(),
     # the AR stages under bf16 autocast (faster steps, less faithful targets: docs/design/zoo.md)
     "bf16": ImageZooConfig(ar_bf16=True),
     # seconds-long run of the same shapes (tests): a few steps each
-    "smoke": ImageZooConfig(vq=StageBudget(steps=3, warmup=1, save_every=2), vq_batch=2,
+    "smoke": ImageZooConfig(vq=_SMOKE, vq_batch=2,
                             target_budget=_SMOKE, drafter_budget=_SMOKE, lowres_budget=_SMOKE, ar_batch=2,
                             resampler_budget=_SMOKE, resampler_batch=2, head_budget=_SMOKE, head_batch=2,
-                            classifier=StageBudget(steps=3, warmup=1, save_every=2), classifier_batch=2),
+                            classifier=_SMOKE, classifier_batch=2),
 }
 
 
@@ -158,8 +164,8 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
     vq.train()
     # the checkpoint name carries the recipe's hash: a changed lattice or budget never resumes a stale run
     recipe = repr((cfg.fsq_levels, cfg.vq_channels, cfg.vq, cfg.vq_batch, cfg.roundtrip_weight, cfg.seed))
-    res = run_stage(f"vq_fsq-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}", vq, loss_fn,
-                    replace(cfg.vq, minutes=minutes), run_dir, progress=progress)
+    res = run_stage(f"vq_fsq-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}", vq, loss_fn, cfg.vq, run_dir,
+                    minutes=minutes, progress=progress)
     tok.vq_model.eval()
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
         # shipped with fixed-point encoding (exact round trips); training re-encodes with one FSQ pass
@@ -172,10 +178,6 @@ def train_vq(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minu
 def export_live_codes(tok: VQTokenizer, out: Path) -> None:
     """``out/live_codes.json``: the codes the tokenizer produces on training scenes (LANTERN / MuLo-SD pool the
     target's mass over latent neighbours among them)."""
-    import json
-
-    from . import LIVE_CODES_FILE, live_codes
-
     live = live_codes(tok).nonzero().flatten().tolist()
     (out / LIVE_CODES_FILE).write_text(json.dumps({"live": live, "num_live": len(live)}) + "\n")
 
@@ -238,8 +240,8 @@ def train_ar(stage: str, cfg: ImageZooConfig, out: Path, run_dir: Path, progress
     budget = getattr(cfg, f"{stage}_budget")
     h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in tok.vq_model.parameters()))
     h.update(repr((arch, budget, cfg.ar_batch, cfg.ar_bf16, cfg.seed)).encode())
-    res = run_stage(f"{stage}-{h.hexdigest()[:10]}", model, loss_fn, replace(budget, minutes=minutes),
-                    run_dir, progress=progress)
+    res = run_stage(f"{stage}-{h.hexdigest()[:10]}", model, loss_fn, budget, run_dir, minutes=minutes,
+                    progress=progress)
     if res.finished:
         model.save_pretrained(out / stage)
     return res
@@ -260,8 +262,8 @@ def train_resampler(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: boo
 
     h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in tok.vq_model.parameters()))
     h.update(repr((cfg.resampler, cfg.resampler_budget, cfg.resampler_batch, cfg.seed)).encode())
-    res = run_stage(f"resampler-{h.hexdigest()[:10]}", model, loss_fn,
-                    replace(cfg.resampler_budget, minutes=minutes), run_dir, progress=progress)
+    res = run_stage(f"resampler-{h.hexdigest()[:10]}", model, loss_fn, cfg.resampler_budget, run_dir,
+                    minutes=minutes, progress=progress)
     if res.finished:
         model.eval().save_pretrained(out / "resampler")
     return res
@@ -271,19 +273,12 @@ def head_batch(target: ARImageModel, tok: VQTokenizer, seed: int, step: int, bat
                layers: tuple[int, ...]):
     """One teacher-forced batch of training scenes for the feature head, a row under the null prompt with
     probability ``uncond`` (:func:`mmspec.image_gen.feature_head.forced_batch`)."""
-    from mmspec.image_gen.feature_head import forced_batch
-
     codes, prefixes = scene_tokens(target, tok, seed, step, batch, IMAGE_SIZE, uncond)
     return forced_batch(target, prefixes, codes, layers)
 
 
 def train_feature_head(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
     """The EAGLE-3 head over the exported target (``out/target``), exported to ``out/head``."""
-    import json
-
-    from mmspec.heads.ttt import ttt_loss
-    from mmspec.image_gen.feature_head import image_head
-
     if not (out / "target").is_dir():
         raise FileNotFoundError(f"{out / 'target'} missing: the head stage needs the target (run the target stage)")
     tok = VQTokenizer.from_pretrained(out / "tokenizer").resized(IMAGE_SIZE)
@@ -301,8 +296,8 @@ def train_feature_head(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: 
 
     h = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in target.parameters()))
     h.update(repr((cfg.head_budget, cfg.head_batch, cfg.head_uncond, cfg.head_ttt_steps, layers, cfg.seed)).encode())
-    res = run_stage(f"head-{h.hexdigest()[:10]}", head, loss_fn, replace(cfg.head_budget, minutes=minutes),
-                    run_dir, progress=progress)
+    res = run_stage(f"head-{h.hexdigest()[:10]}", head, loss_fn, cfg.head_budget, run_dir, minutes=minutes,
+                    progress=progress)
     if res.finished:
         head.eval()
         with torch.no_grad():  # held-out scenes (another seed), both halves in the training mix
@@ -328,7 +323,7 @@ def train_classifier(cfg: ImageZooConfig, out: Path, run_dir: Path, progress: bo
         x = x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(step))  # decoder-like noise
         return model.loss(x.clamp(-1, 1), scenes)
 
-    res = run_stage("classifier", model, loss_fn, replace(cfg.classifier, minutes=minutes), run_dir, progress=progress)
+    res = run_stage("classifier", model, loss_fn, cfg.classifier, run_dir, minutes=minutes, progress=progress)
     if res.finished:
         model.save_pretrained(out / "classifier")
     return res

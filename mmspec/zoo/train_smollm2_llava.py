@@ -18,6 +18,10 @@ Glossary:
                 scores, written to ``--out/target/quality.json``
     drafters    stages ``data``, ``head`` and ``drafter`` (:mod:`mmspec.zoo.smollm2_llava_drafters`) distil the
                 EAGLE-3 head and the small LLaVA from the exported target into ``--out/head``, ``--out/drafter``
+    loop        every stage trains through the one loop (:func:`mmspec.zoo.training.run_stage`) with the zoo's
+                settings (:func:`~mmspec.zoo.training.zoo_stage`: AdamW betas (0.9, 0.98)), except ``head``,
+                which fine-tunes through :func:`mmspec.distill.train_head.train_head` with its own loop settings
+                (AdamW betas (0.9, 0.95))
 
 Usage::
 
@@ -28,22 +32,31 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPVisionModel
 
+from mmspec import zoo
+from mmspec.distill.loop import LoopConfig, LoopResult, step_seed
+from mmspec.pretrained import load_causal_lm, resolve_model_dir
+from mmspec.zoo.photos import ask_photo, load_photo, photos, random_crop
 from mmspec.zoo.scene_questions import KINDS, draw_question
-from mmspec.zoo.scenes import render
+from mmspec.zoo.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES, render
 
+from . import smollm2_llava_drafters as drafters
 from .data import heldout_scenes, train_scenes
 from .smollm2_llava import (PATCH, TILE, TowerShape, build_model, build_processor, evaluate, evaluate_photos,
-                            llava_config, tile_image, user_turn, vision_config)
-from .training import StageBudget, run_stage, training_cli
+                            llava_config, load_smollm2_llava, tile_image, user_turn, vision_config)
+from .training import run_stage, training_cli, zoo_stage
 
 STAGES = ("tower", "target", "photos", "data", "head", "drafter")
 LORA_TARGETS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -55,15 +68,15 @@ class SmolVLMConfig:
     tower: TowerShape = TowerShape()
     lora_rank: int = 8
     lora_alpha: int = 16
-    budget: StageBudget = StageBudget(steps=300, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
+    budget: LoopConfig = zoo_stage(steps=300, lr=6e-4, warmup=30, weight_decay=0.0, save_every=50)
     batch: int = 8
     # the vision tower is first taught to read scenes patch by patch (cheap: the tower alone)
-    tower_budget: StageBudget = StageBudget(steps=500, lr=2e-3, warmup=30, weight_decay=0.01, save_every=100)
+    tower_budget: LoopConfig = zoo_stage(steps=500, lr=2e-3, warmup=30, weight_decay=0.01, save_every=100)
     tower_batch: int = 64
     seed: int = 7
     grade_scenes: int = 48
     # robustness: the target then continues on scenes mixed with crops of real photos (mmspec.zoo.photos)
-    photo_budget: StageBudget = StageBudget(steps=150, lr=4e-4, warmup=10, weight_decay=0.0, save_every=25)
+    photo_budget: LoopConfig = zoo_stage(steps=150, lr=4e-4, warmup=10, weight_decay=0.0, save_every=25)
     photo_share: float = 0.4
     grade_photo_crops: int = 4
     # drafters: self-distillation data (one question of each kind per scene; tiled prompts: caption + detail)
@@ -74,11 +87,11 @@ class SmolVLMConfig:
     drafter_batch: int = 8
 
 
+_SMOKE = zoo_stage(steps=2, lr=1e-3, warmup=1, weight_decay=0.0, save_every=1)
 PRESETS = {
     "full": SmolVLMConfig(),
-    "smoke": SmolVLMConfig(budget=StageBudget(steps=2, warmup=1, save_every=1), batch=2, grade_scenes=1,
-                           tower_budget=StageBudget(steps=2, warmup=1, save_every=1), tower_batch=4,
-                           photo_budget=StageBudget(steps=2, warmup=1, save_every=1), grade_photo_crops=1,
+    "smoke": SmolVLMConfig(budget=_SMOKE, batch=2, grade_scenes=1, tower_budget=_SMOKE, tower_batch=4,
+                           photo_budget=_SMOKE, grade_photo_crops=1,
                            data_scenes=3, tiled_scenes=1, head_steps=2, drafter_steps=2, drafter_batch=2),
 }
 
@@ -91,8 +104,6 @@ class PatchReader(torch.nn.Module):
     HEADS = ("colour", "shape", "background", "cell")
 
     def __init__(self, tower, hidden: int):
-        from mmspec.zoo.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
-
         super().__init__()
         self.tower = tower
         self.colour = torch.nn.Linear(hidden, len(COLOURS) + 1)
@@ -117,8 +128,6 @@ def projector_from_reader(llava, reader: PatchReader, tokenizer, pixels: torch.T
     to SmolLM2's embedding of its word (" red", " circle", " grey", " top left"; "none" to nothing), scaled
     by the unit's typical winning logit; every other unit starts at zero. A patch token then reads like
     "red circle top left" to the frozen language model, which LoRA only has to learn to read out."""
-    from mmspec.zoo.scenes import BACKGROUNDS, CELLS, COLOURS, SHAPES
-
     proj = llava.model.multi_modal_projector
     embed = llava.model.language_model.embed_tokens.weight
     words = {"colour": [None] + sorted(COLOURS), "shape": [None] + list(SHAPES),
@@ -146,8 +155,6 @@ def projector_from_reader(llava, reader: PatchReader, tokenizer, pixels: torch.T
 def patch_labels(scene) -> torch.Tensor:
     """long [P, 4]: per patch (raster order), the colour / shape index of the object in the cell holding the
     patch centre (0 = none), the background index and that cell."""
-    from mmspec.zoo.scenes import BACKGROUNDS, COLOURS, SHAPES
-
     side = TILE // PATCH
     by_cell = {o.cell: o for o in scene.objects}
     colours, shapes, bgs = sorted(COLOURS), list(SHAPES), sorted(BACKGROUNDS)
@@ -164,10 +171,6 @@ def patch_labels(scene) -> torch.Tensor:
 
 def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: float):
     """Pretrain the CLIP tower on patch reading; saves ``run_dir/tower.pt`` (tower + heads) when finished."""
-    from transformers import CLIPVisionModel
-
-    from mmspec.pretrained import resolve_model_dir
-
     processor = build_processor(resolve_model_dir("smollm2"))
     torch.manual_seed(cfg.seed)
     reader = PatchReader(CLIPVisionModel(vision_config(cfg.tower)), cfg.tower.hidden)
@@ -177,7 +180,8 @@ def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: floa
         pixels = processor.image_processor([render(s, TILE) for s in scenes], return_tensors="pt")["pixel_values"]
         return reader.loss(pixels, torch.stack([patch_labels(s) for s in scenes]))
 
-    res = run_stage("smollm2_llava_tower", reader, loss_fn, replace(cfg.tower_budget, minutes=minutes), run_dir, progress=progress)
+    res = run_stage("smollm2_llava_tower", reader, loss_fn, cfg.tower_budget, run_dir, minutes=minutes,
+                    progress=progress)
     if res.finished:
         torch.save(reader.state_dict(), run_dir / "tower.pt")
     return res
@@ -186,9 +190,7 @@ def train_tower(cfg: SmolVLMConfig, run_dir: Path, progress: bool, minutes: floa
 def build_trainable(cfg: SmolVLMConfig, reader_state: dict | None = None):
     """(PEFT model, processor): SmolLM2 inside a fresh LLaVA (its vision tower and projector from the
     pretrained :class:`PatchReader` state when given), LoRA on its language model."""
-    from peft import LoraConfig, get_peft_model
-
-    from mmspec.pretrained import load_causal_lm, resolve_model_dir
+    from peft import LoraConfig, get_peft_model  # seconds to import: only the stages that train need it
 
     lm, _ = load_causal_lm("smollm2")
     processor = build_processor(resolve_model_dir("smollm2"))
@@ -207,18 +209,14 @@ def build_trainable(cfg: SmolVLMConfig, reader_state: dict | None = None):
 
 @lru_cache(maxsize=1)
 def _train_photos() -> tuple:
-    from mmspec.zoo.photos import load_photo, photos
-
     return tuple((p, load_photo(p)) for p in photos("train"))
 
 
 def example_batch(processor, seed: int, step: int, batch: int, photo_share: float = 0.0) -> dict:
     """input ids / attention mask / labels / pixel values of one step (right padded), a pure function of
     (seed, step).  With ``photo_share`` > 0 that share of the rows asks about a crop of a real photo instead."""
-    from mmspec.zoo.photos import ask_photo, random_crop
-
     tok = processor.tokenizer
-    rng = random.Random(seed * 1_000_003 + step)
+    rng = random.Random(step_seed(seed, step))
     rows, starts, pixels = [], [], []
     for scene in train_scenes(seed, step, batch):
         q = draw_question(scene, rng, QUESTION_WEIGHTS)
@@ -263,8 +261,7 @@ def answer_loss(llava, batch: dict) -> torch.Tensor:
 
 
 def export(peft_model, processor, out: Path) -> None:
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from peft import get_peft_model_state_dict  # seconds to import: only the stages that train need it
 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
@@ -291,7 +288,7 @@ def train_one(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress
     def loss_fn(step: int) -> torch.Tensor:
         return answer_loss(llava, example_batch(processor, cfg.seed, step, cfg.batch))
 
-    res = run_stage("smollm2_llava", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
+    res = run_stage("smollm2_llava", model, loss_fn, cfg.budget, run_dir, minutes=minutes, progress=progress)
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
         if cfg.photo_budget.steps > 0:  # the photos stage continues this state and grades the final model
             export(model, processor, out / "target")
@@ -331,7 +328,7 @@ def train_photos(cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, m
     def loss_fn(step: int) -> torch.Tensor:
         return answer_loss(llava, example_batch(processor, cfg.seed + 1, step, cfg.batch, cfg.photo_share))
 
-    res = run_stage("smollm2_llava_photos", model, loss_fn, replace(cfg.photo_budget, minutes=minutes), run_dir,
+    res = run_stage("smollm2_llava_photos", model, loss_fn, cfg.photo_budget, run_dir, minutes=minutes,
                     progress=progress)
     if res.finished:
         export_and_grade(model, processor, cfg, out, progress, photos=True)
@@ -340,15 +337,6 @@ def train_photos(cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, m
 
 def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path, progress: bool, minutes: float):
     """``data`` (the target's answers + features, cached in the run dir), ``head`` or ``drafter``."""
-    import hashlib
-    import time
-
-    from mmspec import zoo
-
-    from . import smollm2_llava_drafters as drafters
-    from .smollm2_llava import load_smollm2_llava
-    from .training import StageResult
-
     if not (out / "target" / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"stage {stage!r} needs the trained target at {out / 'target'}: run --stages target")
     t0 = time.perf_counter()
@@ -362,12 +350,12 @@ def train_drafter_stage(stage: str, cfg: SmolVLMConfig, out: Path, run_dir: Path
     examples = drafters.build_data(target, processor, run_dir, scenes=cfg.data_scenes, tiled_scenes=cfg.tiled_scenes,
                                    seed=cfg.seed + 1000, progress=progress)
     if stage == "data":
-        return StageResult("smollm2_llava_data", len(examples), True, None, time.perf_counter() - t0)
+        return LoopResult("smollm2_llava_data", len(examples), True, None, time.perf_counter() - t0)
     if stage == "head":
         summary = drafters.train_vlm_head(target, examples, run_dir / "head", out / "head", steps=cfg.head_steps,
                                           seed=cfg.seed, minutes=minutes, progress=progress)
         (out / "head" / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return StageResult("smollm2_llava_head", summary["steps"], summary["finished"], summary["train_loss_ema"],
+        return LoopResult("smollm2_llava_head", summary["steps"], summary["finished"], summary["train_loss_ema"],
                            time.perf_counter() - t0)
     return drafters.train_small_vlm(target, examples, run_dir, out / "drafter", steps=cfg.drafter_steps,
                                     batch=cfg.drafter_batch, seed=cfg.seed, minutes=minutes, progress=progress,

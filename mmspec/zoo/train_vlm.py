@@ -10,7 +10,8 @@ Glossary:
     processor   a real ``LlavaProcessor`` (word-level tokenizer over the world's words + CLIP image
                 processor at 64 px, patch 4 -> 256 visual tokens), saved next to both models so
                 ``from_pretrained`` serves them like any HF checkpoint
-    stage       ``target`` or ``drafter``; each resumes from ``--run-dir`` and exports to ``--out/<stage>``
+    stage       ``target`` or ``drafter``; each trains through the one loop (:func:`mmspec.zoo.training.run_stage`,
+                ``VLMZooConfig.budget``), resumes from ``--run-dir`` and exports to ``--out/<stage>``
 
 Usage::
 
@@ -20,17 +21,22 @@ Usage::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                          PreTrainedTokenizerFast)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from mmspec.distill.loop import LoopConfig, step_seed
 from mmspec.zoo.scenes import render
 
 from .data import IMAGE_SIZE, train_scenes
 from .train_image import WORDS
-from .training import StageBudget, run_stage, training_cli
+from .training import run_stage, training_cli, zoo_stage
 
 STAGES = ("target", "drafter")
 PAD, BOS, EOS, UNK, IMAGE = 0, 1, 2, 3, 4
@@ -56,7 +62,7 @@ class TowerShape:
 class VLMZooConfig:
     target: TowerShape = TowerShape(64, 3, 4, 128, 3, 4, 2, 256)
     drafter: TowerShape = TowerShape(32, 2, 2, 64, 1, 2, 1, 128)
-    budget: StageBudget = StageBudget(steps=2000, lr=1.5e-3, warmup=100, weight_decay=0.01)
+    budget: LoopConfig = zoo_stage(steps=2000, lr=1.5e-3, warmup=100, weight_decay=0.01, save_every=100)
     batch: int = 16
     # the drafter trains on pruned visual tokens this often (keep ratio uniform in [0.05, 1])
     drafter_pruned_fraction: float = 0.75
@@ -65,16 +71,12 @@ class VLMZooConfig:
 
 PRESETS = {
     "full": VLMZooConfig(),
-    "smoke": VLMZooConfig(budget=StageBudget(steps=3, warmup=1, save_every=2), batch=2),
+    "smoke": VLMZooConfig(budget=zoo_stage(steps=3, lr=1e-3, warmup=1, weight_decay=0.0, save_every=2), batch=2),
 }
 
 
 def build_processor():
     """The zoo's ``LlavaProcessor`` (offline: the vocabulary is the scene world's words)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
     vocab = {t: i for i, t in enumerate(SPECIALS + PROMPT_WORDS + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -88,8 +90,6 @@ def build_processor():
 
 
 def build_model(shape: TowerShape, vocab_size: int, seed: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
                           num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
@@ -167,12 +167,12 @@ def train_one(stage: str, cfg: VLMZooConfig, out: Path, run_dir: Path, progress:
 
     def loss_fn(step: int) -> torch.Tensor:
         batch = caption_batch(processor, data_seed, step, cfg.batch)
-        g = torch.Generator().manual_seed(data_seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(step_seed(data_seed, step))
         if stage == "drafter" and float(torch.rand((), generator=g)) < cfg.drafter_pruned_fraction:
             return pruned_caption_loss(model, batch, 0.05 + 0.95 * float(torch.rand((), generator=g)), g)
         return model(**batch, use_cache=False).loss
 
-    res = run_stage(f"vlm_{stage}", model, loss_fn, replace(cfg.budget, minutes=minutes), run_dir, progress=progress)
+    res = run_stage(f"vlm_{stage}", model, loss_fn, cfg.budget, run_dir, minutes=minutes, progress=progress)
     if res.finished:  # a stage cut by the time cap resumes later; nothing half-trained is exported
         model.save_pretrained(out / stage, safe_serialization=True)
         processor.save_pretrained(out / stage)
