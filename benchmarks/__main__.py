@@ -19,20 +19,49 @@ from pathlib import Path
 
 from . import blockwise, collaborative, image_gen, pipeline, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
 
+#: part -> the runs it makes: (module, extra arguments, whether it writes figures into --plots)
+PARTS = {
+    "text": [(text, [], False)],
+    "smollm2": [(smollm2, [], False)],
+    "vlm": [(vlm, [], True)],
+    "smollm2_vlm": [(smollm2_vlm, [], False)],
+    "image": [
+        (image_gen, [], True),
+        (image_gen, ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2",
+                     "--section", "## Image generation: MuLo-SD τ sweep (issue 15)"], False),
+        (image_gen, ["--only", "LANTERN,exact SD", "--draft-lengths", "8", "--lantern-deltas", "0.3,0.9,1.0",
+                     "--lantern-lambdas", "3,50", "--mulo-taus", "",
+                     "--section", "## Image generation: LANTERN budget sweep (issue 15)"], False),
+        (image_gen, ["--only", "EAGLE head,exact SD (drafter", "--draft-lengths", "4,8", "--mulo-taus", "",
+                     "--lantern-deltas", "0.3", "--lantern-lambdas", "3",
+                     "--section", "## Image generation: EAGLE feature head (issue 15)"], False),
+    ],
+    "trees": [(trees, [], False)],
+    "tts": [
+        (tts, [], True),
+        (tts, ["--prompts", "2", "--temperature", "0.8",
+               "--section", "## Test-Time Speculation on SmolLM2, sampled continuation (issue 16)"], True),
+        (tts, ["--domain", "german", "--prompts", "2",
+               "--section", "## Test-Time Speculation on SmolLM2, German prose (issue 16)"], True),
+        (tts, ["--domain", "german", "--prompts", "2", "--temperature", "0.8",
+               "--section", "## Test-Time Speculation on SmolLM2, German prose, sampled (issue 16)"], True),
+    ],
+    "blockwise": [(blockwise, ["--pack", "--ngram-weight", "1.0"], True)],
+    "collaborative": [(collaborative, ["--pack"], True)],
+    "pipeline": [(pipeline, ["--plan", "0,20,30"], True)],
+    "train": [(zoo_training, [], False)],
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/RESULTS.md (nothing with --quick)")
     ap.add_argument("--plots", type=Path, default=None, help="default: benchmarks/ (nothing with --quick)")
-    ap.add_argument("--only", default="text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,collaborative,pipeline,"
-                                      "train",
-                    help="comma-separated subset of text,smollm2,vlm,smollm2_vlm,image,trees,tts,blockwise,"
-                         "collaborative,pipeline,train")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="smoke run of every benchmark (tables not worth keeping)")
     a = ap.parse_args(argv)
-    parts = {p.strip() for p in a.only.split(",") if p.strip()}
-    unknown = parts - {"text", "smollm2", "vlm", "smollm2_vlm", "image", "trees", "tts", "blockwise", "collaborative",
-                       "pipeline", "train"}
+    parts = [p.strip() for p in a.only.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
     if unknown:
         print(f"error: unknown benchmark(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -42,41 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     common = (["--out", str(a.out)] if a.out else []) + (["--quick"] if a.quick else [])
     plots = ["--plots", str(a.plots)] if a.plots else []
     rc = 0
-    if "text" in parts:
-        rc |= text.main(common)
-    if "smollm2" in parts:
-        rc |= smollm2.main(common)
-    if "vlm" in parts:
-        rc |= vlm.main(common + plots)
-    if "smollm2_vlm" in parts:
-        rc |= smollm2_vlm.main(common)
-    if "image" in parts:
-        rc |= image_gen.main(common + plots)
-        rc |= image_gen.main(common + ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2",
-                                       "--section", "## Image generation: MuLo-SD τ sweep (issue 15)"])
-        rc |= image_gen.main(common + ["--only", "LANTERN,exact SD", "--draft-lengths", "8", "--lantern-deltas",
-                                       "0.3,0.9,1.0", "--lantern-lambdas", "3,50", "--mulo-taus", "",
-                                       "--section", "## Image generation: LANTERN budget sweep (issue 15)"])
-        rc |= image_gen.main(common + ["--only", "EAGLE head,exact SD (drafter", "--draft-lengths", "4,8",
-                                       "--mulo-taus", "", "--lantern-deltas", "0.3", "--lantern-lambdas", "3",
-                                       "--section", "## Image generation: EAGLE feature head (issue 15)"])
-    if "trees" in parts:
-        rc |= trees.main(common)
-    if "tts" in parts:
-        rc |= tts.main(common + plots)
-        rc |= tts.main(common + plots + ["--prompts", "2", "--temperature", "0.8", "--section",
-                                         "## Test-Time Speculation on SmolLM2, sampled continuation (issue 16)"])
-        for extra, title in (([], ""), (["--temperature", "0.8"], ", sampled")):
-            rc |= tts.main(common + plots + ["--domain", "german", "--prompts", "2", *extra, "--section",
-                                             f"## Test-Time Speculation on SmolLM2, German prose{title} (issue 16)"])
-    if "blockwise" in parts:
-        rc |= blockwise.main(common + plots + ["--pack", "--ngram-weight", "1.0"])
-    if "collaborative" in parts:
-        rc |= collaborative.main(common + plots + ["--pack"])
-    if "pipeline" in parts:
-        rc |= pipeline.main(common + plots + ["--plan", "0,20,30"])
-    if "train" in parts:
-        rc |= zoo_training.main(common)
+    for name in PARTS:  # in this order, one after the other
+        if name in parts:
+            for module, extra, figures in PARTS[name]:
+                rc |= module.main(common + (plots if figures else []) + extra)
     return rc
 
 

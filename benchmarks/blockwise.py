@@ -28,16 +28,11 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import torch
+from ._harness import Fresh, arg_parser, begin, interleave, md_table, pool_stats, provenance, report
+from .smollm2 import PROMPTS, chat_model
 
 SECTION = "## Blockwise parallel drafts with lattice rescoring on SmolLM2 (issue 16)"
 
@@ -78,39 +73,26 @@ def rows_from_results(results: Path, section: str = SECTION) -> dict[str, tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.blockwise", description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--top-k", type=int, default=8)
+    ap = arg_parser("blockwise", __doc__, prompts=8, max_new_tokens=128, section=SECTION,
+                    plots="blockwise_tau_speed.png", quick={"prompts": 2, "max_new_tokens": 24})
+    ap.add_argument("--top-k", type=int, default=8, help="lattice: top tokens per head")
     ap.add_argument("--candidates", default="1,4", help="comma-separated p values")
     ap.add_argument("--depth", type=int, default=None, help="heads used per block (default: all)")
     ap.add_argument("--pack", action="store_true", help="pre-pack the target's and the drafter LM's linear weights "
                                                           "for oneDNN first (mmspec.cpu_packing)")
-    ap.add_argument("--ngram-weight", type=float, default=0.5)
-    ap.add_argument("--neural-weight", type=float, default=0.5)
+    ap.add_argument("--ngram-weight", type=float, default=0.5, help="weight of the n-gram rescorer")
+    ap.add_argument("--neural-weight", type=float, default=0.5, help="weight of the neural rescorer")
     ap.add_argument("--k-head", type=int, default=3, help="EAGLE-3 head chain length")
     ap.add_argument("--only", default="", help="comma-separated substrings of method names to run (plus AR)")
-    ap.add_argument("--section", default=SECTION)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plots", type=Path, default=None, help="folder for blockwise_tau_speed.png")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.prompts, a.max_new_tokens = 2, 24
-    torch.set_num_threads(2)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    from benchmarks.smollm2 import PROMPTS
+    load_before = begin(2)
     from mmspec import engine
     from mmspec.drafters.blockwise import Lattice
     from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
-    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.pretrained import chat_inputs
     from mmspec.zoo.smollm2 import load_smollm2_drafter, load_smollm2_ngram
 
-    load = os.getloadavg()[0]
-    target, tok = load_causal_lm()
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    target, tok, eos = chat_model()
     small = load_smollm2_drafter("model", target)
     if a.pack:
         from mmspec.cpu_packing import pack_linear_weights
@@ -123,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     ngram_build = time.perf_counter() - t0
     ps = [int(x) for x in a.candidates.split(",") if x.strip()]
 
-    def heads(p: int, rescorer=None):
-        return lambda: load_smollm2_drafter("heads", target, lattice=Lattice(top_k=a.top_k, num_candidates=p, depth=a.depth),
-                                            rescorer=rescorer() if rescorer else None)
+    def run(enc, seed, drafter):
+        return engine.generate(target, enc["input_ids"], attention_mask=enc["attention_mask"], drafter=drafter,
+                               max_new_tokens=a.max_new_tokens, eos_token_id=eos,
+                               **({"num_draft_tokens": 10} if isinstance(drafter, str) else {}))
 
-    methods = {"AR": lambda: None, "prompt lookup": lambda: "prompt_lookup",
-               f"EAGLE-3 head, chain k={a.k_head}": lambda: load_smollm2_drafter("head", target, draft_length=a.k_head)}
+    def heads(p: int, rescorer=None):
+        return Fresh(lambda: load_smollm2_drafter("heads", target, lattice=Lattice(top_k=a.top_k, num_candidates=p,
+                                                                                   depth=a.depth),
+                                                  rescorer=rescorer() if rescorer else None), run)
+
+    methods = {"AR": Fresh(lambda: None, run), "prompt lookup": Fresh(lambda: "prompt_lookup", run),
+               f"EAGLE-3 head, chain k={a.k_head}": Fresh(lambda: load_smollm2_drafter("head", target,
+                                                                                       draft_length=a.k_head), run)}
     for p in ps:
         methods[f"heads, p={p}"] = heads(p)
         methods[f"heads + n-gram, p={p}"] = heads(p, lambda: NGramRescorer(ngram, weight=a.ngram_weight))
@@ -137,30 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         keep = [s.strip() for s in a.only.split(",") if s.strip()]
         methods = {n: f for n, f in methods.items() if n == "AR" or any(s in n for s in keep)}
     names = list(methods)
-    acc = {n: dict(time=0.0, tokens=0, steps=0, target=0.0, draft=0.0, verify=0.0, nodes=0) for n in names}
-    outputs: dict[str, list] = {n: [] for n in names}
-    for i, prompt in enumerate(PROMPTS[: a.prompts]):
-        enc = chat_inputs(tok, [prompt])
-        order = names[i % len(names):] + names[: i % len(names)]
-        for n in order:
-            drafter = methods[n]()
-            t = time.perf_counter()
-            out = engine.generate(target, enc["input_ids"], attention_mask=enc["attention_mask"], drafter=drafter,
-                                  max_new_tokens=a.max_new_tokens, eos_token_id=eos,
-                                  **({"num_draft_tokens": 10} if n == "prompt lookup" else {}))
-            dt = time.perf_counter() - t
-            s = out.stats
-            r = acc[n]
-            r["time"] += dt
-            r["tokens"] += s.emitted_tokens
-            r["steps"] += s.row_steps
-            r["target"] += s.target_time
-            r["draft"] += s.drafter_time
-            r["verify"] += s.verify_time
-            r["nodes"] += s.drafted_tokens
-            outputs[n].append(out.sequences[0, enc["input_ids"].shape[1]:].tolist())
-            print(f"prompt {i} {n}: {s.emitted_tokens} tokens, τ {s.emitted_tokens / max(s.row_steps, 1):.2f}, "
-                  f"{dt:.1f} s", file=sys.stderr, flush=True)
+    encs = [chat_inputs(tok, [prompt]) for prompt in PROMPTS[: a.prompts]]
+    runs = interleave(methods, encs, label="blockwise")
+    acc = {}
+    for n in names:
+        st = pool_stats(out.stats for out in runs.results(n))
+        acc[n] = dict(time=runs.total(n), tokens=st.emitted_tokens, steps=st.row_steps, target=st.target_time,
+                      draft=st.drafter_time, verify=st.verify_time, nodes=st.drafted_tokens)
+    outputs = {n: [c.result.sequences[0, encs[c.index]["input_ids"].shape[1]:].tolist() for c in runs.of(n)]
+               for n in names}
     identical = all(outputs[n] == outputs["AR"] for n in names)
 
     def tau(n: str) -> float:
@@ -174,25 +148,19 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"{tau(n) / tau(plain) - 1:+.1%}" if plain in acc and plain != n else "–"
         split = "/".join(f"{1000 * r[k] / steps:.0f}" for k in ("target", "draft", "verify"))
         nodes = f"{r['nodes'] / steps:.1f}" if n != "AR" else "–"
-        rows.append(f"| {n} | x{acc['AR']['time'] / r['time']:.2f} | {r['tokens'] / r['time']:.1f} | {tau(n):.2f} | "
-                    f"{vs} | {nodes} | {split} |")
-    cmd = "python -m benchmarks.blockwise " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+        rows.append([n, f"x{acc['AR']['time'] / r['time']:.2f}", f"{r['tokens'] / r['time']:.1f}", f"{tau(n):.2f}", vs,
+                     nodes, split])
     text = "\n".join([
         a.section, "",
-        f"`{cmd}` — {_dt.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"2 threads, load average {load:.2f} at the start. {a.prompts} held-out chat prompts × {a.max_new_tokens} "
+        f"{provenance('blockwise', argv, load_before)} {a.prompts} held-out chat prompts × {a.max_new_tokens} "
         f"new tokens, batch 1, greedy; lattice top-{a.top_k} per head, depth {a.depth or 'all heads'}"
         f"{'; linear weights pre-packed' if a.pack else ''}; outputs identical to plain AR: {identical}. "
         f"Global n-gram: trigrams of the heads' {ngram_tokens} training-answer tokens (built in {ngram_build:.1f} s); "
         f"weights: n-gram {a.ngram_weight}, neural {a.neural_weight} (chosen on 4 other prompts).", "",
-        "| method | speedup vs AR | tok/s | τ | τ vs plain heads (same p) | nodes/step | split target/draft/verify (ms per step) |",
-        "|---|---|---|---|---|---|---|", *rows, ""])
-    print(text)
-    if a.out is not None and not a.quick:
-        from ._report import write_section
-
-        write_section(a.out, a.section, text)
-    if a.plots is not None and not a.quick:
+        *md_table(["method", "speedup vs AR", "tok/s", "τ", "τ vs plain heads (same p)", "nodes/step",
+                   "split target/draft/verify (ms per step)"], rows), ""])
+    report(text, a.out, a.section)
+    if a.plots is not None:
         plot_tau_and_speed({n: (tau(n), acc["AR"]["time"] / acc[n]["time"]) for n in names},
                            a.plots / "blockwise_tau_speed.png")
     return 0 if identical else 1

@@ -25,16 +25,10 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import os
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 
-import torch
+from ._harness import Fresh, arg_parser, begin, interleave, md_table, pool_stats, provenance, report
+from .smollm2 import chat_model
 
 SECTION = "## Collaborative decoding via speculation (CoS) on SmolLM2 (issue 17)"
 
@@ -74,10 +68,9 @@ def plot_speedups(rows: list[tuple[str, str, float]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.collaborative", description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--fixed-gamma", type=int, default=3)
+    ap = arg_parser("collaborative", __doc__, prompts=4, max_new_tokens=96, section=SECTION,
+                    plots="collaborative_speedup.png", quick={"prompts": 1, "max_new_tokens": 16})
+    ap.add_argument("--fixed-gamma", type=int, default=3, help="drafts per step of the fixed proposer")
     ap.add_argument("--alt-gamma", default="2,2", help="comma-separated proposal lengths of the 2-model runs")
     ap.add_argument("--alt-gamma3", default="2,2,2", help="of the 3-model runs")
     ap.add_argument("--temperature", type=float, default=1.0, help="of the sampled ensemble configuration")
@@ -85,24 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset of ensemble,ensemble-sampled,contrastive,three")
     ap.add_argument("--pack", action="store_true", help="pre-pack every model's linear weights for oneDNN first "
                                                           "(mmspec.cpu_packing; all methods gain)")
-    ap.add_argument("--section", default=SECTION)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plots", type=Path, default=None, help="folder for collaborative_speedup.png")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.prompts, a.max_new_tokens = 1, 16
-    torch.set_num_threads(2)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    load_before = begin(2)
     from mmspec import collaborative as co
-    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.pretrained import chat_inputs
     from mmspec.zoo.smollm2 import load_smollm2_domain
 
-    load = os.getloadavg()[0]
-    general, tok = load_causal_lm()
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    general, tok, eos = chat_model()
     wanted = [c.strip() for c in a.configs.split(",") if c.strip()]
     code = load_smollm2_domain("code")
     german = load_smollm2_domain("german") if "three" in wanted else None
@@ -128,33 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     configs = {k: v for k, v in configs.items() if k in wanted}
     methods = {"standard": lambda cfg: None, "fixed": lambda cfg: co.FixedProposer(0, a.fixed_gamma),
                "alternate": lambda cfg: cfg["alt"]}
-    runs = [(c, m) for c in configs for m in methods]
-    acc = {r: dict(time=0.0, tokens=0, steps=0, accepted=0, drafted=0, calls=0, verify=0.0, draft=0.0, rest=0.0)
-           for r in runs}
-    outputs: dict = {r: [] for r in runs}
-    for i, prompt in enumerate(PROMPTS[: a.prompts]):
-        enc = chat_inputs(tok, [prompt])
-        order = runs[i % len(runs):] + runs[: i % len(runs)]
-        for c, m in order:
-            cfg = configs[c]
-            t = time.perf_counter()
-            out = co.generate(cfg["models"], enc["input_ids"], attention_mask=enc["attention_mask"],
-                              combine=cfg["combine"], proposal=methods[m](cfg), max_new_tokens=a.max_new_tokens,
-                              temperature=cfg["temperature"], seed=i, eos_token_id=eos)
-            dt = time.perf_counter() - t
-            s = out.stats
-            r = acc[(c, m)]
-            r["time"] += dt
-            r["tokens"] += s.emitted_tokens
-            r["steps"] += s.row_steps
-            r["accepted"] += s.accepted_tokens
-            r["drafted"] += s.drafted_tokens
-            r["calls"] += sum(s.extra["calls_per_model"]) - len(cfg["models"])  # without the prefills
-            r["verify"] += s.target_time
-            r["draft"] += s.drafter_time
-            r["rest"] += dt - s.target_time - s.drafter_time
-            outputs[(c, m)].append(out.sequences[0, enc["input_ids"].shape[1]:].tolist())
-            print(f"prompt {i} {c} {m}: {s.emitted_tokens} tokens, {dt:.1f} s", file=sys.stderr, flush=True)
+
+    def method(c: str, m: str):
+        cfg = configs[c]
+        return Fresh(lambda: methods[m](cfg), lambda enc, seed, proposal: co.generate(
+            cfg["models"], enc["input_ids"], attention_mask=enc["attention_mask"], combine=cfg["combine"],
+            proposal=proposal, max_new_tokens=a.max_new_tokens, temperature=cfg["temperature"], seed=seed,
+            eos_token_id=eos))
+
+    encs = [chat_inputs(tok, [prompt]) for prompt in PROMPTS[: a.prompts]]
+    runs = interleave({f"{c} / {m}": method(c, m) for c in configs for m in methods}, encs, label="collaborative")
+    acc, outputs = {}, {}
+    for c, cfg in configs.items():
+        for m in methods:
+            calls = runs.of(f"{c} / {m}")
+            st = pool_stats(call.result.stats for call in calls)
+            seconds = runs.total(f"{c} / {m}")
+            acc[(c, m)] = dict(time=seconds, tokens=st.emitted_tokens, steps=st.row_steps,
+                               accepted=st.accepted_tokens, drafted=st.drafted_tokens,
+                               # model forwards without the prefills
+                               calls=sum(sum(call.result.stats.extra["calls_per_model"]) - len(cfg["models"])
+                                         for call in calls),
+                               verify=st.target_time, draft=st.drafter_time,
+                               rest=seconds - st.target_time - st.drafter_time)
+            outputs[(c, m)] = [call.result.sequences[0, encs[call.index]["input_ids"].shape[1]:].tolist()
+                               for call in calls]
     lines, plot_rows, identical_all = [], [], True
     for c, cfg in configs.items():
         base = acc[(c, "standard")]
@@ -169,33 +149,26 @@ def main(argv: list[str] | None = None) -> int:
             fpt = r["calls"] / max(r["tokens"], 1)
             ceiling = (base["calls"] / max(base["tokens"], 1)) / fpt  # speedup if every forward cost the same
             split = "/".join(f"{1000 * r[k] / max(r['tokens'], 1):.0f}" for k in ("verify", "draft", "rest"))
-            lines.append(f"| {cfg['label']} | {m} ({gam}) | x{speed:.2f} | {r['tokens'] / r['time']:.1f} | {acc_rate} | "
-                         f"{r['tokens'] / max(r['steps'], 1):.2f} | {fpt:.2f} | x{ceiling:.2f} | {split} | {same} |")
+            lines.append([cfg["label"], f"{m} ({gam})", f"x{speed:.2f}", f"{r['tokens'] / r['time']:.1f}", acc_rate,
+                          f"{r['tokens'] / max(r['steps'], 1):.2f}", f"{fpt:.2f}", f"x{ceiling:.2f}", split, same])
             if m != "standard":
                 plot_rows.append((cfg["label"].split(",")[0] + ("" if not cfg["temperature"] else " (sampled)")
                                   + (" CD" if "contrastive" in cfg["label"] else ""), m, speed))
-    cmd = "python -m benchmarks.collaborative " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     text = "\n".join([
         a.section, "",
-        f"`{cmd}` — {_dt.date.today()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"2 threads, load average {load:.2f} at the start. {a.prompts} chat prompts about Python × {a.max_new_tokens} "
-        f"new tokens, batch 1, EOS on. Models: SmolLM2-135M-Instruct (general) and SmolLM2 with the shipped LoRA "
-        f"adapters for Python code and German (merged; the same size and cost as SmolLM2)"
+        f"{provenance('collaborative', argv, load_before)} {a.prompts} chat prompts about Python × "
+        f"{a.max_new_tokens} new tokens, batch 1, EOS on. Models: SmolLM2-135M-Instruct (general) and SmolLM2 with "
+        f"the shipped LoRA adapters for Python code and German (merged; the same size and cost as SmolLM2)"
         f"{'; linear weights pre-packed' if a.pack else ''}. Speedup: tokens/s over "
         f"standard collaborative decoding of the same combination, measured in one interleaved run.", "",
-        "| combination | method | speedup | tok/s | accept | tokens/step | forwards/token | forward ceiling | "
-        "ms/token verify/draft/rest | identical (greedy) |",
-        "|---|---|---|---|---|---|---|---|---|---|", *lines, "",
+        *md_table(["combination", "method", "speedup", "tok/s", "accept", "tokens/step", "forwards/token",
+                   "forward ceiling", "ms/token verify/draft/rest", "identical (greedy)"], lines), "",
         "forward ceiling: the speedup if every model forward cost the same and nothing else took time (standard "
         "forwards per token / this row's). ms/token: the verification step's forwards (all scoring models; standard: "
         "every forward), the proposals (drafting forwards of the proposer, cache lookups), and the rest (prefill, "
         "combination, verification, bookkeeping).", ""])
-    print(text)
-    if a.out is not None and not a.quick:
-        from ._report import write_section
-
-        write_section(a.out, a.section, text)
-    if a.plots is not None and not a.quick:
+    report(text, a.out, a.section)
+    if a.plots is not None:
         plot_speedups(plot_rows, a.plots / "collaborative_speedup.png")
     return 0 if identical_all else 1
 

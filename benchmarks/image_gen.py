@@ -36,19 +36,14 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from ._report import pool_accepted_lengths, write_section
+from ._harness import (arg_parser, begin, interleave, md_table, median_seconds, pool_accepted_lengths, provenance,
+                       report, session_seconds)
 
 SECTION = "## Image generation (issue: image generation)"
 
@@ -64,7 +59,9 @@ def _objects(prompt: str) -> int:
 def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.1, 0.3),
                   draft_lengths: tuple[int, ...] | None = None, deltas: tuple[float, ...] = (0.3,),
                   lambdas: tuple[float, ...] = (3.0,)) -> dict[str, dict]:
-    table = _table(models)  # 8 latent neighbours among the tokenizer's live codes
+    from mmspec.zoo import image_neighbours
+
+    table = image_neighbours(models, 8)  # 8 latent neighbours among the tokenizer's live codes
     drafters = {"drafter": models.drafter}
     if getattr(models, "head", None) is not None:
         drafters["EAGLE head"] = models.head
@@ -101,23 +98,6 @@ def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.
     return methods
 
 
-def _table(models) -> torch.Tensor:
-    from mmspec.zoo import image_neighbours
-
-    return image_neighbours(models, 8)
-
-
-def _median_ms(forward, undo, repeats: int) -> float:
-    """Median milliseconds of ``forward()`` over ``repeats`` runs, ``undo()`` (untimed) after each."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - t0)
-        undo()
-    return 1000 * statistics.median(times)
-
-
 @torch.no_grad()
 def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
     """ms of one cached forward of N tokens at batch 1 under CFG (two rows), after a 64-token context (32 for
@@ -138,28 +118,21 @@ def measure_costs(models, widths: tuple[int, ...], repeats: int) -> list[str]:
         for w in widths:
             if ctx + w > model.config.num_image_tokens:
                 continue
-            ms[w] = _median_ms(lambda: session.extend(torch.zeros((1, w), dtype=torch.long)),
-                               lambda: session.rollback(torch.tensor([w])), repeats)
+            ms[w] = 1000 * median_seconds(lambda: session.extend(torch.zeros((1, w), dtype=torch.long)), repeats,
+                                          undo=lambda: session.rollback(torch.tensor([w])))
         base[name] = ms[1]
-        cells = " | ".join(f"{ms[w]:.1f}" if w in ms else "–" for w in widths)
         cfg = model.config
-        rows.append(f"| {name} ({cfg.num_layers} × {cfg.hidden_size}, {cfg.grid_size}×{cfg.grid_size}) | {cells} | "
-                    f"{ms[1] / base['target']:.2f} |")
+        rows.append([f"{name} ({cfg.num_layers} × {cfg.hidden_size}, {cfg.grid_size}×{cfg.grid_size})",
+                     *(f"{ms[w]:.1f}" if w in ms else "–" for w in widths), f"{ms[1] / base['target']:.2f}"])
     if getattr(models, "head", None) is not None:  # one head forward over both halves, as in drafting
-        from mmspec.cache import CacheSession
-
         head, d = models.head, models.head.config.hidden_size
-        session = CacheSession(head, 2, torch.device("cpu"))
-        session.extend(torch.zeros((2, 64), dtype=torch.long), features=torch.zeros((2, 64, d)))
-        ms = {}
-        for w in widths:
-            ms[w] = _median_ms(lambda: session.extend(torch.zeros((2, w), dtype=torch.long), features=torch.zeros((2, w, d))),
-                               lambda: session.rollback(torch.tensor([w, w])), repeats)
-        cells = " | ".join(f"{ms[w]:.1f}" for w in widths)
-        rows.append(f"| EAGLE head (1 layer × {d}, on the target's features) | {cells} | {ms[1] / base['target']:.2f} |")
-    head = ("| model | " + " | ".join(f"N={w}" for w in widths) + " | c (1-token forward / target's) |\n"
-            "|---|" + "---|" * (len(widths) + 1))
-    return [head] + rows
+        ms = {w: 1000 * session_seconds(head, torch.zeros((2, 64), dtype=torch.long),
+                                        torch.zeros((2, w), dtype=torch.long),
+                                        features=(torch.zeros((2, 64, d)), torch.zeros((2, w, d))),
+                                        num_logits=None, reps=repeats) for w in widths}
+        rows.append([f"EAGLE head (1 layer × {d}, on the target's features)", *(f"{ms[w]:.1f}" for w in widths),
+                     f"{ms[1] / base['target']:.2f}"])
+    return md_table(["model", *(f"N={w}" for w in widths), "c (1-token forward / target's)"], rows)
 
 
 @torch.no_grad()
@@ -167,14 +140,14 @@ def measure_resamplers(models, num_scenes: int) -> list[str]:
     """How often U_r / D_r give the tokens of the same held-out scene encoded at the other size (one FSQ
     pass each), and ms per 16 x 16 grid: the learned token nets against decode -> resize -> re-encode."""
     from mmspec.image_gen.token_resampler import PixelResampler, resize_images
+
     from mmspec.zoo.data import heldout_scenes, render_batch
 
     tok = models.tokenizer
     hi_tok, lo_tok = tok.resized(tok.image_size), tok.resized(tok.image_size // 2)
     x = render_batch(list(heldout_scenes(num_scenes)))
     hi, lo = hi_tok.encode(x), lo_tok.encode(resize_images(x, lo_tok.image_size))
-    rows = ["| U_r / D_r | up-sampled tokens = 64 px encoding | down-sampled tokens = 32 px encoding | "
-            "ms per grid (up + down) |", "|---|---|---|---|"]
+    rows = []
     cands = [("decode → bicubic → re-encode", PixelResampler(tok, 2))]
     if models.resampler is not None:
         cands.insert(0, ("learned token nets", models.resampler))
@@ -182,9 +155,10 @@ def measure_resamplers(models, num_scenes: int) -> list[str]:
         t0 = time.perf_counter()
         up, down = r.upsample(lo), r.downsample(hi)
         ms = 1000 * (time.perf_counter() - t0) / len(x)
-        rows.append(f"| {name} | {float((up == hi).float().mean()):.3f} | {float((down == lo).float().mean()):.3f} | "
-                    f"{ms:.1f} |")
-    return rows
+        rows.append([name, f"{float((up == hi).float().mean()):.3f}", f"{float((down == lo).float().mean()):.3f}",
+                     f"{ms:.1f}"])
+    return md_table(["U_r / D_r", "up-sampled tokens = 64 px encoding", "down-sampled tokens = 32 px encoding",
+                     "ms per grid (up + down)"], rows)
 
 
 @torch.no_grad()
@@ -194,6 +168,7 @@ def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list
     do the drafted token and its neighbours hold? The EAGLE head is scored one step ahead of real features
     (the first token of a draft; later ones read its own hidden states)."""
     import mmspec.image_gen as ig
+
     from mmspec.zoo.data import heldout_scenes
     from mmspec.zoo.evaluate import IMAGE_SAMPLING
 
@@ -216,9 +191,7 @@ def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list
     tops = {"AR drafter": drafter_top}
     if getattr(models, "head", None) is not None:
         tops["EAGLE head"] = head_top
-    rows = ["| drafter | positions | drafter top ≠ target top | …of which a latent neighbour of the target's top | "
-            "median p(drafted) | median p(target's top) | median p(drafted + its 8 neighbours) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = []
     med = statistics.median
     for name, top in tops.items():
         mis = nbr = 0
@@ -235,20 +208,24 @@ def measure_disagreements(models, table: torch.Tensor, num_prompts: int) -> list
             p_draft += pt.gather(1, d.unsqueeze(1))[m, 0].tolist()
             p_top += pt.gather(1, t.unsqueeze(1))[m, 0].tolist()
             pooled += pt.gather(1, torch.cat([d.unsqueeze(1), table[d]], 1)).sum(1)[m].tolist()
-        cells = " | ".join(f"{med(v):.3f}" if v else "–" for v in (p_draft, p_top, pooled))
-        rows.append(f"| {name} | {toks.numel()} | {mis} ({mis / toks.numel():.3f}) | {nbr} ({nbr / max(mis, 1):.2f}) | "
-                    f"{cells} |")
-    return rows
+        rows.append([name, toks.numel(), f"{mis} ({mis / toks.numel():.3f})", f"{nbr} ({nbr / max(mis, 1):.2f})",
+                     *(f"{med(v):.3f}" if v else "–" for v in (p_draft, p_top, pooled))])
+    return md_table(["drafter", "positions", "drafter top ≠ target top",
+                     "…of which a latent neighbour of the target's top", "median p(drafted)", "median p(target's top)",
+                     "median p(drafted + its 8 neighbours)"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     import mmspec.image_gen as ig
-    from mmspec.zoo import load_default_image_models
+
+    from mmspec.zoo import image_neighbours, load_default_image_models
     from mmspec.zoo.data import heldout_scenes
     from mmspec.zoo.evaluate import IMAGE_SAMPLING
     from mmspec.zoo.quality import frechet_distance, images_to_tensor, prompt_faithfulness
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arg_parser("image_gen", __doc__, section=SECTION, plots="the speed-quality and histogram PNGs",
+                    quick={"speed_prompts": 1, "repeats": 1, "quality_images": 4, "quality_batch": 4},
+                    quick_also="smaller cost, resampler and disagreement measurements")
     ap.add_argument("--speed-prompts", type=int, default=8, help="images per method in the batch-1 speed run")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the speed run")
     ap.add_argument("--quality-images", type=int, default=128, help="images per method for the quality columns")
@@ -261,14 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-lengths", default=None, help="comma-separated k of the exact SD / LANTERN rows (default k, 2k)")
     ap.add_argument("--lantern-deltas", default="0.3", help="comma-separated δ of the LANTERN rows")
     ap.add_argument("--lantern-lambdas", default="3", help="comma-separated λ of the LANTERN++ rows")
-    ap.add_argument("--section", default=SECTION, help="the RESULTS.md section heading to (re)write")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plots", type=Path, default=None, help="directory for the speed-quality and histogram PNGs")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.speed_prompts, args.repeats, args.quality_images, args.quality_batch = 1, 1, 4, 4
-    torch.set_num_threads(2)
+    load_before = begin(2)
     sampling = dict(IMAGE_SAMPLING)
     models = load_default_image_models()
     taus = tuple((float(t.split("/")[0]), int(t.split("/")[1])) if "/" in t else float(t)
@@ -281,33 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         keep = [s.strip() for s in args.only.split(",")]
         methods = {n: m for n, m in methods.items() if n == "plain AR" or any(s in n for s in keep)}
     names = list(methods)
-    load = os.getloadavg()[0]
 
     # -- costs -----------------------------------------------------------------------------------
     widths = (1, 2, 4, 8) if args.quick else (1, 2, 4, 8, 16, 32, 64)
     cost_rows = measure_costs(models, widths, 3 if args.quick else 15)
     resampler_rows = measure_resamplers(models, 8 if args.quick else 256)
-    disagreement_rows = measure_disagreements(models, _table(models), 4 if args.quick else 32)
+    disagreement_rows = measure_disagreements(models, image_neighbours(models, 8), 4 if args.quick else 32)
 
     # -- speed: batch 1, interleaved ------------------------------------------------------------------
     prompts = [s.caption() for s in heldout_scenes(max(args.speed_prompts, 1))[: args.speed_prompts]]
-    times = {n: 0.0 for n in names}
-    stats = {n: [] for n in names}
 
-    def one(n: str, prompt: str, seed: int):
-        return ig.generate(models.target, models.tokenizer, condition=[prompt], seed=[seed], **sampling, **methods[n])
+    def one(n: str):
+        return lambda prompt, seed: ig.generate(models.target, models.tokenizer, condition=[prompt], seed=[seed],
+                                                **sampling, **methods[n]).stats
 
-    for n in names:  # warm-up
-        one(n, prompts[0], 0)
-    for r in range(args.repeats):
-        for i, prompt in enumerate(prompts):
-            k = (r * len(prompts) + i) % len(names)
-            order = names[k:] + names[:k]
-            for n in (order[::-1] if (r + i) % 2 else order):
-                t0 = time.perf_counter()
-                out = one(n, prompt, 1000 + i)
-                times[n] += time.perf_counter() - t0
-                stats[n].append(out.stats)
+    runs = interleave({n: one(n) for n in names}, prompts, repeats=args.repeats, label="image speed")
+    times = {n: runs.total(n) for n in names}
+    stats = {n: runs.results(n) for n in names}
 
     # -- quality: >= 128 images per method, batched -------------------------------------------------------
     q_prompts = [s.caption() for s in heldout_scenes(max(args.quality_images, 1))[: args.quality_images]]
@@ -344,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         fq = " / ".join(f"{q['by'][c]:.2f}" for c in sorted(q["by"]))
         fd = "–" if q["fd"] is None else f"{q['fd']:.2f}"
         tv = "–" if n == "plain AR" else f"{q['tv']:.3f}"
-        qcells = f"{q['faithful']:.2f} ({fq}) | {fd} | {tv}"
+        qcells = [f"{q['faithful']:.2f} ({fq})", fd, tv]
         if n == "plain AR, other seeds":
-            rows.append(f"| {n} (noise floor) | – | – | – | – | – | – | {qcells} |")
+            rows.append([f"{n} (noise floor)", "–", "–", "–", "–", "–", "–", *qcells])
             continue
         st = stats[n]
         imgs = len(st)
@@ -359,14 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         speed = ar_time / times[n]
         summary[n] = dict(speedup=speed, faithful=q["faithful"], fd=q["fd"], counts=pool_accepted_lengths(st),
                           method=methods[n]["method"])
-        rows.append(f"| {n} | {imgs / times[n]:.2f} | x{speed:.2f} | {fwd:.1f} | {tau:.2f} | "
-                    f"{'–' if plain else f'{alpha:.2f}'} | {split} | {qcells} |")
-    cmd = "python -m benchmarks.image_gen " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        rows.append([n, f"{imgs / times[n]:.2f}", f"x{speed:.2f}", f"{fwd:.1f}", f"{tau:.2f}",
+                     "–" if plain else f"{alpha:.2f}", split, *qcells])
     cfg_t = models.target.config
     text = "\n".join([
         args.section, "",
-        f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads, "
-        f"load average {load:.2f} at start), torch {torch.__version__}. Zoo models: FSQ tokenizer (codebook "
+        f"{provenance('image_gen', argv, load_before)} Zoo models: FSQ tokenizer (codebook "
         f"{cfg_t.codebook_size}), text-conditioned AR target {cfg_t.num_layers} × {cfg_t.hidden_size} over "
         f"{cfg_t.grid_size}×{cfg_t.grid_size} tokens; CFG {sampling['cfg_scale']}, temperature "
         f"{sampling['temperature']}, top-k {sampling['top_k']}. AR, exact SD and SJD are lossless; LANTERN, "
@@ -381,18 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({args.quality_images} held-out prompts per row)", "",
         "Time split: ms per image in target forwards / drafting / verification + repair. Faithfulness: overall "
         "(1 / 2 / 3 objects). FD and TV: to plain AR's images of the same prompts.", "",
-        "| method | images/s | speedup vs AR | target fwd/image | τ (tokens/target fwd) | α | time split (ms) | "
-        "faithful | FD to AR | TV to AR |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *rows, "",
+        *md_table(["method", "images/s", "speedup vs AR", "target fwd/image", "τ (tokens/target fwd)", "α",
+                   "time split (ms)", "faithful", "FD to AR", "TV to AR"], rows), "",
         "### Beside the MuLo-SD paper (LlamaGen-XL, 512 px, A100, batch 1; GenEval / FID on MS-COCO)", "",
-        "| method | paper speedup | paper GenEval | paper FID | ours: speedup | ours: faithful | ours: FD to AR |",
-        "|---|---|---|---|---|---|---|",
-        *[_paper_row(p, summary) for p in PAPER_ROWS], "",
+        *md_table(["method", "paper speedup", "paper GenEval", "paper FID", "ours: speedup", "ours: faithful",
+                   "ours: FD to AR"], [_paper_row(p, summary) for p in PAPER_ROWS]), "",
     ]) + "\n"
-    print(text)
-    if args.out is not None:
-        write_section(args.out, args.section, text)
+    report(text, args.out, args.section)
     if args.plots is not None:
         from ._plots import plot_accept_histogram, plot_speed_quality
 
@@ -403,16 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _paper_row(paper: tuple, summary: dict) -> str:
+def _paper_row(paper: tuple, summary: dict) -> list[str]:
     name, speed, geneval, fid = paper
     key = {"EAGLE-2": "exact SD (EAGLE head", "LANTERN": "LANTERN δ", "MuLo-SD r=2": "MuLo-SD"}[name]
     ours = [n for n in summary if n.startswith(key)]
     if not ours:
-        return f"| {name} | {speed} | {geneval} | {fid} | – | – | – |"
+        return [name, speed, geneval, fid, "–", "–", "–"]
     best = max(ours, key=lambda n: summary[n]["speedup"])
     v = summary[best]
     fd = "–" if v["fd"] is None else f"{v['fd']:.2f}"
-    return f"| {name} | {speed} | {geneval} | {fid} | x{v['speedup']:.2f} ({best}) | {v['faithful']:.2f} | {fd} |"
+    return [name, speed, geneval, fid, f"x{v['speedup']:.2f} ({best})", f"{v['faithful']:.2f}", fd]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ Run from the repository root::
     python -m benchmarks.overhead --quick          # 2 prompts x 1 round, 32 new tokens
     python -m benchmarks.overhead --cprofile       # also a cProfile of one mmspec prompt-lookup run
 
-Batch 1, greedy. Each round runs every prompt, and on each prompt every method in an order rotated
-from prompt to prompt (reversed on odd rounds), so drifts of a shared machine hit all methods alike:
+Batch 1, greedy. One interleaved run (``benchmarks._harness.interleave``): after a warm-up, each round
+runs every prompt, and on each prompt every method in an order rotated from prompt to prompt, so
+drifts of a shared machine hit all methods alike:
 
     HF plain             ``model.generate(do_sample=False)``
     HF prompt lookup     ``model.generate(prompt_lookup_num_tokens=k)`` (HF's ``max_matching_ngram_size``
@@ -32,7 +33,8 @@ Glossary:
                  loop's Python; HF rows have only forward and "outside" (everything ``generate`` does
                  around its forwards)
 
-Timings on a shared 2-core machine move with its load (``uptime`` is printed with the results):
+Timings on a shared 2-core machine move with its load (the machine line printed with the results
+gives the load average before and after):
 read the interleaved ratios, not the absolute numbers. ``--threads 1`` is the default: with other
 processes running, two OpenMP threads made every forward several times slower and far noisier here
 (per-method tok/s moved by 2x between rounds), which hides the loop's own cost.
@@ -40,19 +42,20 @@ processes running, two OpenMP threads made every forward several times slower an
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import cProfile
 import io
-import os
 import pstats
 import statistics
-import time
-import warnings
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from ._harness import ForwardMeter, arg_parser, begin, interleave, md_table, provenance, report
+
+HEADING = "## Loop overhead against HF generate on SmolLM2 (issue 13)"
 
 PARAGRAPH = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small brass lamp and "
@@ -85,7 +88,6 @@ class Tally:
     steps: int = 0  # forwards after the first (decode steps)
     widths: Counter = field(default_factory=Counter)
     identical: list[bool] = field(default_factory=list)
-    per_run_tps: list[float] = field(default_factory=list)
     # mmspec split, seconds
     extend_s: float = 0.0
     drafter_s: float = 0.0
@@ -94,36 +96,10 @@ class Tally:
     rest_s: float = 0.0
 
 
-class ForwardMeter:
-    """Counts the target's forwards, their input widths and the time inside them (pre/post hooks)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.calls: list[tuple[int, float]] = []  # (width, seconds)
-        self._t0 = 0.0
-        self._handles = [model.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         model.register_forward_hook(self._post, with_kwargs=True)]
-
-    def _pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._width = int(ids.shape[1]) if ids is not None else int(kwargs["inputs_embeds"].shape[1])
-        self._t0 = time.perf_counter()
-
-    def _post(self, module, args, kwargs, output):
-        self.calls.append((self._width, time.perf_counter() - self._t0))
-
-    def reset(self) -> None:
-        self.calls = []
-
-    def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-
-
 def run_method(name: str, model, ids, mask, *, k: int, max_new_tokens: int):
-    """(generated token ids, seconds, mmspec stats or None)."""
+    """(generated token ids, mmspec stats or None)."""
     from mmspec import engine
 
-    t = time.perf_counter()
     if name == "HF plain":
         out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
         seq, stats = out[0, ids.shape[1]:], None
@@ -136,14 +112,7 @@ def run_method(name: str, model, ids, mask, *, k: int, max_new_tokens: int):
         res = engine.generate(model, ids, attention_mask=mask, drafter=drafter, num_draft_tokens=k,
                               max_new_tokens=max_new_tokens)
         seq, stats = res.sequences[0, ids.shape[1]:ids.shape[1] + res.num_generated[0]], res.stats
-    return seq.tolist(), time.perf_counter() - t, stats
-
-
-def load_avg() -> str:
-    try:
-        return "load average %.2f %.2f %.2f" % os.getloadavg()
-    except OSError:  # pragma: no cover
-        return "load average n/a"
+    return seq.tolist(), stats
 
 
 def trim_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -153,21 +122,16 @@ def trim_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def main(argv: list[str] | None = None) -> dict[str, Tally]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = arg_parser("overhead", __doc__, prompts=len(PROMPTS), max_new_tokens=128,
+                    quick={"rounds": 1, "max_new_tokens": 32, "prompts": 2})
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("-k", "--num-draft-tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
-    ap.add_argument("--quick", action="store_true", help="2 prompts, 1 round, 32 new tokens")
     ap.add_argument("--cprofile", action="store_true", help="cProfile one mmspec prompt-lookup run at the end")
     ap.add_argument("--model", default="smollm2", help="anything mmspec.pretrained.load_causal_lm takes")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.rounds, args.max_new_tokens, args.prompts = 1, 32, 2
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    load_before = begin(args.threads)
     from mmspec.pretrained import chat_inputs, load_causal_lm
 
     model, tok = load_causal_lm(args.model)
@@ -176,94 +140,88 @@ def main(argv: list[str] | None = None) -> dict[str, Tally]:
     prompts = [chat_inputs(tok, [p]) for p in PROMPTS[: args.prompts]]
     k, T = args.num_draft_tokens, args.max_new_tokens
     print(f"SmolLM2 overhead: {len(prompts)} prompts x {args.rounds} rounds, {T} new tokens, k={k}, "
-          f"threads={args.threads}, {load_avg()}", flush=True)
+          f"threads={args.threads}", flush=True)
 
-    meter = ForwardMeter(model)
-    with torch.no_grad():  # warm up every path once
-        for name in METHODS:
-            run_method(name, model, prompts[0]["input_ids"], prompts[0]["attention_mask"], k=k, max_new_tokens=4)
+    def method(name: str):
+        return lambda enc, seed: run_method(name, model, enc["input_ids"], enc["attention_mask"], k=k,
+                                            max_new_tokens=T)
+
+    with torch.no_grad():
+        runs = interleave({name: method(name) for name in METHODS}, prompts, repeats=args.rounds,
+                          meter=ForwardMeter(model), label="overhead")
+    seqs = {id(c): trim_eos(c.result[0], eos) for c in runs.calls}
+    ref = {(c.repeat, c.index): seqs[id(c)] for c in runs.of("HF plain")}
+
+    def tokens(call) -> int:
+        return len(seqs[id(call)])
+
     tallies = {name: Tally(name) for name in METHODS}
-    ratios: dict[str, list[float]] = {name: [] for name in METHODS}
-    pl_vs_hf_pl: list[float] = []
-    run = 0
-    for r in range(args.rounds):
-        for pi, enc in enumerate(prompts):
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            order = list(METHODS[run % len(METHODS):] + METHODS[: run % len(METHODS)])
-            if r % 2:
-                order.reverse()
-            run += 1
-            tps, outputs = {}, {}
-            for name in order:
-                meter.reset()
-                seq, secs, stats = run_method(name, model, ids, mask, k=k, max_new_tokens=T)
-                seq = trim_eos(seq, eos)
-                outputs[name] = seq
-                t = tallies[name]
-                t.tokens += len(seq)
-                t.seconds += secs
-                t.forwards += len(meter.calls)
-                t.prefill_s += meter.calls[0][1]
-                decode_calls = meter.calls[1:]
-                t.forward_s += sum(s for _, s in decode_calls)
-                t.widths.update(w for w, _ in decode_calls)
-                tps[name] = len(seq) / secs
-                t.per_run_tps.append(tps[name])
-                t.steps += len(decode_calls)
-                if stats is not None:
-                    # the loop's own forwards: all of them when step 0 fed the prompt, else all but the prefill
-                    in_loop = meter.calls if len(meter.calls) == stats.steps else decode_calls
-                    fwd = sum(s for _, s in in_loop)
-                    drafter = stats.drafter_time - stats.drafter_prefill_time
-                    book = getattr(stats, "bookkeeping_time", 0.0)
-                    t.extend_s += stats.target_time - fwd
-                    t.drafter_s += drafter
-                    t.verify_s += stats.verify_time
-                    t.bookkeeping_s += book
-                    t.rest_s += (stats.total_time - stats.prefill_time - stats.drafter_prefill_time
-                                 - stats.target_time - drafter - stats.verify_time - book)
-            for name in METHODS:
-                tallies[name].identical.append(outputs[name] == outputs["HF plain"])
-                ratios[name].append(tps[name] / tps["HF plain"])
-            pl_vs_hf_pl.append(tps["mmspec prompt lookup"] / tps["HF prompt lookup"])
-            print(f"  round {r} prompt {pi}: " + ", ".join(f"{n} {tps[n]:.1f}" for n in METHODS) + " tok/s"
-                  f" ({len(outputs['HF plain'])} tokens, {load_avg()})", flush=True)
-    meter.close()
-    report(tallies, ratios, pl_vs_hf_pl)
+    for c in runs.calls:
+        t, stats, calls = tallies[c.method], c.result[1], c.meter
+        t.tokens += tokens(c)
+        t.seconds += c.seconds
+        t.forwards += len(calls)
+        t.prefill_s += calls[0][1]
+        decode_calls = calls[1:]
+        t.forward_s += sum(sec for _, sec in decode_calls)
+        t.widths.update(w for w, _ in decode_calls)
+        t.steps += len(decode_calls)
+        t.identical.append(seqs[id(c)] == ref[(c.repeat, c.index)])
+        if stats is not None:
+            # the loop's own forwards: all of them when step 0 fed the prompt, else all but the prefill
+            in_loop = calls if len(calls) == stats.steps else decode_calls
+            fwd = sum(sec for _, sec in in_loop)
+            drafter = stats.drafter_time - stats.drafter_prefill_time
+            book = getattr(stats, "bookkeeping_time", 0.0)
+            t.extend_s += stats.target_time - fwd
+            t.drafter_s += drafter
+            t.verify_s += stats.verify_time
+            t.bookkeeping_s += book
+            t.rest_s += (stats.total_time - stats.prefill_time - stats.drafter_prefill_time
+                         - stats.target_time - drafter - stats.verify_time - book)
+    ratios = {name: runs.ratios(name, "HF plain", tokens) for name in METHODS}
+    pl_vs_hf_pl = runs.ratios("mmspec prompt lookup", "HF prompt lookup", tokens)
+    text = "\n".join([HEADING, "", f"{provenance('overhead', argv, load_before)} {len(prompts)} chat prompts x "
+                      f"{args.rounds} rounds, {T} new tokens, k = {k}, batch 1, greedy.", "",
+                      *tables(tallies, ratios, pl_vs_hf_pl), ""])
+    report(text, args.out, HEADING)
     if args.cprofile:
         profile(model, prompts[0], k, T)
-    return tallies
+    return 0
 
 
-def report(tallies: dict[str, Tally], ratios: dict[str, list[float]], pl_vs_hf_pl: list[float]) -> None:
+def tables(tallies: dict[str, Tally], ratios: dict[str, list[float]], pl_vs_hf_pl: list[float]) -> list[str]:
     base = tallies["HF plain"]
     base_tps = base.tokens / base.seconds
-    print(f"\n{load_avg()}")
-    print("| method | tok/s | x HF plain [range] | tok/fwd | forwards | widths (decode) | identical |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for name, t in tallies.items():
         tps = t.tokens / t.seconds
         rs = ratios[name]
         widths = ", ".join(f"{w}x{c}" for w, c in sorted(t.widths.items()))
-        print(f"| {name} | {tps:.2f} | {tps / base_tps:.2f} [{min(rs):.2f}-{max(rs):.2f}] | "
-              f"{t.tokens / t.forwards:.2f} | {t.forwards} | {widths} | {all(t.identical)} |")
-    print(f"\nmmspec prompt lookup / HF prompt lookup, per run: median {statistics.median(pl_vs_hf_pl):.2f} "
-          f"(range {min(pl_vs_hf_pl):.2f}-{max(pl_vs_hf_pl):.2f}); overall "
-          f"{(tallies['mmspec prompt lookup'].tokens / tallies['mmspec prompt lookup'].seconds) / (tallies['HF prompt lookup'].tokens / tallies['HF prompt lookup'].seconds):.2f}")
-    print("\nms per decode step (the first forward, with the prompt, excluded):")
-    print("| method | steps | forward | extend | drafter | verify | bookkeeping | rest / outside | ms/fwd-token |")
-    print("|---|---|---|---|---|---|---|---|---|")
+        rows.append([name, f"{tps:.2f}", f"{tps / base_tps:.2f} [{min(rs):.2f}-{max(rs):.2f}]",
+                     f"{t.tokens / t.forwards:.2f}", t.forwards, widths, all(t.identical)])
+    lines = md_table(["method", "tok/s", "x HF plain [range]", "tok/fwd", "forwards", "widths (decode)",
+                      "identical"], rows)
+    pl, hf_pl = tallies["mmspec prompt lookup"], tallies["HF prompt lookup"]
+    lines += ["", f"mmspec prompt lookup / HF prompt lookup, per run: median {statistics.median(pl_vs_hf_pl):.2f} "
+              f"(range {min(pl_vs_hf_pl):.2f}-{max(pl_vs_hf_pl):.2f}); overall "
+              f"{(pl.tokens / pl.seconds) / (hf_pl.tokens / hf_pl.seconds):.2f}", "",
+              "ms per decode step (the first forward, with the prompt, excluded):", ""]
+    rows = []
     for name, t in tallies.items():
         n = max(t.steps, 1)
         fed = sum(w * c for w, c in t.widths.items())
+        per_token = f"{1e3 * t.forward_s / max(fed, 1):.1f}"
         if name.startswith("HF"):
             outside = t.seconds - t.prefill_s - t.forward_s
-            print(f"| {name} | {t.steps} | {1e3 * t.forward_s / n:.1f} | - | - | - | - | {1e3 * outside / n:.2f} | "
-                  f"{1e3 * t.forward_s / max(fed, 1):.1f} |")
+            rows.append([name, t.steps, f"{1e3 * t.forward_s / n:.1f}", "-", "-", "-", "-", f"{1e3 * outside / n:.2f}",
+                         per_token])
         else:
-            print(f"| {name} | {t.steps} | {1e3 * t.forward_s / n:.1f} | {1e3 * t.extend_s / n:.2f} | "
-                  f"{1e3 * t.drafter_s / n:.2f} | {1e3 * t.verify_s / n:.2f} | {1e3 * t.bookkeeping_s / n:.2f} | "
-                  f"{1e3 * t.rest_s / n:.2f} | {1e3 * t.forward_s / max(fed, 1):.1f} |")
+            split = (t.extend_s, t.drafter_s, t.verify_s, t.bookkeeping_s, t.rest_s)
+            rows.append([name, t.steps, f"{1e3 * t.forward_s / n:.1f}", *(f"{1e3 * v / n:.2f}" for v in split),
+                         per_token])
+    return lines + md_table(["method", "steps", "forward", "extend", "drafter", "verify", "bookkeeping",
+                             "rest / outside", "ms/fwd-token"], rows)
 
 
 def profile(model, enc, k: int, max_new_tokens: int) -> None:
@@ -285,4 +243,4 @@ def profile(model, enc, k: int, max_new_tokens: int) -> None:
 
 if __name__ == "__main__":
     with contextlib.suppress(KeyboardInterrupt):
-        main()
+        sys.exit(main())

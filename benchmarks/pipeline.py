@@ -25,58 +25,39 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from mmspec.pipeline.stage import truncated_copy
 
+from ._harness import CachedForward, arg_parser, begin, interleave, md_table, median_seconds, provenance, report
+
 SECTION_HEADING = "## Pipelined speculative decoding (FlowSpec) on SmolLM2 (issue 18)"
 DRAFT_LAYERS = 2
 
 
 # -- costs, measured in one process ------------------------------------------------------------------------------
-def _best(fn, reps: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
-@torch.no_grad()
 def measure_costs(target: torch.nn.Module, draft: torch.nn.Module, widths=(1, 4, 8), context: int = 200) -> dict:
     """Median seconds, with a ``context``-token cache (one thread), of one decoder layer (the body's forward over
     the number of layers), the LM head, and one drafter forward, at each width."""
-    from transformers import DynamicCache
-
     num_layers = len(target.model.layers)
     out = {"layer": {}, "head": {}, "draft": {}}
     ids = torch.randint(0, 1000, (1, context))
     for w in widths:
         new = torch.randint(0, 1000, (1, w))
         for key, model in (("layer", target.model), ("draft", draft)):
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
-
-            def step(model=model, cache=cache):
-                model(input_ids=new, past_key_values=cache, use_cache=True)
-                cache.crop(-w)
-
-            out[key][w] = _best(step) / (num_layers if key == "layer" else 1)
+            step = CachedForward(model, {"input_ids": ids}, {"input_ids": new})
+            out[key][w] = step.median(reps=7, warmup=1) / (num_layers if key == "layer" else 1)
         h = torch.randn(1, w, target.config.hidden_size)
-        out["head"][w] = _best(lambda: target.lm_head(h))
+        with torch.no_grad():
+            out["head"][w] = median_seconds(lambda: target.lm_head(h), reps=7, warmup=1)
     return out
 
 
@@ -100,18 +81,44 @@ def _link_latency(rank: int, d: int, vocab: int, widths=(1, 8), reps: int = 20) 
     for w in widths:
         for name, shape in (("hidden", (1, w, d)), ("logits", (1, w, vocab))):
             buf = torch.zeros(shape)
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
+
+            def round_trip(buf=buf):
                 if rank == 0:
                     dist.send(buf, 1)
                     dist.recv(buf, 1)
                 elif rank == 1:
                     dist.recv(buf, 0)
                     dist.send(buf, 0)
-                times.append((time.perf_counter() - t0) / 2)
-            out[f"{name}@{w}"] = sorted(times)[len(times) // 2]
+
+            out[f"{name}@{w}"] = median_seconds(round_trip, reps, warmup=0) / 2
     return out
+
+
+def _recv_wait() -> float:
+    """Seconds rank 0 has spent blocked in receives so far (``mmspec.pipeline.session``'s counter)."""
+    from mmspec.pipeline import session
+
+    return session.RECV_WAIT[0]
+
+
+class StageMeter:
+    """A meter for the interleaved run on rank 0: resets the stages' counters before a call; after it, rank 0's
+    seconds blocked in receives and the stages' counters (``collect_stage_stats``)."""
+
+    def __init__(self, world: int):
+        self.world, self.wait0 = world, 0.0
+
+    def start(self) -> None:
+        from mmspec.pipeline.session import collect_stage_stats
+
+        collect_stage_stats(self.world)
+        self.wait0 = _recv_wait()
+
+    def stop(self) -> tuple[float, list]:
+        from mmspec.pipeline.session import collect_stage_stats
+
+        wait = _recv_wait() - self.wait0
+        return wait, collect_stage_stats(self.world)
 
 
 def worker(a) -> int:
@@ -119,7 +126,8 @@ def worker(a) -> int:
     from mmspec.cpu_packing import pack_linear_weights
     from mmspec.drafters.model import ModelDrafter
     from mmspec.drafters.tree import DynamicTree
-    from mmspec.pipeline import flowspec, run, session as pipe_session
+    from mmspec.pipeline import flowspec, run
+    from mmspec.pipeline import session as pipe_session
     from mmspec.pipeline.plan import StagePlan
     from mmspec.pretrained import chat_inputs, load_causal_lm
 
@@ -164,62 +172,53 @@ def worker(a) -> int:
         if "EAGLE" in m:
             return FeatureDrafter(head, tree=tree_shape) if tree_shape is not None else FeatureDrafter(head, 4)
         return ModelDrafter(draft, tree=tree_shape) if tree_shape is not None else draft
-    rows = {m: {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepted": 0, "wait": 0.0, "busy1": 0.0, "wall1": 0.0,
-                "pruned": 0, "killed": 0, "sent": 0, "identical": [], "split": {}} for m in methods}
 
-    def wait_total() -> float:
-        return pipe_session.RECV_WAIT[0]
-
-    for i, prompt in enumerate(prompts):
-        enc = chat_inputs(tok, [prompt])
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        order = methods[i % len(methods):] + methods[: i % len(methods)]
-        ref = None
-        results = {}
-        for m in order:
-            pipe_session.collect_stage_stats(world)  # reset the stages' counters
-            w0 = wait_total()
-            t0 = time.perf_counter()
+    def method(m: str):
+        def one(enc, seed):
+            ids, mask = enc["input_ids"], enc["attention_mask"]
             if m == "single-process AR":
                 out = mm_generate(full, ids, drafter=None, attention_mask=mask, max_new_tokens=a.max_new_tokens,
                                   eos_token_id=eos)
-                new, rounds, acc, split = out.sequences[0, ids.shape[1]:].tolist(), out.stats.steps, 0, {}
-            elif m == "pipelined AR" or m.startswith("naive"):
+                return dict(new=out.sequences[0, ids.shape[1]:].tolist(), rounds=out.stats.steps, accepted=0, split={})
+            if m == "pipelined AR" or m.startswith("naive"):
                 drafter = None if m == "pipelined AR" else make_drafter(m, tree)
                 out = run.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=drafter,
                                    max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
                 st = out.stats
-                new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.steps, st.accepted_tokens
-                split = {"target": st.target_time, "draft": st.drafter_time, "verify": st.verify_time}
-            else:
-                out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=make_drafter(m),
-                                        config=gated_config if "gated" in m else config,
-                                        max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
-                st = out.stats
-                new, rounds, acc = out.sequences[0, ids.shape[1]:].tolist(), st.rounds, st.accepted_tokens
-                split = dict(st.time_split)
-                rows[m]["killed"] += st.killed_in_flight
-                rows[m]["sent"] += st.nodes_sent
-            seconds = time.perf_counter() - t0
-            stats = pipe_session.collect_stage_stats(world)
-            r = rows[m]
-            r["tokens"] += len(new)
-            r["seconds"] += seconds
-            r["rounds"] += rounds
-            r["accepted"] += acc
-            r["wait"] += wait_total() - w0
+                return dict(new=out.sequences[0, ids.shape[1]:].tolist(), rounds=st.steps, accepted=st.accepted_tokens,
+                            split={"target": st.target_time, "draft": st.drafter_time, "verify": st.verify_time})
+            out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=make_drafter(m),
+                                    config=gated_config if "gated" in m else config,
+                                    max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
+            st = out.stats
+            return dict(new=out.sequences[0, ids.shape[1]:].tolist(), rounds=st.rounds, accepted=st.accepted_tokens,
+                        split=dict(st.time_split), killed=st.killed_in_flight, sent=st.nodes_sent)
+        return one
+
+    encs = [chat_inputs(tok, [prompt]) for prompt in prompts]
+    runs = interleave({m: method(m) for m in methods}, encs, meter=StageMeter(world), label="pipeline rank 0")
+    rows = {}
+    for m in methods:
+        r = rows[m] = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepted": 0, "wait": 0.0, "busy1": 0.0,
+                       "wall1": 0.0, "pruned": 0, "killed": 0, "sent": 0, "identical": [], "split": {}}
+        for call in runs.of(m):
+            res, (wait, stats) = call.result, call.meter
+            r["tokens"] += len(res["new"])
+            r["seconds"] += call.seconds
+            r["rounds"] += res["rounds"]
+            r["accepted"] += res["accepted"]
+            r["killed"] += res.get("killed", 0)
+            r["sent"] += res.get("sent", 0)
+            r["wait"] += wait
             if stats:
                 r["busy1"] += stats[0][1]
-                r["wall1"] += seconds
+                r["wall1"] += call.seconds
                 r["pruned"] += int(stats[0][4])
-            for k, v in split.items():
+            for k, v in res["split"].items():
                 r["split"][k] = r["split"].get(k, 0.0) + v
-            results[m] = new
-        ref = results["single-process AR"]
-        for m in methods:
-            rows[m]["identical"].append(results[m] == ref)
-        print(f"prompt {i + 1}/{len(prompts)}: " + ", ".join(f"{m} {len(results[m])} tok" for m in methods),
-              file=sys.stderr, flush=True)
+    ref = {c.index: c.result["new"] for c in runs.of("single-process AR")}
+    for m in methods:
+        rows[m]["identical"] = [c.result["new"] == ref[c.index] for c in runs.of(m)]
     pipe_session.stop_stages(world)
     result = {"rows": rows, "link": link, "plan": a.plan, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
               "config": {"segment_size": a.segment_size, "top_k": a.top_k, "max_nodes": a.max_nodes,
@@ -229,7 +228,7 @@ def worker(a) -> int:
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
-def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
+def section(res: dict, costs: dict, load_before, argv: list[str], pack: bool) -> str:
     rows = res["rows"]
     base = rows["single-process AR"]
 
@@ -242,9 +241,7 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
         return match[0] if match else None
 
     lines = [SECTION_HEADING, "",
-             f"`python -m benchmarks.pipeline {args}`: {_dt.date.today().isoformat()}, {platform.machine()}, torch "
-             f"{torch.__version__}, load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. "
-             f"SmolLM2-135M-Instruct (float32{', linear weights pre-packed' if pack else ''}) over 2 stages "
+             f"{provenance('pipeline', argv, load_before)} SmolLM2-135M-Instruct (float32{', linear weights pre-packed' if pack else ''}) over 2 stages "
              f"(torchrun, gloo on loopback, **one thread per process**; plan {res['plan']}"
              f"{', given' if res.get('plan_given') else ', balanced from the measured costs below'}), {res['prompts']} held-out chat prompts x at most {res['max_new_tokens']} new tokens, greedy, "
              f"batch 1, one interleaved run (every method on every prompt, rotated order). Drafters, on rank 0: "
@@ -255,10 +252,8 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
              f"nodes. FlowSpec: segments of {res['config']['segment_size']}, top-{res['config']['top_k']}, at most "
              f"{res['config']['max_nodes']} nodes and depth {res['config']['max_depth']} per round, at most one segment "
              f"in flight per stage; the gated row sends a round's later segments only if their best node's path "
-             f"probability (the drafter's) is at least {res['config']['gate']:g}.", "",
-             "| method | tok/s | vs single-process AR | vs naive pipelined SD (same drafter) | tokens/round | bubble rank 0 / stage 1 "
-             "| pruned in flight (tokens) | time split on rank 0 (s) | identical |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"probability (the drafter's) is at least {res['config']['gate']:g}.", ""]
+    table = []
     for name, r in rows.items():
         single = name == "single-process AR"
         bubble0 = "" if single else f"{r['wait'] / r['seconds']:.0%}"
@@ -268,11 +263,13 @@ def report(res: dict, costs: dict, load: tuple, args: str, pack: bool) -> str:
                   if name.startswith("FlowSpec") else "")
         naive = naive_of(name)
         vs_naive = f"{tps(r) / tps(naive):.2f}x" if naive is not None else ""
-        lines.append(f"| {name} | {tps(r):.2f} | {tps(r) / tps(base):.2f}x | {vs_naive} | "
-                     f"{r['tokens'] / max(1, r['rounds']):.2f} | {bubble0}{' / ' + bubble1 if bubble1 else ''} | "
-                     f"{pruned} | {split} | {'yes' if all(r['identical']) else 'NO'} |")
+        table.append([name, f"{tps(r):.2f}", f"{tps(r) / tps(base):.2f}x", vs_naive,
+                      f"{r['tokens'] / max(1, r['rounds']):.2f}", f"{bubble0}{' / ' + bubble1 if bubble1 else ''}",
+                      pruned, split, "yes" if all(r["identical"]) else "NO"])
     lw = costs["layer"]
-    lines += ["", "Measured inputs (one thread, 200-token context; ms): decoder layer " +
+    lines += [*md_table(["method", "tok/s", "vs single-process AR", "vs naive pipelined SD (same drafter)",
+                         "tokens/round", "bubble rank 0 / stage 1", "pruned in flight (tokens)",
+                         "time split on rank 0 (s)", "identical"], table), "", "Measured inputs (one thread, 200-token context; ms): decoder layer " +
               ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in lw.items()) + "; final norm + LM head " +
               ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in costs["head"].items()) + f"; {DRAFT_LAYERS}-layer drafter "
               "forward " + ", ".join(f"w={w}: {v * 1e3:.2f}" for w, v in costs["draft"].items()) +
@@ -309,12 +306,11 @@ def _free_port() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arg_parser("pipeline", __doc__, prompts=8, max_new_tokens=64, plots="pipeline_speed.png",
+                    quick={"prompts": 2, "max_new_tokens": 16})
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--plan", default=None, help="stage boundaries, e.g. 0,19,30 (default: balanced from measured costs)")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--segment-size", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=3)
     ap.add_argument("--max-nodes", type=int, default=64)
@@ -329,16 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-top-k", type=int, default=3)
     ap.add_argument("--naive-nodes", type=int, default=8)
     ap.add_argument("--no-pack", dest="pack", action="store_false", help="plain BLAS linear layers")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--plots", default=None)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a)
-    if a.quick:
-        a.prompts, a.max_new_tokens = 2, 16
-    load = os.getloadavg()
-    torch.set_num_threads(1)
+    load_before = begin(1)
     from mmspec.cpu_packing import pack_linear_weights
     from mmspec.pretrained import load_causal_lm
 
@@ -367,13 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         res = json.loads(out_json.read_text())
         res["plan_given"] = bool(a.plan)
-    table = report(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load,
-                   " ".join(forwarded) if forwarded else "", a.pack)
-    print(table)
-    if a.out:
-        from ._report import write_section
-
-        write_section(Path(a.out), SECTION_HEADING, table)
+    text = section(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load_before, forwarded,
+                   a.pack)
+    report(text, Path(a.out) if a.out else None, SECTION_HEADING)
     if a.plots:
         plot(res, Path(a.plots) / "pipeline_speed.png")
     return 0

@@ -28,18 +28,12 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import functools
-import datetime as _dt
-import os
-import platform
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from ._harness import (ForwardMeter, arg_parser, begin, interleave, md_table, pool_stats, provenance, report,
+                       session_seconds)
 
 SECTION_HEADING = "## Text on SmolLM2-135M-Instruct (issue 13)"
 
@@ -55,36 +49,13 @@ PROMPTS = (
 )
 
 
-@dataclass
-class Row:
-    name: str
-    tokens: int = 0
-    seconds: float = 0.0
-    forwards: int = 0
-    identical: list[bool] = field(default_factory=list)
-    ratios: list[float] = field(default_factory=list)
-    target_s: float = 0.0
-    drafter_s: float = 0.0
-    verify_s: float = 0.0
-    steps: int = 0
-    row_steps: int = 0
-    drafts: int = 0
-    accepted: int = 0
-    na: str = ""
+def chat_model():
+    """SmolLM2-135M-Instruct (:func:`mmspec.pretrained.load_causal_lm`), its tokenizer and the id of
+    ``<|im_end|>``, which ends an answer."""
+    from mmspec.pretrained import load_causal_lm
 
-
-def _count_forwards(model):
-    """Wrap ``model.forward`` to count calls (HF rows' tau); returns (counter, restore)."""
-    counter = {"n": 0}
-    orig = model.forward
-
-    @functools.wraps(orig)  # HF checks generate's kwargs against forward's signature
-    def forward(*a, **k):
-        counter["n"] += 1
-        return orig(*a, **k)
-
-    model.forward = forward
-    return counter, lambda: model.__dict__.pop("forward", None)
+    target, tok = load_causal_lm()
+    return target, tok, tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def _generated(seq: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:
@@ -96,11 +67,8 @@ def _generated(seq: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.smollm2", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS))
+    ap = arg_parser("smollm2", __doc__, prompts=len(PROMPTS), max_new_tokens=128,
+                    quick={"max_new_tokens": 24, "prompts": 2})
     ap.add_argument("--modes", default="greedy,sample")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--k-head", type=int, default=3)
@@ -112,21 +80,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="pre-pack every linear weight for oneDNN (mmspec.cpu_packing) in the target, the head and "
                          "the 2-layer drafter first; HF and mmspec rows run the same packed models (own section)")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.max_new_tokens, a.prompts = 24, 2
-    torch.set_num_threads(a.threads)
-    import warnings
-
-    warnings.filterwarnings("ignore")
+    load_before = begin(a.threads)
     from mmspec import engine
     from mmspec.drafters.cost_model import measure_cost_model
     from mmspec.drafters.feature import FeatureDrafter
     from mmspec.drafters.model import ModelDrafter
     from mmspec.drafters.tree import DynamicTree
-    from mmspec.pretrained import chat_inputs, load_causal_lm
+    from mmspec.pretrained import chat_inputs
     from mmspec.zoo.smollm2 import load_smollm2_drafter
 
-    target, tok = load_causal_lm()
+    target, tok, eos = chat_model()
     head_drafter = load_smollm2_drafter("head", target)
     head = head_drafter.head
     small = load_smollm2_drafter("model", target)
@@ -135,30 +98,18 @@ def main(argv: list[str] | None = None) -> int:
 
         packed = sum(pack_linear_weights(mod) for mod in (target, head, small))
         print(f"packed {packed} linear layers for oneDNN", flush=True)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
     prompts = list(PROMPTS[: a.prompts])
 
     # ---- micro-benchmarks: c and the cost model
-    from mmspec.cache import CacheSession
+    ids = torch.randint(0, 1000, (1, 201))
 
-    def time_single(model, extra=None, reps=20):
-        s = CacheSession(model, 1, torch.device("cpu"))
-        ids = torch.randint(0, 1000, (1, 201))
-        kw = {} if extra is None else {"features": extra(200)}
-        s.extend(ids[:, :200], num_logits=1, **kw)
-        kw1 = {} if extra is None else {"features": extra(1)}
-        ts = []
-        for _ in range(reps + 2):
-            t0 = time.perf_counter()
-            s.extend(ids[:, 200:], num_logits=1, **kw1)
-            ts.append(time.perf_counter() - t0)
-            s.rollback(torch.ones(1, dtype=torch.long))
-        return statistics.median(ts[2:])
+    def time_single(model, hidden=None):
+        feats = None if hidden is None else (torch.randn(1, 200, hidden), torch.randn(1, 1, hidden))
+        return session_seconds(model, ids[:, :200], ids[:, 200:], features=feats, reps=20)
 
-    with torch.no_grad():
-        t_target = time_single(target)
-        t_head = time_single(head, extra=lambda w: torch.randn(1, w, head.config.hidden_size))
-        t_small = time_single(small)
+    t_target = time_single(target)
+    t_head = time_single(head, hidden=head.config.hidden_size)
+    t_small = time_single(small)
     c_head, c_small = t_head / t_target, t_small / t_target
     cost = measure_cost_model(target, widths=(1, 2, 4, 8, 16, 24, 32, 48), context=200, repeats=3,
                               level_seconds=t_head)
@@ -168,13 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in a.modes.split(",") if m]
     batches = [int(b) for b in a.batches.split(",") if b]
     sampling = {"greedy": dict(temperature=0.0), "sample": dict(temperature=1.0, top_p=0.9)}
-    results: dict[tuple[str, int], dict[str, Row]] = {}
-    t_start = time.time()
+    results = {}  # (mode, batch) -> (Runs, prompt length per round)
     for mode in modes:
         for bs in batches:
             groups = [prompts[i:i + bs] for i in range(0, len(prompts), bs)] if bs > 1 else [[p] for p in prompts]
             groups = [g for g in groups if len(g) == bs] or groups[:1]
-            rows: dict[str, Row] = {}
             s = sampling[mode]
             hf_kw = dict(do_sample=mode != "greedy", **({"temperature": 1.0, "top_p": 0.9} if mode != "greedy" else {}))
 
@@ -186,65 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                                        num_draft_tokens=k, max_new_tokens=a.max_new_tokens, seed=seed, **s)
 
             methods = {
-                "HF plain": lambda enc, seed: ("hf", hf(enc)),
-                "HF assisted (2-layer drafter)": lambda enc, seed: ("hf", hf(enc, assistant_model=small)),
-                "HF prompt lookup": lambda enc, seed: ("hf", hf(enc, prompt_lookup_num_tokens=a.k_lookup)),
-                "mmspec 2-layer drafter, chain": lambda enc, seed: ("mm", mm(enc, ModelDrafter(small), a.k_model, seed)),
-                "mmspec prompt lookup": lambda enc, seed: ("mm", mm(enc, "prompt_lookup", a.k_lookup, seed)),
-                "mmspec EAGLE-3 head, chain": lambda enc, seed: ("mm", mm(enc, FeatureDrafter(head), a.k_head, seed)),
-                "mmspec EAGLE-3 head, dynamic tree": lambda enc, seed: ("mm", mm(enc, FeatureDrafter(head, tree=tree),
-                                                                                 None, seed)),
+                "HF plain": lambda enc, seed: hf(enc),
+                "HF assisted (2-layer drafter)": lambda enc, seed: hf(enc, assistant_model=small),
+                "HF prompt lookup": lambda enc, seed: hf(enc, prompt_lookup_num_tokens=a.k_lookup),
+                "mmspec 2-layer drafter, chain": lambda enc, seed: mm(enc, ModelDrafter(small), a.k_model, seed),
+                "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", a.k_lookup, seed),
+                "mmspec EAGLE-3 head, chain": lambda enc, seed: mm(enc, FeatureDrafter(head), a.k_head, seed),
+                "mmspec EAGLE-3 head, dynamic tree": lambda enc, seed: mm(enc, FeatureDrafter(head, tree=tree),
+                                                                          None, seed),
             }
-            names = list(methods)
-            for r, group in enumerate(groups):
-                enc = chat_inputs(tok, group)
-                plen = enc["input_ids"].shape[1]
-                order = names[r % len(names):] + names[: r % len(names)]
-                if r % 2:
-                    order = order[::-1]
-                ref_tokens, times = None, {}
-                outs = {}
-                for name in order:
-                    row = rows.setdefault(name, Row(name))
-                    if row.na:
-                        continue
-                    torch.manual_seed(1000 + r)
-                    counter, restore = _count_forwards(target)
-                    t0 = time.perf_counter()
-                    try:
-                        kind, out = methods[name](enc, 1000 + r)
-                    except Exception as exc:  # noqa: BLE001 - HF features that do not support a batch
-                        restore()
-                        row.na = type(exc).__name__ + ": " + " ".join(str(exc).split())[:80]
-                        continue
-                    dt = time.perf_counter() - t0
-                    restore()
-                    seq = out if kind == "hf" else out.sequences
-                    gen = _generated(seq, plen, eos)
-                    row.tokens += sum(len(g) for g in gen)
-                    row.seconds += dt
-                    row.forwards += counter["n"]
-                    times[name] = (sum(len(g) for g in gen), dt)
-                    outs[name] = gen
-                    if kind == "mm":
-                        st = out.stats
-                        row.target_s += st.target_time
-                        row.drafter_s += st.drafter_time
-                        row.verify_s += st.verify_time
-                        row.steps += st.steps
-                        row.row_steps += st.row_steps
-                        row.drafts += st.drafted_tokens
-                        row.accepted += st.accepted_tokens
-                if mode == "greedy" and "HF plain" in outs:
-                    ref_tokens = outs["HF plain"]
-                    for name, gen in outs.items():
-                        rows[name].identical.append(gen == ref_tokens)
-                if "HF plain" in times:
-                    n0, t0_ = times["HF plain"]
-                    for name, (n, dt) in times.items():
-                        rows[name].ratios.append((n / dt) / (n0 / t0_))
-                print(f"[{mode} b{bs}] round {r + 1}/{len(groups)} done ({time.time() - t_start:.0f}s)", flush=True)
-            results[(mode, bs)] = rows
+            encs = [chat_inputs(tok, group) for group in groups]
+            # HF features that do not support a batch fail: their rows say n/a
+            runs = interleave(methods, encs, meter=ForwardMeter(target), catch=True, label=f"{mode} b{bs}")
+            results[(mode, bs)] = (runs, [enc["input_ids"].shape[1] for enc in encs])
 
     def ceiling(name: str, tau: float) -> float | None:
         if "tree" in name:
@@ -257,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return tau
         return None
 
-    load = os.getloadavg()
     heading = SECTION_HEADING + (", pre-packed linear weights" if a.pack else "")
     lines = [heading, "",
-             f"Recorded {_dt.date.today()} by `python -m benchmarks.smollm2 {' '.join(argv or sys.argv[1:])}` on "
-             f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}; "
-             f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}. {len(prompts)} held-out chat prompts, "
+             f"{provenance('smollm2', argv, load_before)} {len(prompts)} held-out chat prompts, "
              f"{a.max_new_tokens} new tokens (EOS ends a row), float32.", "",
              f"Micro-benchmarks at a 200-token context: target 1-token forward {t_target * 1e3:.1f} ms; EAGLE-3 head "
              f"step {t_head * 1e3:.1f} ms (c = {c_head:.3f}); 2-layer drafter step {t_small * 1e3:.1f} ms "
@@ -271,44 +171,50 @@ def main(argv: list[str] | None = None) -> int:
              f"Draft settings: head chain k={a.k_head}; head dynamic tree depth {depth}, top-k {top_k}, at most "
              f"{nodes} nodes, sized per step by the cost model; 2-layer drafter k={a.k_model} (HF assisted: its own "
              f"defaults); prompt lookup {a.k_lookup} tokens (HF and mmspec).", ""]
-    for (mode, bs), rows in results.items():
+    bad = False
+    for (mode, bs), (runs, plens) in results.items():
         label = "greedy" if mode == "greedy" else "T = 1, top-p 0.9"
-        lines += [f"### {label}, batch {bs}", "",
-                  "| method | tok/s | speedup (range) | tau | alpha | ceiling | % ceiling | split target / drafter / verify / rest (ms per step) | identical |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        base = rows.get("HF plain")
-        base_tps = base.tokens / base.seconds if base and base.seconds else None
-        for name, row in rows.items():
-            if row.na or not row.seconds:
-                lines.append(f"| {name} | n/a ({row.na}) | | | | | | | |")
-                continue
-            tps = row.tokens / row.seconds
-            sp = tps / base_tps if base_tps else float("nan")
-            rng = f"{min(row.ratios):.2f}–{max(row.ratios):.2f}" if row.ratios else ""
+
+        def gen(call, plens=plens) -> list[list[int]]:
+            out = call.result
+            return _generated(out if isinstance(out, torch.Tensor) else out.sequences, plens[call.index], eos)
+
+        def tokens(call) -> int:
+            return sum(len(g) for g in gen(call))
+
+        base = "HF plain" if "HF plain" not in runs.failed else None
+        rows = []
+        for name, calls in runs.ran(rows, 9):
+            ntok = sum(tokens(c) for c in calls)
+            sp = runs.speedup(name, base, tokens) if base else float("nan")
+            st = pool_stats(c.result.stats for c in calls if not isinstance(c.result, torch.Tensor))
             if name.startswith("mmspec"):
-                tau = (row.accepted + row.row_steps) / max(row.row_steps, 1)
+                tau = (st.accepted_tokens + st.row_steps) / max(st.row_steps, 1)
             else:  # HF: generated tokens per decoding forward and row (the prefill forward is not counted)
-                tau = row.tokens / max((row.forwards - len(row.ratios)) * bs, 1)
-            alpha = f"{row.accepted / row.drafts:.2f}" if row.drafts else ""
+                tau = ntok / max((sum(len(c.meter) for c in calls) - len(calls)) * bs, 1)
+            alpha = f"{st.accepted_tokens / st.drafted_tokens:.2f}" if st.drafted_tokens else ""
             ceil = ceiling(name, tau)
             ceil_s = f"{ceil:.2f}" if ceil else ""
             pct = f"{100 * sp / ceil:.0f} %" if ceil else ""
-            if name.startswith("mmspec") and row.steps:
-                per = 1e3 / row.steps
-                rest = row.seconds - row.target_s - row.drafter_s - row.verify_s
-                split = f"{row.target_s * per:.1f} / {row.drafter_s * per:.1f} / {row.verify_s * per:.1f} / {rest * per:.1f}"
+            if name.startswith("mmspec") and st.steps:
+                per = 1e3 / st.steps
+                rest = runs.total(name) - st.target_time - st.drafter_time - st.verify_time
+                split = (f"{st.target_time * per:.1f} / {st.drafter_time * per:.1f} / {st.verify_time * per:.1f} / "
+                         f"{rest * per:.1f}")
             else:
                 split = ""
-            ident = "" if not row.identical else ("yes" if all(row.identical) else f"NO ({sum(row.identical)}/{len(row.identical)})")
-            lines.append(f"| {name} | {tps:.1f} | {sp:.2f}× ({rng}) | {tau:.2f} | {alpha} | {ceil_s} | {pct} | {split} | {ident} |")
-        lines.append("")
-    table = "\n".join(lines)
-    print(table)
-    if a.out is not None and not a.quick:
-        from ._report import write_section
-
-        write_section(a.out, heading, table)
-    bad = any(r.identical and not all(r.identical) for rows in results.values() for r in rows.values())
+            ident = ""
+            if mode == "greedy" and base:
+                ref = {c.index: gen(c) for c in runs.of(base)}
+                same = [gen(c) == ref[c.index] for c in calls]
+                ident = "yes" if all(same) else f"NO ({sum(same)}/{len(same)})"
+                bad |= not all(same)
+            rows.append([name, f"{runs.rate(name, tokens):.1f}", runs.speed_cell(name, base, tokens), f"{tau:.2f}",
+                         alpha, ceil_s, pct, split, ident])
+        lines += [f"### {label}, batch {bs}", "",
+                  *md_table(["method", "tok/s", "speedup (range)", "tau", "alpha", "ceiling", "% ceiling",
+                             "split target / drafter / verify / rest (ms per step)", "identical"], rows), ""]
+    report("\n".join(lines), a.out, heading)
     return 1 if bad else 0
 
 

@@ -9,8 +9,9 @@ Run from the repository root::
 
 One interleaved run on the same trained byte-level target/drafter pair (see
 ``benchmarks/_text_models.py``): each repeat is one round per prompt, and each round runs every
-batch-1 method on that prompt, the order rotated (and reversed on alternate rounds) so drifts of
-a shared machine hit all methods alike; the batch-4 pair runs once per repeat. Speedups are
+batch-1 method on that prompt, the order rotated (``benchmarks._harness.interleave``) so drifts of
+a shared machine hit all methods alike; the batch-4 pair has its own interleaved run, a round per
+repeat. Speedups are
 ratios of tokens/s (all tokens / all time) to the HF plain baseline of the same mode and batch
 size, with the range of the per-round ratios. No EOS exists, so every method generates exactly
 ``--max-new-tokens`` tokens; greedy outputs are checked token for token against HF plain greedy
@@ -41,27 +42,20 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import os
-import platform
-import re
-import shlex
 import statistics
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ._harness import (CachedForward, arg_parser, begin, interleave, load_average, md_table, pool_stats, provenance,
+                       report)
+
 SECTION_HEADING = "## Text (issue: foundation)"
-NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
-STAT_FIELDS = ("steps", "row_steps", "target_calls", "drafter_calls", "drafted_tokens", "accepted_tokens",
-               "emitted_tokens", "prefill_time", "drafter_prefill_time", "target_time", "drafter_time",
-               "verify_time", "total_time")
 
 
 @dataclass
@@ -73,24 +67,14 @@ class Method:
     mode: str = "greedy"  # "greedy" or "sampled"
     c: float | None = None  # drafter cost ratio for the theory column (mmspec rows)
     c_label: str = ""
-    times: list[float] = field(default_factory=list)  # per round: seconds
-    tokens: list[int] = field(default_factory=list)  # per round: generated tokens
-    identical: int = 0
-    checked: int = 0
-    stats: dict = field(default_factory=lambda: dict.fromkeys(STAT_FIELDS, 0))
-    accepted_at: list[int] = field(default_factory=list)
-    drafted_at: list[int] = field(default_factory=list)
-    calls: int = 0
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.text", description=__doc__.split("\n\n")[0])
-    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens per prompt (default 128; quick 24)")
+    p = arg_parser("text", __doc__, quick={"max_new_tokens": 24, "repeats": 1},
+                   quick_also="tiny training budget")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per prompt")
     p.add_argument("--k", type=int, default=5, help="draft length for every speculative method (default 5)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 3; quick 1)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny training budget, short generations")
-    p.add_argument("--out", type=Path, default=None,
-                   help="markdown file to write the results section into (replaced if present, else appended)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats")
     p.add_argument("--cache-dir", type=Path, default=None, help="model cache (default ~/.cache/mmspec/bench_text)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads while timing (default 1; training picks its own)")
@@ -98,10 +82,6 @@ def parse_args(argv=None):
     p.add_argument("--no-batch", action="store_true", help="skip the batch-4 rows")
     p.add_argument("--no-sampled", action="store_true", help="skip the sampled rows")
     args = p.parse_args(argv)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = 24 if args.quick else 128
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
     if args.k < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         p.error("--k, --max-new-tokens and --repeats must be >= 1")
     if args.temperature <= 0:
@@ -127,28 +107,15 @@ class ForwardBench:
     """
 
     def __init__(self, target, drafter, context: torch.Tensor, width: int):
-        from transformers import DynamicCache
+        prefix, step = {"input_ids": context[None]}, context[None, -width:]
+        self.jobs = {"target_1": CachedForward(target, prefix, {"input_ids": step[:, -1:]}),
+                     "target_w": CachedForward(target, prefix, {"input_ids": step}),
+                     "drafter_1": CachedForward(drafter, prefix, {"input_ids": step[:, -1:]})}
+        self.samples: dict[str, list[float]] = {key: [] for key in self.jobs}
 
-        self.width = width
-        self.models = {}
-        with torch.no_grad():
-            for name, model in (("target", target), ("drafter", drafter)):
-                cache = DynamicCache()
-                model(input_ids=context[None], past_key_values=cache, use_cache=True)
-                self.models[name] = (model, cache)
-        self.step = context[None, -width:]
-        self.jobs = (("target_1", "target", 1), ("target_w", "target", width), ("drafter_1", "drafter", 1))
-        self.samples: dict[str, list[float]] = {key: [] for key, _, _ in self.jobs}
-
-    @torch.no_grad()
     def sample(self, reps: int) -> None:
-        for _ in range(reps):
-            for key, name, w in self.jobs:
-                model, cache = self.models[name]
-                t0 = time.perf_counter()
-                model(input_ids=self.step[:, -w:], past_key_values=cache, use_cache=True)
-                self.samples[key].append(time.perf_counter() - t0)
-                cache.crop(-w)
+        for key, job in self.jobs.items():
+            self.samples[key] += job.samples(reps)
 
     def medians(self) -> dict[str, float]:
         return {k: statistics.median(v) for k, v in self.samples.items()}
@@ -224,61 +191,27 @@ def build_methods(target, drafter, args, pad_id: int) -> list[Method]:
     return methods
 
 
-def add_stats(m: Method, stats) -> None:
-    m.calls += 1
-    for f in STAT_FIELDS:
-        m.stats[f] += getattr(stats, f)
-    for acc, src in ((m.accepted_at, stats.accepted_at_position), (m.drafted_at, stats.drafted_at_position)):
-        acc.extend([0] * (len(src) - len(acc)))
-        for i, v in enumerate(src):
-            acc[i] += v
-
-
-def run_benchmark(methods: list[Method], prompts, reference, args, pad_id: int, progress,
-                  on_round: Callable[[], None]) -> None:
-    """Repeats x rounds: each round runs every batch-1 method on one prompt (rotated order), the
-    batch-4 methods run as a block at the end of each repeat (alternating order)."""
-    batched = left_pad(prompts, pad_id)
+def run_benchmark(methods: list[Method], prompts, args, pad_id: int, on_round: Callable[[], None]) -> list:
+    """Two interleaved runs (``benchmarks._harness.interleave``): the batch-1 methods, a round per prompt and
+    ``on_round`` after each; then the batch-4 methods, a round per repeat on all prompts left-padded.
+    Returns the non-empty ones as (Runs, methods, reference rows of a call)."""
     singles = [m for m in methods if m.batch == 1]
     multis = [m for m in methods if m.batch > 1]
 
-    def timed(m: Method, ids, mask, ref, slot: int) -> None:
-        t0 = time.perf_counter()
-        toks, stats = m.run(ids, mask, 1000 + slot)
-        elapsed = time.perf_counter() - t0
-        while len(m.times) <= slot:
-            m.times.append(0.0)
-            m.tokens.append(0)
-        m.times[slot] += elapsed
-        m.tokens[slot] += sum(len(t) for t in toks)
-        if m.mode == "greedy":
-            for row, want in zip(toks, ref):
-                m.checked += 1
-                m.identical += int(row == want)
-        if stats is not None:
-            add_stats(m, stats)
+    def call(m: Method):
+        return lambda p, seed: m.run(p[0], p[1], seed)
 
-    # warm-up: every method once (untimed, unrecorded)
-    for m in methods:
-        if m.batch == 1:
-            m.run(prompts[0][None], torch.ones_like(prompts[0])[None], 0)
-        else:
-            m.run(*batched, 0)
-    progress.update(1)
-    for r in range(args.repeats):
-        for i, p in enumerate(prompts):
-            rot = (r * len(prompts) + i) % len(singles)
-            order = singles[rot:] + singles[:rot]
-            if (r + i) % 2:
-                order = order[::-1]
-            for m in order:
-                timed(m, p[None], torch.ones_like(p)[None], [reference[i]], r * len(prompts) + i)
-            on_round()
-            progress.update(1)
-        for m in (multis if r % 2 == 0 else multis[::-1]):
-            timed(m, batched[0], batched[1], reference, r)
-        if multis:
-            progress.update(1)
+    out = []
+    if singles:
+        items = [(p[None], torch.ones_like(p)[None]) for p in prompts]
+        runs = interleave({m.name: call(m) for m in singles}, items, repeats=args.repeats, on_round=on_round,
+                          label="text, batch 1")
+        out.append((runs, singles))
+    if multis:
+        runs = interleave({m.name: call(m) for m in multis}, [left_pad(prompts, pad_id)], repeats=args.repeats,
+                          label="text, batch 4")
+        out.append((runs, multis))
+    return out
 
 
 def theory(alpha: float, k: int, c: float) -> float:
@@ -290,90 +223,59 @@ def fmt(x, spec=".2f", dash="–", suffix=""):
     return dash if x is None else format(x, spec) + suffix
 
 
-def summarize(methods: list[Method], args, fwd: dict) -> tuple[list[str], list[str], list[str]]:
-    base = {}  # (mode, batch) -> the HF plain baseline
-    for m in methods:
-        if m.family == "hf" and m.name.startswith("HF plain"):
-            base[(m.mode, m.batch)] = m
+def summarize(run_list: list, reference: list, args, fwd: dict) -> tuple[list[str], list[str], list[str]]:
     c_fwd = fwd["drafter_1"] / fwd["target_1"]
-    main = ["| method | B | tok/s | speedup vs HF plain (same mode, B) | per-round range | τ (mean acc. len) | α | "
-            "c | theory (i.i.d. α) | % of it | theory (τ) | % of it | identical |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    split = ["| mmspec method | steps/call | target ms/step | drafter ms/step | verify ms/step | other ms/step | "
-             "prefill ms/call | drafter ms/drafted tok | target ms/verify call |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    per_pos = []
-    for m in methods:
-        tps = sum(m.tokens) / sum(m.times)
-        b = base.get((m.mode, m.batch))
-        speed, spread = None, "–"
-        if b is not None:
-            speed = tps / (sum(b.tokens) / sum(b.times))
-            ratios = [(t / s) / (bt / bs) for t, s, bt, bs in zip(m.tokens, m.times, b.tokens, b.times)]
-            spread = f"{min(ratios):.2f}–{max(ratios):.2f}"
-        tau = alpha = c = th = frac = th_tau = frac_tau = None
-        if m.family == "mmspec" and m.stats["row_steps"]:
-            s = m.stats
-            tau = (s["accepted_tokens"] + s["row_steps"]) / s["row_steps"]
-            alpha = s["accepted_tokens"] / s["drafted_tokens"] if s["drafted_tokens"] else 0.0
-            c = c_fwd if m.c is None else m.c
-            th = theory(alpha, args.k, c)
-            th_tau = tau / (1 + c * args.k)
-            frac = speed / th if speed is not None else None
-            frac_tau = speed / th_tau if speed is not None else None
-            steps = s["steps"]
-            drafter = s["drafter_time"] - s["drafter_prefill_time"]  # per-step drafter work only
-            other = (s["total_time"] - s["prefill_time"] - s["drafter_prefill_time"] - s["target_time"] - drafter
-                     - s["verify_time"])
-            split.append(
-                f"| {m.name} | {steps / m.calls:.1f} | {1e3 * s['target_time'] / steps:.2f} | "
-                f"{1e3 * drafter / steps:.2f} | {1e3 * s['verify_time'] / steps:.2f} | "
-                f"{1e3 * other / steps:.2f} | {1e3 * s['prefill_time'] / m.calls:.1f} | "
-                f"{1e3 * drafter / max(1, s['drafted_tokens']):.3f} | "
-                f"{1e3 * s['target_time'] / max(1, s['target_calls'] - m.calls):.2f} |")
-            per_pos.append(f"- {m.name}: " + ", ".join(
-                f"{a / d:.2f}" for a, d in zip(m.accepted_at, m.drafted_at) if d))
-        c_txt = "–" if c is None else f"{c:.3f} ({m.c_label})"
-        if m.mode != "greedy":
-            ident = "n/a (sampled)"
-        else:
-            ident = "yes" if m.identical == m.checked else f"NO ({m.identical}/{m.checked})"
-        main.append(f"| {m.name} | {m.batch} | {tps:.1f} | {fmt(speed)}× | {spread} | {fmt(tau)} | "
-                    f"{fmt(alpha)} | {c_txt} | {fmt(th, suffix='×')} | {fmt(frac, '.0%')} | "
-                    f"{fmt(th_tau, suffix='×')} | {fmt(frac_tau, '.0%')} | {ident} |")
+    main, split, per_pos = [], [], []
+
+    def tokens(call) -> int:
+        return sum(len(t) for t in call.result[0])
+
+    for runs, methods in run_list:
+        base = {m.mode: m.name for m in methods if m.family == "hf" and m.name.startswith("HF plain")}
+        for m in methods:
+            calls = runs.of(m.name)
+            tps = sum(tokens(c) for c in calls) / runs.total(m.name)
+            b = base.get(m.mode)
+            speed, spread = None, "–"
+            if b is not None:
+                speed = runs.speedup(m.name, b, tokens)
+                ratios = runs.ratios(m.name, b, tokens)
+                spread = f"{min(ratios):.2f}–{max(ratios):.2f}"
+            tau = alpha = c = th = frac = th_tau = frac_tau = None
+            s = pool_stats(c.result[1] for c in calls if c.result[1] is not None)
+            if m.family == "mmspec" and s.row_steps:
+                tau, alpha = s.mean_accepted_length, s.acceptance_rate
+                c = c_fwd if m.c is None else m.c
+                th = theory(alpha, args.k, c)
+                th_tau = tau / (1 + c * args.k)
+                frac = speed / th if speed is not None else None
+                frac_tau = speed / th_tau if speed is not None else None
+                steps = s.steps
+                drafter = s.drafter_time - s.drafter_prefill_time  # per-step drafter work only
+                other = s.total_time - s.prefill_time - s.drafter_prefill_time - s.target_time - drafter - s.verify_time
+                split.append([m.name, f"{steps / len(calls):.1f}", f"{1e3 * s.target_time / steps:.2f}",
+                              f"{1e3 * drafter / steps:.2f}", f"{1e3 * s.verify_time / steps:.2f}",
+                              f"{1e3 * other / steps:.2f}", f"{1e3 * s.prefill_time / len(calls):.1f}",
+                              f"{1e3 * drafter / max(1, s.drafted_tokens):.3f}",
+                              f"{1e3 * s.target_time / max(1, s.target_calls - len(calls)):.2f}"])
+                per_pos.append(f"- {m.name}: " + ", ".join(
+                    f"{a / d:.2f}" for a, d in zip(s.accepted_at_position, s.drafted_at_position) if d))
+            c_txt = "–" if c is None else f"{c:.3f} ({m.c_label})"
+            if m.mode != "greedy":
+                ident = "n/a (sampled)"
+            else:  # batch 1: the call's prompt's reference row; batch 4: every prompt's
+                pairs = [(row, want) for call in calls
+                         for row, want in zip(call.result[0], reference if m.batch > 1 else [reference[call.index]])]
+                same = sum(row == want for row, want in pairs)
+                ident = "yes" if same == len(pairs) else f"NO ({same}/{len(pairs)})"
+            main.append([m.name, m.batch, f"{tps:.1f}", f"{fmt(speed)}×", spread, fmt(tau), fmt(alpha), c_txt,
+                         fmt(th, suffix="×"), fmt(frac, ".0%"), fmt(th_tau, suffix="×"), fmt(frac_tau, ".0%"), ident])
+    main = md_table(["method", "B", "tok/s", "speedup vs HF plain (same mode, B)", "per-round range",
+                     "τ (mean acc. len)", "α", "c", "theory (i.i.d. α)", "% of it", "theory (τ)", "% of it",
+                     "identical"], main)
+    split = md_table(["mmspec method", "steps/call", "target ms/step", "drafter ms/step", "verify ms/step",
+                      "other ms/step", "prefill ms/call", "drafter ms/drafted tok", "target ms/verify call"], split)
     return main, split, per_pos
-
-
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}")
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    start = text.find(SECTION_HEADING)
-    if start < 0:
-        text = (text.rstrip() + "\n\n" if text.strip() else "# mmspec benchmarks\n\n") + section
-    else:
-        nxt = re.search(r"^## ", text[start + len(SECTION_HEADING):], flags=re.M)
-        end = len(text) if nxt is None else start + len(SECTION_HEADING) + nxt.start()
-        old = text[start:end]
-        if NOTES_START in old and NOTES_END in old:  # keep hand-written notes
-            notes = old[old.index(NOTES_START): old.index(NOTES_END) + len(NOTES_END)]
-            section = section.replace(f"{NOTES_START}\n{NOTES_END}", notes)
-        text = text[:start] + section + ("\n" if end < len(text) else "") + text[end:]
-    path.write_text(text.rstrip() + "\n")
 
 
 def main(argv=None) -> int:
@@ -389,10 +291,8 @@ def main(argv=None) -> int:
         return smollm2.main(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
+    begin(args.threads)
     import transformers
-    from tqdm.auto import tqdm
 
     transformers.logging.set_verbosity_error()
     from ._text_models import PAD_ID, load_meta, load_or_train
@@ -418,24 +318,17 @@ def main(argv=None) -> int:
     bench.samples = {key: [] for key in bench.samples}
 
     methods = build_methods(target, drafter, args, PAD_ID)
-    rounds = 1 + args.repeats * (len(prompts) + (0 if args.no_batch else 1))
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     t_bench = time.perf_counter()
-    with tqdm(total=rounds, desc="benchmark (warm-up + interleaved rounds)", unit="round") as progress:
-        run_benchmark(methods, prompts, reference, args, PAD_ID, progress, on_round=lambda: bench.sample(reps))
-    load_after = os.getloadavg()[0]
+    run_list = run_benchmark(methods, prompts, args, PAD_ID, on_round=lambda: bench.sample(reps))
     t_bench = time.perf_counter() - t_bench
     fwd = bench.medians()
-    main_rows, split_rows, per_pos = summarize(methods, args, fwd)
+    main_rows, split_rows, per_pos = summarize(run_list, reference, args, fwd)
 
-    cmd = "python -m benchmarks.text " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     v = meta["validation"]
     lines = [
         SECTION_HEADING, "",
-        f"- command: `{cmd.strip()}`",
-        f"- date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {machine_line()}; 1-min load average {load_before:.2f} before / {load_after:.2f} after "
-        "the timed part (above ~1, other processes were sharing the 2 cores)",
+        f"- {provenance('text', argv, load_before)}",
         f"- models (byte-level Llama, trained on this machine on the Python {meta['python']} stdlib sources, "
         f"{meta['steps_done']} steps × {meta['budget']['batch']}×{meta['budget']['seq_len']} bytes in "
         f"{meta['train_seconds']} s, joint distillation): target {meta['target_params'] / 1e6:.2f} M params "
@@ -447,7 +340,7 @@ def main(argv=None) -> int:
         f"- workload: {len(prompts)} held-out prompts ({min(p.numel() for p in prompts)}–"
         f"{max(p.numel() for p in prompts)} bytes), {n} new tokens each (no EOS), greedy, k = {args.k}, "
         f"{args.repeats} repeat(s) after a warm-up, each a round per prompt running all batch-1 methods in "
-        f"rotated order{'' if args.no_batch else ' (the B=4 pair once per repeat)'}; "
+        f"rotated order{'' if args.no_batch else ' (the B=4 pair in its own interleaved run, a round per repeat)'}; "
         f"tok/s = all tokens / all time over the rounds; "
         f"speedup = ratio of that to the HF plain row of the same mode and batch size, and its range over "
         f"single rounds (one prompt each; the prompts differ a lot in acceptance); "
@@ -471,18 +364,12 @@ def main(argv=None) -> int:
         "",
         *per_pos,
         "",
-        NOTES_START,
-        NOTES_END,
-        "",
     ]
     section = "\n".join(lines)
     print()
-    print(section)
+    report(section, args.out, SECTION_HEADING)
     print(f"[bench_text] wall time: models {t_models:.1f}s, benchmark {t_bench:.1f}s, "
           f"total {time.perf_counter() - t_all:.1f}s (+ imports)")
-    if args.out is not None:
-        write_section(args.out, section)
-        print(f"[bench_text] wrote section {SECTION_HEADING!r} to {args.out}")
     return 0
 
 

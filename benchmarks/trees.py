@@ -26,47 +26,23 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import os
-import platform
-import statistics
 import time
-from pathlib import Path
-
-import torch
 
 import mmspec
 from mmspec.drafters.tree import DynamicTree, StaticTree
 
-from ._report import write_section
+from ._harness import arg_parser, begin, interleave, md_table, provenance, report
 
 HEADING = "## Draft trees vs chains, and MuLo-SD on the cached loop (issue 12)"
 
 
-def _load() -> str:
-    try:
-        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:  # pragma: no cover
-        return "n/a"
-
-
 def run_interleaved(methods: dict, prompts: list, repeats: int) -> dict:
-    """name -> dict(seconds, stats list, outputs list); every repeat runs each method on every prompt."""
-    res = {n: {"seconds": 0.0, "stats": [], "outputs": []} for n in methods}
-    names = list(methods)
-    for rep in range(repeats + 1):  # repeat 0 warms up and is not counted
-        for i, p in enumerate(prompts):
-            order = names[(rep + i) % len(names):] + names[: (rep + i) % len(names)]
-            for n in (order if (rep + i) % 2 == 0 else order[::-1]):
-                t0 = time.perf_counter()
-                out, st = methods[n](p)
-                dt = time.perf_counter() - t0
-                if rep > 0:
-                    res[n]["seconds"] += dt
-                    res[n]["stats"].append(st)
-                    res[n]["outputs"].append(out)
-    return res
+    """name -> dict(seconds, stats list, outputs list): one interleaved run (``benchmarks._harness``), every
+    method ``fn(prompt) -> (output, stats)``."""
+    runs = interleave({n: (lambda p, seed, f=f: f(p)) for n, f in methods.items()}, prompts, repeats=repeats,
+                      label="trees")
+    return {n: {"seconds": runs.total(n), "stats": [st for _, st in runs.results(n)],
+                "outputs": [out for out, _ in runs.results(n)]} for n in methods}
 
 
 def summarise(res: dict, base: str, chain: str | None, tokens_of) -> list[list[str]]:
@@ -87,12 +63,6 @@ def summarise(res: dict, base: str, chain: str | None, tokens_of) -> list[list[s
                "–" if chain is None or n == base else f"x{res[chain]['seconds'] / r['seconds']:.2f}", same]
         rows.append(row)
     return rows
-
-
-def table(rows: list[list[str]], head: list[str]) -> str:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
 
 
 def text_part(args) -> str:
@@ -117,7 +87,7 @@ def text_part(args) -> str:
     res = run_interleaved(methods, prompts, args.repeats)
     rows = summarise(res, "plain AR (same loop, no drafter)", f"chain k={args.k}", lambda s: s.steps)
     return (f"### Text: byte-level pair of `benchmarks.text`, {len(prompts)} prompts × {n} tokens, greedy, "
-            f"{args.repeats} interleaved repeats\n\n" + table(rows, HEAD))
+            f"{args.repeats} interleaved repeats\n\n" + "\n".join(md_table(HEAD, rows)))
 
 
 def vlm_part(args) -> str:
@@ -148,11 +118,12 @@ def vlm_part(args) -> str:
     rows = summarise(res, "plain AR (same loop, no drafter)", f"chain k={args.k}, verifier keep 0.25",
                      lambda s: s.steps)
     return (f"### VLM: zoo LLaVA pair, {len(prompts)} held-out scene captions (≤ {n} tokens, EOS), greedy, "
-            f"{args.repeats} interleaved repeats\n\n" + table(rows, HEAD))
+            f"{args.repeats} interleaved repeats\n\n" + "\n".join(md_table(HEAD, rows)))
 
 
 def image_part(args) -> str:
     import mmspec.image_gen as ig
+
     from mmspec.zoo import load_default_image_models
     from mmspec.zoo.data import heldout_scenes
     from mmspec.zoo.evaluate import IMAGE_SAMPLING
@@ -184,7 +155,7 @@ def image_part(args) -> str:
         r[-1] = "n/a (sampled)"
     return (f"### Image: zoo AR models, {len(prompts)} held-out prompts × {args.images} images, CFG 1.5, T=1, "
             f"top-k 16, {args.repeats} interleaved repeats (fwd/seq here: target forwards each image took part "
-            f"in, prefill and MuLo-SD's resampling forwards included)\n\n" + table(rows, HEAD))
+            f"in, prefill and MuLo-SD's resampling forwards included)\n\n" + "\n".join(md_table(HEAD, rows)))
 
 
 HEAD = ["method", "τ", "fwd/seq", "target ms/step", "drafter ms/step", "speedup vs AR", "speedup vs chain",
@@ -192,21 +163,15 @@ HEAD = ["method", "τ", "fwd/seq", "target ms/step", "drafter ms/step", "speedup
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="text,vlm,image")
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--images", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = arg_parser("trees", __doc__, prompts=4, max_new_tokens=64,
+                    quick={"prompts": 1, "repeats": 1, "max_new_tokens": 16, "images": 1})
+    ap.add_argument("--only", default="text,vlm,image", help="comma-separated pairs: text, vlm, image")
+    ap.add_argument("--k", type=int, default=4, help="draft length of the chains")
+    ap.add_argument("--images", type=int, default=2, help="images per prompt (image pair)")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    if args.quick:
-        args.prompts, args.repeats, args.max_new_tokens, args.images = 1, 1, 16, 1
-    torch.set_num_threads(args.threads)
-    load_before = _load()
+    load_before = begin(args.threads)
     parts = [p.strip() for p in args.only.split(",")]
     sections = []
     t0 = time.perf_counter()
@@ -216,20 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(vlm_part(args))
     if "image" in parts:
         sections.append(image_part(args))
-    import sys
-
-    cmd = "python -m benchmarks.trees " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = (f"{HEADING}\n\n- command: `{cmd.strip()}`\n- date: {_dt.datetime.utcnow():%Y-%m-%d %H:%M} UTC; "
-            f"{platform.machine()}, torch {torch.__version__} ({args.threads} threads); 1/5/15-min load average "
-            f"{load_before} before, {_load()} after ({time.perf_counter() - t0:.0f} s)\n- columns: τ = tokens "
+    head = (f"{HEADING}\n\n- {provenance('trees', argv, load_before)} ({time.perf_counter() - t0:.0f} s)\n"
+            f"- columns: τ = tokens "
             f"emitted per verification step; fwd/seq = target verification forwards per sequence; target / "
             f"drafter ms/step = the loop's time split per verification step (target: the verification forward, "
             f"for trees with the tree verification; drafter: proposing and observing, its prefill excluded); "
             f"speedups are wall-clock ratios in the same interleaved run\n\n")
     text = head + "\n\n".join(sections) + "\n"  # hand-written notes after <!-- notes --> in the file are kept
-    print(text)
-    if args.out is not None and not args.quick:
-        write_section(args.out, HEADING, text)
+    report(text, args.out, HEADING)
     return 0
 
 

@@ -7,7 +7,7 @@ Run from the repository root::
     python -m benchmarks.vlm --out benchmarks/RESULTS.md
     python -m benchmarks.vlm --model smollm2 # the scene VLM on SmolLM2 (benchmarks/smollm2_vlm.py)
 
-One interleaved run (method order rotated every repeat) on the zoo's trained LLaVA pair (256 visual
+One interleaved run (method order rotated from prompt to prompt) on the zoo's trained LLaVA pair (256 visual
 tokens, a drafter several times cheaper per token), captioning held-out scenes.  ``--synthetic``
 uses instead a random LLaVA pair with *controlled agreement* (the target's later decoder layers
 damped by ``--damp``, the drafter its first layer): useful for the cost side only.
@@ -20,19 +20,14 @@ Glossary:
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as _dt
-import platform
-import shlex
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-from ._report import pool_accepted_lengths, write_section
+from ._harness import (arg_parser, begin, decode_step_seconds, interleave, md_table, pool_accepted_lengths, provenance,
+                       report)
 
 SECTION = "## VLM (issue: vision)"
 
@@ -70,26 +65,10 @@ def make_inputs(image_size: int, seed: int):
                 pixel_values=torch.randn(1, 3, image_size, image_size, generator=g))
 
 
-def decode_forward_ms(model, inputs, steps: int = 16) -> float:
-    """Median ms of one single-token forward with a KV cache after prefilling ``inputs``."""
-    with torch.no_grad():
-        out = model(**inputs, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        mask = inputs["attention_mask"]
-        times = []
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - t0)
-            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return 1000 * statistics.median(times)
-
-
 def zoo_setup(num_prompts: int):
-    from mmspec.zoo.scenes import render
     from mmspec.zoo import load_default_vlm
     from mmspec.zoo.data import IMAGE_SIZE, heldout_scenes
+    from mmspec.zoo.scenes import render
     from mmspec.zoo.train_vlm import caption_prompt
 
     pair = load_default_vlm()
@@ -106,23 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         return smollm2_vlm.main(argv)
     import mmspec.vision as mv
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = arg_parser("vlm", __doc__, prompts=8, max_new_tokens=32, plots="the acceptance-histogram PNG",
+                    quick={"image_size": 32, "layers": 2, "hidden": 64, "max_new_tokens": 8, "repeats": 1,
+                           "prompts": 1})
     ap.add_argument("--synthetic", action="store_true", help="the synthetic damped pair instead of the zoo models")
     ap.add_argument("--image-size", type=int, default=64, help="--synthetic only")
     ap.add_argument("--layers", type=int, default=6, help="--synthetic only")
     ap.add_argument("--hidden", type=int, default=256, help="--synthetic only")
     ap.add_argument("--damp", type=float, default=0.3, help="--synthetic only")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="append/replace the VLM section of this markdown file")
-    ap.add_argument("--plots", type=Path, default=None, help="directory for the acceptance-histogram PNG")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.image_size, args.layers, args.hidden, args.max_new_tokens, args.repeats, args.prompts = 32, 2, 64, 8, 1, 1
-    torch.set_num_threads(2)
+    load_before = begin(2)
     if args.synthetic:
         target, drafter = build_pair(args.image_size, args.layers, args.hidden, args.damp)
         prompts = [make_inputs(args.image_size, s) for s in range(args.prompts)]
@@ -138,16 +112,16 @@ def main(argv: list[str] | None = None) -> int:
         seq = seq.tolist()
         return seq[: seq.index(eos) + 1] if eos is not None and eos in seq else seq
 
-    def ar(inp):
+    def ar(inp, seed):
         out = target.generate(**inp, do_sample=False, max_new_tokens=args.max_new_tokens)
         return trim(out[0, inp["input_ids"].shape[1]:]), None
 
-    def assisted(inp):
+    def assisted(inp, seed):
         out = target.generate(**inp, do_sample=False, max_new_tokens=args.max_new_tokens, assistant_model=drafter)
         return trim(out[0, inp["input_ids"].shape[1]:]), None
 
     def spec(strategy, ratio):
-        def run(inp):
+        def run(inp, seed):
             out = mv.generate(target, drafter, inp, pruning=strategy, keep_ratio=ratio,
                               max_new_tokens=args.max_new_tokens, num_draft_tokens=args.k)
             return trim(out.sequences[0, inp["input_ids"].shape[1]:]), out.stats
@@ -158,68 +132,44 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in ("verifier", "cls", "diversity", "uniform"):
         for ratio in (0.1, 0.25, 0.5):
             methods[f"mmspec {strategy} keep {ratio}"] = spec(strategy, ratio)
-    names = list(methods)
-    times = {n: [] for n in names}
-    stats = {n: [] for n in names}
-    outputs: dict[str, list] = {}
-    failed: dict[str, str] = {}
-    t_target, t_drafter = decode_forward_ms(target, prompts[0]), decode_forward_ms(drafter, prompts[0])
+    t_target, t_drafter = (1000 * decode_step_seconds(m, prompts[0], reps=16) for m in (target, drafter))
     c = t_drafter / t_target
-    with torch.no_grad():
-        for n in names:  # warm-up (and failure detection) outside the timed repeats
-            try:
-                methods[n](prompts[0])
-            except Exception as exc:  # HF assisted generation may refuse VLM pairs
-                failed[n] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        for r in range(args.repeats):
-            order = [n for n in names if n not in failed]
-            order = order[r % len(order):] + order[: r % len(order)]
-            if r % 2:
-                order.reverse()
-            for n in order:
-                t0 = time.perf_counter()
-                outs = [methods[n](p) for p in prompts]
-                times[n].append(time.perf_counter() - t0)
-                outputs[n] = [o for o, _ in outs]
-                stats[n].extend(s for _, s in outs if s is not None)
-    ar_name = names[0]
-    ref = outputs[ar_name]
-    tokens = sum(len(o) for o in ref)
-    rows = []
-    summary = {}
-    for n in names:
-        if n in failed:
-            rows.append(f"| {n} | – | – | – | – | – | – | – | failed: {failed[n]} |")
+    with torch.no_grad():  # HF assisted generation may refuse VLM pairs: its row says failed
+        runs = interleave(methods, prompts, repeats=args.repeats, catch=True, label="vlm")
+    ar_name = runs.names[0]
+    ref = {call.index: call.result[0] for call in runs.of(ar_name)}
+    tokens = sum(len(o) for o in ref.values())
+    rows, summary, all_same = [], {}, True
+    for n in runs.names:
+        if n in runs.failed:
+            rows.append([n, "–", "–", "–", "–", "–", "–", "–", f"failed: {runs.failed[n]}"])
             continue
-        tps = [tokens / t for t in times[n]]
-        speed = statistics.median(a / t for t, a in zip(times[n], times[ar_name]))
-        st = stats[n]
+        times = runs.per_repeat(n)
+        tps = [tokens / t for t in times]
+        speed = statistics.median(a / t for t, a in zip(times, runs.per_repeat(ar_name)))
+        st = [s for _, s in runs.results(n) if s is not None]
         tau_v = (sum(s.accepted_tokens + s.row_steps for s in st) / sum(s.row_steps for s in st)) if st else None
         tau = f"{tau_v:.2f}" if st else "–"
         theory = tau_v / (1 + c * args.k) if st else None
         frac = f"{speed / theory:.0%}" if st else "–"
         kept = f"{st[0].extra.get('drafter_visual_tokens', ['–'])[0]}" if st else f"{n_visual}"
         pre = f"{1000 * statistics.mean(s.drafter_prefill_time for s in st):.1f}" if st else "–"
-        same = "yes" if outputs[n] == ref else "NO"
+        same = all(call.result[0] == ref[call.index] for call in runs.of(n))
+        all_same &= same
         summary[n] = dict(speedup=speed, tau=tau_v, stats=st)
-        rows.append(f"| {n} | {statistics.median(tps):.1f} | x{speed:.2f} | {tau} | "
-                    f"{'–' if theory is None else f'x{theory:.2f}'} | {frac} | {kept} | {pre} | {same} |")
-    cmd = "python -m benchmarks.vlm " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        rows.append([n, f"{statistics.median(tps):.1f}", f"x{speed:.2f}", tau,
+                     "–" if theory is None else f"x{theory:.2f}", frac, kept, pre, "yes" if same else "NO"])
     header = [
         SECTION, "",
-        f"Command: `{cmd.strip()}` — {_dt.date.today()}, {platform.machine()} CPU ({torch.get_num_threads()} threads), "
-        f"torch {torch.__version__}. {what}; {n_visual} visual tokens; k = {args.k}; {len(prompts)} prompts, "
-        f"{tokens} generated tokens per repeat; median of {args.repeats} interleaved repeats. "
-        f"One cached single-token forward: target {t_target:.2f} ms, drafter {t_drafter:.2f} ms → c = {c:.2f}; "
-        f"theory = τ / (1 + c·k), the speedup if forwards were the only cost.", "",
-        "| method | tokens/s | speedup vs AR | τ (mean acc. len) | theory | % of theory | drafter visual tokens | "
-        "drafter prefill ms | identical to AR |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"{provenance('vlm', argv, load_before)} {what}; {n_visual} visual tokens; k = {args.k}; {len(prompts)} "
+        f"prompts, {tokens} generated tokens per repeat; median of {args.repeats} interleaved repeats (a round per "
+        f"prompt). One cached single-token forward: target {t_target:.2f} ms, drafter {t_drafter:.2f} ms → "
+        f"c = {c:.2f}; theory = τ / (1 + c·k), the speedup if forwards were the only cost.", "",
     ]
-    table = "\n".join(header + rows) + "\n"
-    print(table)
-    if args.out is not None:
-        write_section(args.out, SECTION, table)
+    table = "\n".join(header + md_table(
+        ["method", "tokens/s", "speedup vs AR", "τ (mean acc. len)", "theory", "% of theory", "drafter visual tokens",
+         "drafter prefill ms", "identical to AR"], rows)) + "\n"
+    report(table, args.out, SECTION)
     if args.plots is not None:
         from ._plots import plot_accept_histogram
 
@@ -228,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                   if v["stats"] and ("keep 0.25" in n or "none" in n)}
         plot_accept_histogram(counts, args.plots / "vlm_acceptance_histogram.png",
                               title="VLM: accepted drafted tokens per step (zoo pair)")
-    return 0 if all(outputs[n] == ref for n in outputs) else 1
+    return 0 if all_same else 1
 
 
 if __name__ == "__main__":

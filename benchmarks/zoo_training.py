@@ -12,77 +12,65 @@ load hits both; the table gives the median step time of each mode and their rati
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import platform
 import statistics
 import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
+
+from ._harness import arg_parser, begin, interleave, md_table, provenance, report, time_calls
 
 HEADING = "## Zoo training step (bf16 autocast)"
 
 
-def time_steps(model, opt, tok, cfg, bf16: bool, first_step: int, steps: int) -> list[float]:
-    """Seconds of each of ``steps`` training steps of the target stage's recipe."""
-    from mmspec.zoo.train_image import ar_loss
-    from mmspec.zoo.training import optimizer_step
-
-    times = []
-    for step in range(first_step, first_step + steps):
-        t0 = time.perf_counter()
-        optimizer_step(model, opt, ar_loss(model, tok, cfg.seed, step, cfg.ar_batch, 64, bf16))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     from mmspec.image_gen import ARImageModel, VQTokenizer
-    from mmspec.zoo import WEIGHTS_DIR
-    from mmspec.zoo.train_image import PRESETS
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from mmspec.zoo import WEIGHTS_DIR
+    from mmspec.zoo.train_image import PRESETS, ar_loss
+    from mmspec.zoo.training import optimizer_step
+
+    ap = arg_parser("zoo_training", __doc__, quick={"rounds": 1, "steps": 2}, quick_also="batch 2")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per mode and round (after one warm-up)")
-    ap.add_argument("--quick", action="store_true", help="one round of two steps on a small batch")
-    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    load_before = begin(torch.get_num_threads())
     cfg = PRESETS["full"]
     if a.quick:
-        a.rounds, a.steps, cfg = 1, 2, replace(cfg, ar_batch=2)
+        cfg = replace(cfg, ar_batch=2)
     tok = VQTokenizer.from_pretrained(WEIGHTS_DIR / "image" / "tokenizer").resized(64)
     torch.manual_seed(0)
     init = ARImageModel(cfg.target).state_dict()
-    runs = {}
-    for mode in (False, True):
+
+    def mode(bf16: bool):
+        """``a.steps`` training steps of the target stage's recipe per call (the step counter runs on), each
+        timed; the call's result is their seconds."""
         model = ARImageModel(cfg.target)
         model.load_state_dict(init)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.target_budget.lr)
-        time_steps(model, opt, tok, cfg, mode, 0, 1)  # warm-up
-        runs[mode] = (model, opt, [])
-    for r in range(a.rounds):
-        for mode in ((False, True) if r % 2 == 0 else (True, False)):
-            model, opt, times = runs[mode]
-            times += time_steps(model, opt, tok, cfg, mode, 1 + r * a.steps, a.steps)
-    fp32, bf16 = (statistics.median(runs[m][2]) * 1000 for m in (False, True))
-    table = (
-        f"{HEADING}\n\nCommand: `python -m benchmarks.zoo_training` — {_dt.date.today()}, {platform.machine()} CPU "
-        f"({torch.get_num_threads()} threads), torch {torch.__version__}. The AR target of `mmspec.zoo.train_image` "
-        f"(6 × 128, batch {cfg.ar_batch}, 16 × 16 tokens plus the caption prefix): one full training step, data "
-        f"included; {a.rounds} interleaved rounds of {a.steps} steps per mode after a warm-up step; medians.\n\n"
-        f"| forward pass | ms / step | ratio to fp32 |\n|---|---|---|\n"
-        f"| fp32 (`--preset fp32`) | {fp32:.0f} | 1.00 |\n"
-        f"| bf16 autocast (`--preset full`) | {bf16:.0f} | {bf16 / fp32:.2f} |\n"
-    )
-    print(table)
-    if a.out:
-        from ._report import write_section
+        step = [0]
 
-        write_section(a.out, HEADING, table)
+        def one_step():
+            optimizer_step(model, opt, ar_loss(model, tok, cfg.seed, step[0], cfg.ar_batch, 64, bf16))
+            step[0] += 1
+
+        one_step()  # warm-up
+        return lambda rnd, seed: time_calls(one_step, a.steps)
+
+    # a round per --rounds: each mode runs --steps steps, who goes first rotating from round to round
+    runs = interleave({"fp32": mode(False), "bf16": mode(True)}, list(range(a.rounds)), warmup=False,
+                      label="zoo training")
+    fp32, bf16 = (1000 * statistics.median(t for ts in runs.results(m) for t in ts) for m in ("fp32", "bf16"))
+    table = "\n".join([
+        HEADING, "",
+        f"{provenance('zoo_training', argv, load_before)} The AR target of `mmspec.zoo.train_image` (6 × 128, "
+        f"batch {cfg.ar_batch}, 16 × 16 tokens plus the caption prefix): one full training step, data included; "
+        f"{a.rounds} interleaved rounds of {a.steps} steps per mode after a warm-up step; medians.", "",
+        *md_table(["forward pass", "ms / step", "ratio to fp32"],
+                  [["fp32 (`--preset fp32`)", f"{fp32:.0f}", "1.00"],
+                   ["bf16 autocast (`--preset full`)", f"{bf16:.0f}", f"{bf16 / fp32:.2f}"]]), ""])
+    report(table, a.out, HEADING)
     return 0
 
 
