@@ -133,6 +133,7 @@ def test_an_uneven_plan_decodes_the_same(target):
     assert out.sequences[0, len(PROMPT):].tolist() == reference(12)
 
 
+@pytest.mark.extended  # batch 20000 twice: the model's compute, not the pipeline (CI keeps FlowSpec's sampling test)
 def test_sampling_over_two_stages_follows_the_target_and_repeats_the_single_process_run(target):
     from stat_helpers import chisquare_pvalue
 

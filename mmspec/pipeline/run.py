@@ -36,7 +36,8 @@ from .plan import PipelineConfigError, StagePlan, plan_stages
 from .server import StageServer
 from .session import PipelineSession, stop_stages
 from .stage import build_stage_model, decoder_layers
-from .transport import DEFAULT_TIMEOUT_S, GlooTransport, InProcessGroup, Transport, open_transport
+from .transport import (DEFAULT_TIMEOUT_S, GlooTransport, InProcessGroup, PipelineStageError, Transport,
+                        open_transport)
 
 
 def init_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
@@ -115,12 +116,17 @@ class InProcessPipeline:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is None:
-            stop_stages(transport=self.transport)
-        else:
-            self.group.fail(0, f"{type(exc).__name__}: {exc}")
-        for t in self.threads:
-            t.join(timeout=self.group.timeout_s)
+        try:
+            if exc is None:
+                stop_stages(transport=self.transport)
+        except PipelineStageError as stop_error:  # a stage died after its last answer
+            exc = stop_error
+            raise
+        finally:
+            if exc is not None:  # every stage thread's receive now raises: they end
+                self.group.fail(0, f"{type(exc).__name__}: {exc}")
+            for t in self.threads:
+                t.join(timeout=self.group.timeout_s)
 
 
 def prefill_pipeline(session: PipelineSession, drafter: Any, input_ids: torch.Tensor,
