@@ -220,11 +220,24 @@ def test_malformed_messages_get_named_errors():
     p.Stats().send(sender, 1)
     with pytest.raises(p.ProtocolError, match="stage 1 expected Logits or SegmentResult from stage 0, got Stats"):
         p.receive(receiver, 0, expect=(p.Logits, p.SegmentResult))
+    p.Logits(torch.zeros(1, 1, 4)).send(sender, 1)
+    with pytest.raises(p.ProtocolError, match="stage 1 expected Extend or .* from stage 0, got Logits"):
+        p.receive(receiver, 0, expect=p.COMMANDS)
     sender.send(torch.zeros(3), 1)
     with pytest.raises(PipelineStageError, match=r"stage 1 expected torch.int64 \[16\] from stage 0, got torch.float32"):
         p.receive(receiver, 0)
     with pytest.raises(PipelineStageError, match="stage 1 got no answer from stage 0 .*nothing within 0.1 s"):
         p.receive(InProcessGroup(2, timeout_s=0.1).transport(1), 0)
+
+
+def test_a_stage_names_a_command_it_cannot_act_on(target):
+    pipe = InProcessPipeline(split(target, 2), timeout_s=30.0)
+    with pytest.raises(PipelineStageError, match="stage 1 ended: ProtocolError: stage 1 received Rollback before any "
+                                                 "Extend"):
+        with pipe:
+            p.Rollback(torch.tensor([1])).send(pipe.transport, 1)
+            p.receive(pipe.transport, 1)
+    assert not any(t.is_alive() for t in pipe.threads)
 
 
 # -- real process groups (torchrun, gloo) ------------------------------------------------------------------------------

@@ -212,6 +212,9 @@ class StopListening(Message):
     """Ends a stage's kill listener."""
 
 
+#: what a stage receives from the previous one
+COMMANDS: tuple[type[Message], ...] = (Extend, BeginTree, ExtendTree, KeepPath, Rollback, Select, Reset, Features, Segment,
+                                       Commit, Stats, Stop)
 #: every message, its op being its place here (from 1)
 MESSAGES: tuple[type[Message], ...] = (Extend, Rollback, Select, Stop, Reset, BeginTree, ExtendTree, KeepPath, Segment,
                                        Commit, Stats, Features, Logits, SegmentResult, StageStats, Kill, StopListening)

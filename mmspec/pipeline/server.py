@@ -30,7 +30,7 @@ import torch
 
 from ..cache import CacheSession
 from .plan import PipelineConfigError
-from .protocol import (BeginTree, Commit, Extend, ExtendTree, Features, KeepPath, Kill, Logits, Message,
+from .protocol import (COMMANDS, BeginTree, Commit, Extend, ExtendTree, Features, KeepPath, Kill, Logits, Message,
                        ProtocolError, Reset, Rollback, Segment, SegmentResult, Select, STAT_NAMES, StageStats, Stats,
                        Stop, StopListening, receive)
 from .stage import layer_range, owned_features
@@ -106,7 +106,7 @@ class StageServer:
         self.layers = layer_range(stage_model)
         self.session: CacheSession | None = None
         self.tree: dict[int, int] | None = None  # FlowSpec: node id -> tree index, while a round is open
-        self.carried, self.own = 0, []  # features: how many earlier stages computed, this stage's (local indices)
+        self.own: list[int] = []  # the features this stage computes (local hidden-state indices)
         self.kills = KillList()
         self.counters = StageCounters()
         self.forwards = 0
@@ -120,15 +120,12 @@ class StageServer:
         self.kills.listen(self.transport)
         with torch.no_grad():
             while True:
-                msg = receive(self.transport, self.rank - 1)
+                msg = receive(self.transport, self.rank - 1, expect=COMMANDS)
                 if not self.last and not msg.CARRIES_HIDDEN:
                     msg.send(self.transport, self.rank + 1)
                 if isinstance(msg, Stop):
                     break
-                handler = self.handlers.get(type(msg))
-                if handler is None:
-                    raise ProtocolError(f"stage {self.rank} received {type(msg).__name__}, which is not a command")
-                handler(msg)
+                self.handlers[type(msg)](msg)
         self.transport.flush()
         self.kills.join()
         return self.forwards
@@ -192,10 +189,10 @@ class StageServer:
 
     def reset(self, msg: Reset) -> None:
         self.session, self.tree = None, None
-        self.carried, self.own = 0, []  # a new generation asks for its features again
+        self.own = []  # a new generation asks for its features again
 
     def features(self, msg: Features) -> None:
-        self.carried, self.own = owned_features(msg.layers.tolist(), self.layers)
+        _, self.own = owned_features(msg.layers.tolist(), self.layers)
 
     def stats(self, msg: Stats) -> None:
         self.counters.report().send(self.transport, 0, Channel.STATS)
