@@ -27,12 +27,14 @@ def _forbid(monkeypatch, target: str) -> None:
 @pytest.fixture
 def no_work(monkeypatch):
     """Every loader and generator the CLI could start fails the test if it is called."""
-    for target in ("mmspec.cli._example_models", "transformers.AutoModelForCausalLM.from_pretrained",
-                   "transformers.AutoTokenizer.from_pretrained", "transformers.AutoModelForImageTextToText.from_pretrained",
+    # main_job first: importing it while mmspec.zoo's loaders are patched would bind the patched ones for good
+    for target in ("mmspec.zoo.main_job.run_captioning", "mmspec.zoo.main_job.run_image_generation",
+                   "mmspec.zoo.main_job.load_default_image_models", "mmspec.cli.text.example_models",
+                   "transformers.AutoModelForCausalLM.from_pretrained", "transformers.AutoTokenizer.from_pretrained",
+                   "transformers.AutoModelForImageTextToText.from_pretrained",
                    "transformers.AutoProcessor.from_pretrained", "mmspec.image_gen.ARImageModel.from_pretrained",
                    "mmspec.image_gen.VQTokenizer.from_pretrained", "mmspec.image_gen.generate", "mmspec.generate",
-                   "mmspec.zoo.load_default_vlm", "mmspec.zoo.load_default_image_models",
-                   "mmspec.zoo.main_job.run_captioning", "mmspec.zoo.main_job.run_image_generation"):
+                   "mmspec.zoo.load_default_vlm", "mmspec.zoo.load_default_image_models"):
         _forbid(monkeypatch, target)
 
 
@@ -285,7 +287,7 @@ def test_heatmap_lives_in_its_own_module():
     assert cli.heatmap_image is heatmap_image
 
 
-@pytest.mark.parametrize("path", ["mmspec/main_job.py", "demos/image_gen.py", "demos/vlm_chat.py"])
+@pytest.mark.parametrize("path", ["mmspec/zoo/main_job.py", "demos/image_gen.py", "demos/vlm_chat.py"])
 def test_no_module_imports_the_cli_for_the_heatmap(path):
     """main_job and the demos import mmspec.image_gen.heatmap, not the CLI (no cli <-> main_job cycle)."""
     tree = ast.parse((ROOT / path).read_text())

@@ -10,12 +10,14 @@ Glossary:
                   :class:`~mmspec.drafters.blockwise.BlockwiseDrafter`); recipes in ``weights/smollm2/README.md``
     chat drafter  what ``mmspec chat --drafter`` names: a shipped kind, ``prompt-lookup`` or a folder written by
                   ``mmspec train-drafter``
+    model name    what ``mmspec collaborate --models`` names besides HF checkpoints (:data:`SMOLLM2_MODELS`):
+                  SmolLM2, its distilled drafter LM, SmolLM2 with a domain adapter merged
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mmspec import zoo
 from mmspec.distill import load_drafter
@@ -29,6 +31,8 @@ from mmspec.pretrained import load_causal_lm
 SMOLLM2_DRAFTERS = {"head": "smollm2/head", "model": "smollm2/drafter", "heads": "smollm2/heads"}
 #: domain models this repository trained from SmolLM2 (``python -m mmspec.distill.train_domain``): LoRA adapters
 SMOLLM2_DOMAINS = {"code": "smollm2/code", "german": "smollm2/german"}
+#: the models named for collaborative decoding: SmolLM2, its distilled drafter LM, SmolLM2 + a domain adapter
+SMOLLM2_MODELS = ("smollm2", "smollm2-drafter", *(f"smollm2-{domain}" for domain in SMOLLM2_DOMAINS))
 
 
 def _folder(part: str) -> Path:
@@ -65,6 +69,26 @@ def load_smollm2_ngram(order: int = 3) -> Any:
     return load_corpus_ngram(_folder(SMOLLM2_DRAFTERS["heads"]), vocab_size=49152, order=order)
 
 
+def load_smollm2_models(names: Sequence[str]) -> tuple[list[Any], Any]:
+    """(models, tokenizer): one model per name of :data:`SMOLLM2_MODELS` (``smollm2``: SmolLM2 itself,
+    ``smollm2-drafter``: the shipped distilled 2-layer drafter around its embedding and head, ``smollm2-code`` /
+    ``smollm2-german``: a fresh copy with the domain adapter merged, :func:`load_smollm2_domain`) and SmolLM2's
+    tokenizer, which serves them all. SmolLM2 is loaded once (ModelNotFoundError when it is not installed)."""
+    unknown = [name for name in names if name not in SMOLLM2_MODELS]
+    if unknown:
+        raise ValueError(f"names must be among {SMOLLM2_MODELS}, got {unknown}")
+    base, tokenizer = load_causal_lm()
+    models = []
+    for name in names:
+        if name == "smollm2":
+            models.append(base)
+        elif name == "smollm2-drafter":
+            models.append(load_smollm2_drafter("model", base))
+        else:
+            models.append(load_smollm2_domain(name.split("-", 1)[1]))
+    return models, tokenizer
+
+
 def chat_drafter(kind: str, target: Any, tree: DynamicTree | None = DynamicTree(depth=5, top_k=4, num_nodes=16)) -> Any:
     """The drafter ``mmspec chat --drafter`` names: ``head`` (the shipped EAGLE-3 head), ``model`` (the shipped
     distilled drafter LM), ``prompt-lookup``, or a folder written by ``mmspec train-drafter``. A head drafts
@@ -77,5 +101,5 @@ def chat_drafter(kind: str, target: Any, tree: DynamicTree | None = DynamicTree(
     return load_drafter(kind, target, **kw)
 
 
-__all__ = ["SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "chat_drafter", "load_smollm2_domain",
-           "load_smollm2_drafter", "load_smollm2_ngram"]
+__all__ = ["SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
+           "load_smollm2_drafter", "load_smollm2_models", "load_smollm2_ngram"]

@@ -1,0 +1,60 @@
+"""``mmspec train-drafter``: train a drafter for any causal LM by self-distillation (:mod:`mmspec.distill`).
+
+Glossary:
+    kind     ``head`` (an EAGLE-3 head reading the target's hidden states), ``model`` (a small drafter LM around
+             the target's embedding and head) or ``heads`` (blockwise parallel heads)
+    prompts  stdlib docstrings turned into chat turns; the target's own answers are the training data (so its
+             tokenizer needs a chat template)
+    --out    the run directory (data, checkpoints, the drafter); re-running with the same ``--out`` continues
+             within a fresh ``--minutes`` budget
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mmspec.pretrained import load_causal_lm
+
+from .common import (EXIT_BAD_INPUT, EXIT_OK, CLIError, add_sampling_flags, add_subcommand, check_number,
+                     check_out_dir, check_sampling, load)
+
+
+def add_parser(subparsers) -> None:
+    p = add_subcommand(subparsers, "train-drafter", run,
+                       help="train a drafter for a causal LM by self-distillation: an EAGLE-3 head (--kind head), a "
+                            "small drafter LM (--kind model) or blockwise parallel heads (--kind heads)")
+    p.add_argument("--target", default="smollm2", help="HF folder, .gguf file or 'smollm2' (default)")
+    p.add_argument("--kind", default="head", choices=["head", "model", "heads"])
+    p.add_argument("--minutes", type=float, default=30.0, help="wall-clock budget (data + training); "
+                                                                "re-running with the same --out continues")
+    p.add_argument("--out", default="mmspec_drafter", help="run directory (data, checkpoints, the drafter)")
+    p.add_argument("--num-prompts", type=int, default=1024, help="self-distillation prompts (stdlib docstrings)")
+    p.add_argument("--draft-vocab", type=int, default=4096, help="FR-Spec draft vocabulary size (head, heads)")
+    p.add_argument("--num-heads", type=int, default=4, help="blockwise heads: tokens proposed per block (heads)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
+    add_sampling_flags(p, helps={"max_new_tokens": "answer length per prompt (default: %(default)s)"},
+                       max_new_tokens=160, seed=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmspec.distill import train_drafter
+
+    check_number(args, "minutes", lo=0, lo_open=True)
+    check_number(args, "num_prompts", lo=17, integer=True)
+    check_number(args, "draft_vocab", lo=1, integer=True)
+    check_number(args, "layers", lo=1, integer=True)
+    check_number(args, "num_heads", lo=1, integer=True)
+    check_sampling(args)
+    if not args.target.strip():
+        raise CLIError(EXIT_BAD_INPUT, "--target is empty")
+    check_out_dir(args.out)
+    model, tokenizer = load("target", args.target, load_causal_lm)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CLIError(EXIT_BAD_INPUT, f"the tokenizer of {args.target!r} has no chat template (needed for the "
+                                       "self-distillation prompts)")
+    summary = train_drafter(model, tokenizer, kind=args.kind, out=args.out, minutes=args.minutes,
+                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                            draft_vocab_size=args.draft_vocab, num_layers=args.layers, num_heads=args.num_heads,
+                            seed=args.seed)
+    print(f"{args.kind} drafter written to {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return EXIT_OK
