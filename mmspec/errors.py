@@ -44,7 +44,8 @@ class TokenIdError(MMSpecError):
 
 
 class NonFiniteError(MMSpecError):
-    """NaN or +inf where finite numbers are required (logits, pixel values, scales, parameters)."""
+    """NaN or +inf where finite numbers are required (logits, pixel values, scales, parameters, a training
+    step's loss or gradient norm)."""
 
 
 class MethodParameterError(MMSpecError):

@@ -108,9 +108,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
 def _non_finite(where: str, what: str, value: float) -> NonFiniteError:
     return NonFiniteError(
         f"{where}: the {what} is {value} (NaN/inf); stopped before the optimiser step, the checkpoint on disk is "
-        "the last good one. A non-finite loss usually comes from features or activations overflowing float16 "
-        "(keep training inputs in float32 or bfloat16), a learning rate too high for the batch, or a batch with "
-        "nothing to score")
+        "the last good one. It usually comes from features overflowing float16 (the self-distillation shards "
+        "store the target's hidden states in float16: inf there gives NaN here; keep such features in float32 or "
+        "bfloat16), activations overflowing under half-precision autocast, or a learning rate too high for the "
+        "batch")
 
 
 def optimizer_step(params: Iterable[torch.Tensor], opt: torch.optim.Optimizer, loss: torch.Tensor, *,
