@@ -7,10 +7,10 @@ verification block travels the whole pipeline before the next one is drafted.
 Glossary:
     rank 0       runs the decoding loop (:func:`mmspec.engine.decode`), the drafter and stage 0, and holds a
                  :class:`PipelineSession`; ranks >= 1 run :class:`~mmspec.pipeline.server.StageServer`
-    session      the loop's target session (``extend``, ``extend_tree``, ``begin_tree``, ``keep_path``,
-                 ``rollback``, ``select_rows``, ``calls``, ``batch_size``, ``last_hidden``): each call runs stage 0
-                 and sends the matching command (:mod:`~mmspec.pipeline.protocol`) to stage 1; ``extend`` and
-                 ``extend_tree`` wait for the last stage's ``Logits``
+    session      the loop's :class:`~mmspec.session.TargetSession` (``extend``, ``extend_tree``, ``begin_tree``,
+                 ``keep_path``, ``rollback``, ``select_rows``, ``calls``, ``batch_size``, ``last_hidden``): each
+                 call runs stage 0 and sends the matching command (:mod:`~mmspec.pipeline.protocol`) to stage 1;
+                 ``extend`` and ``extend_tree`` wait for the last stage's ``Logits``
     one process  no transport (or one of world size 1): stage 0 is the whole target and nothing is sent
     features     hidden states a feature drafter (EAGLE) reads, asked for once with :meth:`PipelineSession.set_features`
                  and returned with every forward's logits, in :attr:`PipelineSession.last_hidden`
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..cache import CacheSession
+from ..session import TargetSession
 from .protocol import (BeginTree, Commit, Extend, ExtendTree, Features, KeepPath, Kill, Logits, Message,
                        ProtocolError, Reset, Rollback, Segment, SegmentResult, Select, StageStats, Stats, Stop,
                        StopListening, receive)
@@ -60,10 +61,8 @@ def collect_stage_stats(world_size: int = 1, *, transport: Transport | None = No
     return out
 
 
-class PipelineSession:
+class PipelineSession(TargetSession):
     """Rank 0's session: stage 0 locally, stages 1 .. N-1 through ``transport`` (None: one process)."""
-
-    last_hidden = None
 
     def __init__(self, stage_model: torch.nn.Module, batch: int, device: torch.device, *, vocab_size: int,
                  transport: Transport | None = None):
@@ -104,6 +103,11 @@ class PipelineSession:
         _, self.own0 = owned_features(self.features, layer_range(self.local.model))
         self._send(Features(torch.tensor(self.features, dtype=torch.long)))
 
+    @staticmethod
+    def _token_ids_only(model_inputs: dict[str, Any]) -> None:
+        if model_inputs:
+            raise ValueError(f"a pipelined target takes token ids only, got {sorted(model_inputs)}")
+
     def _check_features(self, hidden_layers: tuple[int, ...]) -> None:
         if not set(hidden_layers) <= set(self.features):
             raise ValueError(f"hidden states {sorted(set(hidden_layers) - set(self.features))} were not asked for: "
@@ -139,8 +143,7 @@ class PipelineSession:
 
     def extend(self, tokens: torch.Tensor, valid: torch.Tensor | None = None, *, num_logits: int | None = None,
                hidden_layers: tuple[int, ...] = (), **model_inputs: Any) -> torch.Tensor:
-        if model_inputs:
-            raise ValueError("a pipelined target takes token ids only")
+        self._token_ids_only(model_inputs)
         if self.transport is None:
             out = self.local.extend(tokens, valid, num_logits=num_logits, hidden_layers=hidden_layers)
             self.last_hidden = self.local.last_hidden
@@ -163,7 +166,8 @@ class PipelineSession:
         self._send(BeginTree())
 
     def extend_tree(self, tokens: torch.Tensor, parents: torch.Tensor, valid: torch.Tensor | None = None,
-                    hidden_layers: tuple[int, ...] = ()) -> torch.Tensor:
+                    hidden_layers: tuple[int, ...] = (), **model_inputs: Any) -> torch.Tensor:
+        self._token_ids_only(model_inputs)
         valid = torch.ones_like(tokens) if valid is None else valid.to(torch.long)
         if self.transport is None:
             out = self.local.extend_tree(tokens, parents, valid, hidden_layers=hidden_layers)
