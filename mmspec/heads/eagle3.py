@@ -45,6 +45,9 @@ def feature_layers(num_layers: int) -> tuple[int, int, int]:
     return (min(3, num_layers), max(1, num_layers // 2), max(1, num_layers - 2))
 
 
+_default_layers = feature_layers  # (``Eagle3Config.from_target`` has a parameter of that name)
+
+
 @dataclass
 class Eagle3Config:
     hidden_size: int
@@ -73,7 +76,7 @@ class Eagle3Config:
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
                    intermediate_size=getattr(c, "intermediate_size", None) or 4 * c.hidden_size,
                    rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6) or 1e-6), rope_theta=float(theta),
-                   feature_layers=tuple(feature_layers or feature_layers(c.num_hidden_layers)),
+                   feature_layers=tuple(feature_layers or _default_layers(c.num_hidden_layers)),
                    draft_vocab_size=min(int(draft_vocab_size), int(vocab)), target_vocab_size=int(vocab),
                    target_name=str(getattr(target.config, "_name_or_path", "")))
 
