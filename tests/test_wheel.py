@@ -2,7 +2,8 @@
 environment, carries every package and every shipped file, and its commands work.
 
 Glossary:
-    wheel        ``pip wheel --no-deps --no-build-isolation .`` (setuptools, as ``pip install .`` builds it)
+    wheel        ``pip wheel --no-deps .`` (setuptools, as ``pip install .`` builds it; with this environment's
+                 setuptools when it is recent enough to build wheels by itself, so no network is needed)
     fresh venv   ``python -m venv`` with no mmspec in it; the wheel is installed with ``pip --no-deps`` and the
                  dependencies are borrowed from the running environment through a ``.pth`` line (so the test
                  needs no network); a path added that way is not a site directory, so the running
@@ -13,6 +14,7 @@ Glossary:
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import runpy
@@ -41,11 +43,22 @@ def tree_packages() -> list[str]:
     return sorted(found)
 
 
+def _setuptools_builds_wheels() -> bool:
+    """setuptools >= 70.1 builds wheels by itself (older ones need the ``wheel`` package)."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(x) for x in version.split(".")[:2] if x.isdigit()) >= (70, 1)
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out),
-                    str(ROOT)], check=True, cwd=out)
+    # build with this environment's setuptools when it can (no network), else in pip's isolated build environment
+    isolation = ["--no-build-isolation"] if _setuptools_builds_wheels() else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(out), str(ROOT)],
+                   check=True, cwd=out)
     (path,) = out.glob("mmspec-*.whl")
     return path
 
@@ -58,9 +71,10 @@ def venv(wheel, tmp_path_factory) -> Path:
     python = root / "bin" / "python"
     purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                   check=True, capture_output=True, text=True).stdout.strip())
-    deps = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
-            if Path(p).is_dir()]
-    (purelib / "mmspec_test_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
+    # every site-packages directory the running interpreter sees (its own, and any a .pth line added)
+    deps = sorted({p for p in (*sys.path, *site.getsitepackages(), sysconfig.get_paths()["purelib"])
+                   if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()})
+    (purelib / "mmspec_test_deps.pth").write_text("\n".join(deps) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True)
     return root
