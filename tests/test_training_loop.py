@@ -159,3 +159,14 @@ def test_distill_trainers_resume_to_the_uninterrupted_weights(tmp_path, monkeypa
     assert got.keys() == ref.keys()
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_head_with_a_given_heldout_set_trains_on_few_examples(tmp_path):
+    """The held-out set given apart (the SmolLM2 VLM's head): ``holdout`` does not bound the training set."""
+    target = build("llama", layers=2, dtype=torch.float32)
+    examples = _examples(target, n=8)
+    cfg = train_head.HeadTraining(draft_vocab_size=48, batch_size=2,
+                                  loop=replace(train_head.HeadTraining.loop, steps=2, warmup=1))
+    summary = train_head.train_head(target, examples[:5], tmp_path, config=cfg, progress=False,
+                                    heldout_examples=examples[5:])
+    assert summary["finished"] and summary["examples"] == 5 and summary["heldout_examples"] == 3

@@ -66,8 +66,8 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if heldout_examples is not None:
-        held, train = list(heldout_examples), usable_examples(examples, holdout, "train a head")
+    if heldout_examples is not None:  # ``holdout`` does not apply: any usable example trains
+        held, train = list(heldout_examples), usable_examples(examples, 0, "train a head")
     else:
         held, train = split_heldout(examples, holdout, config.seed, "train a head")
     state_path = out / "train_state.pt"
