@@ -11,7 +11,7 @@ from test_pipeline import PROMPT, VOCAB, dies_after, in_process, launch, referen
 from mmspec.errors import MethodParameterError
 from mmspec.pipeline import InProcessPipeline, PipelineStageError, flowspec
 from mmspec.cli.pipeline import _example_target
-from mmspec.pipeline.stage import truncated_copy
+from mmspec.truncate import truncated_copy
 from mmspec.pipeline.flowspec import FlowSpecConfig, generate
 from mmspec.verify.tree_rules import DeterministicTreeRule
 

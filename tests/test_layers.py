@@ -27,7 +27,7 @@ FOLDERS: dict[str, str] = runpy.run_path(str(ROOT / "setup.py"), run_name="layou
 #: lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("mmspec.errors", "mmspec.config", "mmspec.rng", "mmspec.sampling", "mmspec.stats", "mmspec.kernels",
-              "mmspec.cpu_packing")),
+              "mmspec.cpu_packing", "mmspec.truncate")),
     ("verification", ("mmspec.verify",)),
     ("sessions and heads", ("mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads")),
     ("drafters", ("mmspec.drafters",)),
@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("fronts", ("mmspec.cli", "mmspec.__main__")),
 ]
 CORE = ("mmspec.errors", "mmspec.config", "mmspec.rng", "mmspec.sampling", "mmspec.stats", "mmspec.kernels",
-        "mmspec.cpu_packing", "mmspec.verify", "mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads",
+        "mmspec.cpu_packing", "mmspec.truncate", "mmspec.verify", "mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads",
         "mmspec.drafters", "mmspec.request", "mmspec.engine", "mmspec.chat")
 
 

@@ -27,7 +27,7 @@ from mmspec.drafters.tree import DynamicTree
 from mmspec.pipeline import (InProcessGroup, InProcessPipeline, PipelineConfigError, PipelineStageError, StagePlan,
                              build_stage_model, plan_stages, run)
 from mmspec.pipeline import protocol as p
-from mmspec.pipeline.stage import truncated_copy
+from mmspec.truncate import truncated_copy
 from mmspec.pipeline.transport import Channel
 
 PROMPT = [5, 17, 33, 9, 41, 12]

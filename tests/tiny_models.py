@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from mmspec.truncate import truncated_copy
 
 ARCHS = ("llama", "qwen2", "gpt2")
 
@@ -39,17 +38,7 @@ def build(arch: str, *, vocab: int = 96, hidden: int = 64, layers: int = 2, seed
 
 def truncated_drafter(target: torch.nn.Module, keep_layers: int = 1) -> torch.nn.Module:
     """A smaller drafter sharing the target's first layers, embeddings and head (partial acceptance)."""
-    drafter = copy.deepcopy(target)
-    base = drafter.transformer if hasattr(drafter, "transformer") else drafter.model
-    if hasattr(base, "h"):
-        base.h = base.h[:keep_layers]
-        drafter.config.n_layer = keep_layers
-    else:
-        base.layers = base.layers[:keep_layers]
-        drafter.config.num_hidden_layers = keep_layers
-        if getattr(drafter.config, "layer_types", None):
-            drafter.config.layer_types = drafter.config.layer_types[:keep_layers]
-    return drafter.eval()
+    return truncated_copy(target, keep_layers)
 
 
 def left_padded_prompts(batch: int, length: int, vocab: int, *, seed: int = 0, pad: int = 0):

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaNextConfig, LlavaNextForConditionalGeneration,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from mmspec.truncate import truncated_copy
 
 VLM_ARCHS = ("llava", "qwen2_vl", "qwen2_5_vl")
 NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -55,14 +63,7 @@ def build_vlm(arch: str, *, layers: int = 2, seed: int = 0, init: float = 0.2,
 
 def truncated_vlm_drafter(target: torch.nn.Module, keep_layers: int = 1) -> torch.nn.Module:
     """Same vision tower and embeddings, fewer decoder layers: a cheaper drafter with partial acceptance."""
-    drafter = copy.deepcopy(target)
-    lm = drafter.model.language_model
-    lm.layers = lm.layers[:keep_layers]
-    tc = drafter.config.get_text_config()
-    tc.num_hidden_layers = keep_layers
-    if getattr(tc, "layer_types", None):
-        tc.layer_types = tc.layer_types[:keep_layers]
-    return drafter.eval()
+    return truncated_copy(target, keep_layers)
 
 
 def vlm_inputs(arch: str, batch: int = 1, *, seed: int = 0, grid: int = 8, dtype=torch.float64) -> dict:

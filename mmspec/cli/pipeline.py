@@ -148,7 +148,7 @@ def _drafter(a: argparse.Namespace, target: torch.nn.Module) -> Any:
 
             draft_model = load_smollm2_drafter("model", target)
         else:
-            from mmspec.pipeline.stage import truncated_copy
+            from mmspec.truncate import truncated_copy
 
             draft_model = truncated_copy(target, a.draft_layers)
         if a.pack:

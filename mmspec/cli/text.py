@@ -21,10 +21,25 @@ import torch
 
 import mmspec
 from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm
+from mmspec.truncate import truncated_copy
 
-from .common import (CHAT_PROMPT, EXIT_BAD_INPUT, EXIT_NOT_IDENTICAL, EXIT_OK, CLIError, add_sampling_flags,
-                     add_subcommand, check_model_path, check_prompt, check_sampling, hf_causal_lm, hf_tokenizer, load,
-                     one_line, toy_llama)
+from .common import (
+    CHAT_PROMPT,
+    EXIT_BAD_INPUT,
+    EXIT_NOT_IDENTICAL,
+    EXIT_OK,
+    CLIError,
+    add_sampling_flags,
+    add_subcommand,
+    check_model_path,
+    check_prompt,
+    check_sampling,
+    hf_causal_lm,
+    hf_tokenizer,
+    load,
+    one_line,
+    toy_llama,
+)
 
 EXAMPLE_PROMPT = "speculative decoding drafts, the target verifies; speculative decoding drafts, the target verifies"
 
@@ -45,18 +60,13 @@ def add_parser(subparsers) -> None:
 def example_models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(target, drafter): the ``--example`` toy pair (a 4-layer random Llama over 256 byte ids with its later
     layers damped, and a 1-layer Llama holding the target's first layer, embeddings, final norm and head)."""
-    from transformers import LlamaForCausalLM
-
     target = toy_llama(seed, vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                        initializer_range=0.15)
     with torch.no_grad():  # damp the later layers so that the first layer alone predicts the target often
         for layer in target.model.layers[1:]:
             layer.self_attn.o_proj.weight.mul_(0.2)
             layer.mlp.down_proj.weight.mul_(0.2)
-    drafter = LlamaForCausalLM(type(target.config)(**{**target.config.to_dict(), "num_hidden_layers": 1})).eval()
-    drafter.load_state_dict({k: v for k, v in target.state_dict().items()
-                             if "layers." not in k or k.startswith("model.layers.0.")})
-    drafter.generation_config.eos_token_id = None
+    drafter = truncated_copy(target, 1)
     return target, drafter
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..heads.ttt import make_batch
+from ..truncate import truncated_copy
 from .data import split_heldout
 from .loop import LoopConfig, Weights, step_seed, train_loop
 
@@ -41,28 +42,10 @@ MODEL_LOOP = LoopConfig(steps=1000, lr=3e-4, warmup=20, schedule="linear", betas
                         clip_norm=1.0, save_every=25)
 
 
-def _layer_list(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    for name in ("layers", "h"):
-        if base is not None and isinstance(getattr(base, name, None), torch.nn.ModuleList):
-            return base, name
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
 def cut_model(target: torch.nn.Module, num_layers: int) -> torch.nn.Module:
-    """A copy of ``target`` keeping its first ``num_layers`` decoder layers (embedding and head shared)."""
+    """A copy of ``target`` keeping its first ``num_layers`` decoder layers, the embedding and head shared."""
     embed, head = target.get_input_embeddings(), target.get_output_embeddings()
-    # copy everything but the big shared tables
-    memo = {id(embed.weight): embed.weight, id(head.weight): head.weight}
-    student = copy.deepcopy(target, memo)
-    base, name = _layer_list(student)
-    setattr(base, name, getattr(base, name)[:num_layers])
-    cfg = student.config
-    for attr in ("num_hidden_layers", "n_layer"):
-        if hasattr(cfg, attr):
-            setattr(cfg, attr, num_layers)
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:num_layers]
+    student = truncated_copy(target, num_layers, share=(embed.weight, head.weight))  # no copy of the big tables
     student.set_input_embeddings(embed)
     student.set_output_embeddings(head)
     return student

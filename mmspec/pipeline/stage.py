@@ -17,6 +17,7 @@ import copy
 import torch
 from torch import nn
 
+from ..truncate import keep_layers
 from .plan import PipelineConfigError, StagePlan
 
 
@@ -28,28 +29,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         raise PipelineConfigError(f"{type(model).__name__} cannot be split into stages: the pipeline splits Llama-family "
                                   "causal LMs (model.model.layers, model.model.norm, model.lm_head)")
     return layers
-
-
-def keep_layers(model: nn.Module, keep: range) -> nn.Module:
-    """Keep only the decoder layers ``keep`` of ``model`` (in place), re-indexed from 0 so that the model's own
-    KV cache holds exactly them; the config follows."""
-    kept = nn.ModuleList([decoder_layers(model)[i] for i in keep])
-    for i, layer in enumerate(kept):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = i
-    model.model.layers = kept
-    config = model.config
-    config.num_hidden_layers = len(kept)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    return model
-
-
-def truncated_copy(model: nn.Module, keep: int) -> nn.Module:
-    """A copy of ``model`` with only its first ``keep`` decoder layers (and its norm and head): an early-exit draft
-    model that shares nothing with the target."""
-    return keep_layers(copy.deepcopy(model), range(keep)).eval()
 
 
 def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place: bool = False) -> nn.Module:
