@@ -3,8 +3,8 @@
 Every script of ``benchmarks/`` times its methods against their baselines with :func:`interleave`, its forward
 costs with :func:`median_seconds` (or :class:`CachedForward` / :func:`session_seconds` on top of it), says what
 it ran on with :func:`provenance` / :func:`machine_line`, and writes its section with :func:`write_section`.
-Speed is a ratio measured in one such run (``docs`` / ``/work/shared/DESIGN.md``, "Measuring honestly"), never
-an absolute time compared across runs.
+Speed is a ratio to a baseline measured in one such run, never an absolute time compared across runs; a result
+also gives tau (mean accepted length), its ceiling, the time split and the machine line.
 
 Glossary:
     method        a named callable ``fn(prompt, seed) -> result``, a baseline (plain AR, HF assisted generation,
@@ -53,8 +53,7 @@ from typing import Any
 
 import torch
 
-NOTES_MARK = "<!-- notes -->"
-_NOTES_PREFIX = "<!-- notes"  # also the older "<!-- notes:start -->" ... "<!-- notes:end -->"
+_NOTES_PREFIX = "<!-- notes"  # "<!-- notes -->", and the older "<!-- notes:start -->" ... "<!-- notes:end -->"
 
 
 # -- interleaved runs ---------------------------------------------------------------------------------------------
@@ -77,8 +76,6 @@ class Runs:
     names: list[str]
     calls: list[Call] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # method -> "ErrorType: first line of the message"
-    load_before: tuple[float, float, float] | None = None
-    load_after: tuple[float, float, float] | None = None
     seconds: float = 0.0  # wall time of the timed rounds
 
     def of(self, name: str) -> list[Call]:
@@ -198,7 +195,6 @@ def interleave(methods: Mapping[str, Callable[[Any, int], Any]], prompts: Sequen
                 if not catch:
                     raise
                 runs.failed[name] = _error(exc)
-    runs.load_before = load_average()
     t_start = time.perf_counter()
     total = repeats * len(prompts)
     for r in range(repeats):
@@ -228,7 +224,6 @@ def interleave(methods: Mapping[str, Callable[[Any, int], Any]], prompts: Sequen
                 print(f"[{label}] round {t + 1}/{total} done ({time.perf_counter() - t_start:.0f} s)",
                       file=sys.stderr, flush=True)
     runs.seconds = time.perf_counter() - t_start
-    runs.load_after = load_average()
     return runs
 
 
@@ -409,7 +404,7 @@ def provenance(module: str, argv: Sequence[str] | None, load_before: tuple[float
 
 # -- tables and sections ------------------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
-    """``--quick`` sets the options of ``quick_values`` that were left at their defaults."""
+    """``--quick`` sets the options of ``quick_values`` (whatever was given for them)."""
 
     quick_values: Mapping[str, Any] = {}
 
@@ -417,16 +412,15 @@ class _Parser(argparse.ArgumentParser):
         ns = super().parse_args(args, namespace)
         if ns.quick:
             for key, value in self.quick_values.items():
-                if getattr(ns, key) == self.get_default(key):
-                    setattr(ns, key, value)
+                setattr(ns, key, value)
         return ns
 
 
 def arg_parser(module: str, doc: str, *, prompts: int | None = None, max_new_tokens: int | None = None,
                section: str | None = None, plots: str | None = None, quick: Mapping[str, Any] | None = None,
                quick_also: str = "") -> argparse.ArgumentParser:
-    """The parser every script starts from: ``--quick`` (a smoke run: the options in ``quick`` take those values
-    unless given; ``quick_also`` says what else it changes) and ``--out``; with ``prompts`` / ``max_new_tokens``
+    """The parser every script starts from: ``--quick`` (a smoke run: the options in ``quick`` take those values;
+    ``quick_also`` says what else it changes) and ``--out``; with ``prompts`` / ``max_new_tokens``
     (their defaults) the workload's ``--prompts`` / ``--max-new-tokens``; with ``section`` (its default heading)
     ``--section``, with ``plots`` (what the figures are) ``--plots``. Sections and figures are written only where
     ``--out`` / ``--plots`` point."""

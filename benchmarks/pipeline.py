@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from mmspec.pipeline.stage import truncated_copy
+from mmspec.truncate import truncated_copy
 
 from ._harness import CachedForward, arg_parser, begin, interleave, md_table, median_seconds, provenance, report
 
@@ -94,31 +94,24 @@ def _link_latency(rank: int, d: int, vocab: int, widths=(1, 8), reps: int = 20) 
     return out
 
 
-def _recv_wait() -> float:
-    """Seconds rank 0 has spent blocked in receives so far (``mmspec.pipeline.session``'s counter)."""
-    from mmspec.pipeline import session
-
-    return session.RECV_WAIT[0]
-
-
 class StageMeter:
-    """A meter for the interleaved run on rank 0: resets the stages' counters before a call; after it, rank 0's
-    seconds blocked in receives and the stages' counters (``collect_stage_stats``)."""
+    """A meter for the interleaved run on rank 0: resets the stages' counters before a call; after it, the seconds
+    rank 0 spent blocked in receives on ``transport`` and the stages' counters (``collect_stage_stats``)."""
 
-    def __init__(self, world: int):
-        self.world, self.wait0 = world, 0.0
+    def __init__(self, transport):
+        self.transport, self.wait0 = transport, 0.0
 
     def start(self) -> None:
         from mmspec.pipeline.session import collect_stage_stats
 
-        collect_stage_stats(self.world)
-        self.wait0 = _recv_wait()
+        collect_stage_stats(transport=self.transport)
+        self.wait0 = self.transport.recv_wait_s
 
     def stop(self) -> tuple[float, list]:
         from mmspec.pipeline.session import collect_stage_stats
 
-        wait = _recv_wait() - self.wait0
-        return wait, collect_stage_stats(self.world)
+        wait = self.transport.recv_wait_s - self.wait0
+        return wait, collect_stage_stats(transport=self.transport)
 
 
 def worker(a) -> int:
@@ -127,7 +120,8 @@ def worker(a) -> int:
     from mmspec.drafters.model import ModelDrafter
     from mmspec.drafters.tree import DynamicTree
     from mmspec.pipeline import flowspec, run
-    from mmspec.pipeline import session as pipe_session
+    from mmspec.pipeline.session import stop_stages
+    from mmspec.pipeline.transport import GlooTransport
     from mmspec.pipeline.plan import StagePlan
     from mmspec.pretrained import chat_inputs, load_causal_lm
 
@@ -151,8 +145,9 @@ def worker(a) -> int:
             pack_linear_weights(m)
     link = _link_latency(rank, d, vocab)
     if rank > 0:
-        pipe_session.serve_stage(stage, rank, world)
+        run.serve_stage(stage, rank, world)
         return 0
+    transport = GlooTransport()  # rank 0's one transport to the stages: its receive waits are the bubble
     prompts = list(PROMPTS[: a.prompts])
     config = flowspec.FlowSpecConfig(segment_size=a.segment_size, top_k=a.top_k, max_nodes=a.max_nodes,
                                      max_depth=a.max_depth)
@@ -182,12 +177,12 @@ def worker(a) -> int:
                 return dict(new=out.sequences[0, ids.shape[1]:].tolist(), rounds=out.stats.steps, accepted=0, split={})
             if m == "pipelined AR" or m.startswith("naive"):
                 drafter = None if m == "pipelined AR" else make_drafter(m, tree)
-                out = run.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=drafter,
+                out = run.generate(stage, ids, transport=transport, vocab_size=vocab, drafter=drafter,
                                    max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
                 st = out.stats
                 return dict(new=out.sequences[0, ids.shape[1]:].tolist(), rounds=st.steps, accepted=st.accepted_tokens,
                             split={"target": st.target_time, "draft": st.drafter_time, "verify": st.verify_time})
-            out = flowspec.generate(stage, ids, world_size=world, vocab_size=vocab, drafter=make_drafter(m),
+            out = flowspec.generate(stage, ids, transport=transport, vocab_size=vocab, drafter=make_drafter(m),
                                     config=gated_config if "gated" in m else config,
                                     max_new_tokens=a.max_new_tokens, eos_token_id=eos, attention_mask=mask)
             st = out.stats
@@ -196,7 +191,7 @@ def worker(a) -> int:
         return one
 
     encs = [chat_inputs(tok, [prompt]) for prompt in prompts]
-    runs = interleave({m: method(m) for m in methods}, encs, meter=StageMeter(world), label="pipeline rank 0")
+    runs = interleave({m: method(m) for m in methods}, encs, meter=StageMeter(transport), label="pipeline rank 0")
     rows = {}
     for m in methods:
         r = rows[m] = {"tokens": 0, "seconds": 0.0, "rounds": 0, "accepted": 0, "wait": 0.0, "busy1": 0.0,
@@ -219,7 +214,7 @@ def worker(a) -> int:
     ref = {c.index: c.result["new"] for c in runs.of("single-process AR")}
     for m in methods:
         rows[m]["identical"] = [c.result["new"] == ref[c.index] for c in runs.of(m)]
-    pipe_session.stop_stages(world)
+    stop_stages(transport=transport)
     result = {"rows": rows, "link": link, "plan": a.plan, "prompts": len(prompts), "max_new_tokens": a.max_new_tokens,
               "config": {"segment_size": a.segment_size, "top_k": a.top_k, "max_nodes": a.max_nodes,
                          "max_depth": a.max_depth, "gate": a.gate, "naive": [a.naive_depth, a.naive_top_k, a.naive_nodes]}}

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec.image_gen import ARImageModel, VQTokenizer
 
     from mmspec.zoo import WEIGHTS_DIR
+    from mmspec.distill.loop import optimizer_step
     from mmspec.zoo.train_image import PRESETS, ar_loss
-    from mmspec.zoo.training import optimizer_step
 
     ap = arg_parser("zoo_training", __doc__, quick={"rounds": 1, "steps": 2}, quick_also="batch 2")
     ap.add_argument("--rounds", type=int, default=5)
@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         model = ARImageModel(cfg.target)
         model.load_state_dict(init)
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.target_budget.lr)
+        budget = cfg.target_budget  # the target stage's loop settings (mmspec.distill.loop.train_loop's AdamW)
+        opt = torch.optim.AdamW(model.parameters(), lr=budget.lr, betas=budget.betas, weight_decay=budget.weight_decay)
         step = [0]
 
         def one_step():
-            optimizer_step(model, opt, ar_loss(model, tok, cfg.seed, step[0], cfg.ar_batch, 64, bf16))
+            loss = ar_loss(model, tok, cfg.seed, step[0], cfg.ar_batch, 64, bf16)
+            optimizer_step(model.parameters(), opt, loss, clip_norm=budget.clip_norm)
             step[0] += 1
 
         one_step()  # warm-up
