@@ -223,7 +223,7 @@ def worker(a) -> int:
 
 
 # -- the report ---------------------------------------------------------------------------------------------------
-def section(res: dict, costs: dict, load_before, argv: list[str], pack: bool) -> str:
+def section(res: dict, costs: dict, load_before, argv: list[str] | None, pack: bool) -> str:
     rows = res["rows"]
     base = rows["single-process AR"]
 
@@ -338,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"costs measured; plan {plan}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         out_json = Path(tmp) / "pipeline.json"
-        forwarded = [x for x in (argv if argv is not None else sys.argv[1:]) if x not in ("--quick",)]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), "-m", "benchmarks.pipeline", "--worker", "--json", str(out_json),
                "--plan", plan, "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
@@ -352,11 +351,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         res = json.loads(out_json.read_text())
         res["plan_given"] = bool(a.plan)
-    text = section(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load_before, forwarded,
+    text = section(res, {k: {int(w): v for w, v in d.items()} for k, d in costs.items()}, load_before, argv,
                    a.pack)
-    report(text, Path(a.out) if a.out else None, SECTION_HEADING)
-    if a.plots:
-        plot(res, Path(a.plots) / "pipeline_speed.png")
+    report(text, a.out, SECTION_HEADING)
+    if a.plots is not None:
+        plot(res, a.plots / "pipeline_speed.png")
     return 0
 
 
