@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.config._name_or_path = gguf.stem
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:
+        # another process (a parallel test worker, a second CLI) finished the same conversion first: keep its copy
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:

@@ -23,6 +23,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# pytest-xdist (the default: `-n auto` in pyproject) runs this many worker processes side by side
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+@pytest.fixture(scope="module")
+def real_model_threads():
+    """Torch threads for a module on the real SmolLM2 (large enough matmuls to gain from a second thread):
+    two, or this worker's share of the cores when xdist runs several workers, so they do not oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -108,6 +108,7 @@ def _draw(target, heads, cls=BlockwiseDrafter, draws=25_000):
     return prompt, new[:, 0], new[:, 0] * V + new[:, 1], out.stats
 
 
+@pytest.mark.extended  # 50 s (default: the blockwise drafter's greedy exactness; the tree rule's sampling in test_verify_tree)
 def test_sampling_follows_the_target_first_and_first_two_tokens():
     target = build("llama", layers=3, init=0.08)
     heads = make_heads(target, num_heads=2)
@@ -118,6 +119,7 @@ def test_sampling_follows_the_target_first_and_first_two_tokens():
     assert chisquare_pvalue(pair, p12.flatten()) > 1e-3
 
 
+@pytest.mark.extended  # negative control of the sampling test above
 def test_the_sampling_test_catches_a_wrong_tree_rule():
     target = build("llama", layers=3, init=0.08)
     heads = make_heads(target, num_heads=2)

@@ -102,7 +102,6 @@ def test_chat_cli_rejects_bad_input_before_loading(tiny_chat_model, capsys, args
     assert rc == EXIT_BAD_INPUT and match in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
 def test_smollm2_chat_with_the_head_tree_equals_hf_generate():
     from mmspec.pretrained import load_causal_lm
     from mmspec.zoo.smollm2 import chat_drafter

@@ -83,7 +83,7 @@ def _draw(target, head, shape, cls=FeatureDrafter, draws=25_000, chunk=25_000):
     return prompt, torch.cat(firsts), torch.cat(pairs)
 
 
-@pytest.mark.parametrize("shape", ["chain", "dynamic"])
+@pytest.mark.parametrize("shape", ["chain", pytest.param("dynamic", marks=pytest.mark.extended)])
 def test_sampling_follows_the_target_first_and_first_two_tokens(shape):
     target = build("llama", layers=3, init=0.08)
     head = make_head(target)
@@ -93,6 +93,7 @@ def test_sampling_follows_the_target_first_and_first_two_tokens(shape):
     assert chisquare_pvalue(pair, p12.flatten()) > 1e-3
 
 
+@pytest.mark.extended  # negative control
 def test_the_sampling_test_catches_a_wrong_draft_distribution():
     target = build("llama", layers=3, init=0.08)
     head = make_head(target)

@@ -106,7 +106,7 @@ def test_sampling_follows_the_target_and_two_stages_repeat_it(pair):
     assert 10 < accepted < 95  # drafts are accepted and rejected: both branches of the rule are exercised
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # negative control
 def test_a_wrong_residual_rule_fails_the_same_test(pair, monkeypatch):
     monkeypatch.setattr(flowspec, "DeterministicTreeRule", NoResidual)
     assert _joint_pvalue(pair, _first_two(_draws(pair, DRAWS))) < 1e-6
@@ -121,6 +121,7 @@ def test_greedy_over_stages_equals_hf_generate(pair, stages):
     assert len(st.stages) == stages - 1 and all(s[0] > 0 and s[3] > 0 for s in st.stages)  # forwards, tokens
 
 
+@pytest.mark.extended  # torchrun launches (default: the pipeline's real launches and FlowSpec in process)
 def test_greedy_over_real_stages_equals_hf_generate(tmp_path):
     proc, result, _ = launch(2, "--flowspec", "--max-new-tokens", "24", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -104,6 +104,7 @@ def test_first_draft_equals_head_by_hand():
 N = 30_000
 
 
+@pytest.mark.extended  # 1 min a shape (default: the head's greedy exactness above; exact SD's sampling in test_image_gen)
 @pytest.mark.parametrize("shape", ["chain", "tree"])
 def test_first_tokens_follow_guided_target(shape):
     target, head = target_and_head(grid=2, steps=80)

@@ -115,7 +115,7 @@ def gof(idx, expected, n):
     return stats.chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue
 
 
-@pytest.mark.parametrize("method", ["exact", "sjd"])
+@pytest.mark.parametrize("method", ["exact", pytest.param("sjd", marks=pytest.mark.extended)])
 def test_first_tokens_follow_target_distribution_with_cfg(method):
     target = tiny_ar(dtype=torch.float32, init=0.4, seed=11, grid=2)
     drafter = truncated_ar(target)
@@ -129,6 +129,7 @@ def test_first_tokens_follow_target_distribution_with_cfg(method):
     assert gof(flat[:, 0] * 16 + flat[:, 1], expected, N) > 1e-3
 
 
+@pytest.mark.extended  # negative control
 def test_statistical_test_catches_a_wrong_rule():
     """Exact SD whose rejections resample from p instead of norm(max(0, p - q)) (the classic wrong
     rule): every token it emits lies inside the target's support, so only the statistic can reject it."""

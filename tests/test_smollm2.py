@@ -22,8 +22,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    torch.set_num_threads(2)
+def smollm2(real_model_threads):
     target, tok = load_causal_lm()
     return target, tok
 
@@ -61,8 +60,7 @@ def _drafters(target):
     }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, pytest.param(4, marks=pytest.mark.extended)])
 def test_greedy_is_token_identical_to_hf_generate_with_every_drafter(smollm2, batch):
     target, tok = smollm2
     enc = chat_inputs(tok, PROMPTS[:batch])
@@ -92,7 +90,7 @@ def _target_logprob(target, enc, seqs, plen):
     return (lp * alive).sum(1)
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # 3 min: the engine's sampling on SmolLM2 (default: tests/test_engine_sampling.py on tiny models)
 def test_sampling_with_the_head_matches_hf_sampling_in_distribution(smollm2):
     target, tok = smollm2
     n, new = 96, 12
@@ -112,7 +110,7 @@ def test_sampling_with_the_head_matches_hf_sampling_in_distribution(smollm2):
     assert stats.ks_2samp(a.numpy(), w.numpy()).pvalue < 1e-3  # negative control: a hotter sampler is caught
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # the LoRA code model on SmolLM2 (default: tests/test_collaborative.py)
 def test_collaborative_decoding_with_the_code_model_equals_plain_collaborative_decoding(smollm2):
     """SmolLM2 + its shipped code LoRA model, batch 2 (left padded): CoS (fixed and alternate) gives plain
     collaborative decoding's greedy tokens, for the ensemble and contrastive decoding."""

@@ -20,12 +20,9 @@ from mmspec.zoo.data import heldout_scenes
 from mmspec.zoo.smollm2_llava import (IMAGE_TOKEN_ID, TILE, evaluate, evaluate_photos, load_smollm2_vlm,
                                       shipped_dir, tile_image, vlm_inputs)
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
-def vlm():
-    torch.set_num_threads(2)
+def vlm(real_model_threads):
     return load_smollm2_vlm()
 
 
@@ -49,6 +46,7 @@ def test_tiles_and_bad_grid():
         tile_image(Image.new("RGB", (8, 8)), 0)
 
 
+@pytest.mark.extended  # 48 scenes of greedy captions
 def test_heldout_quality_matches_the_recorded_numbers(vlm):
     recorded = json.loads((shipped_dir() / "quality.json").read_text())["exact_match"]
     got = evaluate(vlm.target, vlm.processor, heldout_scenes(8), KINDS)  # 8 scenes x 6 questions (CI's budget)
@@ -63,7 +61,7 @@ RATIOS = (0.0, 0.1, 0.25, 0.5, 1.0)
 PAIRED = tuple(zip(STRATEGIES, (0.5, 0.1, 0.25, 0.0, 1.0)))  # every strategy once, every keep ratio once
 GRID = tuple((s, r) for s in STRATEGIES for r in RATIOS)
 CASES = [pytest.param(1, 1, PAIRED, id="short-b1"),
-         pytest.param(4, 1, (("verifier", 0.1), ("none", 1.0)), id="tiled-b1"),
+         pytest.param(4, 1, (("verifier", 0.1), ("none", 1.0)), id="tiled-b1", marks=pytest.mark.extended),
          pytest.param(1, 1, GRID, id="short-b1-grid", marks=pytest.mark.extended),
          pytest.param(1, 2, GRID, id="short-b2-grid", marks=pytest.mark.extended),
          pytest.param(4, 1, GRID, id="tiled-b1-grid", marks=pytest.mark.extended),
@@ -84,6 +82,7 @@ def test_greedy_is_token_identical_to_hf_generate_for_both_drafters(vlm, grid, b
             assert torch.equal(out.sequences, expected), (type(drafter).__name__, strategy, ratio)
 
 
+@pytest.mark.extended  # photo captions (default: tests/test_photos.py checks the photo set)
 def test_real_photos_are_described_as_photos(vlm):
     """The robustness stage: a held-out photo is captioned as a photo and no shapes are invented in it;
     new crops of training photos get their exact answers (CI's budget: one new crop of each photo)."""

@@ -82,6 +82,7 @@ def test_scopes_reset_or_keep_what_was_learnt():
         assert not _changed(start, head)
 
 
+@pytest.mark.extended  # an update every step
 def test_sampling_keeps_the_targets_distribution_with_updates_every_step():
     target = build("llama", layers=3, init=0.08)
     head = make_head(target)

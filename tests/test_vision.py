@@ -180,6 +180,7 @@ def test_sampling_distribution_matches_target_with_pruning():
     assert pvalue > 1e-3
 
 
+@pytest.mark.extended  # negative control
 def test_sampling_test_rejects_a_wrong_rule(monkeypatch):
     """Negative control: a plausible lossy bug, accepting a draft with probability p(x) instead of
     min(1, p(x) / q(x)). It only accepts tokens the target can emit (p(x) > 0) and redraws rejections from

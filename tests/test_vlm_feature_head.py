@@ -80,7 +80,7 @@ def test_the_heads_cache_holds_text_pairs_and_kept_visual_pairs_only(positions):
     assert out.stats.extra["drafter_kept_visual_indices"][0] == list(range(0, 64, 4))
     # pairs fed: every valid prompt position but the last, minus the 48 pruned visual ones, then one more for
     # the token the single decoding step committed
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    mask = inputs["attention_mask"]
     fed = (mask.sum(dim=1) - 1 - 48 + 1).tolist()
     drafter2 = mv.PrunedFeatureDrafter(head, 3, pruning="uniform", keep_ratio=0.25, positions=positions)
     mv.generate(target, drafter2, inputs, max_new_tokens=1)

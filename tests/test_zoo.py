@@ -123,6 +123,7 @@ def test_vlm_reaches_recorded_caption_exact_match(vlm_pair):
     assert got >= rec - 0.1, (got, rec)
 
 
+@pytest.mark.extended  # 64 prompts of AR samples
 @needs_zoo
 def test_image_target_reaches_recorded_prompt_faithfulness(image_models, monkeypatch):
     """The recorded measurement's 64 held-out prompts, sampled as ``python -m mmspec.zoo --evaluate`` samples them
@@ -143,6 +144,7 @@ def test_image_target_reaches_recorded_prompt_faithfulness(image_models, monkeyp
     assert lo <= count <= hi, (count, n, rec, lo, hi)
 
 
+@pytest.mark.extended  # re-encodes 64 scenes' samples
 @needs_zoo
 def test_tokenizer_round_trip_is_stable_on_its_own_outputs(image_models):
     """Issue P3: encode -> decode -> encode keeps the tokens, exactly, through float tensors and 8-bit
@@ -165,6 +167,7 @@ def test_tokenizer_round_trip_is_stable_on_its_own_outputs(image_models):
     assert torch.equal(tok.encode(tok.decode_tensor(t0.flip(0))).flip(0), t0)
 
 
+@pytest.mark.extended  # re-encodes 64 scenes
 @needs_zoo
 def test_tokenizer_fixed_point_cost_is_recorded(image_models):
     """What exactness costs: one FSQ pass keeps ~99 % of the tokens; the parser reads most scenes exactly from
@@ -305,6 +308,7 @@ def test_training_cli_rejects_unknown_stage(tmp_path, capsys):
 # ---------------------------------------------------------------- the README's main job
 
 
+@pytest.mark.extended  # the README's first command, which .ci/run runs itself
 @needs_zoo
 def test_main_job_writes_images_heatmap_and_report(tmp_path):
     from mmspec.cli import main

@@ -40,7 +40,6 @@ def caption_scenes(model, processor, scenes, batch: int = 50, max_new_tokens: in
 
 
 def evaluate_vlm(num_scenes: int = 200, pair=None) -> dict:
-
     pair = pair or load_default_vlm()
     scenes = heldout_scenes(max(num_scenes, 1))[:num_scenes]
     return {"vlm_caption_exact_match": caption_exact_match(caption_scenes(pair.target, pair.processor, scenes), scenes),
@@ -49,14 +48,12 @@ def evaluate_vlm(num_scenes: int = 200, pair=None) -> dict:
 
 
 def sample_images(models, prompts: list[str], *, method: str = "ar", seed: int = 0, **kw):
-
     g = torch.Generator().manual_seed(seed)
     args = {**IMAGE_SAMPLING, **kw}
     return generate(models.target, models.tokenizer, condition=prompts, method=method, generator=g, **args)
 
 
 def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
-
     models = models or load_default_image_models()
     prompts = [s.caption() for s in heldout_scenes(max(num_prompts, 1))[:num_prompts]]
     images = []
@@ -76,7 +73,6 @@ def evaluate_image(num_prompts: int = 64, models=None, batch: int = 16) -> dict:
 def evaluate_tokenizer(tokenizer, num_scenes: int = 64) -> dict:
     """Round-trip stability of the tokenizer's own encoding, of one nearest-code pass, and what the
     fixed-point projection costs: tokens it moves, passes, and scenes the parser still reads exactly."""
-
 
     scenes = list(heldout_scenes(max(num_scenes, 1))[:num_scenes])
     x = render_batch(scenes)

@@ -173,12 +173,10 @@ def vlm_inputs(processor, images: Sequence[Image.Image], questions: Sequence[str
 
 # -------------------------------------------------------------------------------------------- loading
 def shipped_dir(part: str = "target") -> Path:
-
     return Path(zoo.WEIGHTS_DIR) / SHIPPED / part
 
 
 def _assembled_dir(adapter: Path) -> Path:
-
     h = hashlib.sha256()
     for name in ("adapter_model.safetensors", "llava_config.json", "tokenizer.json", "processor_config.json",
                  "chat_template.jinja"):
@@ -191,7 +189,6 @@ def assemble(adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
     """SmolLM2 + the adapter at ``adapter`` (merged) saved as a plain HF LLaVA folder at ``out``."""
     from peft import PeftModel
     from transformers import AutoProcessor, LlavaConfig
-
 
     adapter, out = Path(adapter), Path(out)
     lm, _ = load_causal_lm("smollm2")
@@ -216,7 +213,6 @@ def load_smollm2_llava(*, dtype: torch.dtype = torch.float32, device: str | torc
     """(model, processor) of the shipped scene VLM on SmolLM2 (assembled and cached on first use, ~20 s);
     ``adapter``: another exported target folder (``train_smollm2_llava --stages target``)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-
 
     if adapter is None and verify:
         zoo.verify_checksums(SHIPPED)
