@@ -59,13 +59,13 @@ def test_heldout_quality_matches_the_recorded_numbers(vlm):
 STRATEGIES = ("verifier", "cls", "diversity", "uniform", "none")
 RATIOS = (0.0, 0.1, 0.25, 0.5, 1.0)
 PAIRED = tuple(zip(STRATEGIES, (0.5, 0.1, 0.25, 0.0, 1.0)))  # every strategy once, every keep ratio once
-GRID = tuple((s, r) for s in STRATEGIES for r in RATIOS)
+# the extended grid: every strategy x keep ratio, one case per strategy so that xdist workers share it
 CASES = [pytest.param(1, 1, PAIRED, id="short-b1"),
          pytest.param(4, 1, (("verifier", 0.1), ("none", 1.0)), id="tiled-b1", marks=pytest.mark.extended),
-         pytest.param(1, 1, GRID, id="short-b1-grid", marks=pytest.mark.extended),
-         pytest.param(1, 2, GRID, id="short-b2-grid", marks=pytest.mark.extended),
-         pytest.param(4, 1, GRID, id="tiled-b1-grid", marks=pytest.mark.extended),
-         pytest.param(4, 2, PAIRED, id="tiled-b2", marks=pytest.mark.extended)]
+         *(pytest.param(grid, batch, tuple((s, r) for r in RATIOS), id=f"{name}-grid-{s}", marks=pytest.mark.extended)
+           for grid, batch, name in ((1, 1, "short-b1"), (1, 2, "short-b2"), (4, 1, "tiled-b1")) for s in STRATEGIES),
+         pytest.param(4, 2, PAIRED[:3], id="tiled-b2-a", marks=pytest.mark.extended),
+         pytest.param(4, 2, PAIRED[3:], id="tiled-b2-b", marks=pytest.mark.extended)]
 
 
 @pytest.mark.parametrize("grid,batch,settings", CASES)

@@ -308,6 +308,12 @@ def test_training_cli_rejects_unknown_stage(tmp_path, capsys):
 # ---------------------------------------------------------------- the README's main job
 
 
+MAIN_JOB_CAPTION = "The picture shows one shape on a cream background. There is a purple square at the bottom left."
+MAIN_JOB_ANSWER = ("1. **Set Clear Goals**: Before starting your study routine, set clear goals for what you want to "
+                   "achieve. This could be completing a certain amount of study time, achieving a specific exam score, "
+                   "or completing a particular project. This helps")
+
+
 @pytest.mark.extended  # the README's first command, which .ci/run runs itself
 @needs_zoo
 def test_main_job_writes_images_heatmap_and_report(tmp_path):
@@ -317,6 +323,9 @@ def test_main_job_writes_images_heatmap_and_report(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["vlm"]["identical_to_hf_generate"] is True
     assert report["vlm"]["drafter_visual_tokens"][0] < report["vlm"]["visual_tokens"][0]
+    # the greedy answers `mmspec run` gave before the refactor of issue 31 (commit 661a687), same seeds
+    assert report["vlm"]["caption"] == MAIN_JOB_CAPTION
+    assert report["text"]["answer"] == MAIN_JOB_ANSWER and report["text"]["identical_to_hf_generate"] is True
     for name in ("vlm_input.png", "ar_0.png", "mulo_0.png", "acceptance_heatmap.png"):  # MuLo-SD by default
         assert (tmp_path / name).is_file()
     assert report["image"]["method"] == "mulo"
