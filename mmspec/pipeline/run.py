@@ -35,7 +35,7 @@ from ..verify.chain import default_rule
 from .plan import PipelineConfigError, StagePlan, plan_stages
 from .server import StageServer
 from .session import PipelineSession, stop_stages
-from .stage import build_stage_model, decoder_layers
+from .stage import build_stage_model, stage_layers
 from .transport import (DEFAULT_TIMEOUT_S, GlooTransport, InProcessGroup, PipelineStageError, Transport,
                         open_transport)
 
@@ -54,7 +54,7 @@ def init_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
 
 def _checked_plan(model: torch.nn.Module, world_size: int, plan: StagePlan | None) -> StagePlan:
     """``plan`` (default: layers split evenly over the world size), checked against the model and world size."""
-    num_layers = len(decoder_layers(model))
+    num_layers = len(stage_layers(model))
     plan = plan if plan is not None else plan_stages(num_layers, world_size)
     plan.check(num_layers, world_size)
     return plan

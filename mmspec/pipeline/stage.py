@@ -21,8 +21,9 @@ from ..truncate import keep_layers
 from .plan import PipelineConfigError, StagePlan
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family HF causal LM (``model.model.layers``)."""
+def stage_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-family HF causal LM (``model.model.layers``), the only kind the pipeline splits
+    (:func:`mmspec.truncate.decoder_layers` finds them in other shapes too)."""
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not hasattr(base, "norm") or not hasattr(model, "lm_head"):
@@ -33,7 +34,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place: bool = False) -> nn.Module:
     """Stage ``stage`` of ``plan`` cut from ``model`` (a copy unless ``in_place``; a stage process owns its model)."""
-    layers = decoder_layers(model)
+    layers = stage_layers(model)
     plan.check(len(layers))
     if not 0 <= stage < plan.num_stages:
         raise PipelineConfigError(f"stage {stage} is not one of the plan's {plan.num_stages} stages")
@@ -48,7 +49,7 @@ def build_stage_model(model: nn.Module, plan: StagePlan, stage: int, *, in_place
 
 def layer_range(model: nn.Module) -> tuple[int, int]:
     """The global decoder layers [a, b) a stage model holds (a whole model: all of them)."""
-    return getattr(model, "mmspec_layer_range", None) or (0, len(decoder_layers(model)))
+    return getattr(model, "mmspec_layer_range", None) or (0, len(stage_layers(model)))
 
 
 def owned_features(features: list[int], layers: tuple[int, int]) -> tuple[int, list[int]]:
