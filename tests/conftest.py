@@ -40,3 +40,18 @@ def real_model_threads():
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+# The longest tests (seconds measured in `.ci/run` on 2 AVX2 cores), started first. A long test that xdist
+# hands out last keeps one worker busy while the others idle (in `.ci/run` the extended tier ended with these
+# three running alone). Each is one statistical test that cannot be split without losing power.
+LONGEST_FIRST = {
+    "tests/test_vlm_feature_head.py::test_the_sampling_test_catches_a_wrong_draft_distribution": 470,
+    "tests/test_vlm_feature_head.py::test_sampling_with_the_pruned_head_follows_the_target": 435,
+    "tests/test_smollm2.py::test_sampling_with_the_head_matches_hf_sampling_in_distribution": 359,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the longest tests first (a stable sort: every other test keeps pytest's order)."""
+    items.sort(key=lambda item: -LONGEST_FIRST.get(item.nodeid, 0))
