@@ -119,21 +119,41 @@ def load_causal_lm(path: str | os.PathLike = SMOLLM2, *, dtype: Any = None, attn
     return model.eval(), tokenizer
 
 
+#: how a conversation reads as plain text for a tokenizer without a chat template
+PLAIN_ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def plain_chat_text(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """``messages`` (OpenAI's ``role``/``content``) as ``User: ...`` / ``Assistant: ...`` paragraphs, ending with
+    an open ``Assistant:`` turn when ``add_generation_prompt``."""
+    text = "".join(f"{PLAIN_ROLE_NAMES[m['role']]}: {m['content']}\n\n" for m in messages)
+    return text + "Assistant:" if add_generation_prompt else text
+
+
 def chat_inputs(tokenizer: Any, prompts: list[str], *, system: str | None = None, device: Any = None) -> dict:
     """Left-padded ``input_ids``/``attention_mask`` of chat prompts (one user turn each) with the
-    tokenizer's chat template and the assistant turn opened."""
+    tokenizer's chat template and the assistant turn opened; for a base model whose tokenizer has no template,
+    the plain text ``User: ...`` / ``Assistant:`` that :mod:`mmspec.distill.conversations` trains its drafters on."""
     if isinstance(prompts, str):
         prompts = [prompts]
     texts = []
     for p in prompts:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    side = tokenizer.padding_side
+        if getattr(tokenizer, "chat_template", None):
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        else:
+            texts.append(plain_chat_text(messages, add_generation_prompt=True))
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if pad is None:  # a base model's tokenizer: pad with EOS for this call only
+        tokenizer.pad_token = tokenizer.eos_token
     try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=not getattr(tokenizer, "chat_template", None))
     finally:
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
     out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
     if device is not None:
         out = {k: v.to(device) for k, v in out.items()}

@@ -10,7 +10,10 @@ import torch
 
 from mmspec import engine
 from mmspec.cli import EXIT_BAD_INPUT, EXIT_OK, EXIT_OUTPUT, main
-from mmspec.distill import load_drafter
+from mmspec import distill
+from mmspec.distill import load_drafter, self_distillation_prompts
+from mmspec.distill.conversations import iter_sharegpt
+from mmspec.distill.data import prompt_bank
 from mmspec.drafters.blockwise import BlockwiseDrafter
 from mmspec.drafters.feature import FeatureDrafter
 from mmspec.drafters.lattice_rescoring import NGramRescorer
@@ -38,10 +41,13 @@ def _check_decodes_like_hf(target, tokenizer, drafter):
 
 
 @pytest.mark.parametrize("kind", ["head", "model", "heads"])
-def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir, tmp_path, kind):
+def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir, tmp_path, kind, monkeypatch):
+    # the target's own answers to short stdlib-docstring prompts: ShareGPT's (the default) are too long for the
+    # tiny tokenizer to answer 48 of them in the test's 15 s (they have a test of their own below)
+    monkeypatch.setattr(distill, "self_distillation_prompts", prompt_bank)
     out = tmp_path / kind
-    code = main(["train-drafter", "--target", str(tiny_target_dir), "--kind", kind, "--minutes", "0.25",
-                 "--out", str(out), "--num-prompts", "48", "--max-new-tokens", "24", "--draft-vocab", "200"])
+    code = main(["train-drafter", "--target", str(tiny_target_dir), "--kind", kind, "--minutes", "0.25", "--data",
+                 "self", "--out", str(out), "--num-prompts", "48", "--max-new-tokens", "24", "--draft-vocab", "200"])
     assert code == EXIT_OK
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["kind"] == kind and summary["steps"] > 0
@@ -68,8 +74,57 @@ def test_train_drafter_cli_gives_a_drafter_that_decodes_like_hf(tiny_target_dir,
         assert torch.equal(hf, ref)
 
 
+def test_self_distillation_prompts_are_sharegpt_training_prompts():
+    prompts = self_distillation_prompts(64, seed=3)
+    assert len(prompts) == 64 == len(set(prompts)) and prompts == self_distillation_prompts(64, seed=3)
+    train_first_turns = {turns[0].text[:2000] for _, turns in iter_sharegpt("train") if turns[0].role == "user"}
+    assert set(prompts) <= train_first_turns
+
+
+@pytest.mark.parametrize("kind", ["head", "model", "heads"])
+def test_train_drafter_on_your_own_conversations_for_a_base_model_without_a_chat_template(tiny_target_dir, tmp_path,
+                                                                                           kind):
+    """A base model (no chat template) trains on a JSONL of conversations rendered as plain text; the features are
+    bfloat16 shards; the drafter decodes like HF."""
+    base = tmp_path / "base"
+    target, tokenizer = load_causal_lm(tiny_target_dir)
+    target.save_pretrained(base)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "mine.jsonl"
+    with open(data, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"Serialize object {i} to a JSON formatted str."},
+                {"role": "assistant", "content": f"Use json.dumps on object {i}; it returns a str. " * (1 + i % 3)},
+                {"role": "user", "content": "And decode it?"},
+                {"role": "assistant", "content": "Use json.loads to decode a JSON document."}]}) + "\n")
+    out = tmp_path / kind
+    code = main(["train-drafter", "--target", str(base), "--kind", kind, "--minutes", "0.25", "--data", str(data),
+                 "--out", str(out), "--draft-vocab", "200", "--max-len", "128"])
+    assert code == EXIT_OK
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["data"] == str(data) and summary["data_examples"] == 40 and summary["steps"] > 0
+    assert summary["data_stopped"] == "the source ended"
+    target, tokenizer = load_causal_lm(base)
+    assert not getattr(tokenizer, "chat_template", None)
+    _check_decodes_like_hf(target, tokenizer, load_drafter(out, target))
+
+
+def test_train_drafter_names_a_bad_data_file_before_loading_the_model(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n{oops\n')
+    assert main(["train-drafter", "--target", "/nonexistent/model", "--data", str(bad),
+                 "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
+    assert main(["train-drafter", "--data", "wikipedia", "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
+    assert "--data must be sharegpt, self or an existing .jsonl file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, code, match", [
     (["--minutes", "0"], EXIT_BAD_INPUT, "minutes"),
+    (["--max-tokens", "0"], EXIT_BAD_INPUT, "max_tokens"),
+    (["--cache-gb", "nan"], EXIT_BAD_INPUT, "cache_gb"),
     (["--minutes", "nan"], EXIT_BAD_INPUT, "minutes"),
     (["--target", "/nonexistent/model"], EXIT_BAD_INPUT, "cannot load the target"),
 ])

@@ -9,8 +9,8 @@ Glossary:
                   templates), deterministic for a seed; held-out benchmark prompts are written
                   elsewhere (``benchmarks``) and never come from here
     example       one conversation: ``tokens`` long [L] (chat prompt + the target's answer),
-                  ``loss_mask`` bool [L] (True on answer positions), ``features`` half [L, 3, d]
-                  (the target's hidden states at the head's three layers), ``final`` half [L, d]
+                  ``loss_mask`` bool [L] (True on answer positions), ``features`` bfloat16 [L, 3, d]
+                  (the target's hidden states at the head's three layers), ``final`` bfloat16 [L, d]
                   (the target's last, normed hidden state: the teacher's logits are
                   ``final @ lm_head.T``, restricted to the draft vocabulary at training time)
     shard         ``shard_XXXXX.pt``: a list of examples; a run writes shards one batch at a time
@@ -94,13 +94,15 @@ def prompt_bank(num: int, seed: int = 0) -> list[str]:
 
 
 @torch.no_grad()
-def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...]):
-    """One teacher-forced forward: (features half [B, L, 3, d], final half [B, L, d])."""
+def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],
+                    dtype: torch.dtype = torch.bfloat16):
+    """One teacher-forced forward: (features [B, L, 3, d], final [B, L, d]) stored in ``dtype`` (bfloat16: half the
+    bytes of float32 with its range, where float16 turns a residual stream of 65,000 into inf)."""
     pos = (mask.cumsum(1) - 1).clamp_min(0)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     out = model(input_ids=tokens, attention_mask=mask, position_ids=pos, output_hidden_states=True, **kwargs)
     hs = out.hidden_states
-    return torch.stack([hs[i] for i in layers], dim=2).half(), hs[-1].half()
+    return torch.stack([hs[i] for i in layers], dim=2).to(dtype), hs[-1].to(dtype)
 
 
 @torch.no_grad()
@@ -135,12 +137,13 @@ def generate_examples(model: Any, tokenizer: Any, prompts: list[str], *, max_new
 
 def build_dataset(model: Any, tokenizer: Any, out_dir: str | Path, *, num_prompts: int = 512, batch_size: int = 16,
                   max_new_tokens: int = 160, seed: int = 0, minutes: float = float("inf"),
-                  progress: bool = True) -> Path:
+                  progress: bool = True, prompts: list[str] | None = None) -> Path:
     """Write shards of self-distillation examples to ``out_dir`` (resumable; every other batch sampled
-    at temperature 0.7 for variety, the rest greedy); stops after ``minutes`` with what it has."""
+    at temperature 0.7 for variety, the rest greedy); stops after ``minutes`` with what it has. ``prompts``:
+    the prompts to answer (default: ``num_prompts`` of :func:`prompt_bank`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = prompt_bank(num_prompts, seed)
+    prompts = prompt_bank(num_prompts, seed) if prompts is None else prompts
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     t0 = time.time()
     bar = tqdm(total=len(batches), desc="self-distillation", unit="batch", disable=not progress)
@@ -236,6 +239,15 @@ def split_heldout(examples: list[dict], holdout: int, seed: int, what: str) -> t
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in order[:holdout]], [examples[i] for i in order[holdout:]]
+
+
+def split_off_heldout(examples: list[dict], heldout_examples: list[dict] | None, holdout: int, seed: int,
+                      what: str) -> tuple[list[dict], list[dict]]:
+    """(held-out, training): ``heldout_examples`` when given (another split: every usable example of ``examples``
+    trains), else :func:`split_heldout`."""
+    if heldout_examples is not None:
+        return list(heldout_examples), usable_examples(examples, 0, what)
+    return split_heldout(examples, holdout, seed, what)
 
 
 def iter_token_counts(examples: list[dict]) -> Iterator[torch.Tensor]:

@@ -108,9 +108,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict | None:
 def _non_finite(where: str, what: str, value: float) -> NonFiniteError:
     return NonFiniteError(
         f"{where}: the {what} is {value} (NaN/inf); stopped before the optimiser step, the checkpoint on disk is "
-        "the last good one. It usually comes from features overflowing float16 (the self-distillation shards "
-        "store the target's hidden states in float16: inf there gives NaN here; keep such features in float32 or "
-        "bfloat16), activations overflowing under half-precision autocast, or a learning rate too high for the "
+        "the last good one. It usually comes from features overflowing float16 (a residual stream above 65,504 "
+        "becomes inf there and NaN here: keep the target's hidden states in bfloat16 or float32, as mmspec's own "
+        "shards do), activations overflowing under half-precision autocast, or a learning rate too high for the "
         "batch")
 
 

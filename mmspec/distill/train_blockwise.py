@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from ..drafters.lattice_rescoring import SEPARATOR, NGramModel
 from ..heads.blockwise import BlockwiseConfig, BlockwiseHeads
-from .data import split_heldout
+from .data import split_off_heldout
 from .loop import LoopConfig, read_checkpoint, step_seed, train_loop
 from .train_head import draft_vocabulary
 
@@ -53,7 +53,8 @@ class BlockwiseTraining:
 
 
 class FlatData(NamedTuple):
-    final: torch.Tensor  # float16 [T, d]: every example's final hidden states, concatenated
+    final: torch.Tensor  # float16 or bfloat16 [T, d]: every example's final hidden states, concatenated (in the
+    # examples' own 16-bit type: float16 data stays float16, anything else is kept as bfloat16, which cannot overflow)
     answer: torch.Tensor  # bool [T]: answer tokens
     last: torch.Tensor  # long [T]: index of the last position of the example holding t
     teacher_ids: torch.Tensor  # long [T, m]: draft-vocab indices of the teacher's top m at t (next token t + 1)
@@ -65,9 +66,10 @@ def flatten_examples(examples: list[dict], lm_weight: torch.Tensor, teacher_top:
     """Concatenate ``examples`` and compute the sparse teacher at every position (see the glossary)."""
     finals, answers, lasts = [], [], []
     start = 0
+    store = torch.float16 if all(ex["final"].dtype == torch.float16 for ex in examples) else torch.bfloat16
     for ex in examples:
         n = ex["tokens"].shape[0]
-        finals.append(ex["final"][:n].half())
+        finals.append(ex["final"][:n].to(store))
         answers.append(ex["loss_mask"][:n].bool())
         lasts.append(torch.full((n,), start + n - 1, dtype=torch.long))
         start += n
@@ -113,12 +115,14 @@ def blockwise_loss(heads: BlockwiseHeads, data: FlatData, starts: torch.Tensor) 
 
 def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path, *,
                           config: BlockwiseTraining = BlockwiseTraining(), minutes: float = float("inf"),
-                          tokenizer: Any = None, progress: bool = True, holdout: int = 16) -> dict:
+                          tokenizer: Any = None, progress: bool = True, holdout: int = 16,
+                          heldout_examples: list[dict] | None = None) -> dict:
     """Train (or continue training) blockwise heads for ``target`` on ``examples`` (dicts with ``tokens``,
-    ``loss_mask`` and ``final``, as :mod:`mmspec.distill.data` writes them); returns a summary dict."""
+    ``loss_mask`` and ``final``, as :mod:`mmspec.distill.data` writes them); returns a summary dict.
+    ``heldout_examples``: the held-out set, given (e.g. another split); otherwise ``holdout`` drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    held, train = split_heldout(examples, holdout, config.seed, "train heads")
+    held, train = split_off_heldout(examples, heldout_examples, holdout, config.seed, "train heads")
     state_path = out / "train_state.pt"
     state = read_checkpoint(state_path)
     if state is not None:  # the loop loads the weights; the architecture and draft vocabulary come from here

@@ -28,7 +28,7 @@ import torch
 from ..heads.eagle3 import Eagle3Config, Eagle3Head, feature_layers
 from ..heads.frspec import count_tokens, coverage, rank_vocabulary
 from ..heads.ttt import make_batch, ttt_loss
-from .data import split_heldout, usable_examples
+from .data import split_off_heldout
 from .loop import LoopConfig, read_checkpoint, step_seed, train_loop
 
 
@@ -39,6 +39,9 @@ class HeadTraining:
     step_decay: float = 0.8
     batch_size: int = 8
     max_len: int = 256
+    #: train on a random ``max_len`` window of each example (at its own positions) instead of its first tokens:
+    #: conversations are longer than a training row
+    windows: bool = False
     seed: int = 0
     loop: LoopConfig = LoopConfig(steps=2000, lr=5e-4, warmup=20, schedule="cosine", betas=(0.9, 0.95),
                                   weight_decay=0.0, clip_norm=1.0, save_every=25)
@@ -66,10 +69,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if heldout_examples is not None:  # ``holdout`` does not apply: any usable example trains
-        held, train = list(heldout_examples), usable_examples(examples, 0, "train a head")
-    else:
-        held, train = split_heldout(examples, holdout, config.seed, "train a head")
+    held, train = split_off_heldout(examples, heldout_examples, holdout, config.seed, "train a head")
     state_path = out / "train_state.pt"
     state = read_checkpoint(state_path)
     if state is not None:  # the loop loads the weights; the architecture and draft vocabulary come from here
@@ -88,19 +88,42 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     def loss_fn(step: int):
         g = random.Random(step_seed(config.seed, step))
         idx = [g.randrange(len(train)) for _ in range(config.batch_size)]
-        loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len), config.ttt_steps, config.step_decay)
+        offsets = ([g.randrange(max(1, train[i]["tokens"].shape[0] - config.max_len + 1)) for i in idx]
+                   if config.windows else None)
+        loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len, offsets), config.ttt_steps,
+                             config.step_decay)
         return loss, {"acc": acc}
 
     res = train_loop("train head (TTT)", head, loss_fn, config.loop, state_path, minutes=minutes, progress=progress,
                      extra={"config": asdict(head.config), "coverage": cov}, state=state)
-    with torch.no_grad():
-        _, held_acc = ttt_loss(head, make_batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
-                               config.step_decay)
+    held_acc = heldout_accuracy(head, held, config)
     summary = {"steps": res.steps_done, "finished": res.finished, "draft_vocab_size": int(head.d2t.numel()),
                "draft_vocab_coverage": round(cov, 4), "heldout_top1_per_step": [round(a, 4) for a in held_acc],
                "train_loss_ema": res.final_loss, "examples": len(train), "heldout_examples": len(held)}
     head.save(out, extra={"training": summary})
     return summary
+
+
+@torch.no_grad()
+def heldout_accuracy(head: Eagle3Head, held: list[dict], config: HeadTraining) -> list[float]:
+    """Top-1 agreement with the teacher per TTT step on ``held``: with ``config.windows`` every example whole, in
+    consecutive ``max_len`` windows, batches of ``batch_size`` rows weighted by their answer tokens; otherwise
+    the first ``max_len`` tokens of each, in one batch."""
+    rows = [(i, o) for i, ex in enumerate(held)
+            for o in (range(0, ex["tokens"].shape[0], config.max_len) if config.windows else (0,))]
+    rows = [(i, o) for i, o in rows if bool(held[i]["loss_mask"][o + 1:o + config.max_len].any())] or rows
+    if not config.windows:  # one batch, as before windows existed (the recorded summaries stay comparable)
+        return ttt_loss(head, make_batch(held, list(range(len(held))), config.max_len), config.ttt_steps,
+                        config.step_decay)[1]
+    total, acc = 0.0, None
+    for s in range(0, len(rows), config.batch_size):
+        part = rows[s:s + config.batch_size]
+        batch = make_batch(held, [i for i, _ in part], config.max_len, [o for _, o in part])
+        _, a = ttt_loss(head, batch, config.ttt_steps, config.step_decay)
+        w = float(batch.loss_mask.sum())
+        acc = [x * w for x in a] if acc is None else [y + x * w for x, y in zip(a, acc)]
+        total += w
+    return [x / max(total, 1.0) for x in acc]
 
 
 def _feature_layers(target: Any) -> tuple[int, int, int]:

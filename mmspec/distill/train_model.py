@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..heads.ttt import make_batch
 from ..truncate import truncated_copy
-from .data import split_heldout
+from .data import split_off_heldout
 from .loop import LoopConfig, Weights, step_seed, train_loop
 
 #: the distilled drafter LM's loop (its own schedule: the warm-up ramp times a linear decay over the run)
@@ -104,11 +104,13 @@ def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: to
 
 def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, *, num_layers: int = 2,
                         minutes: float = float("inf"), loop: LoopConfig = MODEL_LOOP, batch_size: int = 4,
-                        max_len: int = 256, seed: int = 0, progress: bool = True, holdout: int = 16) -> dict:
-    """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary."""
+                        max_len: int = 256, seed: int = 0, progress: bool = True, holdout: int = 16,
+                        heldout_examples: list[dict] | None = None) -> dict:
+    """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary.
+    ``heldout_examples``: the held-out set, given (e.g. another split); otherwise ``holdout`` drawn from ``examples``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    held, train = split_heldout(examples, holdout, seed, "distil a drafter")
+    held, train = split_off_heldout(examples, heldout_examples, holdout, seed, "distil a drafter")
     student = cut_model(target, num_layers)
     shared = _shared_names(student)
     for n, p in student.named_parameters(remove_duplicate=False):

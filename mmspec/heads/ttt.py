@@ -35,8 +35,15 @@ class HeadBatch(NamedTuple):
     positions: torch.Tensor  # long [B, L]: each row's position (the example's own, or the count of valid rows)
 
 
-def make_batch(examples: list[dict], idx: list[int], max_len: int) -> HeadBatch:
+def make_batch(examples: list[dict], idx: list[int], max_len: int, offsets: list[int] | None = None) -> HeadBatch:
+    """Examples ``idx`` padded into one batch of at most ``max_len`` positions; ``offsets``: where each row's
+    window starts in its example (0: the first ``max_len`` tokens), its positions kept as in the example."""
     rows = [examples[i] for i in idx]
+    if offsets is not None:  # windows of long examples (conversations), at their own positions
+        rows = [{**{k: r[k][o:o + max_len] for k in ("tokens", "loss_mask", "features", "final")},
+                 "positions": (r["positions"][o:o + max_len] if "positions" in r
+                               else torch.arange(o, o + min(max_len, r["tokens"].shape[0] - o)))}
+                for r, o in zip(rows, offsets)]
     L = min(max_len, max(r["tokens"].shape[0] for r in rows))
     b = len(rows)
     d3 = rows[0]["features"].shape[1] * rows[0]["features"].shape[2]
