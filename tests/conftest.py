@@ -43,12 +43,12 @@ def gen():
 
 
 # The longest tests (seconds measured in `.ci/run` on 2 AVX2 cores), started first. A long test that xdist
-# hands out last keeps one worker busy while the others idle (in `.ci/run` the extended tier ended with these
-# three running alone). Each is one statistical test that cannot be split without losing power.
+# hands out last keeps one worker busy while the others idle (in one `.ci/run` the extended tier ended with
+# these three running alone). Each is one statistical test that cannot be split without losing power.
 LONGEST_FIRST = {
-    "tests/test_vlm_feature_head.py::test_the_sampling_test_catches_a_wrong_draft_distribution": 470,
-    "tests/test_vlm_feature_head.py::test_sampling_with_the_pruned_head_follows_the_target": 435,
-    "tests/test_smollm2.py::test_sampling_with_the_head_matches_hf_sampling_in_distribution": 359,
+    "tests/test_smollm2.py::test_sampling_with_the_head_matches_hf_sampling_in_distribution": 357,
+    "tests/test_vlm_feature_head.py::test_the_sampling_test_catches_a_wrong_draft_distribution": 219,
+    "tests/test_vlm_feature_head.py::test_sampling_with_the_pruned_head_follows_the_target": 217,
 }
 
 

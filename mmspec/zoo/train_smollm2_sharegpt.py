@@ -1,0 +1,100 @@
+"""SmolLM2-135M-Instruct's drafters trained on real conversations (ShareGPT), and their data-scaling curve.
+
+Paper: Li et al., EAGLE (arXiv 2401.15077: ShareGPT, fixed answers vs the target's own) and EAGLE-3 (arXiv
+2503.01840: acceptance keeps growing with data; training-time test).
+
+Glossary:
+    cache       ``--cache`` (default ``~/.cache/mmspec/sharegpt/smollm2``): ``train/`` and ``dev/`` feature shards
+                (:mod:`mmspec.distill.feature_shards`: SmolLM2's hidden states along ShareGPT conversations cut at
+                1,024 tokens, bfloat16, about 4.6 kB a token); stage ``features`` fills it, resumably, in runs of
+                at most ``--minutes``, up to ``--tokens`` (10.5 M by default, about 48 GB)
+    size        ``--tokens`` for stage ``head``: the head trains on the first shards holding that many tokens (a
+                prefix of the training split; the data-scaling curve trains one head per size)
+    held out    the dev split's first 64 conversations (``dev/``): top-1 per TTT step after every run
+    run dir     ``--out``: the loop's checkpoint while training (re-running continues), then the head
+                (``head.safetensors`` + ``head_config.json``, ``training_summary.json``)
+
+Usage::
+
+    python -m mmspec.zoo.train_smollm2_sharegpt features --minutes 55          # repeat until 10.5 M tokens
+    python -m mmspec.zoo.train_smollm2_sharegpt head --tokens 2.5e6 --steps 900 --minutes 55 --out runs/head_2.5M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mmspec.distill.feature_shards import ShardedExamples, build_conversation_features
+from mmspec.distill.train_head import HeadTraining, train_head
+from mmspec.pretrained import cache_root, load_causal_lm
+
+MAX_LEN = 1024  # conversation tokens kept (12.7 M tokens in the training split at this cut)
+DEV_CONVERSATIONS = 64
+HEAD = HeadTraining(draft_vocab_size=4096, ttt_steps=3, step_decay=0.8, batch_size=8, max_len=512, windows=True,
+                    loop=replace(HeadTraining.loop, steps=900, lr=1e-3, warmup=30, save_every=20))
+
+
+def default_cache() -> Path:
+    return cache_root() / "sharegpt" / "smollm2"
+
+
+def features(cache: Path, tokens: float, minutes: float, cache_gb: float) -> dict:
+    model, tok = load_causal_lm()
+    build_conversation_features(model, tok, "sharegpt", cache / "dev", split="dev", max_len=MAX_LEN,
+                                window=DEV_CONVERSATIONS, max_tokens=1, cache_gb=cache_gb)
+    return build_conversation_features(model, tok, "sharegpt", cache / "train", split="train", max_len=MAX_LEN,
+                                       max_tokens=tokens, minutes=minutes, cache_gb=cache_gb)
+
+
+def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draft_vocab: int) -> dict:
+    model, tok = load_causal_lm()
+    examples = ShardedExamples(cache / "train", max_tokens=tokens)
+    if examples.tokens < min(tokens, 1e5):
+        raise SystemExit(f"the cache holds {examples.tokens:,} tokens, fewer than --tokens {tokens:,.0f}: run stage "
+                         "features first")
+    held = list(ShardedExamples(cache / "dev"))
+    config = replace(HEAD, draft_vocab_size=draft_vocab, loop=replace(HEAD.loop, steps=steps))
+    t0 = time.time()
+    summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, heldout_examples=held)
+    summary = {"data": "sharegpt", "data_tokens": examples.tokens, "data_answer_tokens": examples.answer_tokens,
+               "data_examples": len(examples), "minutes": round((time.time() - t0) / 60, 2), **summary,
+               "tokens_per_step": config.batch_size * config.max_len}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmspec.zoo.train_smollm2_sharegpt", description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["features", "head"])
+    p.add_argument("--cache", type=Path, default=None, help="feature cache (default ~/.cache/mmspec/sharegpt/smollm2)")
+    p.add_argument("--tokens", type=float, default=None,
+                   help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
+    p.add_argument("--minutes", type=float, default=55.0)
+    p.add_argument("--cache-gb", type=float, default=50.0)
+    p.add_argument("--steps", type=int, default=HEAD.loop.steps, help="head: steps of the schedule")
+    p.add_argument("--draft-vocab", type=int, default=HEAD.draft_vocab_size)
+    p.add_argument("--out", type=Path, default=None, help="head: run directory")
+    a = p.parse_args(argv)
+    cache = a.cache or default_cache()
+    if a.stage == "features":
+        index = features(cache, a.tokens or 10.5e6, a.minutes, a.cache_gb)
+        done = sum(s["tokens"] for s in index["shards"])
+        print(f"{done:,} tokens in {len(index['shards'])} shards ({index['stopped']}); "
+              f"{index.get('tokens_per_s')} tokens/s")
+    else:
+        if a.out is None:
+            p.error("stage head needs --out")
+        summary = head(cache, a.out, a.tokens or math.inf, a.steps, a.minutes, a.draft_vocab)
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
