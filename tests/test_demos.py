@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from mmspec import zoo
+from net_helpers import free_port
 
 gradio = pytest.importorskip("gradio")
 HAVE_ZOO = (zoo.WEIGHTS_DIR / zoo.CHECKSUM_FILE).is_file()
@@ -26,16 +26,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(demo):
     from demos.common import launch
 
-    port = _free_port()
+    port = free_port()
     launch(demo, "127.0.0.1", port, block=False)
     return f"http://127.0.0.1:{port}/"
 

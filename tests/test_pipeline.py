@@ -10,7 +10,6 @@ Over real gloo groups on loopback started with torchrun (a few launches, ~9 s ea
 2 stages with a tree drafter, a dead stage ends every process with an error, a bad launch gets a named error."""
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -29,21 +28,16 @@ from mmspec.pipeline import (InProcessGroup, InProcessPipeline, PipelineConfigEr
 from mmspec.pipeline import protocol as p
 from mmspec.truncate import truncated_copy
 from mmspec.pipeline.transport import Channel
+from net_helpers import free_port
 
 PROMPT = [5, 17, 33, 9, 41, 12]
 VOCAB = 96
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, *args: str, tmp_path, timeout: float = 180.0):
     out = tmp_path / "result.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "mmspec", "pipeline", "--example", "--out", str(out), *args]
+           "--master-port", str(free_port()), "-m", "mmspec", "pipeline", "--example", "--out", str(out), *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.read_text()) if out.exists() else None

@@ -19,7 +19,6 @@ import json
 import os
 import runpy
 import site
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from net_helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.extended
@@ -78,12 +78,6 @@ def venv(wheel, tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
                     str(wheel)], check=True)
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_in(venv: Path, args: list[str], tmp_path: Path, timeout: float = 900) -> subprocess.CompletedProcess:

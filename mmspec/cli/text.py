@@ -23,23 +23,9 @@ import mmspec
 from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm
 from mmspec.truncate import truncated_copy
 
-from .common import (
-    CHAT_PROMPT,
-    EXIT_BAD_INPUT,
-    EXIT_NOT_IDENTICAL,
-    EXIT_OK,
-    CLIError,
-    add_sampling_flags,
-    add_subcommand,
-    check_model_path,
-    check_prompt,
-    check_sampling,
-    hf_causal_lm,
-    hf_tokenizer,
-    load,
-    one_line,
-    toy_llama,
-)
+from .common import (CHAT_PROMPT, EXIT_BAD_INPUT, EXIT_NOT_IDENTICAL, EXIT_OK, CLIError, add_sampling_flags,
+                     add_subcommand, check_model_path, check_prompt, check_sampling, hf_causal_lm, hf_tokenizer, load,
+                     one_line, toy_llama)
 
 EXAMPLE_PROMPT = "speculative decoding drafts, the target verifies; speculative decoding drafts, the target verifies"
 
