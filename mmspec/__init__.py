@@ -7,7 +7,7 @@ batched; the same loop serves :mod:`mmspec.vision` and :mod:`mmspec.image_gen`.
 
 from .config import SamplingParams
 from .drafters import (BlockwiseDrafter, ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
-                       Lattice, ModelDrafter, NGramRescorer, NeuralRescorer, PromptLookupDrafter, StaticTree, TreeDrafter,
+                       HybridDrafter, Lattice, ModelDrafter, NGramRescorer, NeuralRescorer, PromptLookupDrafter, StaticTree, TreeDrafter,
                        check_same_tokenizer)
 from .engine import GenerationOutput, StepEvent, generate, generate_stream
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError, InvalidLengthError,
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockwiseDrafter", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
     "ExactRule", "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "Guidance",
-    "HeuristicDraftLength", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
+    "HeuristicDraftLength", "HybridDrafter", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
     "MMSpecError", "MethodParameterError", "ModelDrafter", "NonFiniteError", "PromptLookupDrafter", "RowRandom",
     "SamplingParams", "ShapeError", "StaticTree", "StepEvent", "TokenIdError", "TreeDrafter",
     "TreeVerifyResult", "VerifyResult", "VocabularyMismatchError", "check_same_tokenizer", "generate",

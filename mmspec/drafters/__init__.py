@@ -6,6 +6,7 @@ from .base import Draft, Drafter, StepOutcome
 from .blockwise import BlockwiseDrafter, Lattice
 from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
+from .hybrid import HybridDrafter
 from .lattice_rescoring import NeuralRescorer, NGramModel, NGramRescorer, Rescorer
 from .model import ModelDrafter, TreeDrafter, check_same_tokenizer
 from .prompt_lookup import PromptLookupDrafter
@@ -14,7 +15,7 @@ from .tree import DynamicTree, StaticTree
 
 __all__ = [
     "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
-    "HeuristicDraftLength", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
+    "HeuristicDraftLength", "HybridDrafter", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
     "TTSConfig", "TTSConfigError", "TTSDrafter", "BlockwiseDrafter", "Lattice", "NGramModel", "NGramRescorer",
     "NeuralRescorer", "Rescorer",
 ]

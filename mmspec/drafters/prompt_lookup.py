@@ -6,7 +6,8 @@ Reference: Saxena, "Prompt Lookup Decoding" (2023), as shipped in HF transformer
 
 Glossary:
     context   a row's valid prompt tokens followed by every token it has committed
-    n-gram    the last n tokens of the context, searched for earlier in the context
+    n-gram    the last n tokens of the context (``min_ngram_size`` <= n <= ``max_ngram_size``), searched for
+              earlier in the context
     draft     up to k tokens that followed the match, cut before the first stop token (EOS): a drafted
               EOS, if accepted, ends the row exactly where the target itself would emit it as the
               step's own token, so drafting it only widens the verification forward (HF cuts the same
@@ -25,10 +26,11 @@ from .adaptive import DraftLengthPolicy, as_policy
 from .base import Draft, Drafter, StepOutcome
 
 
-def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int) -> list[int]:
-    """Continuation of the earliest earlier match of the context's last n-gram (n descending)."""
+def find_candidate(context: list[int], max_ngram_size: int, num_tokens: int, min_ngram_size: int = 1) -> list[int]:
+    """Continuation of the earliest earlier match of the context's last n-gram (n from ``max_ngram_size`` down to
+    ``min_ngram_size``)."""
     length = len(context)
-    for n in range(min(max_ngram_size, length - 1), 0, -1):
+    for n in range(min(max_ngram_size, length - 1), min_ngram_size - 1, -1):
         tail = context[length - n:]
         for start in range(0, length - n):
             if context[start:start + n] == tail:
@@ -46,10 +48,13 @@ class PromptLookupDrafter(Drafter):
     needs_no_prefill = True
 
     def __init__(self, max_ngram_size: int = 2, draft_length: int | DraftLengthPolicy | None = None,
-                 stop_tokens: Iterable[int] | None = None):
+                 stop_tokens: Iterable[int] | None = None, min_ngram_size: int = 1):
         if not isinstance(max_ngram_size, int) or max_ngram_size < 1:
             raise InvalidDraftLengthError(f"max_ngram_size must be an int >= 1, got {max_ngram_size!r}")
+        if not isinstance(min_ngram_size, int) or not 1 <= min_ngram_size <= max_ngram_size:
+            raise InvalidDraftLengthError(f"min_ngram_size must be an int in [1, max_ngram_size], got {min_ngram_size!r}")
         self.max_ngram_size = max_ngram_size
+        self.min_ngram_size = min_ngram_size
         self.policy: DraftLengthPolicy | None = None if draft_length is None else as_policy(draft_length)
         self._own_policy = draft_length is not None
         self.stop_tokens: frozenset[int] = frozenset() if stop_tokens is None else frozenset(int(t) for t in stop_tokens)
@@ -86,7 +91,8 @@ class PromptLookupDrafter(Drafter):
         batch = len(self.contexts)
         caps = max_tokens.tolist() if isinstance(max_tokens, torch.Tensor) else [max_tokens] * batch
         k = min(self.policy.current(), max(caps, default=0))
-        found = [self._cut(find_candidate(c, self.max_ngram_size, min(k, cap))) if k > 0 and cap > 0 else []
+        found = [self._cut(find_candidate(c, self.max_ngram_size, min(k, cap), self.min_ngram_size))
+                 if k > 0 and cap > 0 else []
                  for c, cap in zip(self.contexts, caps)]
         width = max((len(f) for f in found), default=0)
         tokens = torch.zeros((batch, width), dtype=torch.long)

@@ -163,6 +163,8 @@ def observe_tree(drafter: ModelDrafter, outcome: StepOutcome) -> None:
     nodes = outcome.result.accepted_nodes  # [B, D]
     n = outcome.result.num_accepted
     slot = drafter._tree_slot
+    if outcome.draft.k > slot.shape[1]:  # nodes grafted after the drafter's own (a hybrid draft) were never fed
+        slot = torch.cat([slot, slot.new_full((slot.shape[0], outcome.draft.k - slot.shape[1]), -1)], dim=1)
     slots = torch.where(nodes >= 0, slot.gather(1, nodes.clamp_min(0)), torch.full_like(nodes, -1))
     fed_prefix = (slots >= 0) & (torch.arange(nodes.shape[1], device=nodes.device) < n.unsqueeze(1))
     kept = fed_prefix.long().cumprod(dim=1).sum(dim=1) if nodes.shape[1] else torch.zeros_like(n)
