@@ -1,6 +1,7 @@
 """Hybrid drafts (a drafter's top-k tree plus prompt lookup's chain in one tree): the graft's exact table, greedy
-decoding token-identical to HF generate, exact sampling (chi-square, with a negative control that duplicates a
-sibling), and named errors."""
+decoding token-identical to HF generate, exact sampling (chi-square, with a negative control: a tree rule without
+residuals), and named errors. (A duplicated deterministic sibling would be harmless, the rule zeroes a rejected
+token, but wastes a verified position: the graft merges.)"""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mmspec.drafters.prompt_lookup import PromptLookupDrafter
 from mmspec.drafters.tree import DynamicTree, StaticTree
 from mmspec.errors import InvalidDraftLengthError
 from mmspec.truncate import truncated_copy
+from mmspec.verify.tree_rules import DeterministicTreeRule
 from stat_helpers import chisquare_pvalue, first_two_token_tables
 from test_feature_drafter import V, make_head
 from tiny_models import build
@@ -71,15 +73,22 @@ def test_greedy_hybrid_is_token_identical_to_hf_generate(kind, batch):
     assert drafter.grafted > 0
 
 
-class DuplicateSibling(HybridDrafter):
-    """Negative control: grafts a copy of the tree's first root child as a second root child (no merging), so
-    that token gets two chances to be accepted."""
+class NoResidualRule(DeterministicTreeRule):
+    """Wrong on purpose: judges every sibling against the target itself instead of the residual the rejected
+    siblings leave (and emits from it), the mistake a tree with more siblings (grafted chains) exposes."""
+
+    fused_mode = None  # the reference walk, not the fused kernel of the right rule
+
+    def reject(self, state, tokens, draft_probs):
+        return state._replace(tried=state.tried.scatter(-1, tokens.unsqueeze(-1), True))
+
+
+class WrongRuleHybrid(HybridDrafter):
+    """Negative control: hybrid drafts verified with :class:`NoResidualRule`."""
 
     def propose(self, max_tokens):
         d = super().propose(max_tokens)
-        tok = torch.cat([d.tokens, d.tokens[:, :1]], dim=1)
-        par = torch.cat([d.parents, torch.full_like(d.parents[:, :1], -1)], dim=1)
-        return Draft(tokens=tok, probs=None, num_draft=d.num_draft + 1, parents=par, tree_rule=d.tree_rule)
+        return Draft(tokens=d.tokens, probs=None, num_draft=d.num_draft, parents=d.parents, tree_rule=NoResidualRule())
 
 
 def _draw(target, cls, draws=20_000):
@@ -102,9 +111,9 @@ def test_sampling_with_hybrid_drafts_follows_the_target_first_and_first_two_toke
 
 
 @pytest.mark.extended  # negative control
-def test_the_sampling_test_catches_a_duplicated_sibling():
+def test_the_sampling_test_catches_a_rule_without_residuals():
     target = build("llama", layers=3, init=0.08)
-    first, pair, _ = _draw(target, DuplicateSibling)
+    first, pair, _ = _draw(target, WrongRuleHybrid)
     assert first < 1e-6 or pair < 1e-6
 
 
