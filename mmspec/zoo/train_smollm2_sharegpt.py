@@ -8,6 +8,10 @@ Glossary:
                 (:mod:`mmspec.distill.feature_shards`: SmolLM2's hidden states along ShareGPT conversations cut at
                 1,024 tokens, bfloat16, about 4.6 kB a token); stage ``features`` fills it, resumably, in runs of
                 at most ``--minutes``, up to ``--tokens`` (10.5 M by default, about 48 GB)
+    throughput  measured on the 2-core AVX2 development machine: SmolLM2's forward with hidden states runs at
+                about 220 tokens/s in float32 (8 x 512 or 4 x 1024 tokens a batch; a 4096 x 576 x 1536 matmul
+                reaches 56 GFLOP/s there), so a 40-minute run adds about 0.5 M tokens and 10 M tokens would take
+                12 hours; the planning figure of 820 tokens/s came from a faster CPU
     size        ``--tokens`` for stage ``head``: the head trains on the first shards holding that many tokens (a
                 prefix of the training split; the data-scaling curve trains one head per size)
     held out    the dev split's first 64 conversations (``dev/``): top-1 per TTT step after every run
