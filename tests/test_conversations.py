@@ -190,6 +190,26 @@ def test_feature_shards_are_bfloat16_resumable_and_equal_one_forward(tiny_chat, 
         build_conversation_features(model, tok, data, tmp_path / "f", window=4, max_len=32, progress=False)
 
 
+def test_a_resumed_feature_build_equals_one_run_and_renders_only_new_conversations(tiny_chat, tmp_path,
+                                                                                   monkeypatch):
+    import mmspec.distill.feature_shards as fs
+
+    model, tok = tiny_chat
+    data = _jsonl(tmp_path / "c.jsonl", 10)
+    whole = build_conversation_features(model, tok, data, tmp_path / "whole", window=4, max_len=96, progress=False)
+    first = build_conversation_features(model, tok, data, tmp_path / "part", window=4, max_len=96, max_tokens=1,
+                                        progress=False)
+    assert len(first["shards"]) == 1
+    rendered = []
+    real = fs.render
+    monkeypatch.setattr(fs, "render", lambda *a, **k: rendered.append(k["position"]) or real(*a, **k))
+    resumed = build_conversation_features(model, tok, data, tmp_path / "part", window=4, max_len=96, progress=False)
+    assert rendered == list(range(4, 10))  # the first shard's conversations are read, not rendered again
+    assert resumed["shards"] == whole["shards"] and resumed["cleaning"] == whole["cleaning"]
+    for a, b in zip(ShardedExamples(tmp_path / "part"), ShardedExamples(tmp_path / "whole")):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["final"], b["final"])
+
+
 def test_feature_shards_stop_at_the_budgets(tiny_chat, tmp_path):
     model, tok = tiny_chat
     data = _jsonl(tmp_path / "c.jsonl", 12)

@@ -118,7 +118,7 @@ def test_train_drafter_names_a_bad_data_file_before_loading_the_model(tmp_path, 
                  "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
     assert "bad.jsonl:2: not JSON" in capsys.readouterr().err
     assert main(["train-drafter", "--data", "wikipedia", "--out", str(tmp_path / "o")]) == EXIT_BAD_INPUT
-    assert "--data must be sharegpt, self or an existing .jsonl file" in capsys.readouterr().err
+    assert "(--data) must be sharegpt, self or an existing .jsonl file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, code, match", [

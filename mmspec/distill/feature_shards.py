@@ -49,9 +49,13 @@ def _model_name(model: Any) -> str:
 
 
 def _windows(source: str | Path, split: str, tokenizer: Any, max_len: int, window: int,
-             counts: CleaningCounts) -> Iterator[list[Rendered]]:
+             counts: CleaningCounts, skip_through: int = -1) -> Iterator[list[Rendered]]:
+    """Windows of ``window`` rendered conversations; those at positions up to ``skip_through`` (already in
+    shards) are read (their cleaning is counted) but not rendered."""
     batch: list[Rendered] = []
     for position, turns in conversations(source, split, counts=counts):
+        if position <= skip_through:
+            continue
         r = render(tokenizer, turns, max_len=max_len, position=position)
         if r.tokens.shape[0] < 4 or not bool(r.loss_mask[1:].any()):
             continue
@@ -123,17 +127,17 @@ def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, 
                                 "folder")
     layers = feature_layers(model.config.num_hidden_layers)
     counts = CleaningCounts()
-    done = {s["file"] for s in index["shards"]}
     t0, forward_s, forward_tokens = time.time(), 0.0, 0
     tokens = sum(s["tokens"] for s in index["shards"])
     used = sum(s["bytes"] for s in index["shards"])
     stopped = "the source ended"
     bar = tqdm(desc=f"target features ({source}, {split})", unit="tok", unit_scale=True, initial=tokens,
                total=None if math.isinf(max_tokens) else int(max_tokens), disable=not progress)
-    for w, rows in enumerate(_windows(source, split, tokenizer, max_len, window, counts)):
+    if [s["file"] for s in index["shards"]] != [f"conv_{w:05d}.pt" for w in range(len(index["shards"]))]:
+        raise FeatureCacheError(f"{index_path} does not list its shards in order: use another folder")
+    skip = _last_position(out, index["shards"][-1]) if index["shards"] else -1
+    for w, rows in enumerate(_windows(source, split, tokenizer, max_len, window, counts, skip), len(index["shards"])):
         name = f"conv_{w:05d}.pt"
-        if name in done:
-            continue
         if tokens >= max_tokens:
             stopped = f"max_tokens ({max_tokens:,.0f}) reached"
             break
@@ -157,15 +161,25 @@ def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, 
         tmp.rename(out / name)
         tokens, used = tokens + n, used + size
         index["shards"].append({"file": name, "examples": len(rows), "tokens": n,
-                                "answer_tokens": int(shard["loss_mask"].sum()), "bytes": size})
+                                "answer_tokens": int(shard["loss_mask"].sum()), "bytes": size,
+                                "last_position": rows[-1].position})
         index["tokens_per_s"] = round(forward_tokens / max(forward_s, 1e-9), 1)
         index_path.write_text(json.dumps(index, indent=1) + "\n")
         bar.update(n)
     bar.close()
     index["stopped"] = stopped
+    # the cleaning of every conversation read, from the first one (done shards' conversations are read, not
+    # rendered), up to where this run stopped
     index["cleaning"] = {k: v for k, v in vars(counts).items()}
     index_path.write_text(json.dumps(index, indent=1) + "\n")
     return index
+
+
+def _last_position(folder: Path, entry: dict) -> int:
+    """The source position of a shard's last conversation (read from the shard when the index predates it)."""
+    if "last_position" in entry:
+        return int(entry["last_position"])
+    return int(torch.load(folder / entry["file"], map_location="cpu", mmap=True, weights_only=True)["positions"][-1])
 
 
 class ShardedExamples(Sequence):

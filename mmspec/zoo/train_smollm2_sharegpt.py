@@ -41,8 +41,8 @@ from mmspec.pretrained import cache_root, load_causal_lm
 
 MAX_LEN = 1024  # conversation tokens kept (12.7 M tokens in the training split at this cut)
 DEV_CONVERSATIONS = 64
-HEAD = HeadTraining(draft_vocab_size=4096, ttt_steps=3, step_decay=0.8, batch_size=8, max_len=512, windows=True,
-                    loop=replace(HeadTraining.loop, steps=900, lr=1e-3, warmup=30, save_every=20))
+HEAD = HeadTraining(draft_vocab_size=8192, ttt_steps=3, step_decay=0.8, batch_size=4, max_len=512, windows=True,
+                    loop=replace(HeadTraining.loop, steps=400, lr=1e-3, warmup=20, save_every=20))
 
 
 def default_cache() -> Path:
@@ -57,14 +57,15 @@ def features(cache: Path, tokens: float, minutes: float, cache_gb: float) -> dic
                                        max_tokens=tokens, minutes=minutes, cache_gb=cache_gb)
 
 
-def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draft_vocab: int) -> dict:
+def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draft_vocab: int,
+         batch_size: int = HEAD.batch_size) -> dict:
     model, tok = load_causal_lm()
     examples = ShardedExamples(cache / "train", max_tokens=tokens)
     if examples.tokens < min(tokens, 1e5):
         raise SystemExit(f"the cache holds {examples.tokens:,} tokens, fewer than --tokens {tokens:,.0f}: run stage "
                          "features first")
     held = list(ShardedExamples(cache / "dev"))
-    config = replace(HEAD, draft_vocab_size=draft_vocab, loop=replace(HEAD.loop, steps=steps))
+    config = replace(HEAD, draft_vocab_size=draft_vocab, batch_size=batch_size, loop=replace(HEAD.loop, steps=steps))
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, heldout_examples=held)
     summary = {"data": "sharegpt", "data_tokens": examples.tokens, "data_answer_tokens": examples.answer_tokens,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-gb", type=float, default=50.0)
     p.add_argument("--steps", type=int, default=HEAD.loop.steps, help="head: steps of the schedule")
     p.add_argument("--draft-vocab", type=int, default=HEAD.draft_vocab_size)
+    p.add_argument("--batch-size", type=int, default=HEAD.batch_size, help="head: windows of 512 tokens a step")
     p.add_argument("--out", type=Path, default=None, help="head: run directory")
     a = p.parse_args(argv)
     cache = a.cache or default_cache()
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if a.out is None:
             p.error("stage head needs --out")
-        summary = head(cache, a.out, a.tokens or math.inf, a.steps, a.minutes, a.draft_vocab)
+        summary = head(cache, a.out, a.tokens or math.inf, a.steps, a.minutes, a.draft_vocab, a.batch_size)
         print(json.dumps(summary, indent=2))
     return 0
 
