@@ -1,0 +1,296 @@
+"""Calibration: the draft shape (chain length k, or a dynamic tree's size) and the drafter's CPU setting that
+maximise expected tokens per second, from what this model costs and accepts on this machine.
+
+Paper: the speed model of Leviathan et al. (ICML 2023, section 3.4: expected tokens per step over the cost of
+a step), with the verification cost measured per width as EAGLE-2 / Sequoia size their trees; calibrated once
+per model, drafter and machine, as vLLM and SGLang profile before serving.
+
+Glossary:
+    shape           :class:`DraftShape`: a chain of ``k`` drafts, or a dynamic tree ``(depth, top_k, num_nodes)``
+                    sized per step by the measured cost model
+    verify cost     the target's cached forward for w = 1 ... 32 new tokens at a 256-token context, as loaded
+                    (:func:`~mmspec.drafters.cost_model.measure_cost_model`); the target is never packed, cast or
+                    otherwise changed here: its numerics are the user's
+    calibration run greedy decoding of the calibration prompts (``max_new_tokens`` each) with a chain of
+                    ``k_max`` drafts, then with each candidate tree; every run's statistics are kept
+    A               the number of drafts a chain step accepts; ``P(A >= i)`` for i = 1 ... k_max comes from the
+                    chain run (a chain of k < k_max drafts the same first k tokens, so it accepts min(A, k))
+    level           one drafter forward (one chain position); its seconds come from the chain run's drafter time
+                    (the drafter's prefill left out) over its drafted positions
+    overhead        per step, everything but the target's forward and the drafter (verification, cache
+                    bookkeeping, the loop): measured in the chain run
+    expected rate   chain k:  (1 + sum_{i<=k} P(A >= i)) / (verify(k + 1) + k level + overhead);
+                    tree:     its run's tokens per step over its run's seconds per step (measured, not modelled)
+                    plain:    1 / (verify(1) + overhead), the rate of decoding without drafts through the same loop
+    packing         the drafter (never the target) is timed unpacked and packed for oneDNN
+                    (:mod:`mmspec.cpu_packing`) when the build can pack; the faster is kept and said
+                    (``drafter_packed``); drafts change, outputs do not (verification decides every token)
+    cache           ``<cache_dir>/<key>.json``, the key hashing the target's and the drafter's weights (a
+                    fingerprint), the candidate shapes and the machine (CPU model, speed flags, torch threads
+                    and version): a second call with the same inputs reads it instead of measuring
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import MMSpecError
+from .cost_model import CostModel, measure_cost_model
+
+#: the widths the verification cost is measured at (tokens per target forward)
+VERIFY_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: candidate dynamic trees (depth, top_k, num_nodes), small to large
+DEFAULT_TREES = ((4, 4, 8), (5, 4, 16), (6, 8, 32))
+
+
+class CalibrationError(MMSpecError):
+    """Calibration input that cannot be measured (no prompts, a bad shape)."""
+
+
+@dataclass(frozen=True)
+class DraftShape:
+    """A chain of ``k`` drafts (``tree`` None) or a dynamic tree ``(depth, top_k, num_nodes)``."""
+
+    k: int = 0
+    tree: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tree is None and not (isinstance(self.k, int) and self.k >= 1):
+            raise CalibrationError(f"a chain needs k >= 1, got {self.k!r}")
+        if self.tree is not None and (len(self.tree) != 3 or any(not (isinstance(v, int) and v >= 1)
+                                                                 for v in self.tree)):
+            raise CalibrationError(f"a tree is (depth, top_k, num_nodes) of ints >= 1, got {self.tree!r}")
+
+    @property
+    def label(self) -> str:
+        return f"chain k={self.k}" if self.tree is None else "tree {}/{}/{}".format(*self.tree)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What :func:`calibrate` measured and chose (see the module glossary)."""
+
+    best: DraftShape
+    expected_tokens_per_s: dict  # shape label -> expected tokens per second
+    plain_tokens_per_s: float
+    cost: CostModel
+    level_seconds: float
+    overhead_seconds: float
+    accept_at_least: tuple  # P(A >= i), i = 1 .. k_max
+    runs: dict  # shape label -> {"tau", "step_seconds", "tokens_per_s", "steps"} of the measured runs
+    drafter_packed: bool
+    packing: dict  # {"unpacked": level seconds, "packed": level seconds} (empty when not measured)
+    machine: str
+    seconds: float  # how long the calibration took
+    cached: bool = False
+    notes: list = field(default_factory=list)
+
+    @property
+    def pays(self) -> bool:
+        """Whether the best shape is expected to beat decoding without drafts."""
+        return self.expected_tokens_per_s[self.best.label] > self.plain_tokens_per_s
+
+    def summary(self) -> str:
+        top = sorted(self.expected_tokens_per_s.items(), key=lambda kv: -kv[1])[:4]
+        return (f"calibrated draft shape: {self.best.label} (expected {self.expected_tokens_per_s[self.best.label]:.1f}"
+                f" tok/s; without drafts {self.plain_tokens_per_s:.1f}; "
+                + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"); drafter {'packed' if self.drafter_packed else 'unpacked'}"
+                + (" (cached)" if self.cached else f" ({self.seconds:.0f} s)"))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["best"] = {"k": self.best.k, "tree": list(self.best.tree) if self.best.tree else None}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Calibration":
+        d = dict(d)
+        best = d.pop("best")
+        cost = d.pop("cost")
+        return cls(best=DraftShape(best["k"], tuple(best["tree"]) if best["tree"] else None),
+                   cost=CostModel(widths=tuple(cost["widths"]), seconds=tuple(cost["seconds"]),
+                                  level_cost=cost.get("level_cost", 0.0), device=cost.get("device", "")),
+                   accept_at_least=tuple(d.pop("accept_at_least")), **{**d, "cached": True})
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def chain_tokens_per_step(accept_at_least: Sequence[float], k: int) -> float:
+    """Expected tokens a chain step of ``k`` drafts emits: 1 + sum_{i <= k} P(A >= i)."""
+    return 1.0 + float(sum(accept_at_least[:k]))
+
+
+def chain_rate(accept_at_least: Sequence[float], k: int, cost: CostModel, level_seconds: float,
+               overhead_seconds: float) -> float:
+    """Expected tokens per second of a chain of ``k`` drafts (see the glossary)."""
+    step = cost.seconds[0] * cost.relative(k + 1) + k * level_seconds + overhead_seconds
+    return chain_tokens_per_step(accept_at_least, k) / step
+
+
+def accept_at_least(accepted_length_counts: Sequence[int], k_max: int) -> tuple[float, ...]:
+    """P(A >= i) for i = 1 .. k_max from a histogram of accepted drafts per row step."""
+    total = sum(accepted_length_counts)
+    if total == 0:
+        return (0.0,) * k_max
+    return tuple(sum(accepted_length_counts[i:]) / total for i in range(1, k_max + 1))
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+def machine_key() -> str:
+    """CPU model, the speed-relevant CPU flags, torch threads and version (or the CUDA device)."""
+    if torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name()} torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() == "model name" and model in ("", platform.processor(), platform.machine()):
+                model = v.strip()
+            elif k.strip() == "flags" and not flags:
+                flags = [f for f in v.split() if f in ("avx2", "avx_vnni") or f.startswith(("avx512", "amx"))]
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return f"{model} [{' '.join(flags) or 'no avx2/avx512/amx'}] threads {torch.get_num_threads()} torch {torch.__version__}"
+
+
+def fingerprint(module: torch.nn.Module | None) -> str:
+    """A short hash of a module's parameter names, shapes, dtypes and first values (cheap, weight-sensitive)."""
+    if module is None:
+        return "none"
+    h = hashlib.sha1()
+    for name, p in module.named_parameters():
+        flat = p.detach().reshape(-1)[:64].float().cpu()
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MMSPEC_CACHE", Path.home() / ".cache" / "mmspec")) / "calibration"
+
+
+def _run(target, drafter, prompts, k, max_new_tokens, eos_token_id):
+    from ..engine import generate
+    from ..stats import GenerationStats
+
+    stats = GenerationStats()
+    for ids in prompts:
+        out = generate(target, ids, drafter=drafter, num_draft_tokens=k, max_new_tokens=max_new_tokens,
+                       temperature=0.0, eos_token_id=eos_token_id)
+        s = out.stats
+        for name in ("steps", "row_steps", "drafted_tokens", "accepted_tokens", "prefill_time", "drafter_prefill_time",
+                     "target_time", "drafter_time", "total_time"):
+            setattr(stats, name, getattr(stats, name) + getattr(s, name))
+        counts = stats.accepted_length_counts
+        counts.extend([0] * (len(s.accepted_length_counts) - len(counts)))
+        for i, c in enumerate(s.accepted_length_counts):
+            counts[i] += c
+    return stats
+
+
+def _decode_seconds(s) -> float:
+    return max(s.total_time - s.prefill_time - s.drafter_prefill_time, 1e-9)
+
+
+def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostModel], Any],
+              prompts: Sequence[torch.Tensor], *, k_max: int = 8, trees: Sequence[tuple[int, int, int]] = DEFAULT_TREES,
+              max_new_tokens: int = 48, drafter_module: torch.nn.Module | None = None, eos_token_id: Any = None,
+              cache_dir: str | Path | None = "default", key: str = "", widths: Sequence[int] = VERIFY_WIDTHS,
+              progress: Callable[[str], None] | None = None) -> Calibration:
+    """Measure and choose the draft shape for ``target`` with the drafters ``drafter_for(shape, cost_model)``
+    builds, on ``prompts`` (token id tensors [1, n]); see the module glossary. ``drafter_module``: the drafter's
+    weights (for packing and the cache key); ``cache_dir`` None: always measure; ``key``: extra text for the
+    cache key (e.g. the drafter's folder)."""
+    import time
+
+    prompts = [p if p.dim() == 2 else p[None] for p in prompts]
+    if not prompts or any(p.shape[0] != 1 or p.shape[1] < 1 for p in prompts):
+        raise CalibrationError("calibrate needs at least one prompt of shape [1, n] with n >= 1")
+    if not (isinstance(k_max, int) and k_max >= 1) or max_new_tokens < 4:
+        raise CalibrationError(f"need k_max >= 1 and max_new_tokens >= 4, got {k_max!r}, {max_new_tokens!r}")
+    shapes = [DraftShape(tree=tuple(int(v) for v in t)) for t in trees]
+    machine = machine_key()
+    ident = json.dumps({"target": fingerprint(target), "drafter": fingerprint(drafter_module), "key": key,
+                        "k_max": k_max, "trees": [s.tree for s in shapes], "max_new_tokens": max_new_tokens,
+                        "prompts": [p.tolist() for p in prompts], "widths": list(widths), "machine": machine})
+    path = None
+    if cache_dir is not None:
+        folder = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
+        path = folder / (hashlib.sha1(ident.encode()).hexdigest()[:20] + ".json")
+        if path.is_file():
+            try:
+                return Calibration.from_json(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                pass  # an unreadable cache entry is measured again
+    say = progress or (lambda msg: None)
+    t0 = time.time()
+    say("calibrating: the target's verification cost for w = 1 ... 32")
+    cost = measure_cost_model(target, widths=tuple(widths), repeats=5)
+    chain = DraftShape(k=k_max)
+    notes: list[str] = []
+    packing: dict = {}
+    packed = False
+    say(f"calibrating: a chain of {k_max} drafts")
+    s = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
+    if drafter_module is not None and _can_pack(drafter_module):
+        from ..cpu_packing import pack_linear_weights, unpack_linear_weights
+
+        pack_linear_weights(drafter_module)
+        say("calibrating: the same chain with the drafter packed for oneDNN")
+        sp = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
+        level_p = (sp.drafter_time - sp.drafter_prefill_time) / max(sp.drafted_tokens, 1)
+        level_u = (s.drafter_time - s.drafter_prefill_time) / max(s.drafted_tokens, 1)
+        packing = {"unpacked": level_u, "packed": level_p}
+        if level_p < level_u:
+            packed, s = True, sp
+        else:
+            unpack_linear_weights(drafter_module)
+    elif drafter_module is None:
+        notes.append("drafter packing not measured (no drafter_module)")
+    else:
+        notes.append("drafter packing not measured (this build or device cannot pack)")
+    level = (s.drafter_time - s.drafter_prefill_time) / max(s.drafted_tokens, 1)
+    target_per_step = s.target_time / max(s.steps, 1)
+    overhead = max(_decode_seconds(s) / max(s.steps, 1) - target_per_step - level * s.drafted_tokens / max(s.steps, 1),
+                   0.0)
+    acc = accept_at_least(s.accepted_length_counts, k_max)
+    runs = {chain.label: {"tau": (s.accepted_tokens + s.row_steps) / max(s.row_steps, 1),
+                          "step_seconds": _decode_seconds(s) / max(s.steps, 1),
+                          "tokens_per_s": (s.accepted_tokens + s.row_steps) / _decode_seconds(s), "steps": s.steps}}
+    expected = {DraftShape(k=k).label: chain_rate(acc, k, cost, level, overhead) for k in range(1, k_max + 1)}
+    for shape in shapes:
+        say(f"calibrating: a dynamic {shape.label}")
+        st = _run(target, drafter_for(shape, cost), prompts, None, max_new_tokens, eos_token_id)
+        tau = (st.accepted_tokens + st.row_steps) / max(st.row_steps, 1)
+        rate = (st.accepted_tokens + st.row_steps) / _decode_seconds(st)
+        runs[shape.label] = {"tau": tau, "step_seconds": _decode_seconds(st) / max(st.steps, 1), "tokens_per_s": rate,
+                             "steps": st.steps}
+        expected[shape.label] = rate
+    labels = {DraftShape(k=k).label: DraftShape(k=k) for k in range(1, k_max + 1)} | {s.label: s for s in shapes}
+    best = labels[max(expected, key=expected.get)]
+    cal = Calibration(best=best, expected_tokens_per_s=expected,
+                      plain_tokens_per_s=1.0 / (cost.seconds[0] + overhead), cost=cost, level_seconds=level,
+                      overhead_seconds=overhead, accept_at_least=acc, runs=runs, drafter_packed=packed,
+                      packing=packing, machine=machine, seconds=time.time() - t0, notes=notes)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cal.to_json(), indent=1) + "\n")
+    return cal
+
+
+def _can_pack(module: torch.nn.Module) -> bool:
+    from ..cpu_packing import packing_available
+
+    p = next(module.parameters(), None)
+    return packing_available() and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+
+
+__all__ = ["DEFAULT_TREES", "VERIFY_WIDTHS", "Calibration", "CalibrationError", "DraftShape", "accept_at_least",
+           "calibrate", "chain_rate", "chain_tokens_per_step", "default_cache_dir", "fingerprint", "machine_key"]

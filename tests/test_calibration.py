@@ -1,0 +1,90 @@
+"""Calibration (mmspec.drafters.calibration): the speed model's exact cases, a chosen shape that decodes
+token-identically to HF generate, a target left exactly as loaded, the cache, and named errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmspec import engine
+from mmspec.drafters.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
+                                         chain_tokens_per_step, fingerprint)
+from mmspec.drafters.cost_model import CostModel
+from mmspec.drafters.feature import FeatureDrafter
+from mmspec.drafters.tree import DynamicTree
+from test_feature_drafter import make_head
+from tiny_models import build
+
+
+def test_speed_model_exact_cases():
+    # 10 row steps accepting 0, 1, 2 or 3 of 3 drafts: 4, 3, 2 and 1 times
+    acc = accept_at_least([4, 3, 2, 1], 3)
+    assert acc == pytest.approx((0.6, 0.3, 0.1))
+    assert chain_tokens_per_step(acc, 2) == pytest.approx(1.9)
+    cost = CostModel(widths=(1, 2, 4), seconds=(0.010, 0.012, 0.016))
+    # k = 2: verify 3 tokens = 0.014 s, two levels of 1 ms, 2 ms overhead -> 1.9 / 0.018
+    assert chain_rate(acc, 2, cost, 0.001, 0.002) == pytest.approx(1.9 / 0.018)
+    assert accept_at_least([], 2) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("bad, match", [(dict(k=0), "chain needs k >= 1"), (dict(tree=(3, 2)), "depth, top_k"),
+                                        (dict(tree=(3, 0, 4)), "depth, top_k")])
+def test_bad_shapes_are_named_errors(bad, match):
+    with pytest.raises(CalibrationError, match=match):
+        DraftShape(**bad)
+
+
+def _drafters(head):
+    def drafter_for(shape, cost):
+        if shape.tree is None:
+            return FeatureDrafter(head)
+        d, k, n = shape.tree
+        return FeatureDrafter(head, tree=DynamicTree(depth=d, top_k=k, num_nodes=n, cost_model=cost))
+    return drafter_for
+
+
+def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as_loaded(tmp_path):
+    torch.manual_seed(0)
+    target = build("llama", layers=3)
+    head = make_head(target)
+    before = fingerprint(target)
+    state = {k: v.clone() for k, v in target.state_dict().items()}
+    prompts = [torch.tensor([[5, 17, 33, 9, 5, 17, 33]]), torch.tensor([[3, 4, 5, 6]])]
+    messages = []
+    cal = calibrate(target, _drafters(head), prompts, k_max=4, trees=((3, 2, 4),), max_new_tokens=12,
+                    drafter_module=head, cache_dir=tmp_path, progress=messages.append)
+    assert set(cal.expected_tokens_per_s) == {"chain k=1", "chain k=2", "chain k=3", "chain k=4", "tree 3/2/4"}
+    assert cal.best.label == max(cal.expected_tokens_per_s, key=cal.expected_tokens_per_s.get)
+    assert len(cal.accept_at_least) == 4 and all(a >= b for a, b in zip(cal.accept_at_least, cal.accept_at_least[1:]))
+    assert cal.cost.widths[0] == 1 and cal.cost.widths[-1] == 32 and cal.plain_tokens_per_s > 0
+    assert messages and not cal.cached and "calibrated draft shape" in cal.summary()
+    # the target is exactly as loaded: same weights, no packed layers
+    assert fingerprint(target) == before
+    assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())
+    assert not any("_mmspec_packed" in m.__dict__ for m in target.modules())
+    # the chosen shape decodes exactly like HF generate on the model as loaded
+    ids = torch.tensor([[7, 8, 9, 10, 7, 8]])
+    ref = target.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    out = engine.generate(target, ids, drafter=_drafters(head)(cal.best, cal.cost), max_new_tokens=16,
+                          num_draft_tokens=cal.best.k or None)
+    assert torch.equal(out.sequences[:, :ref.shape[1]], ref)
+    # a second call with the same inputs reads the cache; other inputs measure again
+    again = calibrate(target, _drafters(head), prompts, k_max=4, trees=((3, 2, 4),), max_new_tokens=12,
+                      drafter_module=head, cache_dir=tmp_path)
+    assert again.cached and again.best == cal.best and again.expected_tokens_per_s == cal.expected_tokens_per_s
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["machine"] == cal.machine
+    other = calibrate(target, _drafters(head), prompts, k_max=2, trees=(), max_new_tokens=12, cache_dir=tmp_path)
+    assert not other.cached and set(other.expected_tokens_per_s) == {"chain k=1", "chain k=2"}
+    assert any("packing not measured" in n for n in other.notes)
+
+
+def test_calibration_names_bad_input_before_measuring():
+    target = build("llama", layers=1)
+    head = make_head(target)
+    with pytest.raises(CalibrationError, match="at least one prompt"):
+        calibrate(target, _drafters(head), [], cache_dir=None)
+    with pytest.raises(CalibrationError, match="k_max >= 1"):
+        calibrate(target, _drafters(head), [torch.tensor([[1, 2]])], k_max=0, cache_dir=None)
