@@ -6,9 +6,10 @@ batched; the same loop serves :mod:`mmspec.vision` and :mod:`mmspec.image_gen`.
 """
 
 from .config import SamplingParams
-from .drafters import (BlockwiseDrafter, Calibration, ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
+from .drafters import (BlockwiseDrafter, ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
                        HybridDrafter, Lattice, ModelDrafter, NGramRescorer, NeuralRescorer, PromptLookupDrafter, StaticTree, TreeDrafter,
-                       DraftShape, calibrate, check_same_tokenizer)
+                       check_same_tokenizer)
+from .calibration import Calibration, CalibrationError, DraftShape, calibrate
 from .engine import GenerationOutput, StepEvent, generate, generate_stream
 from .errors import (DeviceMismatchError, EmptyPromptError, InvalidDraftLengthError, InvalidLengthError,
                      InvalidSamplingError, MethodParameterError, MMSpecError, NonFiniteError, ShapeError,
@@ -21,7 +22,7 @@ from .verify import ExactRule, GreedyRule, TreeVerifyResult, VerifyResult, verif
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockwiseDrafter", "Calibration", "DraftShape", "calibrate", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
+    "BlockwiseDrafter", "Calibration", "CalibrationError", "DraftShape", "calibrate", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
     "ExactRule", "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "Guidance",
     "HeuristicDraftLength", "HybridDrafter", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
     "MMSpecError", "MethodParameterError", "ModelDrafter", "NonFiniteError", "PromptLookupDrafter", "RowRandom",

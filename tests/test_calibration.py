@@ -1,4 +1,4 @@
-"""Calibration (mmspec.drafters.calibration): the speed model's exact cases, a chosen shape that decodes
+"""Calibration (mmspec.calibration): the speed model's exact cases, a chosen shape that decodes
 token-identically to HF generate, a target left exactly as loaded, the cache, and named errors."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmspec import engine
-from mmspec.drafters.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
+from mmspec.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
                                          chain_tokens_per_step, fingerprint)
 from mmspec.drafters.cost_model import CostModel
 from mmspec.drafters.feature import FeatureDrafter

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("verification", ("mmspec.verify",)),
     ("sessions and heads", ("mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads")),
     ("drafters", ("mmspec.drafters",)),
-    ("the loop", ("mmspec.request", "mmspec.engine", "mmspec.chat")),
+    ("the loop", ("mmspec.request", "mmspec.engine", "mmspec.chat", "mmspec.calibration")),
     ("public API", ("mmspec",)),
     ("modalities and systems", ("mmspec.vision", "mmspec.image_gen", "mmspec.collaborative", "mmspec.pipeline")),
     ("training and models from packages", ("mmspec.pretrained", "mmspec.distill", "mmspec.data")),
@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 CORE = ("mmspec.errors", "mmspec.config", "mmspec.rng", "mmspec.sampling", "mmspec.stats", "mmspec.kernels",
         "mmspec.cpu_packing", "mmspec.truncate", "mmspec.verify", "mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads",
-        "mmspec.drafters", "mmspec.request", "mmspec.engine", "mmspec.chat")
+        "mmspec.drafters", "mmspec.request", "mmspec.engine", "mmspec.chat", "mmspec.calibration")
 
 
 def _modules() -> dict[str, Path]:

@@ -4,7 +4,6 @@ from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLengt
                        HeuristicDraftLength)
 from .base import Draft, Drafter, StepOutcome
 from .blockwise import BlockwiseDrafter, Lattice
-from .calibration import Calibration, CalibrationError, DraftShape, calibrate
 from .cost_model import CostModel, measure_cost_model
 from .feature import FeatureDrafter
 from .hybrid import HybridDrafter
@@ -15,7 +14,7 @@ from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
 from .tree import DynamicTree, StaticTree
 
 __all__ = [
-    "Calibration", "CalibrationError", "DraftShape", "calibrate", "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
+    "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "HybridDrafter", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
     "TTSConfig", "TTSConfigError", "TTSDrafter", "BlockwiseDrafter", "Lattice", "NGramModel", "NGramRescorer",
     "NeuralRescorer", "Rescorer",

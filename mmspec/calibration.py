@@ -36,14 +36,18 @@ import hashlib
 import json
 import os
 import platform
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import MMSpecError
-from .cost_model import CostModel, measure_cost_model
+from .cpu_packing import pack_linear_weights, packing_available, unpack_linear_weights
+from .drafters.cost_model import CostModel, measure_cost_model
+from .engine import generate
+from .errors import MMSpecError
+from .stats import GenerationStats
 
 #: the widths the verification cost is measured at (tokens per target forward)
 VERIFY_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
@@ -177,9 +181,6 @@ def default_cache_dir() -> Path:
 
 
 def _run(target, drafter, prompts, k, max_new_tokens, eos_token_id):
-    from ..engine import generate
-    from ..stats import GenerationStats
-
     stats = GenerationStats()
     for ids in prompts:
         out = generate(target, ids, drafter=drafter, num_draft_tokens=k, max_new_tokens=max_new_tokens,
@@ -208,8 +209,6 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     builds, on ``prompts`` (token id tensors [1, n]); see the module glossary. ``drafter_module``: the drafter's
     weights (for packing and the cache key); ``cache_dir`` None: always measure; ``key``: extra text for the
     cache key (e.g. the drafter's folder)."""
-    import time
-
     prompts = [p if p.dim() == 2 else p[None] for p in prompts]
     if not prompts or any(p.shape[0] != 1 or p.shape[1] < 1 for p in prompts):
         raise CalibrationError("calibrate needs at least one prompt of shape [1, n] with n >= 1")
@@ -240,8 +239,6 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     say(f"calibrating: a chain of {k_max} drafts")
     s = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
     if drafter_module is not None and _can_pack(drafter_module):
-        from ..cpu_packing import pack_linear_weights, unpack_linear_weights
-
         pack_linear_weights(drafter_module)
         say("calibrating: the same chain with the drafter packed for oneDNN")
         sp = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
@@ -286,8 +283,6 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
 
 
 def _can_pack(module: torch.nn.Module) -> bool:
-    from ..cpu_packing import packing_available
-
     p = next(module.parameters(), None)
     return packing_available() and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
