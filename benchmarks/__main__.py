@@ -17,12 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import blockwise, collaborative, image_gen, pipeline, smollm2, smollm2_vlm, text, trees, tts, vlm, zoo_training
+from . import (blockwise, collaborative, image_gen, pipeline, smollm2, smollm2_vlm, specbench, text, trees, tts, vlm,
+               zoo_training)
 
 #: part -> the runs it makes: (module, extra arguments, whether it writes figures into --plots)
 PARTS = {
     "text": [(text, [], False)],
     "smollm2": [(smollm2, [], False)],
+    "specbench": [(specbench, [], False)],
     "vlm": [(vlm, [], True)],
     "smollm2_vlm": [(smollm2_vlm, [], False)],
     "image": [

@@ -52,7 +52,7 @@ from .stats import GenerationStats
 #: the widths the verification cost is measured at (tokens per target forward)
 VERIFY_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 #: candidate dynamic trees (depth, top_k, num_nodes), small to large
-DEFAULT_TREES = ((4, 4, 8), (5, 4, 16), (6, 8, 32))
+DEFAULT_TREES = ((4, 4, 8), (6, 8, 24))
 
 
 class CalibrationError(MMSpecError):
@@ -202,7 +202,7 @@ def _decode_seconds(s) -> float:
 
 def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostModel], Any],
               prompts: Sequence[torch.Tensor], *, k_max: int = 8, trees: Sequence[tuple[int, int, int]] = DEFAULT_TREES,
-              max_new_tokens: int = 48, drafter_module: torch.nn.Module | None = None, eos_token_id: Any = None,
+              max_new_tokens: int = 32, drafter_module: torch.nn.Module | None = None, eos_token_id: Any = None,
               cache_dir: str | Path | None = "default", key: str = "", widths: Sequence[int] = VERIFY_WIDTHS,
               progress: Callable[[str], None] | None = None) -> Calibration:
     """Measure and choose the draft shape for ``target`` with the drafters ``drafter_for(shape, cost_model)``

@@ -130,15 +130,18 @@ def plain_chat_text(messages: list[dict], add_generation_prompt: bool = False) -
     return text + "Assistant:" if add_generation_prompt else text
 
 
-def chat_inputs(tokenizer: Any, prompts: list[str], *, system: str | None = None, device: Any = None) -> dict:
-    """Left-padded ``input_ids``/``attention_mask`` of chat prompts (one user turn each) with the
-    tokenizer's chat template and the assistant turn opened; for a base model whose tokenizer has no template,
-    the plain text ``User: ...`` / ``Assistant:`` that :mod:`mmspec.distill.conversations` trains its drafters on."""
+def chat_inputs(tokenizer: Any, prompts: list[str] | list[list[dict]], *, system: str | None = None,
+                device: Any = None) -> dict:
+    """Left-padded ``input_ids``/``attention_mask`` of chat prompts (each one user turn, or a list of OpenAI-style
+    ``{"role", "content"}`` messages: a multi-turn conversation so far) with the tokenizer's chat template and
+    the assistant turn opened; for a base model whose tokenizer has no template, the plain text ``User: ...`` /
+    ``Assistant:`` that :mod:`mmspec.distill.conversations` trains its drafters on."""
     if isinstance(prompts, str):
         prompts = [prompts]
     texts = []
     for p in prompts:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        turns = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
         if getattr(tokenizer, "chat_template", None):
             texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         else:
