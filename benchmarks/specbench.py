@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     load_before = begin(a.threads)
     from mmspec import engine
-    from mmspec.calibration import calibrate
+    from mmspec.calibration import calibrate, head_drafters
     from mmspec.drafters.feature import FeatureDrafter
     from mmspec.drafters.hybrid import HybridDrafter
     from mmspec.drafters.model import ModelDrafter
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_texts = {m["content"] for ps in prompts.values() for p in ps for m in p}
     calib = [p for p in chat_prompts(40, seed=7) if p[0]["content"] not in bench_texts][:2]
 
-    def drafter_for(shape, cost):
-        if shape.tree is None:
-            return FeatureDrafter(head)
-        d, k, n = shape.tree
-        return FeatureDrafter(head, tree=DynamicTree(depth=d, top_k=k, num_nodes=n, cost_model=cost))
+    drafter_for = head_drafters(head)
 
     cal = calibrate(target, drafter_for, [chat_inputs(tok, [p])["input_ids"] for p in calib], k_max=6,
                     drafter_module=head, eos_token_id=eos, key="benchmarks.specbench", progress=lambda m: print(m, file=sys.stderr, flush=True))

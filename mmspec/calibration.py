@@ -45,6 +45,8 @@ import torch
 
 from .cpu_packing import pack_linear_weights, packing_available, unpack_linear_weights
 from .drafters.cost_model import CostModel, measure_cost_model
+from .drafters.feature import FeatureDrafter
+from .drafters.tree import DynamicTree
 from .engine import generate
 from .errors import MMSpecError
 from .stats import GenerationStats
@@ -282,10 +284,21 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     return cal
 
 
+def head_drafters(head: Any) -> Callable[[DraftShape, CostModel], Any]:
+    """``drafter_for`` for an EAGLE-3 head: chains (the loop passes k) or dynamic trees sized per step by the cost
+    model."""
+    def drafter_for(shape: DraftShape, cost: CostModel) -> Any:
+        if shape.tree is None:
+            return FeatureDrafter(head)
+        depth, top_k, nodes = shape.tree
+        return FeatureDrafter(head, tree=DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes, cost_model=cost))
+    return drafter_for
+
+
 def _can_pack(module: torch.nn.Module) -> bool:
     p = next(module.parameters(), None)
     return packing_available() and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
 
 __all__ = ["DEFAULT_TREES", "VERIFY_WIDTHS", "Calibration", "CalibrationError", "DraftShape", "accept_at_least",
-           "calibrate", "chain_rate", "chain_tokens_per_step", "default_cache_dir", "fingerprint", "machine_key"]
+           "calibrate", "chain_rate", "head_drafters", "chain_tokens_per_step", "default_cache_dir", "fingerprint", "machine_key"]

@@ -10,10 +10,8 @@ import torch
 
 from mmspec import engine
 from mmspec.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
-                                         chain_tokens_per_step, fingerprint)
+                                         chain_tokens_per_step, fingerprint, head_drafters)
 from mmspec.drafters.cost_model import CostModel
-from mmspec.drafters.feature import FeatureDrafter
-from mmspec.drafters.tree import DynamicTree
 from test_feature_drafter import make_head
 from tiny_models import build
 
@@ -37,12 +35,7 @@ def test_bad_shapes_are_named_errors(bad, match):
 
 
 def _drafters(head):
-    def drafter_for(shape, cost):
-        if shape.tree is None:
-            return FeatureDrafter(head)
-        d, k, n = shape.tree
-        return FeatureDrafter(head, tree=DynamicTree(depth=d, top_k=k, num_nodes=n, cost_model=cost))
-    return drafter_for
+    return head_drafters(head)
 
 
 def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as_loaded(tmp_path):

@@ -26,7 +26,7 @@ from PIL import Image
 
 import mmspec.vision as mv
 from mmspec import engine
-from mmspec.drafters.tree import DynamicTree
+from mmspec.calibration import calibrate, head_drafters
 from mmspec.errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
 from mmspec.image_gen import METHODS, generate
 from mmspec.image_gen.heatmap import heatmap_image
@@ -106,35 +106,57 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print, max_new_tokens:
 
 
 CHAT_PROMPT = "Give me three tips for staying focused while studying."
+#: the calibration's prompt (not the chat prompt answered)
+CALIBRATION_PROMPT = "Explain how photosynthesis works in simple terms."
 
 
 def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
     """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
-    mmspec with the shipped EAGLE-3 head drafting dynamic trees; the answers must be identical."""
+    mmspec with the shipped EAGLE-3 head in the draft shape the calibration chose for this machine
+    (:mod:`mmspec.calibration`, cached); the answers must be identical."""
     try:
         target, tok = load_causal_lm()
     except ModelNotFoundError as exc:
         log(f"[text] skipped: {exc}")
         return {"skipped": str(exc)}
-    drafter = load_smollm2_drafter("head", target, tree=DynamicTree(depth=5, top_k=4, num_nodes=16))
+    head = load_smollm2_drafter("head", target).head
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    cal = calibrate(target, head_drafters(head), [chat_inputs(tok, [CALIBRATION_PROMPT])["input_ids"]], k_max=6,
+                    trees=((5, 4, 16),), max_new_tokens=24, drafter_module=head, eos_token_id=eos,
+                    progress=lambda m: log(f"[text] {m}"))
+    log(f"[text] {cal.summary()}")
+    drafter = head_drafters(head)(cal.best, cal.cost)
     enc = chat_inputs(tok, [CHAT_PROMPT])
     n = enc["input_ids"].shape[1]
     with torch.no_grad():
         ref, t_ar = _timed(lambda: target.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens))
         spec, t_spec = _timed(lambda: engine.generate(target, enc["input_ids"], attention_mask=enc["attention_mask"],
-                                                      drafter=drafter, max_new_tokens=max_new_tokens))
+                                                      drafter=drafter, num_draft_tokens=cal.best.k or None,
+                                                      max_new_tokens=max_new_tokens))
     answer = tok.decode(spec.sequences[0, n:], skip_special_tokens=True)
     width = min(ref.shape[1], spec.sequences.shape[1])
     identical = ref.shape[1] <= spec.sequences.shape[1] and torch.equal(ref, spec.sequences[:, : ref.shape[1]])
+    st = spec.stats
+    tau = (st.accepted_tokens + st.row_steps) / max(st.row_steps, 1)
+    drafts = st.drafted_tokens / max(st.row_steps, 1)
+    levels = cal.best.tree[0] if cal.best.tree else drafts
+    ceiling = tau / (cal.cost.relative(max(1, round(1 + drafts))) + levels * cal.level_seconds / cal.cost.seconds[0])
+    per = 1e3 / max(st.steps, 1)
+    rest = t_spec - st.prefill_time - st.target_time - st.drafter_time - st.verify_time
     res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
            "identical_to_hf_generate": bool(identical and width == ref.shape[1]),
            "speedup_vs_hf_generate": round(t_ar / t_spec, 3), "ar_seconds": round(t_ar, 3),
-           "mmspec_seconds": round(t_spec, 3), "mean_accepted_length": round(spec.stats.mean_accepted_length, 3),
-           "drafter": "EAGLE-3 head, dynamic tree (depth 5, top-k 4, 16 nodes)"}
+           "mmspec_seconds": round(t_spec, 3), "mean_accepted_length": round(st.mean_accepted_length, 3),
+           "tau": round(tau, 3), "tau_ceiling": round(ceiling, 3),
+           "split_ms_per_step": {"target": round(st.target_time * per, 1), "drafter": round(st.drafter_time * per, 1),
+                                 "verify": round(st.verify_time * per, 1), "rest": round(rest * per, 1)},
+           "drafter": f"EAGLE-3 head, {cal.best.label} (calibrated)", "calibration": cal.summary()}
     log(f"[text] {CHAT_PROMPT}")
     log(f"[text] SmolLM2: {answer[:160]}{'...' if len(answer) > 160 else ''}")
     log(f"[text] identical to HF generate: {res['identical_to_hf_generate']}; speedup x{res['speedup_vs_hf_generate']:.2f} "
-        f"(mean accepted length {res['mean_accepted_length']:.2f})")
+        f"({cal.best.label}; tau {tau:.2f}, ceiling x{ceiling:.2f}; ms per step: target "
+        f"{res['split_ms_per_step']['target']}, drafter {res['split_ms_per_step']['drafter']}, verify "
+        f"{res['split_ms_per_step']['verify']}, rest {res['split_ms_per_step']['rest']})")
     return res
 
 
