@@ -38,7 +38,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--drafter", default="head",
                    help="head (shipped EAGLE-3 head, default), model (shipped distilled drafter), prompt-lookup, "
                         "or a folder written by `mmspec train-drafter`")
-    p.add_argument("--tree", default="5,4,16", help="dynamic draft tree of a head: depth,top_k,nodes")
+    p.add_argument("--tree", default="auto",
+                   help="a head's draft shape: auto (default: the chain or tree the calibration measures fastest on "
+                        "this machine, cached) or a dynamic tree depth,top_k,nodes")
     p.add_argument("--chain", action="store_true", help="draft chains of -k tokens instead of trees")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_flags(p, max_new_tokens=256, k=3, temperature=0.0, top_k=None, top_p=None, seed=0)
@@ -62,7 +64,7 @@ def _check(args: argparse.Namespace) -> DynamicTree | None:
     """The checks before any model is loaded; returns the draft tree (None: chains)."""
     check_sampling(args)
     try:
-        tree = None if args.chain else parse_tree(args.tree)
+        tree = None if args.chain or args.tree == "auto" else parse_tree(args.tree)
     except ValueError as exc:
         raise CLIError(EXIT_BAD_INPUT, f"--tree: {exc}") from None
     if args.drafter in SHIPPED and args.target != "smollm2":
@@ -75,15 +77,20 @@ def _check(args: argparse.Namespace) -> DynamicTree | None:
 
 def run(args: argparse.Namespace) -> int:
     """Interactive chat (stdin lines; ``/reset`` forgets the conversation, ``/exit`` or EOF ends it)."""
-    from mmspec.zoo.smollm2 import chat_drafter
+    from mmspec.drafters.feature import FeatureDrafter
+    from mmspec.zoo.smollm2 import calibrated_head_drafter, chat_drafter
 
     tree = _check(args)
     target, tokenizer = load("target", args.target, load_causal_lm)
     if args.pack:  # CPU: linear weights packed once for oneDNN
         pack_linear_weights(target)
-    chat = Chat(target, tokenizer, chat_drafter(args.drafter, target, tree), system=args.system,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                num_draft_tokens=args.k, seed=args.seed)
+    drafter, k = chat_drafter(args.drafter, target, tree), args.k
+    if args.tree == "auto" and not args.chain and isinstance(drafter, FeatureDrafter):
+        drafter, k, cal = calibrated_head_drafter(target, tokenizer, drafter.head,
+                                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        print(cal.summary(), file=sys.stderr, flush=True)
+    chat = Chat(target, tokenizer, drafter, system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_draft_tokens=k, seed=args.seed)
     interactive = sys.stdin.isatty()
     if interactive:
         print("mmspec chat: type a message; /reset forgets the conversation, /exit (or Ctrl-D) ends it.")

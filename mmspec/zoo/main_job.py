@@ -26,7 +26,6 @@ from PIL import Image
 
 import mmspec.vision as mv
 from mmspec import engine
-from mmspec.calibration import calibrate, head_drafters
 from mmspec.errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
 from mmspec.image_gen import METHODS, generate
 from mmspec.image_gen.heatmap import heatmap_image
@@ -37,7 +36,7 @@ from .data import heldout_scenes
 from .evaluate import IMAGE_SAMPLING
 from .quality import prompt_faithfulness
 from .scenes import parse_caption, render
-from .smollm2 import load_smollm2_drafter
+from .smollm2 import calibrated_head_drafter, load_smollm2_drafter
 from .smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 
 
@@ -106,8 +105,6 @@ def run_captioning(cfg: MainJobConfig, out_dir: Path, log=print, max_new_tokens:
 
 
 CHAT_PROMPT = "Give me three tips for staying focused while studying."
-#: the calibration's prompt (not the chat prompt answered)
-CALIBRATION_PROMPT = "Explain how photosynthesis works in simple terms."
 
 
 def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
@@ -120,18 +117,14 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
         log(f"[text] skipped: {exc}")
         return {"skipped": str(exc)}
     head = load_smollm2_drafter("head", target).head
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    cal = calibrate(target, head_drafters(head), [chat_inputs(tok, [CALIBRATION_PROMPT])["input_ids"]], k_max=6,
-                    trees=((5, 4, 16),), max_new_tokens=24, drafter_module=head, eos_token_id=eos,
-                    progress=lambda m: log(f"[text] {m}"))
+    drafter, k, cal = calibrated_head_drafter(target, tok, head, log=lambda m: log(f"[text] {m}"))
     log(f"[text] {cal.summary()}")
-    drafter = head_drafters(head)(cal.best, cal.cost)
     enc = chat_inputs(tok, [CHAT_PROMPT])
     n = enc["input_ids"].shape[1]
     with torch.no_grad():
         ref, t_ar = _timed(lambda: target.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens))
         spec, t_spec = _timed(lambda: engine.generate(target, enc["input_ids"], attention_mask=enc["attention_mask"],
-                                                      drafter=drafter, num_draft_tokens=cal.best.k or None,
+                                                      drafter=drafter, num_draft_tokens=k,
                                                       max_new_tokens=max_new_tokens))
     answer = tok.decode(spec.sequences[0, n:], skip_special_tokens=True)
     width = min(ref.shape[1], spec.sequences.shape[1])

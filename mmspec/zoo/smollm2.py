@@ -23,8 +23,12 @@ from mmspec import zoo
 from mmspec.distill import load_drafter
 from mmspec.distill.train_blockwise import load_corpus_ngram
 from mmspec.distill.train_domain import load_domain_model
+from mmspec.calibration import Calibration, calibrate, head_drafters
 from mmspec.drafters.tree import DynamicTree
-from mmspec.pretrained import load_causal_lm
+from mmspec.pretrained import chat_inputs, load_causal_lm
+
+#: the prompt the calibration decodes (a chat turn; no benchmark prompt)
+CALIBRATION_PROMPT = "Explain how photosynthesis works in simple terms."
 
 
 #: the drafters this repository trained for SmolLM2 (``mmspec train-drafter``), under the zoo's weights
@@ -101,5 +105,16 @@ def chat_drafter(kind: str, target: Any, tree: DynamicTree | None = DynamicTree(
     return load_drafter(kind, target, **kw)
 
 
-__all__ = ["SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
+def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any = None) -> tuple[Any, int | None,
+                                                                                                Calibration]:
+    """(drafter, num_draft_tokens, calibration): ``head`` in the draft shape :func:`mmspec.calibration.calibrate`
+    chooses for ``target`` on this machine (chains of k = 1 ... 6 or a 5/4/16 dynamic tree; about 20 s on 2 cores
+    the first time, then read from the cache). ``num_draft_tokens`` is None for a tree."""
+    cal = calibrate(target, head_drafters(head), [chat_inputs(tokenizer, [CALIBRATION_PROMPT])["input_ids"]],
+                    k_max=6, trees=((5, 4, 16),), max_new_tokens=24, drafter_module=head,
+                    eos_token_id=target.generation_config.eos_token_id, progress=log)
+    return head_drafters(head)(cal.best, cal.cost), cal.best.k or None, cal
+
+
+__all__ = ["CALIBRATION_PROMPT", "calibrated_head_drafter", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
            "load_smollm2_drafter", "load_smollm2_models", "load_smollm2_ngram"]
