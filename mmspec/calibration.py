@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cpu_packing import pack_linear_weights, packing_available, unpack_linear_weights
+from .cpu_packing import is_packed, pack_linear_weights, packing_available, unpack_linear_weights
 from .drafters.cost_model import CostModel, measure_cost_model
 from .drafters.feature import FeatureDrafter
 from .drafters.tree import DynamicTree
@@ -218,7 +218,8 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
         raise CalibrationError(f"need k_max >= 1 and max_new_tokens >= 4, got {k_max!r}, {max_new_tokens!r}")
     shapes = [DraftShape(tree=tuple(int(v) for v in t)) for t in trees]
     machine = machine_key()
-    ident = json.dumps({"target": fingerprint(target), "drafter": fingerprint(drafter_module), "key": key,
+    ident = json.dumps({"target": fingerprint(target), "target_packed": is_packed(target),
+                        "drafter": fingerprint(drafter_module), "key": key,
                         "k_max": k_max, "trees": [s.tree for s in shapes], "max_new_tokens": max_new_tokens,
                         "prompts": [p.tolist() for p in prompts], "widths": list(widths), "machine": machine})
     path = None

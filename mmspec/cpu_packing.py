@@ -56,6 +56,11 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, out.shape[-1])
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether any linear layer of ``model`` is packed."""
+    return any(isinstance(m, nn.Linear) and _ATTR in m.__dict__ for m in model.modules())
+
+
 def pack_linear_weights(model: nn.Module) -> int:
     """Pack every float32 CPU ``nn.Linear`` of ``model`` in place; returns how many were packed (0 when
     this torch build cannot). Outputs match the unpacked model up to float rounding."""

@@ -11,6 +11,7 @@ import torch
 from mmspec import engine
 from mmspec.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
                                          chain_tokens_per_step, fingerprint, head_drafters)
+from mmspec.cpu_packing import is_packed
 from mmspec.drafters.cost_model import CostModel
 from test_feature_drafter import make_head
 from tiny_models import build
@@ -56,7 +57,7 @@ def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as
     # the target is exactly as loaded: same weights, no packed layers
     assert fingerprint(target) == before
     assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())
-    assert not any("_mmspec_packed" in m.__dict__ for m in target.modules())
+    assert not is_packed(target)
     # the chosen shape decodes exactly like HF generate on the model as loaded
     ids = torch.tensor([[7, 8, 9, 10, 7, 8]])
     ref = target.generate(input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=0)

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--system", default=None, help="system message")
     add_sampling_flags(p, max_new_tokens=256, k=3, temperature=0.0, top_k=None, top_p=None, seed=0)
     p.add_argument("--quiet", action="store_true", help="no speed line after each answer")
-    add_pack_flag(p, default=True)
+    add_pack_flag(p, default=False)  # packing changes the target's float rounding: the user's choice
 
 
 def parse_tree(spec: str) -> DynamicTree:
