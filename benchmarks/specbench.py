@@ -4,13 +4,16 @@ HF plain, HF assisted generation and HF prompt lookup on the same weights.
 Run from the repository root::
 
     python -m benchmarks.specbench --out benchmarks/RESULTS.md            # 5 categories x 8 prompts, b1 + b4
+    python -m benchmarks.specbench --pack --out benchmarks/RESULTS.md     # packed weights + an as-loaded row
     python -m benchmarks.specbench --quick                                 # smoke run (1 prompt a category)
 
 Prompts: :mod:`benchmarks._specbench` (chat and multi-turn from ShareGPT's dev split, code, rag, rewrite), never
 trained on. One interleaved run per (mode, batch): each round is one prompt (batch 1) or four prompts of one
-category (batch 4, left padded), every method runs on it in an order rotated from round to round. The target is
-used as loaded (float32, nothing packed or cast), so "HF plain" is also HF plain on the model as the user loaded
-it. Greedy outputs are checked token for token against HF plain greedy of the same batch.
+category (batch 4, left padded), every method runs on it in an order rotated from round to round. Without
+``--pack`` the target is used as loaded (float32, nothing packed or cast), so "HF plain" is also HF plain on the
+model as the user loaded it; with ``--pack`` (the user's choice: oneDNN's packed kernels round differently) every
+method runs the packed weights and one more row, "HF plain, as loaded (unpacked)", runs an unpacked copy. Greedy
+outputs are checked token for token against HF plain greedy of the same weights and batch.
 
 Methods: HF plain ``generate``; HF assisted generation with the distilled 2-layer drafter; HF prompt lookup (10
 tokens); mmspec prompt lookup (10 tokens); mmspec with the EAGLE-3 head in the shape the calibration chose
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--head", default=None, help="a trained head folder (default: the shipped SmolLM2 head)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pack", action="store_true",
+                    help="pack the linear weights of the target, the head and the 2-layer drafter for oneDNN (every "
+                         "method but 'HF plain, as loaded' runs the packed weights; float rounding changes)")
     a = ap.parse_args(argv)
     load_before = begin(a.threads)
     from mmspec import engine
@@ -73,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     head = (load_drafter(a.head, target) if a.head else load_smollm2_drafter("head", target)).head
     small = load_smollm2_drafter("model", target)
+    as_loaded = None
+    if a.pack:  # the user's choice: packing changes float rounding, so it is a flag, and one row keeps the original
+        import copy
+
+        from mmspec.cpu_packing import pack_linear_weights
+
+        as_loaded = copy.deepcopy(target)
+        packed = sum(pack_linear_weights(m) for m in (target, head, small))
+        print(f"packed {packed} linear layers for oneDNN", file=sys.stderr, flush=True)
     categories = [c for c in a.categories.split(",") if c]
     prompts = category_prompts(a.per_category, seed=0, categories=categories)
     bench_texts = {m["content"] for ps in prompts.values() for p in ps for m in p}
@@ -116,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             d_, k_, n_ = tree_shape
             methods = {
                 "HF plain": lambda enc, seed: hf(enc),
+                **({"HF plain, as loaded (unpacked)": lambda enc, seed: as_loaded.generate(
+                    **enc, max_new_tokens=a.max_new_tokens, pad_token_id=eos, eos_token_id=eos, **hf_kw)}
+                   if as_loaded is not None else {}),
                 "HF assisted (2-layer drafter)": lambda enc, seed: hf(enc, assistant_model=small),
                 "HF prompt lookup": lambda enc, seed: hf(enc, prompt_lookup_num_tokens=K_LOOKUP),
                 "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", K_LOOKUP, seed),
@@ -127,12 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             }
             encs = [chat_inputs(tok, g) for g in groups]
             runs = interleave(methods, encs, meter=ForwardMeter(target), catch=True, label=f"{mode} b{bs}")
+            if as_loaded is not None:  # its forwards were not metered (another module): tau from the packed twin
+                for c in runs.of("HF plain, as loaded (unpacked)"):
+                    c.meter = next(x.meter for x in runs.of("HF plain") if x.index == c.index)
             results[(mode, bs)] = (runs, [e["input_ids"].shape[1] for e in encs], cats)
 
     lines = [SECTION_HEADING, "",
              f"{provenance('specbench', argv, load_before)} {a.per_category} prompts a category "
-             f"({', '.join(categories)}), {a.max_new_tokens} new tokens (EOS ends a row), float32, the target as "
-             f"loaded.", "",
+             f"({', '.join(categories)}), {a.max_new_tokens} new tokens (EOS ends a row), float32, "
+             + ("linear weights packed for oneDNN (target, head, 2-layer drafter); 'HF plain, as loaded' runs an "
+                "unpacked copy" if a.pack else "the target as loaded") + ".", "",
              f"Calibration ({cal.seconds:.0f} s, cached per model, drafter and machine; on 2 dev-split chat prompts "
              f"that are not benchmark prompts): {cal.summary()}. Target cost of verifying w tokens in 1-token "
              f"forwards: " + ", ".join(f"w={w}: {cal.cost.relative(w):.2f}" for w in cal.cost.widths)
@@ -152,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base = "HF plain" if "HF plain" not in runs.failed else None
         rows = []
-        width = 7 + len(categories)
+        width = 7 + len(categories) + (as_loaded is not None)
         for name, calls in runs.ran(rows, width):
             def rate(cs):
                 return sum(ntok(c) for c in cs) / max(sum(c.seconds for c in cs), 1e-9)
@@ -183,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                 ident = "yes" if all(same) else f"NO ({sum(same)}/{len(same)})"
                 bad |= not all(same)
             sp = runs.speedup(name, base, ntok) if base else float("nan")
-            rows.append([name, f"{runs.rate(name, ntok):.1f}", f"{sp:.2f}×", *per_cat, f"{tau:.2f}",
+            vs_loaded = (f"{runs.speedup(name, 'HF plain, as loaded (unpacked)', ntok):.2f}×"
+                         if as_loaded is not None and not runs.na("HF plain, as loaded (unpacked)") else "")
+            rows.append([name, f"{runs.rate(name, ntok):.1f}", f"{sp:.2f}×", *([vs_loaded] if as_loaded else []),
+                         *per_cat, f"{tau:.2f}",
                          f"{ceil:.2f}" if ceil else "", split, ident])
         label = "greedy" if mode == "greedy" else "T = 1"
         lines += [f"### {label}, batch {bs}", "",
-                  *md_table(["method", "tok/s", "speedup", *categories, "tau", "ceiling",
+                  *md_table(["method", "tok/s", "speedup", *(["vs HF plain as loaded"] if as_loaded else []),
+                             *categories, "tau", "ceiling",
                              "split target / drafter / verify / rest (ms per step)", "identical"], rows), ""]
     report("\n".join(lines), a.out, SECTION_HEADING)
     return 1 if bad else 0

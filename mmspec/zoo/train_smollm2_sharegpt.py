@@ -22,6 +22,7 @@ Usage::
 
     python -m mmspec.zoo.train_smollm2_sharegpt features --minutes 55          # repeat until 10.5 M tokens
     python -m mmspec.zoo.train_smollm2_sharegpt head --tokens 2.5e6 --steps 900 --minutes 55 --out runs/head_2.5M
+    python -m mmspec.zoo.train_smollm2_sharegpt tau --out runs/head_2.5M     # tau of chains of 4 on dev chat
 """
 
 from __future__ import annotations
@@ -75,9 +76,36 @@ def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draf
     return summary
 
 
+def tau(out: Path, prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> dict:
+    """Tokens per target forward of the head in ``out`` (chains of ``k``, greedy) on the first user turns of
+    dev-split conversations after the feature cache's (held out from training and from the top-1 figure)."""
+    from mmspec import engine
+    from mmspec.distill import load_drafter
+    from mmspec.distill.conversations import iter_sharegpt
+    from mmspec.pretrained import chat_inputs
+
+    model, tok = load_causal_lm()
+    drafter = load_drafter(out, model)
+    turns = [t for _, t in iter_sharegpt("dev")][DEV_CONVERSATIONS:]
+    texts = [t[0].text for t in turns if t[0].role == "user" and 20 <= len(t[0].text) <= 1500][:prompts]
+    accepted = rows = 0
+    for text in texts:
+        enc = chat_inputs(tok, [text])
+        res = engine.generate(model, enc["input_ids"], drafter=drafter, num_draft_tokens=k,
+                              max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
+        accepted += res.stats.accepted_tokens
+        rows += res.stats.row_steps
+    result = {"tau_chain": round((accepted + rows) / max(rows, 1), 3), "tau_k": k, "tau_prompts": len(texts),
+              "tau_max_new_tokens": max_new_tokens}
+    path = out / "training_summary.json"
+    if path.is_file():
+        path.write_text(json.dumps({**json.loads(path.read_text()), **result}, indent=2) + "\n")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmspec.zoo.train_smollm2_sharegpt", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["features", "head"])
+    p.add_argument("stage", choices=["features", "head", "tau"])
     p.add_argument("--cache", type=Path, default=None, help="feature cache (default ~/.cache/mmspec/sharegpt/smollm2)")
     p.add_argument("--tokens", type=float, default=None,
                    help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
@@ -94,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         done = sum(s["tokens"] for s in index["shards"])
         print(f"{done:,} tokens in {len(index['shards'])} shards ({index['stopped']}); "
               f"{index.get('tokens_per_s')} tokens/s")
+    elif a.stage == "tau":
+        if a.out is None:
+            p.error("stage tau needs --out")
+        print(json.dumps(tau(a.out), indent=2))
     else:
         if a.out is None:
             p.error("stage head needs --out")
