@@ -54,7 +54,8 @@ def _generated(seq: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = arg_parser("specbench", __doc__, max_new_tokens=64, quick={"max_new_tokens": 16, "per_category": 1})
+    ap = arg_parser("specbench", __doc__, max_new_tokens=64, section=SECTION_HEADING,
+                    quick={"max_new_tokens": 16, "per_category": 1})
     ap.add_argument("--per-category", type=int, default=8, help="prompts per category (default: %(default)s)")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (T = 1)")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                     c.meter = next(x.meter for x in runs.of("HF plain") if x.index == c.index)
             results[(mode, bs)] = (runs, [e["input_ids"].shape[1] for e in encs], cats)
 
-    lines = [SECTION_HEADING, "",
+    lines = [a.section, "",
              f"{provenance('specbench', argv, load_before)} {a.per_category} prompts a category "
              f"({', '.join(categories)}), {a.max_new_tokens} new tokens (EOS ends a row), float32, "
              + ("linear weights packed for oneDNN (target, head, 2-layer drafter); 'HF plain, as loaded' runs an "
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                   *md_table(["method", "tok/s", "speedup", *(["vs HF plain as loaded"] if as_loaded else []),
                              *categories, "tau", "ceiling",
                              "split target / drafter / verify / rest (ms per step)", "identical"], rows), ""]
-    report("\n".join(lines), a.out, SECTION_HEADING)
+    report("\n".join(lines), a.out, a.section)
     return 1 if bad else 0
 
 
