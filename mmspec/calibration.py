@@ -228,9 +228,16 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
         path = folder / (hashlib.sha1(ident.encode()).hexdigest()[:20] + ".json")
         if path.is_file():
             try:
-                return Calibration.from_json(json.loads(path.read_text()))
+                cached = Calibration.from_json(json.loads(path.read_text()))
             except (ValueError, KeyError, TypeError):
-                pass  # an unreadable cache entry is measured again
+                cached = None  # an unreadable cache entry is measured again
+            if cached is not None:
+                if drafter_module is not None and cached.drafter_packed != is_packed(drafter_module):
+                    if cached.drafter_packed and _can_pack(drafter_module):  # the setting it measured faster
+                        pack_linear_weights(drafter_module)
+                    elif not cached.drafter_packed:
+                        unpack_linear_weights(drafter_module)
+                return cached
     say = progress or (lambda msg: None)
     t0 = time.time()
     say("calibrating: the target's verification cost for w = 1 ... 32")

@@ -70,6 +70,13 @@ def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as
     assert again.cached and again.best == cal.best and again.expected_tokens_per_s == cal.expected_tokens_per_s
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["machine"] == cal.machine
+    # a cached "packed" choice packs the drafter again (a fresh process loads it unpacked); "unpacked" unpacks it
+    entry = json.loads(files[0].read_text())
+    for choice in (True, False):
+        files[0].write_text(json.dumps({**entry, "drafter_packed": choice}))
+        calibrate(target, _drafters(head), prompts, k_max=4, trees=((3, 2, 4),), max_new_tokens=12,
+                  drafter_module=head, cache_dir=tmp_path)
+        assert is_packed(head) == choice and not is_packed(target)
     other = calibrate(target, _drafters(head), prompts, k_max=2, trees=(), max_new_tokens=12, cache_dir=tmp_path)
     assert not other.cached and set(other.expected_tokens_per_s) == {"chain k=1", "chain k=2"}
     assert any("packing not measured" in n for n in other.notes)
