@@ -40,17 +40,10 @@ import torch
 
 from ._harness import ForwardMeter, arg_parser, begin, interleave, md_table, pool_stats, provenance, report
 from ._specbench import CATEGORIES, category_prompts, chat_prompts
+from .smollm2 import _generated
 
 SECTION_HEADING = "## Spec-Bench-style categories on SmolLM2-135M-Instruct (issue 32)"
 K_LOOKUP = 10
-
-
-def _generated(seq: torch.Tensor, prompt_len: int, eos: int) -> list[list[int]]:
-    rows = []
-    for r in seq[:, prompt_len:].tolist():
-        cut = next((i + 1 for i, t in enumerate(r) if t == eos), len(r))
-        rows.append(r[:cut])
-    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
