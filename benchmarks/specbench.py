@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 d = st.drafted_tokens / max(st.row_steps, 1)
                 levels = 0.0 if "lookup" in name and "hybrid" not in name else (
                     tree_shape[0] if ("tree" in name or "hybrid" in name) else d)
-                ceil = tau / (cal.cost.relative(max(1, round(1 + d))) + levels * c_head)
+                ceil = cal.ceiling(tau, d, levels)
                 per = 1e3 / max(st.steps, 1)
                 rest = runs.total(name) - st.prefill_time - st.target_time - st.drafter_time - st.verify_time
                 split = (f"{st.target_time * per:.0f} / {st.drafter_time * per:.0f} / {st.verify_time * per:.1f} / "

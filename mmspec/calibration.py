@@ -22,6 +22,8 @@ Glossary:
     expected rate   chain k:  (1 + sum_{i<=k} P(A >= i)) / (verify(k + 1) + k level + overhead);
                     tree:     its run's tokens per step over its run's seconds per step (measured, not modelled)
                     plain:    1 / (verify(1) + overhead), the rate of decoding without drafts through the same loop
+    choice          the best shape, or None (decode without drafts) when plain is expected to be faster: callers
+                    that default to the calibration never run drafts that cost more than they save
     packing         the drafter (never the target) is timed unpacked and packed for oneDNN
                     (:mod:`mmspec.cpu_packing`) when the build can pack; the faster is kept and said
                     (``drafter_packed``); drafts change, outputs do not (verification decides every token)
@@ -104,9 +106,24 @@ class Calibration:
         """Whether the best shape is expected to beat decoding without drafts."""
         return self.expected_tokens_per_s[self.best.label] > self.plain_tokens_per_s
 
+    @property
+    def choice(self) -> DraftShape | None:
+        """What to decode with: the best shape, or None (no drafts) when decoding without them is expected to be
+        faster on this machine."""
+        return self.best if self.pays else None
+
+    def ceiling(self, tau: float, drafts_per_step: float, levels: float) -> float:
+        """The speedup ``tau`` allows with the measured costs and no loop overhead:
+        tau / (verify(1 + d) + L c), d the mean drafts per row step, L the drafter forwards per step (chain: d,
+        tree: its depth, prompt lookup: 0), c one drafter forward in 1-token target forwards."""
+        c = self.level_seconds / self.cost.seconds[0]
+        return tau / (self.cost.relative(max(1, round(1 + drafts_per_step))) + levels * c)
+
     def summary(self) -> str:
         top = sorted(self.expected_tokens_per_s.items(), key=lambda kv: -kv[1])[:4]
-        return (f"calibrated draft shape: {self.best.label} (expected {self.expected_tokens_per_s[self.best.label]:.1f}"
+        head = (f"calibrated draft shape: {self.best.label}" if self.pays else
+                f"no drafts: decoding without them is expected to be faster here (best shape {self.best.label})")
+        return (f"{head} (expected {self.expected_tokens_per_s[self.best.label]:.1f}"
                 f" tok/s; without drafts {self.plain_tokens_per_s:.1f}; "
                 + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"); drafter {'packed' if self.drafter_packed else 'unpacked'}"
                 + (" (cached)" if self.cached else f" ({self.seconds:.0f} s)"))

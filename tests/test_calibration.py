@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mmspec import engine
-from mmspec.calibration import (CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
-                                         chain_tokens_per_step, fingerprint, head_drafters)
+from mmspec.calibration import (Calibration, CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
+                                chain_tokens_per_step, fingerprint, head_drafters)
 from mmspec.cpu_packing import is_packed, packing_available
 from mmspec.drafters.cost_model import CostModel
 from test_feature_drafter import make_head
@@ -26,6 +26,26 @@ def test_speed_model_exact_cases():
     # k = 2: verify 3 tokens = 0.014 s, two levels of 1 ms, 2 ms overhead -> 1.9 / 0.018
     assert chain_rate(acc, 2, cost, 0.001, 0.002) == pytest.approx(1.9 / 0.018)
     assert accept_at_least([], 2) == (0.0, 0.0)
+
+
+def _calibration(expected: dict, plain: float) -> Calibration:
+    best = max(expected, key=expected.get)
+    return Calibration.from_json({
+        "best": {"k": int(best.split("=")[1]), "tree": None}, "expected_tokens_per_s": expected,
+        "plain_tokens_per_s": plain, "cost": {"widths": [1, 2, 4], "seconds": [0.010, 0.012, 0.016]},
+        "level_seconds": 0.001, "overhead_seconds": 0.0, "accept_at_least": [0.5, 0.2], "runs": {},
+        "drafter_packed": False, "packing": {}, "machine": "m", "seconds": 1.0, "notes": []})
+
+
+def test_the_choice_is_no_drafts_when_plain_decoding_is_expected_to_be_faster():
+    pays = _calibration({"chain k=1": 120.0, "chain k=2": 110.0}, plain=100.0)
+    assert pays.pays and pays.choice == DraftShape(k=1) and pays.summary().startswith("calibrated draft shape: chain k=1")
+    slower = _calibration({"chain k=1": 90.0, "chain k=2": 80.0}, plain=100.0)
+    assert not slower.pays and slower.choice is None
+    assert slower.summary().startswith("no drafts: decoding without them is expected to be faster here")
+    # ceiling: tau / (verify(1 + d) + L c): tau 1.5, one draft a step (verify 2 = 1.2), one level of c = 0.1
+    assert pays.ceiling(1.5, 1.0, 1.0) == pytest.approx(1.5 / 1.3)
+    assert pays.ceiling(1.0, 0.0, 0.0) == pytest.approx(1.0)  # no drafts: no gain, no cost
 
 
 @pytest.mark.parametrize("bad, match", [(dict(k=0), "chain needs k >= 1"), (dict(tree=(3, 2)), "depth, top_k"),
@@ -53,7 +73,9 @@ def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as
     assert cal.best.label == max(cal.expected_tokens_per_s, key=cal.expected_tokens_per_s.get)
     assert len(cal.accept_at_least) == 4 and all(a >= b for a, b in zip(cal.accept_at_least, cal.accept_at_least[1:]))
     assert cal.cost.widths[0] == 1 and cal.cost.widths[-1] == 32 and cal.plain_tokens_per_s > 0
-    assert messages and not cal.cached and "calibrated draft shape" in cal.summary()
+    assert messages and not cal.cached
+    assert ("calibrated draft shape" if cal.pays else "no drafts") in cal.summary()
+    assert cal.choice == (cal.best if cal.pays else None)
     # the target is exactly as loaded: same weights, no packed layers
     assert fingerprint(target) == before
     assert all(torch.equal(v, state[k]) for k, v in target.state_dict().items())
@@ -90,3 +112,22 @@ def test_calibration_names_bad_input_before_measuring():
         calibrate(target, _drafters(head), [], cache_dir=None)
     with pytest.raises(CalibrationError, match="k_max >= 1"):
         calibrate(target, _drafters(head), [torch.tensor([[1, 2]])], k_max=0, cache_dir=None)
+
+
+def test_smollm2s_calibrated_head_is_no_drafter_when_drafts_do_not_pay(monkeypatch):
+    """`mmspec run`, `text` and `chat` take SmolLM2's head through calibrated_head_drafter: where the calibration
+    expects plain decoding to be faster they decode without drafts (drafter None) instead of running slower."""
+    import mmspec.zoo.smollm2 as zs
+
+    target = build("llama", layers=1)
+    head = make_head(target)
+    monkeypatch.setattr(zs, "chat_inputs", lambda tok, texts: {"input_ids": torch.tensor([[1, 2, 3]])})
+    for expected, plain in (({"chain k=1": 90.0, "chain k=2": 80.0}, 100.0), ({"chain k=1": 90.0, "chain k=2": 95.0}, 50.0)):
+        cal = _calibration(expected, plain)
+        monkeypatch.setattr(zs, "calibrate", lambda *a, **k: cal)
+        drafter, k, got = zs.calibrated_head_drafter(target, None, head)
+        assert got is cal
+        if cal.pays:
+            assert drafter is not None and k == cal.best.k == 2
+        else:
+            assert drafter is None and k is None

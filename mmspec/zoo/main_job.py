@@ -110,7 +110,8 @@ CHAT_PROMPT = "Give me three tips for staying focused while studying."
 def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
     """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
     mmspec with the shipped EAGLE-3 head in the draft shape the calibration chose for this machine
-    (:mod:`mmspec.calibration`, cached); the answers must be identical."""
+    (:mod:`mmspec.calibration`, cached), or without drafts where it expects them not to pay; the answers must be
+    identical."""
     try:
         target, tok = load_causal_lm()
     except ModelNotFoundError as exc:
@@ -132,8 +133,9 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
     st = spec.stats
     tau = (st.accepted_tokens + st.row_steps) / max(st.row_steps, 1)
     drafts = st.drafted_tokens / max(st.row_steps, 1)
-    levels = cal.best.tree[0] if cal.best.tree else drafts
-    ceiling = tau / (cal.cost.relative(max(1, round(1 + drafts))) + levels * cal.level_seconds / cal.cost.seconds[0])
+    shape = cal.choice
+    ceiling = cal.ceiling(tau, drafts, 0 if shape is None else shape.tree[0] if shape.tree else drafts)
+    label = "no drafts (calibrated: plain decoding is faster here)" if shape is None else f"{shape.label} (calibrated)"
     per = 1e3 / max(st.steps, 1)
     rest = t_spec - st.prefill_time - st.target_time - st.drafter_time - st.verify_time
     res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
@@ -143,11 +145,11 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
            "tau": round(tau, 3), "tau_ceiling": round(ceiling, 3),
            "split_ms_per_step": {"target": round(st.target_time * per, 1), "drafter": round(st.drafter_time * per, 1),
                                  "verify": round(st.verify_time * per, 1), "rest": round(rest * per, 1)},
-           "drafter": f"EAGLE-3 head, {cal.best.label} (calibrated)", "calibration": cal.summary()}
+           "drafter": f"EAGLE-3 head, {label}", "calibration": cal.summary()}
     log(f"[text] {CHAT_PROMPT}")
     log(f"[text] SmolLM2: {answer[:160]}{'...' if len(answer) > 160 else ''}")
     log(f"[text] identical to HF generate: {res['identical_to_hf_generate']}; speedup x{res['speedup_vs_hf_generate']:.2f} "
-        f"({cal.best.label}; tau {tau:.2f}, ceiling x{ceiling:.2f}; ms per step: target "
+        f"({label}; tau {tau:.2f}, ceiling x{ceiling:.2f}; ms per step: target "
         f"{res['split_ms_per_step']['target']}, drafter {res['split_ms_per_step']['drafter']}, verify "
         f"{res['split_ms_per_step']['verify']}, rest {res['split_ms_per_step']['rest']})")
     return res

@@ -109,11 +109,14 @@ def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any 
                                                                                                 Calibration]:
     """(drafter, num_draft_tokens, calibration): ``head`` in the draft shape :func:`mmspec.calibration.calibrate`
     chooses for ``target`` on this machine (chains of k = 1 ... 6 or a 5/4/16 dynamic tree; about 20 s on 2 cores
-    the first time, then read from the cache). ``num_draft_tokens`` is None for a tree."""
+    the first time, then read from the cache). ``num_draft_tokens`` is None for a tree; the drafter is None (decode
+    without drafts) when the calibration expects plain decoding to be faster (``calibration.choice`` None)."""
     cal = calibrate(target, head_drafters(head), [chat_inputs(tokenizer, [CALIBRATION_PROMPT])["input_ids"]],
                     k_max=6, trees=((5, 4, 16),), max_new_tokens=24, drafter_module=head,
                     eos_token_id=target.generation_config.eos_token_id, progress=log)
-    return head_drafters(head)(cal.best, cal.cost), cal.best.k or None, cal
+    if cal.choice is None:
+        return None, None, cal
+    return head_drafters(head)(cal.choice, cal.cost), cal.choice.k or None, cal
 
 
 __all__ = ["CALIBRATION_PROMPT", "calibrated_head_drafter", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",

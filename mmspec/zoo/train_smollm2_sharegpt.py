@@ -76,6 +76,50 @@ def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draf
     return summary
 
 
+SELF_PROMPTS = 4096  # ShareGPT training-split first user turns the target answers (stage self)
+FINETUNE = HeadTraining(draft_vocab_size=4096, ttt_steps=3, step_decay=0.8, batch_size=6, max_len=256,
+                        loop=replace(HeadTraining.loop, steps=1000, lr=3e-4, warmup=20, save_every=25))
+
+
+def self_answers(cache: Path, minutes: float, batch_size: int = 32, max_new_tokens: int = 192) -> dict:
+    """The target's own answers (greedy and T = 0.7 batches alternating) to ShareGPT training-split first user
+    turns, with its features, as shards under ``cache/self`` (resumable; stops after ``minutes``). Prompts are
+    sorted by length within the drawn set so that a batch pads little."""
+    from mmspec.distill import self_distillation_prompts
+    from mmspec.distill.data import build_dataset, load_examples
+
+    model, tok = load_causal_lm()
+    prompts = self_distillation_prompts(SELF_PROMPTS, seed=0)
+    prompts = sorted(prompts, key=len)
+    t0 = time.time()
+    build_dataset(model, tok, cache / "self", prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                  seed=0, minutes=minutes)
+    ex = load_examples(cache / "self")
+    return {"examples": len(ex), "answer_tokens": int(sum(int(e["loss_mask"].sum()) for e in ex)),
+            "minutes": round((time.time() - t0) / 60, 2)}
+
+
+def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float) -> dict:
+    """Fine-tune the head in ``init`` (its draft vocabulary kept) on the target's own answers (``cache/self``), with
+    the ShareGPT dev conversations as the held-out set."""
+    from mmspec.distill.data import load_examples
+    from mmspec.heads.eagle3 import Eagle3Head
+
+    model, tok = load_causal_lm()
+    examples = load_examples(cache / "self")
+    held = list(ShardedExamples(cache / "dev"))
+    head0 = Eagle3Head.load(init, model, dtype=torch.float32)
+    config = replace(FINETUNE, loop=replace(FINETUNE.loop, steps=steps))
+    t0 = time.time()
+    summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, init=head0,
+                         heldout_examples=held)
+    summary = {"data": "self (ShareGPT prompts)", "init": str(init), "data_examples": len(examples),
+               "data_answer_tokens": int(sum(int(e["loss_mask"].sum()) for e in examples)),
+               "minutes": round((time.time() - t0) / 60, 2), **summary}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def tau(out: Path, prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> dict:
     """Tokens per target forward of the head in ``out`` (chains of ``k``, greedy) on the first user turns of
     dev-split conversations after the feature cache's (held out from training and from the top-1 figure)."""
@@ -105,7 +149,7 @@ def tau(out: Path, prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmspec.zoo.train_smollm2_sharegpt", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["features", "head", "tau"])
+    p.add_argument("stage", choices=["features", "head", "self", "finetune", "tau"])
     p.add_argument("--cache", type=Path, default=None, help="feature cache (default ~/.cache/mmspec/sharegpt/smollm2)")
     p.add_argument("--tokens", type=float, default=None,
                    help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
@@ -115,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draft-vocab", type=int, default=HEAD.draft_vocab_size)
     p.add_argument("--batch-size", type=int, default=HEAD.batch_size, help="head: windows of 512 tokens a step")
     p.add_argument("--out", type=Path, default=None, help="head: run directory")
+    p.add_argument("--prompts", type=int, default=8, help="tau: dev-split first turns to decode")
+    p.add_argument("--init", type=Path, default=None, help="finetune: the head to start from")
     a = p.parse_args(argv)
     cache = a.cache or default_cache()
     if a.stage == "features":
@@ -122,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         done = sum(s["tokens"] for s in index["shards"])
         print(f"{done:,} tokens in {len(index['shards'])} shards ({index['stopped']}); "
               f"{index.get('tokens_per_s')} tokens/s")
+    elif a.stage == "self":
+        print(json.dumps(self_answers(cache, a.minutes), indent=2))
+    elif a.stage == "finetune":
+        if a.out is None or a.init is None:
+            p.error("stage finetune needs --out and --init")
+        print(json.dumps(finetune(cache, a.out, a.init, a.steps if a.steps != HEAD.loop.steps else FINETUNE.loop.steps,
+                                  a.minutes), indent=2))
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
-        print(json.dumps(tau(a.out), indent=2))
+        print(json.dumps(tau(a.out, prompts=a.prompts), indent=2))
     else:
         if a.out is None:
             p.error("stage head needs --out")
