@@ -264,6 +264,7 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     packing: dict = {}
     packed = False
     say(f"calibrating: a chain of {k_max} drafts")
+    _run(target, drafter_for(chain, cost), prompts[:1], k_max, 4, eos_token_id)  # warm-up: first calls allocate
     s = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
     if drafter_module is not None and _can_pack(drafter_module):
         pack_linear_weights(drafter_module)
