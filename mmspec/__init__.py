@@ -6,7 +6,7 @@ batched; the same loop serves :mod:`mmspec.vision` and :mod:`mmspec.image_gen`.
 """
 
 from .config import SamplingParams
-from .drafters import (BlockwiseDrafter, ConfidenceDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
+from .drafters import (BlockwiseDrafter, ConfidenceDraftLength, CostAwareDraftLength, CostModel, Draft, Drafter, DynamicTree, FeatureDrafter, FixedDraftLength, HeuristicDraftLength,
                        HybridDrafter, Lattice, ModelDrafter, NGramRescorer, NeuralRescorer, PromptLookupDrafter, StaticTree, TreeDrafter,
                        check_same_tokenizer)
 from .calibration import Calibration, CalibrationError, DraftShape, calibrate
@@ -22,7 +22,7 @@ from .verify import ExactRule, GreedyRule, TreeVerifyResult, VerifyResult, verif
 __version__ = "0.1.0"
 
 __all__ = [
-    "BlockwiseDrafter", "Calibration", "CalibrationError", "DraftShape", "calibrate", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
+    "BlockwiseDrafter", "Calibration", "CalibrationError", "DraftShape", "calibrate", "Lattice", "NGramRescorer", "NeuralRescorer", "ConfidenceDraftLength", "CostAwareDraftLength", "CostModel", "DeviceMismatchError", "FeatureDrafter", "Draft", "Drafter", "DynamicTree", "EmptyPromptError",
     "ExactRule", "FixedDraftLength", "GenerationOutput", "GenerationStats", "GreedyRule", "Guidance",
     "HeuristicDraftLength", "HybridDrafter", "InvalidDraftLengthError", "InvalidLengthError", "InvalidSamplingError",
     "MMSpecError", "MethodParameterError", "ModelDrafter", "NonFiniteError", "PromptLookupDrafter", "RowRandom",

@@ -275,3 +275,68 @@ def test_confidence_uses_the_drafters_probability_when_sampling(threshold):
         assert stopped_early == 0
     else:
         assert stopped_early > 0 and reached_k > 0
+
+
+# ---------------------------------------------------------------- CostAwareDraftLength
+
+from mmspec.drafters import CostAwareDraftLength, CostModel, PromptLookupDrafter  # noqa: E402
+from mmspec.errors import InvalidDraftLengthError  # noqa: E402
+
+FLAT = CostModel(widths=(1, 16), seconds=(1.0, 1.0))  # verifying up to 16 tokens costs one forward
+LINEAR = CostModel(widths=(1, 2), seconds=(1.0, 2.0))  # every token costs a forward: drafts never pay
+# SmolLM2-135M packed on the 2-core AVX2 machine (benchmarks/RESULTS.md, issue 32): verify(w) in 1-token forwards
+SMOLLM2 = CostModel(widths=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+                    seconds=(1.0, 1.10, 1.16, 1.19, 1.33, 1.36, 1.66, 1.81, 2.11, 2.60))
+
+
+@pytest.mark.parametrize("cost, a, rows, max_k, expected", [
+    (FLAT, 0.9, 1, 10, 10),  # free verification: draft all that is allowed
+    (FLAT, 0.9, 1, 4, 4),
+    (LINEAR, 0.9, 1, 10, 1),  # each drafted token costs a forward: the least drafting
+    (SMOLLM2, 0.9, 1, 10, 10),
+    (SMOLLM2, 0.3, 1, 10, 2),  # rate(2) = (1 + .3 + .09) / verify(3) = 1.39 / 1.16
+    (SMOLLM2, 0.1, 1, 10, 1),
+    (SMOLLM2, 0.9, 4, 10, 5),  # four rows: the same drafts make forwards four times as wide
+    (SMOLLM2, 0.6, 4, 10, 3),
+    (CostModel(widths=SMOLLM2.widths, seconds=SMOLLM2.seconds, level_cost=0.2), 0.9, 1, 10, 7),  # drafter forwards: 7, not 10
+])
+def test_cost_aware_k_table(cost, a, rows, max_k, expected):
+    p = CostAwareDraftLength(cost, max_k=max_k)
+    assert p.best_k(a, rows) == expected
+    rates = [rows * sum(a ** i for i in range(k + 1)) / (cost.relative(rows * (1 + k)) + k * cost.level_cost)
+             for k in range(1, max_k + 1)]
+    assert expected == 1 + max(range(max_k), key=rates.__getitem__)  # the written-out argmax agrees
+
+
+def test_cost_aware_acceptance_estimate_counts_rejections_per_row_step():
+    p = CostAwareDraftLength(SMOLLM2, prior=0.5, decay=1.0)
+    assert p.acceptance == pytest.approx(0.5) and p.current() == p.best_k(0.5, 1)
+    # rows accept 2 of 3 (2 successes, 1 failure), draft nothing (ignored), accept 3 of 3 (3 successes)
+    p.update(torch.tensor([2, 0, 3]), torch.tensor([3, 0, 3]))
+    assert p.acceptance == pytest.approx((5 + 1) / (6 + 2)) and p.current() == p.best_k(0.75, 3)
+    q = CostAwareDraftLength(SMOLLM2, prior=0.5, decay=0.5)
+    q.update(torch.tensor([0]), torch.tensor([4]))
+    q.update(torch.tensor([4]), torch.tensor([4]))
+    assert q.acceptance == pytest.approx((4 + 1) / (4 + 0.5 + 2))  # the older failure counts half
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(cost_model=None), "cost_model must have relative"),
+                                           (dict(cost_model=FLAT, max_k=0), "max_k must be an int >= 1"),
+                                           (dict(cost_model=FLAT, prior=1.5), "prior in"),
+                                           (dict(cost_model=FLAT, decay=0.0), "decay in")])
+def test_cost_aware_bad_input_is_named(kwargs, match):
+    with pytest.raises(InvalidDraftLengthError, match=match):
+        CostAwareDraftLength(**kwargs)
+
+
+def test_cost_aware_prompt_lookup_is_greedy_identical_and_adapts_k():
+    """Prompt lookup under the cost-aware policy emits the target's greedy tokens; on a repetitive target its
+    drafts are accepted, so k climbs from the prior's choice (1) to max_k."""
+    target = bigram_lm(chain_table(T_NEXT, T_CONF))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 3]])
+    policy = CostAwareDraftLength(SMOLLM2, max_k=8, prior=0.1)
+    assert policy.current() == 1
+    out = mmspec.generate(target, ids, drafter=PromptLookupDrafter(2, draft_length=policy), max_new_tokens=40)
+    ref = target.generate(ids, do_sample=False, max_new_tokens=40)
+    assert torch.equal(out.sequences, ref)
+    assert policy.acceptance > 0.8 and policy.current() == 8

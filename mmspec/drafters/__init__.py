@@ -1,6 +1,6 @@
 """Drafters: propose tokens for the target to verify."""
 
-from .adaptive import (ConfidenceDraftLength, DraftLengthPolicy, FixedDraftLength,
+from .adaptive import (ConfidenceDraftLength, CostAwareDraftLength, DraftLengthPolicy, FixedDraftLength,
                        HeuristicDraftLength)
 from .base import Draft, Drafter, StepOutcome
 from .blockwise import BlockwiseDrafter, Lattice
@@ -14,7 +14,7 @@ from .test_time_speculation import TTSConfig, TTSConfigError, TTSDrafter
 from .tree import DynamicTree, StaticTree
 
 __all__ = [
-    "ConfidenceDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
+    "ConfidenceDraftLength", "CostAwareDraftLength", "CostModel", "Draft", "FeatureDrafter", "measure_cost_model", "DraftLengthPolicy", "Drafter", "FixedDraftLength",
     "HeuristicDraftLength", "HybridDrafter", "ModelDrafter", "StaticTree", "DynamicTree", "TreeDrafter", "check_same_tokenizer", "PromptLookupDrafter", "StepOutcome",
     "TTSConfig", "TTSConfigError", "TTSDrafter", "BlockwiseDrafter", "Lattice", "NGramModel", "NGramRescorer",
     "NeuralRescorer", "Rescorer",

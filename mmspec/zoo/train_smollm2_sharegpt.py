@@ -83,14 +83,19 @@ FINETUNE = HeadTraining(draft_vocab_size=4096, ttt_steps=3, step_decay=0.8, batc
 
 def self_answers(cache: Path, minutes: float, batch_size: int = 32, max_new_tokens: int = 192) -> dict:
     """The target's own answers (greedy and T = 0.7 batches alternating) to ShareGPT training-split first user
-    turns, with its features, as shards under ``cache/self`` (resumable; stops after ``minutes``). Prompts are
-    sorted by length within the drawn set so that a batch pads little."""
+    turns of 20 to 1,500 characters (as the dev prompts tau decodes), with its features, as shards under
+    ``cache/self`` (resumable; stops after ``minutes``). Batches hold prompts of similar length (little padding)
+    and come in a shuffled order, so the batches a run finishes are a sample of every length."""
+    import random
+
     from mmspec.distill import self_distillation_prompts
     from mmspec.distill.data import build_dataset, load_examples
 
     model, tok = load_causal_lm()
-    prompts = self_distillation_prompts(SELF_PROMPTS, seed=0)
-    prompts = sorted(prompts, key=len)
+    prompts = sorted((p for p in self_distillation_prompts(SELF_PROMPTS, seed=0) if 20 <= len(p) <= 1500), key=len)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    random.Random(0).shuffle(batches)
+    prompts = [p for b in batches for p in b]
     t0 = time.time()
     build_dataset(model, tok, cache / "self", prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                   seed=0, minutes=minutes)
