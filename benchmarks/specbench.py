@@ -18,7 +18,10 @@ outputs are checked token for token against HF plain greedy of the same weights 
 Methods: HF plain ``generate``; HF assisted generation with the distilled 2-layer drafter; HF prompt lookup (10
 tokens); mmspec prompt lookup (10 tokens); mmspec with the EAGLE-3 head in the shape the calibration chose
 (:mod:`mmspec.calibration`, on two dev-split chat prompts that are not benchmark prompts); mmspec hybrid drafts
-(the head's best calibrated tree plus prompt lookup's chain in one tree, :mod:`mmspec.drafters.hybrid`).
+(the head's best calibrated tree plus prompt lookup's chain in one tree, :mod:`mmspec.drafters.hybrid`); prompt
+lookup (at most 10) and the head's chain (at most 6) with k chosen each step by
+:class:`~mmspec.drafters.adaptive.CostAwareDraftLength` from the calibration's verification costs and the running
+acceptance ("cost-aware k").
 
 Glossary:
     tok/s      generated tokens (up to and including EOS) / wall time, summed over the rounds
@@ -61,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     load_before = begin(a.threads)
     from mmspec import engine
-    from mmspec.calibration import calibrate, head_drafters
+    from mmspec.calibration import DraftShape, calibrate, head_drafters
     from mmspec.drafters.feature import FeatureDrafter
     from mmspec.drafters.hybrid import HybridDrafter
     from mmspec.drafters.model import ModelDrafter
+    from mmspec.drafters.adaptive import CostAwareDraftLength
+    from mmspec.drafters.cost_model import CostModel
+    from mmspec.drafters.prompt_lookup import PromptLookupDrafter
     from mmspec.drafters.tree import DynamicTree
     from mmspec.pretrained import chat_inputs, load_causal_lm
     from mmspec.zoo.smollm2 import load_drafter, load_smollm2_drafter
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                                        eos_token_id=eos, **mm_kw)
 
             d_, k_, n_ = tree_shape
+            lookup_cost = CostModel(widths=cal.cost.widths, seconds=cal.cost.seconds)  # prompt lookup: no drafter
+            head_cost = CostModel(widths=cal.cost.widths, seconds=cal.cost.seconds, level_cost=c_head)
             methods = {
                 "HF plain": lambda enc, seed: hf(enc),
                 **({"HF plain, as loaded (unpacked)": lambda enc, seed: as_loaded.generate(
@@ -131,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
                 "HF assisted (2-layer drafter)": lambda enc, seed: hf(enc, assistant_model=small),
                 "HF prompt lookup": lambda enc, seed: hf(enc, prompt_lookup_num_tokens=K_LOOKUP),
                 "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", K_LOOKUP, seed),
+                "mmspec prompt lookup, cost-aware k": lambda enc, seed: mm(
+                    enc, PromptLookupDrafter(), CostAwareDraftLength(lookup_cost, max_k=K_LOOKUP), seed),
                 f"mmspec EAGLE-3 head, calibrated ({cal.best.label})":
                     lambda enc, seed: mm(enc, drafter_for(cal.best, cal.cost), cal.best.k or None, seed),
+                "mmspec EAGLE-3 head, cost-aware k": lambda enc, seed: mm(
+                    enc, drafter_for(DraftShape(k=1), cal.cost), CostAwareDraftLength(head_cost, max_k=6), seed),
                 f"mmspec hybrid (head {best_tree} + lookup)":
                     lambda enc, seed: mm(enc, HybridDrafter(FeatureDrafter(head, tree=DynamicTree(
                         depth=d_, top_k=k_, num_nodes=n_, cost_model=cal.cost))), None, seed),
