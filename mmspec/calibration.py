@@ -23,7 +23,7 @@ Glossary:
                     tree:     its run's tokens per step over its run's seconds per step (measured, not modelled)
                     plain:    1 / (verify(1) + overhead), the rate of decoding without drafts through the same loop
     choice          the best shape, or None (decode without drafts) when plain is expected to be faster: callers
-                    that default to the calibration never run drafts that cost more than they save
+                    that default to the calibration do not run drafts the model expects to cost more than they save
     packing         the drafter (never the target) is timed unpacked and packed for oneDNN
                     (:mod:`mmspec.cpu_packing`) when the build can pack; the faster is kept and said
                     (``drafter_packed``); drafts change, outputs do not (verification decides every token)
@@ -55,6 +55,8 @@ from .stats import GenerationStats
 
 #: the widths the verification cost is measured at (tokens per target forward)
 VERIFY_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+#: part of the cache key: a change to what is measured or how invalidates older entries
+CACHE_VERSION = 2
 #: candidate dynamic trees (depth, top_k, num_nodes), small to large
 DEFAULT_TREES = ((4, 4, 8), (6, 8, 24))
 
@@ -235,7 +237,7 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
         raise CalibrationError(f"need k_max >= 1 and max_new_tokens >= 4, got {k_max!r}, {max_new_tokens!r}")
     shapes = [DraftShape(tree=tuple(int(v) for v in t)) for t in trees]
     machine = machine_key()
-    ident = json.dumps({"target": fingerprint(target), "target_packed": is_packed(target),
+    ident = json.dumps({"version": CACHE_VERSION, "target": fingerprint(target), "target_packed": is_packed(target),
                         "drafter": fingerprint(drafter_module), "key": key,
                         "k_max": k_max, "trees": [s.tree for s in shapes], "max_new_tokens": max_new_tokens,
                         "prompts": [p.tolist() for p in prompts], "widths": list(widths), "machine": machine})
@@ -269,6 +271,7 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     if drafter_module is not None and _can_pack(drafter_module):
         pack_linear_weights(drafter_module)
         say("calibrating: the same chain with the drafter packed for oneDNN")
+        _run(target, drafter_for(chain, cost), prompts[:1], k_max, 4, eos_token_id)  # the same warm-up
         sp = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
         level_p = (sp.drafter_time - sp.drafter_prefill_time) / max(sp.drafted_tokens, 1)
         level_u = (s.drafter_time - s.drafter_prefill_time) / max(s.drafted_tokens, 1)

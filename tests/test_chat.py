@@ -50,6 +50,13 @@ def test_streamed_turns_equal_hf_generate_on_the_conversation(tiny_chat_model):
     assert chat.messages == []
 
 
+def test_a_chat_without_drafter_equals_hf_generate(tiny_chat_model):
+    """What `mmspec chat` runs where the calibration expects drafts not to pay: no drafter, plain decoding."""
+    model, tok, _ = tiny_chat_model
+    chat = Chat(model, tok, None, max_new_tokens=8)
+    _check_turns_equal_hf_generate(chat, model, tok, ("Hello there", "Decode a JSON document."))
+
+
 def test_a_system_message_goes_first(tiny_chat_model):
     model, tok, _ = tiny_chat_model
     chat = Chat(model, tok, "prompt_lookup", max_new_tokens=8, system="Answer briefly.")

@@ -340,3 +340,27 @@ def test_cost_aware_prompt_lookup_is_greedy_identical_and_adapts_k():
     ref = target.generate(ids, do_sample=False, max_new_tokens=40)
     assert torch.equal(out.sequences, ref)
     assert policy.acceptance > 0.8 and policy.current() == 8
+
+
+def test_cost_aware_k_through_num_draft_tokens_with_a_head_at_batch_two_is_greedy_identical():
+    """The policy passed as ``num_draft_tokens`` reaches an EAGLE-3 head's chains; two left-padded rows, one
+    ending early at EOS, decode exactly as HF greedy generate."""
+    from test_feature_drafter import make_head
+    from tiny_models import build
+
+    from mmspec.drafters import FeatureDrafter
+
+    torch.manual_seed(0)
+    target = build("llama", layers=2)
+    head = make_head(target)
+    ids = torch.tensor([[5, 17, 33, 9, 5, 17], [0, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[1] * 6, [0, 1, 1, 1, 1, 1]])
+    plain = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    eos = int(plain[1, 6 + 5])  # row 1's sixth new token: it ends there (or earlier, where it repeats before)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
+                          eos_token_id=eos)
+    policy = CostAwareDraftLength(SMOLLM2, max_k=4, prior=0.9)
+    out = mmspec.generate(target, ids, attention_mask=mask, drafter=FeatureDrafter(head), num_draft_tokens=policy,
+                          max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out.sequences[:, :ref.shape[1]], ref)
+    assert out.stats.drafted_tokens > 0 and 0.0 <= policy.acceptance <= 1.0

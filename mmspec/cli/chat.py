@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
                         "or a folder written by `mmspec train-drafter`")
     p.add_argument("--tree", default="auto",
                    help="a head's draft shape: auto (default: the chain or tree the calibration measures fastest on "
-                        "this machine, cached) or a dynamic tree depth,top_k,nodes")
+                        "this machine, cached; no drafts where it expects plain decoding to be faster) or a dynamic "
+                        "tree depth,top_k,nodes")
     p.add_argument("--chain", action="store_true", help="draft chains of -k tokens instead of trees")
     p.add_argument("--system", default=None, help="system message")
     add_sampling_flags(p, max_new_tokens=256, k=3, temperature=0.0, top_k=None, top_p=None, seed=0)

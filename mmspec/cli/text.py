@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt", default=None, help="the prompt (a chat turn for SmolLM2)")
     add_sampling_flags(p, max_new_tokens=64, k=None, temperature=0.0, top_k=None, top_p=None, seed=0,
                        helps={"k": "drafted tokens per verification step (default: SmolLM2's head in the shape the "
-                                   "calibration measures fastest here, cached; 3 for other drafters)"})
+                                   "calibration measures fastest here, cached, or no drafts where it expects plain decoding to "
+                                   "be faster; 3 for other drafters)"})
 
 
 def example_models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:

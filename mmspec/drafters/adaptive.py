@@ -142,7 +142,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
 
     def update(self, num_accepted: torch.Tensor, num_draft: torch.Tensor) -> None:
         drafted = num_draft > 0
-        self._rows = max(int(num_draft.numel()), 1)
+        self._rows = max(int(num_draft.numel()), 1)  # the rows of the step seen (rows finishing now count once more)
+        if not bool(drafted.any()):  # a step with nothing drafted (no lookup match) says nothing about acceptance
+            return
         self._accepted = self.decay * self._accepted + float(num_accepted[drafted].sum())
         self._rejected = self.decay * self._rejected + float((num_accepted[drafted] < num_draft[drafted]).sum())
 

@@ -23,6 +23,9 @@ Usage::
     python -m mmspec.zoo.train_smollm2_sharegpt features --minutes 55          # repeat until 10.5 M tokens
     python -m mmspec.zoo.train_smollm2_sharegpt head --tokens 2.5e6 --steps 900 --minutes 55 --out runs/head_2.5M
     python -m mmspec.zoo.train_smollm2_sharegpt tau --out runs/head_2.5M     # tau of chains of 4 on dev chat
+    python -m mmspec.zoo.train_smollm2_sharegpt self --minutes 40             # the target's own answers
+    python -m mmspec.zoo.train_smollm2_sharegpt finetune --data self --init mmspec/zoo/weights/smollm2/head \
+        --steps 400 --out runs/head_ft_self                                   # fine-tune a head on them
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def self_answers(cache: Path, minutes: float, batch_size: int = 32, max_new_toke
     prompts = sorted((p for p in self_distillation_prompts(SELF_PROMPTS, seed=0) if 20 <= len(p) <= 1500), key=len)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     random.Random(0).shuffle(batches)
+    batches.sort(key=lambda b: len(b) < batch_size)  # a short remainder goes last (the rest stay batch-aligned)
     prompts = [p for b in batches for p in b]
     t0 = time.time()
     build_dataset(model, tok, cache / "self", prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -104,22 +108,28 @@ def self_answers(cache: Path, minutes: float, batch_size: int = 32, max_new_toke
             "minutes": round((time.time() - t0) / 60, 2)}
 
 
-def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float) -> dict:
-    """Fine-tune the head in ``init`` (its draft vocabulary kept) on the target's own answers (``cache/self``), with
-    the ShareGPT dev conversations as the held-out set."""
+def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, data: str = "self") -> dict:
+    """Fine-tune the head in ``init`` (its draft vocabulary kept) on the target's own answers to ShareGPT prompts
+    (``data="self"``: ``cache/self``) or on ShareGPT's fixed answers (``"fixed"``: the feature shards of
+    ``cache/train``, windows of 256), with the ShareGPT dev conversations as the held-out set."""
     from mmspec.distill.data import load_examples
     from mmspec.heads.eagle3 import Eagle3Head
 
     model, tok = load_causal_lm()
-    examples = load_examples(cache / "self")
+    if data == "self":
+        examples, config = load_examples(cache / "self"), FINETUNE
+    else:
+        examples, config = ShardedExamples(cache / "train"), replace(FINETUNE, windows=True)
     held = list(ShardedExamples(cache / "dev"))
     head0 = Eagle3Head.load(init, model, dtype=torch.float32)
-    config = replace(FINETUNE, loop=replace(FINETUNE.loop, steps=steps))
+    config = replace(config, loop=replace(FINETUNE.loop, steps=steps))
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, init=head0,
                          heldout_examples=held)
-    summary = {"data": "self (ShareGPT prompts)", "init": str(init), "data_examples": len(examples),
-               "data_answer_tokens": int(sum(int(e["loss_mask"].sum()) for e in examples)),
+    answer_tokens = (examples.answer_tokens if data != "self"
+                     else int(sum(int(e["loss_mask"].sum()) for e in examples)))
+    summary = {"data": "self (ShareGPT prompts)" if data == "self" else "fixed ShareGPT answers", "init": str(init),
+               "data_examples": len(examples), "data_answer_tokens": answer_tokens,
                "minutes": round((time.time() - t0) / 60, 2), **summary}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -160,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
     p.add_argument("--minutes", type=float, default=55.0)
     p.add_argument("--cache-gb", type=float, default=50.0)
-    p.add_argument("--steps", type=int, default=HEAD.loop.steps, help="head: steps of the schedule")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"head, finetune: steps of the schedule (default {HEAD.loop.steps}, {FINETUNE.loop.steps})")
     p.add_argument("--draft-vocab", type=int, default=HEAD.draft_vocab_size)
     p.add_argument("--batch-size", type=int, default=HEAD.batch_size, help="head: windows of 512 tokens a step")
     p.add_argument("--out", type=Path, default=None, help="head: run directory")
     p.add_argument("--prompts", type=int, default=8, help="tau: dev-split first turns to decode")
     p.add_argument("--init", type=Path, default=None, help="finetune: the head to start from")
+    p.add_argument("--data", choices=["self", "fixed"], default="self",
+                   help="finetune: the target's own answers (stage self) or ShareGPT's fixed answers (stage features)")
     a = p.parse_args(argv)
     cache = a.cache or default_cache()
     if a.stage == "features":
@@ -178,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "finetune":
         if a.out is None or a.init is None:
             p.error("stage finetune needs --out and --init")
-        print(json.dumps(finetune(cache, a.out, a.init, a.steps if a.steps != HEAD.loop.steps else FINETUNE.loop.steps,
-                                  a.minutes), indent=2))
+        print(json.dumps(finetune(cache, a.out, a.init, a.steps or FINETUNE.loop.steps, a.minutes, a.data), indent=2))
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
@@ -187,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if a.out is None:
             p.error("stage head needs --out")
-        summary = head(cache, a.out, a.tokens or math.inf, a.steps, a.minutes, a.draft_vocab, a.batch_size)
+        summary = head(cache, a.out, a.tokens or math.inf, a.steps or HEAD.loop.steps, a.minutes, a.draft_vocab, a.batch_size)
         print(json.dumps(summary, indent=2))
     return 0
 
