@@ -197,10 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 levels = 0.0 if "lookup" in name and "hybrid" not in name else (
                     tree_shape[0] if ("tree" in name or "hybrid" in name) else d)
                 ceil = cal.ceiling(tau, d, levels)
-                per = 1e3 / max(st.steps, 1)
-                rest = runs.total(name) - st.prefill_time - st.target_time - st.drafter_time - st.verify_time
-                split = (f"{st.target_time * per:.0f} / {st.drafter_time * per:.0f} / {st.verify_time * per:.1f} / "
-                         f"{rest * per:.1f}")
+                sp = st.split_ms_per_step(runs.total(name))
+                split = f"{sp['target']:.0f} / {sp['drafter']:.0f} / {sp['verify']:.1f} / {sp['rest']:.1f}"
             else:
                 tau = sum(ntok(c) for c in calls) / max((sum(len(c.meter) for c in calls) - len(calls)) * bs, 1)
                 ceil, split = None, ""

@@ -80,6 +80,15 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.emitted_tokens / self.total_time if self.total_time > 0 else 0.0
 
+    def split_ms_per_step(self, wall_seconds: float | None = None) -> dict:
+        """Milliseconds per decoding step (the prefill left out): the target's forwards, the drafter, verification
+        and the rest (loop, cache bookkeeping) of ``wall_seconds`` (default: ``total_time``)."""
+        per = 1e3 / max(self.steps, 1)
+        wall = self.total_time if wall_seconds is None else wall_seconds
+        rest = wall - self.prefill_time - self.target_time - self.drafter_time - self.verify_time
+        return {"target": self.target_time * per, "drafter": self.drafter_time * per, "verify": self.verify_time * per,
+                "rest": rest * per}
+
     def as_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d.update(mean_accepted_length=self.mean_accepted_length, acceptance_rate=self.acceptance_rate,

@@ -131,3 +131,13 @@ def test_smollm2s_calibrated_head_is_no_drafter_when_drafts_do_not_pay(monkeypat
             assert drafter is not None and k == cal.best.k == 2
         else:
             assert drafter is None and k is None
+
+
+def test_the_time_split_per_step_is_exact():
+    from mmspec.stats import GenerationStats
+
+    st = GenerationStats(steps=4, prefill_time=0.5, target_time=0.4, drafter_time=0.08, verify_time=0.004,
+                         total_time=1.1)
+    # per step: 100 ms target, 20 drafter, 1 verify, and the rest of the 600 ms after the prefill: 29
+    assert st.split_ms_per_step() == pytest.approx({"target": 100.0, "drafter": 20.0, "verify": 1.0, "rest": 29.0})
+    assert st.split_ms_per_step(1.5)["rest"] == pytest.approx(129.0)  # a wall time measured around the call

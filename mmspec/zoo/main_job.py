@@ -137,15 +137,12 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
     ceiling = cal.ceiling(tau, drafts, 0 if shape is None else shape.tree[0] if shape.tree else drafts)
     label = "no drafts (calibrated: plain decoding is faster here)" if shape is None else f"{shape.label} (calibrated)"
     drafter_label = label if shape is None else f"EAGLE-3 head, {label}"
-    per = 1e3 / max(st.steps, 1)
-    rest = t_spec - st.prefill_time - st.target_time - st.drafter_time - st.verify_time
     res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
            "identical_to_hf_generate": bool(identical and width == ref.shape[1]),
            "speedup_vs_hf_generate": round(t_ar / t_spec, 3), "ar_seconds": round(t_ar, 3),
            "mmspec_seconds": round(t_spec, 3), "mean_accepted_length": round(st.mean_accepted_length, 3),
            "tau": round(tau, 3), "tau_ceiling": round(ceiling, 3),
-           "split_ms_per_step": {"target": round(st.target_time * per, 1), "drafter": round(st.drafter_time * per, 1),
-                                 "verify": round(st.verify_time * per, 1), "rest": round(rest * per, 1)},
+           "split_ms_per_step": {k: round(v, 1) for k, v in st.split_ms_per_step(t_spec).items()},
            "drafter": drafter_label, "calibration": cal.summary()}
     log(f"[text] {CHAT_PROMPT}")
     log(f"[text] SmolLM2: {answer[:160]}{'...' if len(answer) > 160 else ''}")
