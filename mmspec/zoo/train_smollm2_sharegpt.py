@@ -23,6 +23,7 @@ Usage::
     python -m mmspec.zoo.train_smollm2_sharegpt features --minutes 55          # repeat until 10.5 M tokens
     python -m mmspec.zoo.train_smollm2_sharegpt head --tokens 2.5e6 --steps 900 --minutes 55 --out runs/head_2.5M
     python -m mmspec.zoo.train_smollm2_sharegpt tau --out runs/head_2.5M     # tau of chains of 4 on dev chat
+    python -m mmspec.zoo.train_smollm2_sharegpt tau --prompts 24 --out A --compare B C   # heads interleaved
     python -m mmspec.zoo.train_smollm2_sharegpt self --minutes 40             # the target's own answers
     python -m mmspec.zoo.train_smollm2_sharegpt finetune --data self --init mmspec/zoo/weights/smollm2/head \
         --steps 400 --out runs/head_ft_self                                   # fine-tune a head on them
@@ -135,31 +136,40 @@ def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, dat
     return summary
 
 
-def tau(out: Path, prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> dict:
-    """Tokens per target forward of the head in ``out`` (chains of ``k``, greedy) on the first user turns of
-    dev-split conversations after the feature cache's (held out from training and from the top-1 figure)."""
+def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> dict:
+    """Tokens per target forward of the heads in ``outs`` (chains of ``k``, greedy) on the first user turns of
+    dev-split conversations after the feature cache's (held out from training and from the top-1 figure), the heads
+    interleaved prompt by prompt; with P(A >= i), the share of steps accepting at least i drafts. Each head's
+    ``training_summary.json`` gets its numbers."""
     from mmspec import engine
     from mmspec.distill import load_drafter
     from mmspec.distill.conversations import iter_sharegpt
     from mmspec.pretrained import chat_inputs
 
     model, tok = load_causal_lm()
-    drafter = load_drafter(out, model)
+    drafters = [load_drafter(out, model) for out in outs]
     turns = [t for _, t in iter_sharegpt("dev")][DEV_CONVERSATIONS:]
     texts = [t[0].text for t in turns if t[0].role == "user" and 20 <= len(t[0].text) <= 1500][:prompts]
-    accepted = rows = 0
+    accepted, rows, hist = [0] * len(outs), [0] * len(outs), [[0] * (k + 1) for _ in outs]
     for text in texts:
         enc = chat_inputs(tok, [text])
-        res = engine.generate(model, enc["input_ids"], drafter=drafter, num_draft_tokens=k,
-                              max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"))
-        accepted += res.stats.accepted_tokens
-        rows += res.stats.row_steps
-    result = {"tau_chain": round((accepted + rows) / max(rows, 1), 3), "tau_k": k, "tau_prompts": len(texts),
-              "tau_max_new_tokens": max_new_tokens}
-    path = out / "training_summary.json"
-    if path.is_file():
-        path.write_text(json.dumps({**json.loads(path.read_text()), **result}, indent=2) + "\n")
-    return result
+        for h, drafter in enumerate(drafters):
+            st = engine.generate(model, enc["input_ids"], drafter=drafter, num_draft_tokens=k,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")).stats
+            accepted[h] += st.accepted_tokens
+            rows[h] += st.row_steps
+            for j, c in enumerate(st.accepted_length_counts[:k + 1]):
+                hist[h][j] += c
+    results = {}
+    for h, out in enumerate(outs):
+        result = {"tau_chain": round((accepted[h] + rows[h]) / max(rows[h], 1), 3), "tau_k": k, "tau_prompts": len(texts),
+                  "tau_max_new_tokens": max_new_tokens,
+                  "tau_accept_at_least": [round(sum(hist[h][j:]) / max(sum(hist[h]), 1), 3) for j in range(1, k + 1)]}
+        path = out / "training_summary.json"
+        if path.is_file():
+            path.write_text(json.dumps({**json.loads(path.read_text()), **result}, indent=2) + "\n")
+        results[str(out)] = result
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=HEAD.batch_size, help="head: windows of 512 tokens a step")
     p.add_argument("--out", type=Path, default=None, help="head: run directory")
     p.add_argument("--prompts", type=int, default=8, help="tau: dev-split first turns to decode")
+    p.add_argument("--compare", type=Path, nargs="*", default=[], help="tau: more head folders, interleaved with --out")
     p.add_argument("--init", type=Path, default=None, help="finetune: the head to start from")
     p.add_argument("--data", choices=["self", "fixed"], default="self",
                    help="finetune: the target's own answers (stage self) or ShareGPT's fixed answers (stage features)")
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
-        print(json.dumps(tau(a.out, prompts=a.prompts), indent=2))
+        print(json.dumps(tau([a.out, *a.compare], prompts=a.prompts), indent=2))
     else:
         if a.out is None:
             p.error("stage head needs --out")
