@@ -37,6 +37,7 @@ Glossary:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec.drafters.hybrid import HybridDrafter
     from mmspec.drafters.model import ModelDrafter
     from mmspec.drafters.adaptive import CostAwareDraftLength
-    from mmspec.drafters.cost_model import CostModel
     from mmspec.drafters.prompt_lookup import PromptLookupDrafter
     from mmspec.drafters.tree import DynamicTree
     from mmspec.pretrained import chat_inputs, load_causal_lm
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     trees = {lbl: r for lbl, r in cal.runs.items() if lbl.startswith("tree")}
     best_tree = max(trees, key=lambda lbl: cal.expected_tokens_per_s[lbl])
     tree_shape = tuple(int(v) for v in best_tree.split()[1].split("/"))
-    c_head = cal.level_seconds / cal.cost.seconds[0]
+    c_head = cal.level_cost
 
     modes = [m for m in a.modes.split(",") if m]
     batches = [int(b) for b in a.batches.split(",") if b]
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                                        eos_token_id=eos, **mm_kw)
 
             d_, k_, n_ = tree_shape
-            lookup_cost = CostModel(widths=cal.cost.widths, seconds=cal.cost.seconds)  # prompt lookup: no drafter
-            head_cost = CostModel(widths=cal.cost.widths, seconds=cal.cost.seconds, level_cost=c_head)
+            head_cost = dataclasses.replace(cal.cost, level_cost=c_head)  # cal.cost has level_cost 0: prompt lookup's
             methods = {
                 "HF plain": lambda enc, seed: hf(enc),
                 **({"HF plain, as loaded (unpacked)": lambda enc, seed: as_loaded.generate(
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HF prompt lookup": lambda enc, seed: hf(enc, prompt_lookup_num_tokens=K_LOOKUP),
                 "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", K_LOOKUP, seed),
                 "mmspec prompt lookup, cost-aware k": lambda enc, seed: mm(
-                    enc, PromptLookupDrafter(), CostAwareDraftLength(lookup_cost, max_k=K_LOOKUP), seed),
+                    enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP), seed),
                 f"mmspec EAGLE-3 head, calibrated ({cal.best.label})":
                     lambda enc, seed: mm(enc, drafter_for(cal.best, cal.cost), cal.best.k or None, seed),
                 "mmspec EAGLE-3 head, cost-aware k": lambda enc, seed: mm(

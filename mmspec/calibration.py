@@ -114,12 +114,16 @@ class Calibration:
         faster on this machine."""
         return self.best if self.pays else None
 
+    @property
+    def level_cost(self) -> float:
+        """c: one drafter forward in 1-token target forwards."""
+        return self.level_seconds / self.cost.seconds[0]
+
     def ceiling(self, tau: float, drafts_per_step: float, levels: float) -> float:
         """The speedup ``tau`` allows with the measured costs and no loop overhead:
         tau / (verify(1 + d) + L c), d the mean drafts per row step, L the drafter forwards per step (chain: d,
-        tree: its depth, prompt lookup: 0), c one drafter forward in 1-token target forwards."""
-        c = self.level_seconds / self.cost.seconds[0]
-        return tau / (self.cost.relative(max(1, round(1 + drafts_per_step))) + levels * c)
+        tree: its depth, prompt lookup: 0), c :attr:`level_cost`."""
+        return tau / (self.cost.relative(max(1, round(1 + drafts_per_step))) + levels * self.level_cost)
 
     def summary(self) -> str:
         top = sorted(self.expected_tokens_per_s.items(), key=lambda kv: -kv[1])[:4]

@@ -105,8 +105,11 @@ def self_answers(cache: Path, minutes: float, batch_size: int = 32, max_new_toke
     build_dataset(model, tok, cache / "self", prompts=prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                   seed=0, minutes=minutes)
     ex = load_examples(cache / "self")
-    return {"examples": len(ex), "answer_tokens": int(sum(int(e["loss_mask"].sum()) for e in ex)),
-            "minutes": round((time.time() - t0) / 60, 2)}
+    return {"examples": len(ex), "answer_tokens": _answer_tokens(ex), "minutes": round((time.time() - t0) / 60, 2)}
+
+
+def _answer_tokens(examples: list[dict]) -> int:
+    return int(sum(int(e["loss_mask"].sum()) for e in examples))
 
 
 def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, data: str = "self") -> dict:
@@ -127,8 +130,7 @@ def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, dat
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, init=head0,
                          heldout_examples=held)
-    answer_tokens = (examples.answer_tokens if data != "self"
-                     else int(sum(int(e["loss_mask"].sum()) for e in examples)))
+    answer_tokens = examples.answer_tokens if data != "self" else _answer_tokens(examples)
     summary = {"data": "self (ShareGPT prompts)" if data == "self" else "fixed ShareGPT answers", "init": str(init),
                "data_examples": len(examples), "data_answer_tokens": answer_tokens,
                "minutes": round((time.time() - t0) / 60, 2), **summary}
@@ -150,12 +152,13 @@ def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4
     drafters = [load_drafter(out, model) for out in outs]
     turns = [t for _, t in iter_sharegpt("dev")][DEV_CONVERSATIONS:]
     texts = [t[0].text for t in turns if t[0].role == "user" and 20 <= len(t[0].text) <= 1500][:prompts]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
     accepted, rows, hist = [0] * len(outs), [0] * len(outs), [[0] * (k + 1) for _ in outs]
     for text in texts:
         enc = chat_inputs(tok, [text])
         for h, drafter in enumerate(drafters):
             st = engine.generate(model, enc["input_ids"], drafter=drafter, num_draft_tokens=k,
-                                 max_new_tokens=max_new_tokens, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>")).stats
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos).stats
             accepted[h] += st.accepted_tokens
             rows[h] += st.row_steps
             for j, c in enumerate(st.accepted_length_counts[:k + 1]):
