@@ -21,7 +21,8 @@ tokens); mmspec prompt lookup (10 tokens); mmspec with the EAGLE-3 head in the s
 (the head's best calibrated tree plus prompt lookup's chain in one tree, :mod:`mmspec.drafters.hybrid`); prompt
 lookup (at most 10) and the head's chain (at most 6) with k chosen each step by
 :class:`~mmspec.drafters.adaptive.CostAwareDraftLength` from the calibration's verification costs and the running
-acceptance ("cost-aware k").
+acceptance per draft depth ("cost-aware k"; "(one rate)": one geometric rate for every depth). ``--methods``
+picks rows by parts of their names (HF plain always runs).
 
 Glossary:
     tok/s      generated tokens (up to and including EOS) / wall time, summed over the rounds
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (T = 1)")
     ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--methods", default="",
+                    help="comma-separated parts of method names to run (HF plain always runs; default: every method)")
     ap.add_argument("--head", default=None, help="a trained head folder (default: the shipped SmolLM2 head)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pack", action="store_true",
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", K_LOOKUP, seed),
                 "mmspec prompt lookup, cost-aware k": lambda enc, seed: mm(
                     enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP), seed),
+                "mmspec prompt lookup, cost-aware k (one rate)": lambda enc, seed: mm(
+                    enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP, profile=False), seed),
                 f"mmspec EAGLE-3 head, calibrated ({cal.best.label})":
                     lambda enc, seed: mm(enc, drafter_for(cal.best, cal.cost), cal.best.k or None, seed),
                 "mmspec EAGLE-3 head, cost-aware k": lambda enc, seed: mm(
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     lambda enc, seed: mm(enc, HybridDrafter(FeatureDrafter(head, tree=DynamicTree(
                         depth=d_, top_k=k_, num_nodes=n_, cost_model=cal.cost))), None, seed),
             }
+            wanted = [w.strip() for w in a.methods.split(",") if w.strip()]
+            methods = {n: f for n, f in methods.items() if n == "HF plain" or not wanted or any(w in n for w in wanted)}
             encs = [chat_inputs(tok, g) for g in groups]
             runs = interleave(methods, encs, meter=ForwardMeter(target), catch=True, label=f"{mode} b{bs}")
             if as_loaded is not None:  # its forwards were not metered (another module): tau from the packed twin

@@ -313,14 +313,44 @@ def test_cost_aware_acceptance_estimate_counts_rejections_per_row_step():
     assert p.acceptance == pytest.approx(0.5) and p.current() == p.best_k(0.5, 1)
     # rows accept 2 of 3 (2 successes, 1 failure), draft nothing (ignored), accept 3 of 3 (3 successes)
     p.update(torch.tensor([2, 0, 3]), torch.tensor([3, 0, 3]))
-    assert p.acceptance == pytest.approx((5 + 1) / (6 + 2)) and p.current() == p.best_k(0.75, 3)
+    assert p.acceptance == pytest.approx((5 + 1) / (6 + 2))
+    # depth 1: tried 2, passed 2; depth 2: tried 2, passed 2; depth 3: tried 2, passed 1 (the first row's miss)
+    assert p.acceptance_by_depth[:4] == pytest.approx([(2 + 1.5) / 4, (2 + 1.5) / 4, (1 + 1.5) / 4, 0.75])
+    assert p.current() == p.best_k(p.acceptance_by_depth, 3)
+    assert CostAwareDraftLength(SMOLLM2, profile=False).acceptance_by_depth == [0.5] * 10
     q = CostAwareDraftLength(SMOLLM2, prior=0.5, decay=0.5)
     q.update(torch.tensor([0]), torch.tensor([4]))
     q.update(torch.tensor([4]), torch.tensor([4]))
     assert q.acceptance == pytest.approx((4 + 1) / (4 + 0.5 + 2))  # the older failure counts half
 
 
+@pytest.mark.parametrize("profile, expected", [
+    ([0.4] + [0.95] * 9, 10),  # a copy that starts goes on (prompt lookup): draft long
+    ([0.53] * 10, 3),  # one rate for every depth, about the pooled rate of such tries: draft short
+    ([0.9, 0.9, 0.0] + [0.9] * 7, 2),  # a wall at depth 3 stops the chain before it
+])
+def test_cost_aware_k_follows_the_acceptance_profile(profile, expected):
+    p = CostAwareDraftLength(SMOLLM2, max_k=10)
+    assert p.best_k(profile, 1) == expected
+    reach = [math.prod(profile[:i]) for i in range(11)]
+    rates = [sum(reach[:k + 1]) / SMOLLM2.relative(1 + k) for k in range(1, 11)]
+    assert expected == 1 + max(range(10), key=rates.__getitem__)  # the written-out argmax agrees
+
+
+def test_cost_aware_profile_learns_that_long_copies_go_on():
+    """Steps that miss the first draft three times in four and otherwise accept all ten: the per-depth rates see
+    a_1 ~ 0.25 and a_2.. ~ 1, so k is 10; the geometric model pools the same counts to one rate (~ 0.7) and drafts
+    less."""
+    prof, geo = (CostAwareDraftLength(SMOLLM2, max_k=10, profile=on) for on in (True, False))
+    for acc in [0, 0, 0, 10] * 10:
+        for p in (prof, geo):
+            p.update(torch.tensor([acc]), torch.tensor([10]))
+    assert prof.acceptance_by_depth[0] == pytest.approx(0.25, abs=0.1) and min(prof.acceptance_by_depth[1:]) > 0.9
+    assert prof.current() == 10 and geo.current() < 10
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(cost_model=None), "cost_model must have relative"),
+                                           (dict(cost_model=FLAT, prior_weight=0), "prior_weight > 0"),
                                            (dict(cost_model=FLAT, max_k=0), "max_k must be an int >= 1"),
                                            (dict(cost_model=FLAT, prior=1.5), "prior in"),
                                            (dict(cost_model=FLAT, decay=0.0), "decay in")])

@@ -10,13 +10,16 @@ Glossary:
                            has stopped or ``max_tokens`` is reached
     CostAwareDraftLength   each step, the k in 1 .. max_k with the most expected tokens per unit of time
                            for the batch, from a measured cost model of the target (verify(w): the cost of a
-                           w-token forward in 1-token forwards) and a running estimate ``a`` of the chance a
-                           drafted token is accepted given the ones before it were (geometric model):
-                           k = argmax B (1 + a + ... + a^k) / (verify(B (1 + k)) + k c), B the batch's rows,
-                           c a drafter forward in target forwards (the cost model's level_cost); ``a`` is
-                           the decayed count of accepted drafts over accepted + rejected ones (a row step
-                           that accepts n of d drafts adds n successes and, if n < d, one failure);
-                           Leviathan et al. (ICML 2023, section 3.4) choose k by the same expression
+                           w-token forward in 1-token forwards) and running estimates a_i of the chance the
+                           i-th drafted token is accepted given the ones before it were (the acceptance
+                           profile): k = argmax B (1 + a_1 + a_1 a_2 + ... + a_1 ... a_k) / (verify(B (1 + k))
+                           + k c), B the batch's rows, c a drafter forward in target forwards (the cost
+                           model's level_cost). a_i is a decayed count: a row step that accepts n of d drafts
+                           tried depths 1 .. min(n + 1, d) and passed depths 1 .. n; a depth seen little leans
+                           on the pooled rate ``a`` (all passes over all tries, the geometric model's single
+                           rate). Prompt lookup's profile rises with depth (a copy that starts tends to go on),
+                           so it drafts longer than the geometric model would. Leviathan et al. (ICML 2023,
+                           section 3.4) choose k by the same expression with one rate
 """
 
 from __future__ import annotations
@@ -102,14 +105,17 @@ class CostAwareDraftLength(DraftLengthPolicy):
     """``CostAwareDraftLength(cost_model, max_k=10)``: see the module glossary. ``cost_model``: anything with
     ``relative(w)`` (a :class:`~mmspec.drafters.cost_model.CostModel`, e.g. a calibration's ``cost``);
     ``prior``: the acceptance assumed before any draft was verified; ``decay``: per step, how much of the past
-    the estimate keeps."""
+    the estimates keep; ``profile``: estimate a rate per depth (default) or one rate for every depth (geometric);
+    ``prior_weight``: how many tries of the pooled rate each depth's estimate starts from."""
 
     cost_model: object
     max_k: int = 10
     prior: float = 0.5
     decay: float = 0.95
-    _accepted: float = field(init=False, repr=False, default=0.0)
-    _rejected: float = field(init=False, repr=False, default=0.0)
+    profile: bool = True
+    prior_weight: float = 2.0
+    _tried: list = field(init=False, repr=False, default=None)  # [max_k] decayed tries per depth
+    _passed: list = field(init=False, repr=False, default=None)  # [max_k] decayed passes per depth
     _rows: int = field(init=False, repr=False, default=1)
 
     def __post_init__(self) -> None:
@@ -119,34 +125,59 @@ class CostAwareDraftLength(DraftLengthPolicy):
                 f"cost_model must have relative(w) (a CostModel), got {type(self.cost_model).__name__}")
         if not (0.0 <= self.prior <= 1.0) or not (0.0 < self.decay <= 1.0):
             raise InvalidDraftLengthError(f"need prior in [0, 1] and decay in (0, 1], got {self.prior!r}, {self.decay!r}")
+        if not self.prior_weight > 0:
+            raise InvalidDraftLengthError(f"need prior_weight > 0, got {self.prior_weight!r}")
+        self._tried = [0.0] * self.max_k
+        self._passed = [0.0] * self.max_k
 
     @property
     def acceptance(self) -> float:
-        """The running estimate ``a`` (the prior, weighted as two observations, until drafts are verified)."""
-        return (self._accepted + 2 * self.prior) / (self._accepted + self._rejected + 2)
+        """The pooled rate ``a``: all passes over all tries (the prior, weighted as ``prior_weight`` tries, until
+        drafts are verified)."""
+        w = self.prior_weight
+        return (sum(self._passed) + w * self.prior) / (sum(self._tried) + w)
 
-    def best_k(self, acceptance: float, rows: int) -> int:
-        """argmax_k rows (1 + a + ... + a^k) / (verify(rows (1 + k)) + k c) over k = 1 .. max_k, c the cost model's
-        ``level_cost`` (one drafter forward in target forwards; 0 for prompt lookup)."""
-        best, best_rate, gain = 1, -1.0, 1.0
+    @property
+    def acceptance_by_depth(self) -> list[float]:
+        """[max_k] a_i: the chance the i-th drafted token is accepted given the ones before it were; each depth's
+        counts start from ``prior_weight`` tries at the pooled rate (every a_i is the pooled rate when ``profile``
+        is off)."""
+        a, w = self.acceptance, self.prior_weight
+        if not self.profile:
+            return [a] * self.max_k
+        return [(p + w * a) / (t + w) for p, t in zip(self._passed, self._tried)]
+
+    def best_k(self, acceptance: float | list[float], rows: int) -> int:
+        """argmax_k rows (1 + a_1 + a_1 a_2 + ... + a_1 ... a_k) / (verify(rows (1 + k)) + k c) over k = 1 ..
+        max_k; ``acceptance``: one rate for every depth, or one per depth; c the cost model's ``level_cost`` (one
+        drafter forward in target forwards; 0 for prompt lookup)."""
+        rates = [float(acceptance)] * self.max_k if isinstance(acceptance, (int, float)) else list(acceptance)
+        best, best_rate, gain, reach = 1, -1.0, 1.0, 1.0
         level = float(getattr(self.cost_model, "level_cost", 0.0) or 0.0)  # a drafter forward, in target forwards
         for k in range(1, self.max_k + 1):
-            gain += acceptance ** k
+            reach *= rates[k - 1]  # P(the first k drafts are all accepted)
+            gain += reach
             rate = rows * gain / (self.cost_model.relative(rows * (1 + k)) + k * level)
             if rate > best_rate:
                 best, best_rate = k, rate
         return best
 
     def current(self) -> int:
-        return self.best_k(self.acceptance, self._rows)
+        return self.best_k(self.acceptance_by_depth, self._rows)
 
     def update(self, num_accepted: torch.Tensor, num_draft: torch.Tensor) -> None:
         drafted = num_draft > 0
         self._rows = max(int(num_draft.numel()), 1)  # the rows of the step seen (rows finishing now count once more)
         if not bool(drafted.any()):  # a step with nothing drafted (no lookup match) says nothing about acceptance
             return
-        self._accepted = self.decay * self._accepted + float(num_accepted[drafted].sum())
-        self._rejected = self.decay * self._rejected + float((num_accepted[drafted] < num_draft[drafted]).sum())
+        n = num_accepted[drafted].clamp(min=0).tolist()
+        d = num_draft[drafted].tolist()
+        self._tried = [self.decay * t for t in self._tried]
+        self._passed = [self.decay * p for p in self._passed]
+        for acc, dr in zip(n, d):
+            for i in range(min(acc + 1, dr, self.max_k)):  # depth i + 1 was tried; passed if i < acc
+                self._tried[i] += 1.0
+                self._passed[i] += float(i < acc)
 
 
 def as_policy(spec: int | DraftLengthPolicy) -> DraftLengthPolicy:
