@@ -349,7 +349,37 @@ def test_cost_aware_profile_learns_that_long_copies_go_on():
     assert prof.current() == 10 and geo.current() < 10
 
 
+def test_cost_aware_no_drafts_is_a_choice_with_probes():
+    """min_k = 0: where even one draft costs more than it is expected to give (verify(2) = 1.5 forwards, a = 0.2),
+    the policy drafts nothing, except one token every probe_every-th step; once probes are accepted it drafts again."""
+    costly = CostModel(widths=(1, 2, 16), seconds=(1.0, 1.5, 3.0))
+    p = CostAwareDraftLength(costly, max_k=4, prior=0.2, min_k=0, probe_every=4)
+    assert p.best_k(0.2, 1) == 0 and CostAwareDraftLength(costly, max_k=4).best_k(0.2, 1) == 1  # min_k = 1: never 0
+    assert [p.current() for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]
+    for _ in range(6):
+        p.update(torch.tensor([1]), torch.tensor([1]))  # the probes are accepted
+    assert p.current() >= 1
+
+
+def test_cost_aware_prompt_lookup_that_abstains_is_greedy_identical():
+    """Prompt lookup with min_k = 0: the prompt's repeats mislead it (3 5 3 5 3, the target says 3 4 5 6 7), so it
+    abstains and probes, then the target's own cycle is copyable and it drafts; greedy output is HF's throughout."""
+    torch.manual_seed(0)
+    target = bigram_lm(chain_table(T_NEXT, T_CONF))
+    ids = torch.tensor([[3, 5, 3, 5, 3, 5, 3]])
+    costly = CostModel(widths=(1, 2, 16), seconds=(1.0, 1.5, 3.0))
+    policy = CostAwareDraftLength(costly, max_k=4, prior=0.5, min_k=0)
+    ks = []
+    record = policy.current
+    policy.current = lambda: ks.append(record()) or ks[-1]
+    out = mmspec.generate(target, ids, drafter=PromptLookupDrafter(2, draft_length=policy), max_new_tokens=24)
+    assert torch.equal(out.sequences, target.generate(ids, do_sample=False, max_new_tokens=24))
+    assert 0 in ks and max(ks) >= 2 and out.stats.accepted_tokens > 0  # it abstained, and later drafted
+
+
 @pytest.mark.parametrize("kwargs, match", [(dict(cost_model=None), "cost_model must have relative"),
+                                           (dict(cost_model=FLAT, min_k=2), "min_k 0 or 1"),
+                                           (dict(cost_model=FLAT, probe_every=0), "probe_every an int"),
                                            (dict(cost_model=FLAT, prior_weight=0), "prior_weight > 0"),
                                            (dict(cost_model=FLAT, max_k=0), "max_k must be an int >= 1"),
                                            (dict(cost_model=FLAT, prior=1.5), "prior in"),

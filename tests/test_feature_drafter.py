@@ -184,3 +184,17 @@ def test_a_cost_model_sized_tree_stays_token_identical():
     out = engine.generate(target, ids, attention_mask=mask, drafter=FeatureDrafter(make_head(target), tree=tree),
                           max_new_tokens=20)
     assert torch.equal(out.sequences[:, : ref.shape[1]], ref)
+
+
+def test_a_new_draft_vocabulary_keeps_the_heads_layers_and_selects_other_target_rows():
+    """``with_draft_vocabulary``: the same hidden states; the logits are those of the full vocabulary at the new
+    rows (the output rows are the target's, so only the selection changes)."""
+    target = build("llama", layers=2)
+    head = make_head(target, draft_vocab=32)
+    new = torch.tensor([2, 5, 7, 11, 40, 90])
+    other = head.with_draft_vocabulary(new).attach(target)
+    assert other.config.draft_vocab_size == 6 and torch.equal(other.d2t, new) and other.fc.weight.dtype == torch.float64
+    full = head.with_draft_vocabulary(torch.arange(V)).attach(target)
+    h = torch.randn(3, head.config.hidden_size, dtype=torch.float64)
+    assert torch.allclose(other.lm_logits(h), full.lm_logits(h)[:, new])
+    assert torch.allclose(head.lm_logits(h), full.lm_logits(h)[:, head.d2t])

@@ -113,6 +113,15 @@ def blockwise_loss(heads: BlockwiseHeads, data: FlatData, starts: torch.Tensor) 
     return total / max(weight, 1), acc
 
 
+@torch.no_grad()
+def blockwise_heldout_top1(heads: BlockwiseHeads, held: list[dict], teacher_top: int = 8) -> list[float]:
+    """Top-1 per head on ``held`` (head i's top token against the target's top token i places ahead, given a
+    correct prefix, on answer tokens): the figure :func:`train_blockwise_heads` reports, for any attached heads."""
+    data = flatten_examples(held, heads._lm_weight, teacher_top)
+    starts = _scored_starts(data)
+    return blockwise_loss(heads, data, starts)[1] if starts.numel() else []
+
+
 def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path, *,
                           config: BlockwiseTraining = BlockwiseTraining(), minutes: float = float("inf"),
                           tokenizer: Any = None, progress: bool = True, holdout: int = 16,
@@ -147,10 +156,7 @@ def train_blockwise_heads(target: Any, examples: list[dict], out_dir: str | Path
 
     res = train_loop("train blockwise heads", heads, loss_fn, config.loop, state_path, minutes=minutes,
                      progress=progress, extra={"config": asdict(heads.config), "coverage": cov}, state=state)
-    held_data = flatten_examples(held, heads._lm_weight, config.teacher_top)
-    held_starts = _scored_starts(held_data)
-    with torch.no_grad():
-        _, held_acc = blockwise_loss(heads, held_data, held_starts) if held_starts.numel() else (None, [])
+    held_acc = blockwise_heldout_top1(heads, held, config.teacher_top)
     summary = {"steps": res.steps_done, "finished": res.finished, "num_heads": heads.num_heads,
                "draft_vocab_size": int(heads.d2t.numel()), "draft_vocab_coverage": round(cov, 4),
                "heldout_top1_per_head": [round(a, 4) for a in held_acc], "train_loss_ema": res.final_loss,

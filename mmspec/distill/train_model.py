@@ -102,12 +102,33 @@ def load_model_drafter(folder: str | Path, target: torch.nn.Module, *, dtype: to
     return model.to(dtype).eval()
 
 
+def _distill_loss(student: torch.nn.Module, head_w: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
+    """(soft cross-entropy to the target's distribution, top-1 agreement) over ``batch``'s answer positions."""
+    tokens, valid, lmask, final, pos = batch.tokens, batch.valid, batch.loss_mask, batch.final, batch.positions
+    logits = student(input_ids=tokens, attention_mask=valid, position_ids=pos).logits  # [B, L, V]
+    score = lmask[:, 1:] & valid[:, 1:].bool()  # position t predicts token t + 1
+    lg = logits[:, :-1][score].float()
+    with torch.no_grad():
+        teacher = (final[:, :-1][score] @ head_w.T).softmax(-1)
+    loss = -(teacher * lg.log_softmax(-1)).sum(-1).mean()
+    return loss, float((lg.argmax(-1) == teacher.argmax(-1)).float().mean())
+
+
+@torch.no_grad()
+def drafter_heldout_top1(drafter: torch.nn.Module, target: Any, held: list[dict], max_len: int = 256) -> float:
+    """How often ``drafter``'s top token is the target's on ``held``'s answer positions (the first ``max_len``
+    tokens of each example): the figure :func:`train_model_drafter` reports, for any drafter LM (e.g. a shipped one)."""
+    head_w = target.get_output_embeddings().weight.detach().float()
+    return _distill_loss(drafter, head_w, make_batch(held, list(range(len(held))), max_len))[1]
+
+
 def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, *, num_layers: int = 2,
                         minutes: float = float("inf"), loop: LoopConfig = MODEL_LOOP, batch_size: int = 4,
                         max_len: int = 256, seed: int = 0, progress: bool = True, holdout: int = 16,
-                        heldout_examples: list[dict] | None = None) -> dict:
+                        heldout_examples: list[dict] | None = None, windows: bool = False) -> dict:
     """Distil (or continue distilling) a ``num_layers`` drafter from ``target``; returns a summary.
-    ``heldout_examples``: the held-out set, given (e.g. another split); otherwise ``holdout`` drawn from ``examples``."""
+    ``heldout_examples``: the held-out set, given (e.g. another split); otherwise ``holdout`` drawn from ``examples``.
+    ``windows``: each row is a random ``max_len`` window of its example (long conversations), not its beginning."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held, train = split_off_heldout(examples, heldout_examples, holdout, seed, "distil a drafter")
@@ -117,19 +138,11 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
         p.requires_grad_(n not in shared)  # the target's embedding and head stay frozen
     head_w = target.get_output_embeddings().weight.detach().float()
 
-    def loss_of(batch) -> tuple[torch.Tensor, float]:
-        tokens, valid, lmask, final, pos = batch.tokens, batch.valid, batch.loss_mask, batch.final, batch.positions
-        logits = student(input_ids=tokens, attention_mask=valid, position_ids=pos).logits  # [B, L, V]
-        score = lmask[:, 1:] & valid[:, 1:].bool()  # position t predicts token t + 1
-        lg = logits[:, :-1][score].float()
-        with torch.no_grad():
-            teacher = (final[:, :-1][score] @ head_w.T).softmax(-1)
-        loss = -(teacher * lg.log_softmax(-1)).sum(-1).mean()
-        return loss, float((lg.argmax(-1) == teacher.argmax(-1)).float().mean())
-
     def loss_fn(step: int):
         g = random.Random(step_seed(seed, step))
-        loss, acc = loss_of(make_batch(train, [g.randrange(len(train)) for _ in range(batch_size)], max_len))
+        idx = [g.randrange(len(train)) for _ in range(batch_size)]
+        offsets = ([g.randrange(max(1, train[i]["tokens"].shape[0] - max_len + 1)) for i in idx] if windows else None)
+        loss, acc = _distill_loss(student, head_w, make_batch(train, idx, max_len, offsets))
         return loss, {"top1": acc}
 
     weights = Weights(lambda: own_state(student), lambda sd: student.load_state_dict(sd, strict=False))
@@ -139,8 +152,7 @@ def train_model_drafter(target: Any, examples: list[dict], out_dir: str | Path, 
     finally:
         for p in target.parameters():
             p.requires_grad_(True)
-    with torch.no_grad():
-        _, held_acc = loss_of(make_batch(held, list(range(len(held))), max_len))
+    held_acc = drafter_heldout_top1(student, target, held, max_len)
     summary = {"steps": res.steps_done, "finished": res.finished, "num_layers": num_layers,
                "heldout_top1": round(held_acc, 4), "train_loss_ema": res.final_loss, "examples": len(train)}
     save_file({k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()

@@ -19,7 +19,10 @@ Glossary:
                            on the pooled rate ``a`` (all passes over all tries, the geometric model's single
                            rate). Prompt lookup's profile rises with depth (a copy that starts tends to go on),
                            so it drafts longer than the geometric model would. Leviathan et al. (ICML 2023,
-                           section 3.4) choose k by the same expression with one rate
+                           section 3.4) choose k by the same expression with one rate. With ``min_k=0`` (prompt
+                           lookup: a drafter that costs nothing) k = 0, no drafts, is a choice too (its rate is
+                           B / verify(B)); while it wins, every ``probe_every``-th step still drafts 1 token so
+                           the estimates keep learning when the text turns copyable
 """
 
 from __future__ import annotations
@@ -106,7 +109,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
     ``relative(w)`` (a :class:`~mmspec.drafters.cost_model.CostModel`, e.g. a calibration's ``cost``);
     ``prior``: the acceptance assumed before any draft was verified; ``decay``: per step, how much of the past
     the estimates keep; ``profile``: estimate a rate per depth (default) or one rate for every depth (geometric);
-    ``prior_weight``: how many tries of the pooled rate each depth's estimate starts from."""
+    ``prior_weight``: how many tries of the pooled rate each depth's estimate starts from; ``min_k``: 0 lets the
+    policy choose no drafts (drafters that accept k = 0, such as prompt lookup), probing with 1 token every
+    ``probe_every`` steps while it does."""
 
     cost_model: object
     max_k: int = 10
@@ -114,6 +119,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
     decay: float = 0.95
     profile: bool = True
     prior_weight: float = 2.0
+    min_k: int = 1
+    probe_every: int = 8
+    _abstained: int = field(init=False, repr=False, default=0)  # steps in a row the policy chose no drafts
     _tried: list = field(init=False, repr=False, default=None)  # [max_k] decayed tries per depth
     _passed: list = field(init=False, repr=False, default=None)  # [max_k] decayed passes per depth
     _rows: int = field(init=False, repr=False, default=1)
@@ -127,6 +135,9 @@ class CostAwareDraftLength(DraftLengthPolicy):
             raise InvalidDraftLengthError(f"need prior in [0, 1] and decay in (0, 1], got {self.prior!r}, {self.decay!r}")
         if not self.prior_weight > 0:
             raise InvalidDraftLengthError(f"need prior_weight > 0, got {self.prior_weight!r}")
+        if self.min_k not in (0, 1) or not (isinstance(self.probe_every, int) and self.probe_every >= 1):
+            raise InvalidDraftLengthError(f"need min_k 0 or 1 and probe_every an int >= 1, got {self.min_k!r}, "
+                                          f"{self.probe_every!r}")
         self._tried = [0.0] * self.max_k
         self._passed = [0.0] * self.max_k
 
@@ -150,9 +161,12 @@ class CostAwareDraftLength(DraftLengthPolicy):
     def best_k(self, acceptance: float | list[float], rows: int) -> int:
         """argmax_k rows (1 + a_1 + a_1 a_2 + ... + a_1 ... a_k) / (verify(rows (1 + k)) + k c) over k = 1 ..
         max_k; ``acceptance``: one rate for every depth, or one per depth; c the cost model's ``level_cost`` (one
-        drafter forward in target forwards; 0 for prompt lookup)."""
+        drafter forward in target forwards; 0 for prompt lookup); k = 0 (rate rows / verify(rows)) is a candidate
+        when ``min_k`` is 0."""
         rates = [float(acceptance)] * self.max_k if isinstance(acceptance, (int, float)) else list(acceptance)
         best, best_rate, gain, reach = 1, -1.0, 1.0, 1.0
+        if self.min_k == 0:
+            best, best_rate = 0, rows / self.cost_model.relative(rows)
         level = float(getattr(self.cost_model, "level_cost", 0.0) or 0.0)  # a drafter forward, in target forwards
         for k in range(1, self.max_k + 1):
             reach *= rates[k - 1]  # P(the first k drafts are all accepted)
@@ -163,7 +177,12 @@ class CostAwareDraftLength(DraftLengthPolicy):
         return best
 
     def current(self) -> int:
-        return self.best_k(self.acceptance_by_depth, self._rows)
+        k = self.best_k(self.acceptance_by_depth, self._rows)
+        if k > 0:
+            self._abstained = 0
+            return k
+        self._abstained += 1
+        return 1 if self._abstained % self.probe_every == 0 else 0  # a probe keeps the estimates learning
 
     def update(self, num_accepted: torch.Tensor, num_draft: torch.Tensor) -> None:
         drafted = num_draft > 0

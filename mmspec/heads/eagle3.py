@@ -273,6 +273,17 @@ class Eagle3Head(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items()}
 
+    def with_draft_vocabulary(self, d2t: torch.Tensor) -> "Eagle3Head":
+        """A copy of this head with another draft vocabulary ``d2t`` long [Vd'] (its layers' weights kept: the
+        output rows are the target's, borrowed by :meth:`attach`, so only the selection changes); unattached."""
+        from dataclasses import replace
+
+        head = Eagle3Head(replace(self.config, draft_vocab_size=int(d2t.numel())), d2t=d2t)
+        own = {k: v for k, v in self.state_dict().items() if k != "d2t"}
+        missing, unexpected = head.load_state_dict(own, strict=False)
+        assert missing == ["d2t"] and not unexpected, (missing, unexpected)
+        return head.to(self.fc.weight.dtype)
+
     def save(self, folder: str | Path, *, dtype: torch.dtype = torch.float16, extra: dict | None = None) -> Path:
         """``head.safetensors`` (weights in ``dtype`` + d2t) and ``head_config.json``."""
         from safetensors.torch import save_file

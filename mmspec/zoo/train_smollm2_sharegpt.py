@@ -112,10 +112,12 @@ def _answer_tokens(examples: list[dict]) -> int:
     return int(sum(int(e["loss_mask"].sum()) for e in examples))
 
 
-def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, data: str = "self") -> dict:
-    """Fine-tune the head in ``init`` (its draft vocabulary kept) on the target's own answers to ShareGPT prompts
-    (``data="self"``: ``cache/self``) or on ShareGPT's fixed answers (``"fixed"``: the feature shards of
-    ``cache/train``, windows of 256), with the ShareGPT dev conversations as the held-out set."""
+def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, data: str = "self",
+             draft_vocab: int | None = None) -> dict:
+    """Fine-tune the head in ``init`` on the target's own answers to ShareGPT prompts (``data="self"``:
+    ``cache/self``) or on ShareGPT's fixed answers (``"fixed"``: the feature shards of ``cache/train``, windows of
+    256), with the ShareGPT dev conversations as the held-out set. ``draft_vocab``: replace the head's draft
+    vocabulary by the data's ``draft_vocab`` most frequent tokens (its layers kept); None keeps it."""
     from mmspec.distill.data import load_examples
     from mmspec.heads.eagle3 import Eagle3Head
 
@@ -126,14 +128,66 @@ def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, dat
         examples, config = ShardedExamples(cache / "train"), replace(FINETUNE, windows=True)
     held = list(ShardedExamples(cache / "dev"))
     head0 = Eagle3Head.load(init, model, dtype=torch.float32)
+    if draft_vocab and not (out / "train_state.pt").is_file():  # a resumed run keeps its checkpoint's vocabulary
+        from mmspec.distill.train_head import draft_vocabulary
+
+        head0 = head0.with_draft_vocabulary(draft_vocabulary(model, examples, draft_vocab, tok)[0])
     config = replace(config, loop=replace(FINETUNE.loop, steps=steps))
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, init=head0,
                          heldout_examples=held)
     answer_tokens = examples.answer_tokens if data != "self" else _answer_tokens(examples)
     summary = {"data": "self (ShareGPT prompts)" if data == "self" else "fixed ShareGPT answers", "init": str(init),
+               "new_draft_vocab": draft_vocab,
                "data_examples": len(examples), "data_answer_tokens": answer_tokens,
                "minutes": round((time.time() - t0) / 60, 2), **summary}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+DRAFTER_STEPS, BLOCKWISE_STEPS = 500, 1500
+
+
+def model_drafter(cache: Path, out: Path, tokens: float, steps: int, minutes: float) -> dict:
+    """The 2-layer drafter LM (what HF assisted generation uses) distilled on ShareGPT's fixed answers (the
+    ``features`` shards: the target's distributions from their final hidden states, random windows of 256), with
+    the held-out top-1 of the shipped ``drafter/`` on the same dev conversations beside it."""
+    from mmspec.distill.train_model import MODEL_LOOP, drafter_heldout_top1, train_model_drafter
+    from mmspec.zoo.smollm2 import load_smollm2_drafter
+
+    model, tok = load_causal_lm()
+    examples = ShardedExamples(cache / "train", max_tokens=tokens)
+    held = list(ShardedExamples(cache / "dev"))
+    t0 = time.time()
+    summary = train_model_drafter(model, examples, out, num_layers=2, minutes=minutes,
+                                  loop=replace(MODEL_LOOP, steps=steps), batch_size=4, max_len=256, windows=True,
+                                  heldout_examples=held)
+    shipped = drafter_heldout_top1(load_smollm2_drafter("model", model), model, held)
+    summary = {"data": "fixed ShareGPT answers", "data_tokens": examples.tokens,
+               "data_answer_tokens": examples.answer_tokens, "minutes": round((time.time() - t0) / 60, 2), **summary,
+               "shipped_heldout_top1": round(shipped, 4)}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def blockwise(cache: Path, out: Path, tokens: float, steps: int, minutes: float) -> dict:
+    """Blockwise parallel heads (4, FR-Spec vocabulary of 4,096) trained on ShareGPT's fixed answers (the
+    ``features`` shards' final hidden states), with the held-out top-1 of the shipped ``heads/`` on the same dev
+    conversations beside it."""
+    from mmspec.distill.train_blockwise import BlockwiseTraining, blockwise_heldout_top1, train_blockwise_heads
+    from mmspec.zoo.smollm2 import load_smollm2_drafter
+
+    model, tok = load_causal_lm()
+    examples = ShardedExamples(cache / "train", max_tokens=tokens)
+    held = list(ShardedExamples(cache / "dev"))
+    config = replace(BlockwiseTraining(), loop=replace(BlockwiseTraining.loop, steps=steps))
+    t0 = time.time()
+    summary = train_blockwise_heads(model, list(examples), out, config=config, minutes=minutes, tokenizer=tok,
+                                    heldout_examples=held)
+    shipped = blockwise_heldout_top1(load_smollm2_drafter("heads", model).heads, held, config.teacher_top)
+    summary = {"data": "fixed ShareGPT answers", "data_tokens": examples.tokens,
+               "data_answer_tokens": examples.answer_tokens, "minutes": round((time.time() - t0) / 60, 2), **summary,
+               "shipped_heldout_top1_per_head": [round(a, 4) for a in shipped]}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -177,15 +231,18 @@ def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmspec.zoo.train_smollm2_sharegpt", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["features", "head", "self", "finetune", "tau"])
+    p.add_argument("stage", choices=["features", "head", "self", "finetune", "tau", "drafter", "blockwise"])
     p.add_argument("--cache", type=Path, default=None, help="feature cache (default ~/.cache/mmspec/sharegpt/smollm2)")
     p.add_argument("--tokens", type=float, default=None,
                    help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
     p.add_argument("--minutes", type=float, default=55.0)
     p.add_argument("--cache-gb", type=float, default=50.0)
     p.add_argument("--steps", type=int, default=None,
-                   help=f"head, finetune: steps of the schedule (default {HEAD.loop.steps}, {FINETUNE.loop.steps})")
-    p.add_argument("--draft-vocab", type=int, default=HEAD.draft_vocab_size)
+                   help=f"head, finetune, drafter, blockwise: steps of the schedule (default {HEAD.loop.steps}, "
+                        f"{FINETUNE.loop.steps}, {DRAFTER_STEPS}, {BLOCKWISE_STEPS})")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help=f"head: draft vocabulary size (default {HEAD.draft_vocab_size}); finetune: replace the "
+                        "initial head's by the data's most frequent tokens (default: keep it)")
     p.add_argument("--batch-size", type=int, default=HEAD.batch_size, help="head: windows of 512 tokens a step")
     p.add_argument("--out", type=Path, default=None, help="head: run directory")
     p.add_argument("--prompts", type=int, default=8, help="tau: dev-split first turns to decode")
@@ -205,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     elif a.stage == "finetune":
         if a.out is None or a.init is None:
             p.error("stage finetune needs --out and --init")
-        print(json.dumps(finetune(cache, a.out, a.init, a.steps or FINETUNE.loop.steps, a.minutes, a.data), indent=2))
+        print(json.dumps(finetune(cache, a.out, a.init, a.steps or FINETUNE.loop.steps, a.minutes, a.data,
+                                  a.draft_vocab), indent=2))
+    elif a.stage in ("drafter", "blockwise"):
+        if a.out is None:
+            p.error(f"stage {a.stage} needs --out")
+        fn, steps = (model_drafter, DRAFTER_STEPS) if a.stage == "drafter" else (blockwise, BLOCKWISE_STEPS)
+        print(json.dumps(fn(cache, a.out, a.tokens or math.inf, a.steps or steps, a.minutes), indent=2))
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
@@ -213,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if a.out is None:
             p.error("stage head needs --out")
-        summary = head(cache, a.out, a.tokens or math.inf, a.steps or HEAD.loop.steps, a.minutes, a.draft_vocab, a.batch_size)
+        summary = head(cache, a.out, a.tokens or math.inf, a.steps or HEAD.loop.steps, a.minutes,
+                       a.draft_vocab or HEAD.draft_vocab_size, a.batch_size)
         print(json.dumps(summary, indent=2))
     return 0
 
