@@ -21,7 +21,9 @@ tokens); mmspec prompt lookup (10 tokens); mmspec with the EAGLE-3 head in the s
 (the head's best calibrated tree plus prompt lookup's chain in one tree, :mod:`mmspec.drafters.hybrid`); prompt
 lookup (at most 10) and the head's chain (at most 6) with k chosen each step by
 :class:`~mmspec.drafters.adaptive.CostAwareDraftLength` from the calibration's verification costs and the running
-acceptance per draft depth ("cost-aware k"; "(one rate)": one geometric rate for every depth). ``--methods``
+acceptance per draft depth ("cost-aware k": k = 0, no drafts, is a choice, as ``mmspec text`` / ``chat`` / ``run``
+run it where the head does not pay; "k >= 1": it always drafts; "(one rate)": one geometric rate for every
+depth); ``--drafter DIR``: one more HF assisted row with another 2-layer drafter. ``--methods``
 picks rows by parts of their names (HF plain always runs).
 
 Glossary:
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -59,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="greedy,sample", help="greedy and/or sample (T = 1)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--methods", default="",
-                    help="comma-separated parts of method names to run (HF plain always runs; default: every method)")
+                    help="comma-separated parts of method names to run, -part to leave out (HF plain always runs; default: "
+                         "every method)")
     ap.add_argument("--head", default=None, help="a trained head folder (default: the shipped SmolLM2 head)")
+    ap.add_argument("--drafter", type=Path, default=None,
+                    help="another distilled drafter LM folder: one more HF assisted row beside the shipped drafter's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pack", action="store_true",
                     help="pack the linear weights of the target, the head and the 2-layer drafter for oneDNN (every "
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     head = (load_drafter(a.head, target) if a.head else load_smollm2_drafter("head", target)).head
     small = load_smollm2_drafter("model", target)
+    other = load_drafter(a.drafter, target) if a.drafter else None
     as_loaded = None
     if a.pack:  # the user's choice: packing changes float rounding, so it is a flag, and one row keeps the original
         import copy
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from mmspec.cpu_packing import pack_linear_weights
 
         as_loaded = copy.deepcopy(target)
-        packed = sum(pack_linear_weights(m) for m in (target, head, small))
+        packed = sum(pack_linear_weights(m) for m in (target, head, small, other) if m is not None)
         print(f"packed {packed} linear layers for oneDNN", file=sys.stderr, flush=True)
     categories = [c for c in a.categories.split(",") if c]
     prompts = category_prompts(a.per_category, seed=0, categories=categories)
@@ -139,11 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                     **enc, max_new_tokens=a.max_new_tokens, pad_token_id=eos, eos_token_id=eos, **hf_kw)}
                    if as_loaded is not None else {}),
                 "HF assisted (2-layer drafter)": lambda enc, seed: hf(enc, assistant_model=small),
+                **({f"HF assisted (2-layer drafter {a.drafter.name})": lambda enc, seed: hf(enc, assistant_model=other)}
+                   if other is not None else {}),
                 "HF prompt lookup": lambda enc, seed: hf(enc, prompt_lookup_num_tokens=K_LOOKUP),
                 "mmspec prompt lookup": lambda enc, seed: mm(enc, "prompt_lookup", K_LOOKUP, seed),
                 "mmspec prompt lookup, cost-aware k": lambda enc, seed: mm(
+                    enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP, min_k=0), seed),
+                "mmspec prompt lookup, cost-aware k >= 1": lambda enc, seed: mm(
                     enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP), seed),
-                "mmspec prompt lookup, cost-aware k (one rate)": lambda enc, seed: mm(
+                "mmspec prompt lookup, cost-aware k >= 1 (one rate)": lambda enc, seed: mm(
                     enc, PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=K_LOOKUP, profile=False), seed),
                 f"mmspec EAGLE-3 head, calibrated ({cal.best.label})":
                     lambda enc, seed: mm(enc, drafter_for(cal.best, cal.cost), cal.best.k or None, seed),
@@ -153,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                     lambda enc, seed: mm(enc, HybridDrafter(FeatureDrafter(head, tree=DynamicTree(
                         depth=d_, top_k=k_, num_nodes=n_, cost_model=cal.cost))), None, seed),
             }
-            wanted = [w.strip() for w in a.methods.split(",") if w.strip()]
-            methods = {n: f for n, f in methods.items() if n == "HF plain" or not wanted or any(w in n for w in wanted)}
+            parts = [w.strip() for w in a.methods.split(",") if w.strip()]
+            wanted, unwanted = [w for w in parts if not w.startswith("-")], [w[1:] for w in parts if w.startswith("-")]
+            methods = {n: f for n, f in methods.items() if n == "HF plain" or (
+                (not wanted or any(w in n for w in wanted)) and not any(w in n for w in unwanted))}
             encs = [chat_inputs(tok, g) for g in groups]
             runs = interleave(methods, encs, meter=ForwardMeter(target), catch=True, label=f"{mode} b{bs}")
             if as_loaded is not None:  # its forwards were not metered (another module): tau from the packed twin

@@ -114,9 +114,11 @@ def test_calibration_names_bad_input_before_measuring():
         calibrate(target, _drafters(head), [torch.tensor([[1, 2]])], k_max=0, cache_dir=None)
 
 
-def test_smollm2s_calibrated_head_is_no_drafter_when_drafts_do_not_pay(monkeypatch):
+def test_smollm2s_calibrated_head_falls_back_to_cost_aware_prompt_lookup_when_the_head_does_not_pay(monkeypatch):
     """`mmspec run`, `text` and `chat` take SmolLM2's head through calibrated_head_drafter: where the calibration
-    expects plain decoding to be faster they decode without drafts (drafter None) instead of running slower."""
+    expects plain decoding to be faster than the head they run prompt lookup with a cost-aware k over the
+    calibration's costs (no drafts where copying is not expected to pay) instead of running slower."""
+    from mmspec.drafters import CostAwareDraftLength, PromptLookupDrafter
     import mmspec.zoo.smollm2 as zs
 
     target = build("llama", layers=1)
@@ -130,7 +132,8 @@ def test_smollm2s_calibrated_head_is_no_drafter_when_drafts_do_not_pay(monkeypat
         if cal.pays:
             assert drafter is not None and k == cal.best.k == 2
         else:
-            assert drafter is None and k is None
+            assert isinstance(drafter, PromptLookupDrafter) and isinstance(k, CostAwareDraftLength)
+            assert k.cost_model is cal.cost and k.min_k == 0
 
 
 def test_the_time_split_per_step_is_exact():

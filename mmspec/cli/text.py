@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt", default=None, help="the prompt (a chat turn for SmolLM2)")
     add_sampling_flags(p, max_new_tokens=64, k=None, temperature=0.0, top_k=None, top_p=None, seed=0,
                        helps={"k": "drafted tokens per verification step (default: SmolLM2's head in the shape the "
-                                   "calibration measures fastest here, cached, or no drafts where it expects plain decoding to "
-                                   "be faster; 3 for other drafters)"})
+                                   "calibration measures fastest here, cached, or prompt lookup with a cost-aware k where it "
+                                   "expects the head not to pay; 3 for other drafters)"})
 
 
 def example_models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -118,11 +118,11 @@ def run(args: argparse.Namespace) -> int:
     target, drafter, tokenizer, input_ids, attention_mask = models(args)
     k = args.k
     if k is None and isinstance(drafter, FeatureDrafter):  # SmolLM2's shipped head: the calibrated shape
-        from mmspec.zoo.smollm2 import calibrated_head_drafter
+        from mmspec.zoo.smollm2 import LOOKUP_FALLBACK_LABEL, calibrated_head_drafter
 
         drafter, k, cal = calibrated_head_drafter(target, tokenizer, drafter.head,
                                                   log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(cal.summary())
+        print(cal.summary() + ("" if cal.choice else f"; drafter: {LOOKUP_FALLBACK_LABEL}"))
     elif k is None:
         k = 3
     t0 = time.perf_counter()

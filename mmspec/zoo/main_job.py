@@ -36,7 +36,7 @@ from .data import heldout_scenes
 from .evaluate import IMAGE_SAMPLING
 from .quality import prompt_faithfulness
 from .scenes import parse_caption, render
-from .smollm2 import calibrated_head_drafter, load_smollm2_drafter
+from .smollm2 import LOOKUP_FALLBACK_LABEL, calibrated_head_drafter, load_smollm2_drafter
 from .smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 
 
@@ -110,8 +110,8 @@ CHAT_PROMPT = "Give me three tips for staying focused while studying."
 def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> dict:
     """The real-model part: SmolLM2-135M-Instruct answers a chat prompt by plain AR (HF ``generate``) and by
     mmspec with the shipped EAGLE-3 head in the draft shape the calibration chose for this machine
-    (:mod:`mmspec.calibration`, cached), or without drafts where it expects them not to pay; the answers must be
-    identical."""
+    (:mod:`mmspec.calibration`, cached), or prompt lookup with a cost-aware k where it expects the head not to pay;
+    the answers must be identical."""
     try:
         target, tok = load_causal_lm()
     except ModelNotFoundError as exc:
@@ -135,7 +135,7 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
     drafts = st.drafted_tokens / max(st.row_steps, 1)
     shape = cal.choice
     ceiling = cal.ceiling(tau, drafts, 0 if shape is None else shape.tree[0] if shape.tree else drafts)
-    label = "no drafts (calibrated: plain decoding is faster here)" if shape is None else f"{shape.label} (calibrated)"
+    label = LOOKUP_FALLBACK_LABEL if shape is None else f"{shape.label} (calibrated)"
     drafter_label = label if shape is None else f"EAGLE-3 head, {label}"
     res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
            "identical_to_hf_generate": bool(identical and width == ref.shape[1]),

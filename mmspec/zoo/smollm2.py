@@ -24,6 +24,8 @@ from mmspec.distill import load_drafter
 from mmspec.distill.train_blockwise import load_corpus_ngram
 from mmspec.distill.train_domain import load_domain_model
 from mmspec.calibration import Calibration, calibrate, head_drafters
+from mmspec.drafters.adaptive import CostAwareDraftLength
+from mmspec.drafters.prompt_lookup import PromptLookupDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import chat_inputs, load_causal_lm
 
@@ -105,19 +107,25 @@ def chat_drafter(kind: str, target: Any, tree: DynamicTree | None = DynamicTree(
     return load_drafter(kind, target, **kw)
 
 
-def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any = None) -> tuple[Any, int | None,
-                                                                                                Calibration]:
+def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any = None) -> tuple[Any, Any, Calibration]:
     """(drafter, num_draft_tokens, calibration): ``head`` in the draft shape :func:`mmspec.calibration.calibrate`
     chooses for ``target`` on this machine (chains of k = 1 ... 6 or a 5/4/16 dynamic tree; about 20 s on 2 cores
-    the first time, then read from the cache). ``num_draft_tokens`` is None for a tree; the drafter is None (decode
-    without drafts) when the calibration expects plain decoding to be faster (``calibration.choice`` None)."""
+    the first time, then read from the cache). ``num_draft_tokens`` is None for a tree. Where the calibration
+    expects the head not to pay (``calibration.choice`` None), the drafter is prompt lookup with a
+    :class:`~mmspec.drafters.adaptive.CostAwareDraftLength` over the calibration's measured costs, which drafts
+    only where copying is expected to pay (no drafts otherwise): it costs nothing to run and, measured on
+    Spec-Bench-style categories (``benchmarks/RESULTS.md``), is at least as fast as plain decoding on average."""
     cal = calibrate(target, head_drafters(head), [chat_inputs(tokenizer, [CALIBRATION_PROMPT])["input_ids"]],
                     k_max=6, trees=((5, 4, 16),), max_new_tokens=24, drafter_module=head,
                     eos_token_id=target.generation_config.eos_token_id, progress=log)
     if cal.choice is None:
-        return None, None, cal
+        return PromptLookupDrafter(), CostAwareDraftLength(cal.cost, max_k=10, min_k=0), cal
     return head_drafters(head)(cal.choice, cal.cost), cal.choice.k or None, cal
 
 
-__all__ = ["CALIBRATION_PROMPT", "calibrated_head_drafter", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
+#: what calibrated_head_drafter runs where the head does not pay
+LOOKUP_FALLBACK_LABEL = "prompt lookup, cost-aware k (calibrated: the head does not pay here)"
+
+
+__all__ = ["CALIBRATION_PROMPT", "LOOKUP_FALLBACK_LABEL", "calibrated_head_drafter", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
            "load_smollm2_drafter", "load_smollm2_models", "load_smollm2_ngram"]
