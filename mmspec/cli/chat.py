@@ -80,7 +80,7 @@ def _check(args: argparse.Namespace) -> DynamicTree | None:
 def run(args: argparse.Namespace) -> int:
     """Interactive chat (stdin lines; ``/reset`` forgets the conversation, ``/exit`` or EOF ends it)."""
     from mmspec.drafters.feature import FeatureDrafter
-    from mmspec.zoo.smollm2 import LOOKUP_FALLBACK_LABEL, calibrated_head_drafter, chat_drafter
+    from mmspec.zoo.smollm2 import calibrated_head_drafter, calibration_line, chat_drafter
 
     tree = _check(args)
     target, tokenizer = load("target", args.target, load_causal_lm)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tree == "auto" and not args.chain and isinstance(drafter, FeatureDrafter):
         drafter, k, cal = calibrated_head_drafter(target, tokenizer, drafter.head,
                                                   log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(cal.summary() + ("" if cal.choice else f"; drafter: {LOOKUP_FALLBACK_LABEL}"), file=sys.stderr, flush=True)
+        print(calibration_line(cal), file=sys.stderr, flush=True)
     chat = Chat(target, tokenizer, drafter, system=args.system, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, num_draft_tokens=k, seed=args.seed)
     interactive = sys.stdin.isatty()

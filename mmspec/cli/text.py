@@ -118,11 +118,11 @@ def run(args: argparse.Namespace) -> int:
     target, drafter, tokenizer, input_ids, attention_mask = models(args)
     k = args.k
     if k is None and isinstance(drafter, FeatureDrafter):  # SmolLM2's shipped head: the calibrated shape
-        from mmspec.zoo.smollm2 import LOOKUP_FALLBACK_LABEL, calibrated_head_drafter
+        from mmspec.zoo.smollm2 import calibrated_head_drafter, calibration_line
 
         drafter, k, cal = calibrated_head_drafter(target, tokenizer, drafter.head,
                                                   log=lambda m: print(m, file=sys.stderr, flush=True))
-        print(cal.summary() + ("" if cal.choice else f"; drafter: {LOOKUP_FALLBACK_LABEL}"))
+        print(calibration_line(cal))
     elif k is None:
         k = 3
     t0 = time.perf_counter()

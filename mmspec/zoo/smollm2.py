@@ -127,5 +127,10 @@ def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any 
 LOOKUP_FALLBACK_LABEL = "prompt lookup, cost-aware k (calibrated: the head does not pay here)"
 
 
-__all__ = ["CALIBRATION_PROMPT", "LOOKUP_FALLBACK_LABEL", "calibrated_head_drafter", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
+def calibration_line(cal: Calibration) -> str:
+    """The calibration's summary, naming the fallback drafter where the head does not pay (what the CLIs print)."""
+    return cal.summary() + ("" if cal.choice else f"; drafter: {LOOKUP_FALLBACK_LABEL}")
+
+
+__all__ = ["CALIBRATION_PROMPT", "LOOKUP_FALLBACK_LABEL", "calibrated_head_drafter", "calibration_line", "SMOLLM2_DOMAINS", "SMOLLM2_DRAFTERS", "SMOLLM2_MODELS", "chat_drafter", "load_smollm2_domain",
            "load_smollm2_drafter", "load_smollm2_models", "load_smollm2_ngram"]
