@@ -242,3 +242,24 @@ def test_features_of_a_residual_stream_beyond_float16_stay_finite(tiny_chat, tmp
     e = ShardedExamples(tmp_path / "f")[0]
     assert e["features"].float().abs().max() > 65_504  # beyond float16's range ...
     assert torch.isfinite(e["features"].float()).all() and torch.isfinite(e["final"].float()).all()  # ... still finite
+
+
+def test_feature_shards_under_bf16_autocast_are_recorded_close_and_leave_the_model_as_loaded(tiny_chat, tmp_path):
+    model, tok = tiny_chat
+    data = _jsonl(tmp_path / "c.jsonl", 4)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = build_conversation_features(model, tok, data, tmp_path / "fp32", window=4, max_len=96, progress=False)
+    auto = build_conversation_features(model, tok, data, tmp_path / "bf16", window=4, max_len=96,
+                                       autocast="bfloat16", progress=False)
+    assert "autocast" not in plain["settings"] and auto["settings"]["autocast"] == "bfloat16"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert next(model.parameters()).dtype == torch.float32
+    a, b = ShardedExamples(tmp_path / "fp32")[0], ShardedExamples(tmp_path / "bf16")[0]
+    assert not torch.equal(a["final"], b["final"])  # the forwards did run in bf16 ...
+    cos = torch.nn.functional.cosine_similarity(a["final"].float(), b["final"].float(), dim=-1)
+    assert cos.min() > 0.95  # ... and stay close to float32's
+    with pytest.raises(FeatureCacheError, match="holds features made with"):
+        build_conversation_features(model, tok, data, tmp_path / "fp32", window=4, max_len=96, autocast="bfloat16",
+                                    progress=False)
+    with pytest.raises(ValueError, match="autocast must be None or 'bfloat16'"):
+        build_conversation_features(model, tok, data, tmp_path / "x", autocast="float16", progress=False)

@@ -170,3 +170,19 @@ def test_a_head_with_a_given_heldout_set_trains_on_few_examples(tmp_path):
     summary = train_head.train_head(target, examples[:5], tmp_path, config=cfg, progress=False,
                                     heldout_examples=examples[5:])
     assert summary["finished"] and summary["examples"] == 5 and summary["heldout_examples"] == 3
+
+
+def test_a_head_trained_under_bf16_autocast_keeps_float32_weights_and_learns(tmp_path):
+    target = build("llama", layers=2, dtype=torch.float32)
+    examples = _examples(target, n=12)
+    loop = replace(train_head.HeadTraining.loop, steps=12, lr=3e-3, warmup=2)
+    torch.manual_seed(0)
+    summary = train_head.train_head(target, examples[:8], tmp_path, progress=False, heldout_examples=examples[8:],
+                                    config=train_head.HeadTraining(draft_vocab_size=48, batch_size=2,
+                                                                   autocast="bfloat16", loop=loop))
+    weights = load_file(str(tmp_path / "head.safetensors"))
+    assert summary["finished"] and math.isfinite(summary["train_loss_ema"])
+    assert all(w.dtype != torch.bfloat16 for w in weights.values())
+    with pytest.raises(ValueError, match="autocast must be None or 'bfloat16'"):
+        train_head.train_head(target, examples, tmp_path / "x", progress=False,
+                              config=train_head.HeadTraining(autocast="float16"))

@@ -18,6 +18,9 @@ Glossary:
     budget      extraction stops at the first of ``max_tokens`` (tokens in shards), ``cache_gb`` (bytes of
                 shards) and ``minutes``; re-running the same call continues after the last shard
     throughput  tokens/s of the target's forwards (padding excluded), recorded in the index
+    autocast    ``"bfloat16"``: the target's forwards run under CPU bf16 autocast (its weights untouched; measured
+                2,700 tokens/s against 670 in float32 on a 2-core AVX-512 + AMX CPU; emulated bf16 without AMX is
+                slower than float32). The features then carry bf16 rounding; the index records the choice
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def _forward_batches(rows: list[Rendered], batch_tokens: int) -> Iterator[list[i
 
 
 @torch.no_grad()
-def _shard(model: Any, rows: list[Rendered], layers: tuple[int, ...], batch_tokens: int, dtype: torch.dtype) -> dict:
+def _shard(model: Any, rows: list[Rendered], layers: tuple[int, ...], batch_tokens: int, dtype: torch.dtype,
+           autocast: str | None = None) -> dict:
     feats: list[torch.Tensor | None] = [None] * len(rows)
     finals: list[torch.Tensor | None] = [None] * len(rows)
     for group in _forward_batches(rows, batch_tokens):
@@ -92,7 +96,8 @@ def _shard(model: Any, rows: list[Rendered], layers: tuple[int, ...], batch_toke
         for b, i in enumerate(group):
             n = rows[i].tokens.shape[0]
             ids[b, :n], mask[b, :n] = rows[i].tokens, 1
-        f, fin = target_features(model, ids, mask, layers, dtype=dtype)
+        with torch.autocast("cpu", dtype=_DTYPES.get(autocast or "bfloat16"), enabled=autocast is not None):
+            f, fin = target_features(model, ids, mask, layers, dtype=dtype)
         for b, i in enumerate(group):
             n = rows[i].tokens.shape[0]
             feats[i], finals[i] = f[b, :n].clone(), fin[b, :n].clone()
@@ -106,11 +111,13 @@ def _shard(model: Any, rows: list[Rendered], layers: tuple[int, ...], batch_toke
 def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, out_dir: str | Path, *,
                                 split: str = "train", max_len: int = 1024, window: int = 64, batch_tokens: int = 4096,
                                 max_tokens: float = math.inf, cache_gb: float = 40.0, minutes: float = math.inf,
-                                dtype: str = "bfloat16", progress: bool = True) -> dict:
+                                dtype: str = "bfloat16", autocast: str | None = None, progress: bool = True) -> dict:
     """Write shards of the target's features along ``source``'s conversations into ``out_dir`` (resumable) and
     return the index (see the module glossary for the budget, the shard layout and the throughput)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if autocast not in (None, "bfloat16"):
+        raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
     if not max_len >= 8 or not window >= 1 or not batch_tokens >= max_len:
         raise ValueError(f"need max_len >= 8, window >= 1 and batch_tokens >= max_len, got {max_len}, {window}, "
                          f"{batch_tokens}")
@@ -120,6 +127,8 @@ def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     settings = {"source": str(source), "split": split, "model": _model_name(model), "max_len": max_len,
                 "window": window, "dtype": dtype, "chat_template": bool(getattr(tokenizer, "chat_template", None))}
+    if autocast is not None:  # folders written before the option keep their settings
+        settings["autocast"] = autocast
     index_path = out / "index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {"settings": settings, "shards": []}
     if index["settings"] != settings:
@@ -145,7 +154,7 @@ def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, 
             stopped = f"the {minutes:g}-minute budget ended"
             break
         t1 = time.time()
-        shard = _shard(model, rows, layers, batch_tokens, _DTYPES[dtype])
+        shard = _shard(model, rows, layers, batch_tokens, _DTYPES[dtype], autocast)
         forward_s += time.time() - t1
         n = int(shard["tokens"].shape[0])
         forward_tokens += n

@@ -42,6 +42,9 @@ class HeadTraining:
     #: train on a random ``max_len`` window of each example (at its own positions) instead of its first tokens:
     #: conversations are longer than a training row
     windows: bool = False
+    #: ``"bfloat16"``: the head's training forwards and backwards under CPU bf16 autocast (weights, optimiser,
+    #: teacher and loss stay float32; where the CPU has AMX). The held-out accuracy is measured in float32
+    autocast: str | None = None
     seed: int = 0
     loop: LoopConfig = LoopConfig(steps=2000, lr=5e-4, warmup=20, schedule="cosine", betas=(0.9, 0.95),
                                   weight_decay=0.0, clip_norm=1.0, save_every=25)
@@ -67,6 +70,8 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     ``init``: a trained head to start from (fine-tuning; its draft vocabulary is kept) instead of a new one.
     ``heldout_examples``: the held-out set, given (when ``examples`` hold several variants of one source
     example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
+    if config.autocast not in (None, "bfloat16"):
+        raise ValueError(f"autocast must be None or 'bfloat16', got {config.autocast!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held, train = split_off_heldout(examples, heldout_examples, holdout, config.seed, "train a head")
@@ -90,8 +95,9 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
         idx = [g.randrange(len(train)) for _ in range(config.batch_size)]
         offsets = ([g.randrange(max(1, train[i]["tokens"].shape[0] - config.max_len + 1)) for i in idx]
                    if config.windows else None)
-        loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len, offsets), config.ttt_steps,
-                             config.step_decay)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast == "bfloat16"):
+            loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len, offsets), config.ttt_steps,
+                                 config.step_decay)
         return loss, {"acc": acc}
 
     res = train_loop("train head (TTT)", head, loss_fn, config.loop, state_path, minutes=minutes, progress=progress,

@@ -76,8 +76,8 @@ def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
     # every step scores the same target positions p (those whose next token is a valid answer token; step j
     # row t reads p = t + j + 1), so the teacher is computed once per batch, on those positions only
     need = lmask[:, 1:] & valid[:, 1:].bool()  # [B, L-1]: position p is a teacher position
-    with torch.no_grad():  # the target's distribution within the draft vocabulary
-        teacher_rows = (final[:, :-1][need] @ head._lm_weight.T).float().softmax(-1)  # [P, Vd]
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the target's distribution in the draft vocabulary
+        teacher_rows = (final[:, :-1][need].float() @ head._lm_weight.float().T).softmax(-1)  # [P, Vd], float32
     row_of = need.flatten().cumsum(0).view_as(need) - 1  # [B, L-1]: p -> its row of teacher_rows
     total, weight, acc = 0.0, 0.0, []
     for j, hidden in enumerate(outs):

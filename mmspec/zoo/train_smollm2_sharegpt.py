@@ -54,28 +54,31 @@ def default_cache() -> Path:
     return cache_root() / "sharegpt" / "smollm2"
 
 
-def features(cache: Path, tokens: float, minutes: float, cache_gb: float) -> dict:
+def features(cache: Path, tokens: float, minutes: float, cache_gb: float, autocast: str | None = None) -> dict:
+    """Training-split shards (under bf16 autocast if ``autocast``); the held-out dev shard always in float32,
+    so every head is measured against the target's features as it decodes."""
     model, tok = load_causal_lm()
     build_conversation_features(model, tok, "sharegpt", cache / "dev", split="dev", max_len=MAX_LEN,
                                 window=DEV_CONVERSATIONS, max_tokens=1, cache_gb=cache_gb)
     return build_conversation_features(model, tok, "sharegpt", cache / "train", split="train", max_len=MAX_LEN,
-                                       max_tokens=tokens, minutes=minutes, cache_gb=cache_gb)
+                                       max_tokens=tokens, minutes=minutes, cache_gb=cache_gb, autocast=autocast)
 
 
 def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draft_vocab: int,
-         batch_size: int = HEAD.batch_size) -> dict:
+         batch_size: int = HEAD.batch_size, autocast: str | None = None) -> dict:
     model, tok = load_causal_lm()
     examples = ShardedExamples(cache / "train", max_tokens=tokens)
     if examples.tokens < min(tokens, 1e5):
         raise SystemExit(f"the cache holds {examples.tokens:,} tokens, fewer than --tokens {tokens:,.0f}: run stage "
                          "features first")
     held = list(ShardedExamples(cache / "dev"))
-    config = replace(HEAD, draft_vocab_size=draft_vocab, batch_size=batch_size, loop=replace(HEAD.loop, steps=steps))
+    config = replace(HEAD, draft_vocab_size=draft_vocab, batch_size=batch_size, autocast=autocast,
+                     loop=replace(HEAD.loop, steps=steps))
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, heldout_examples=held)
     summary = {"data": "sharegpt", "data_tokens": examples.tokens, "data_answer_tokens": examples.answer_tokens,
                "data_examples": len(examples), "minutes": round((time.time() - t0) / 60, 2), **summary,
-               "tokens_per_step": config.batch_size * config.max_len}
+               "tokens_per_step": config.batch_size * config.max_len, "autocast": autocast}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -229,14 +232,74 @@ def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4
     return results
 
 
+def scaling(cache: Path, out: Path, sizes: list[float], steps: int, minutes: float, draft_vocab: int,
+            autocast: str | None = None, prompts: int = 8) -> dict:
+    """The data-scaling curve: one head per training-data size (a prefix of the training shards), every head on the
+    same schedule of ``steps`` (the same compute: smaller sizes see their data more often), trained in turn within
+    ``minutes`` (re-running continues where it stopped). Once every head has finished: their tau, interleaved, and
+    ``out/scaling.json`` + ``out/scaling.png`` (held-out top-1 and tau against unique training tokens)."""
+    t0 = time.time()
+    runs = [out / f"tokens_{size:.3g}" for size in sizes]
+    for size, run in zip(sizes, runs):
+        summary_path = run / "training_summary.json"
+        if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
+            continue
+        left = minutes - (time.time() - t0) / 60
+        if left <= 0.5:
+            return {"finished": False, "stopped_at": str(run), "minutes": round((time.time() - t0) / 60, 2)}
+        if not head(cache, run, size, steps, left, draft_vocab, autocast=autocast)["finished"]:
+            return {"finished": False, "stopped_at": str(run), "minutes": round((time.time() - t0) / 60, 2)}
+    taus = tau(runs, prompts=prompts)
+    rows = []
+    for size, run in zip(sizes, runs):
+        s = json.loads((run / "training_summary.json").read_text())
+        passes = s["steps"] * s["tokens_per_step"]
+        rows.append({"size": size, "data_tokens": s["data_tokens"], "data_answer_tokens": s["data_answer_tokens"],
+                     "steps": s["steps"], "token_passes": passes, "epochs": round(passes / s["data_tokens"], 2),
+                     "heldout_top1_per_step": s["heldout_top1_per_step"], "minutes": s["minutes"],
+                     **taus[str(run)]})
+    result = {"steps": steps, "autocast": autocast, "draft_vocab_size": draft_vocab, "rows": rows}
+    (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
+    _plot_scaling(rows, out / "scaling.png")
+    return result
+
+
+def _plot_scaling(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # the figure needs the bench extra; scaling.json holds the numbers
+        return
+    x = [r["data_tokens"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for j in range(len(rows[0]["heldout_top1_per_step"])):
+        a.plot(x, [r["heldout_top1_per_step"][j] for r in rows], "o-", label=f"TTT step {j}")
+    a.set(xscale="log", xlabel="unique training tokens", ylabel="held-out top-1 (ShareGPT dev)")
+    a.legend()
+    b.plot(x, [r["tau_chain"] for r in rows], "o-")
+    b.set(xscale="log", xlabel="unique training tokens", ylabel=f"tau, chains of {rows[0]['tau_k']}")
+    fig.suptitle("SmolLM2-135M EAGLE-3 head: data scaling at equal compute")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmspec.zoo.train_smollm2_sharegpt", description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["features", "head", "self", "finetune", "tau", "drafter", "blockwise"])
+    p.add_argument("stage", choices=["features", "head", "self", "finetune", "tau", "drafter", "blockwise",
+                                      "scaling"])
     p.add_argument("--cache", type=Path, default=None, help="feature cache (default ~/.cache/mmspec/sharegpt/smollm2)")
     p.add_argument("--tokens", type=float, default=None,
                    help="features: stop at this many tokens (10.5e6); head: train on the first shards up to it")
     p.add_argument("--minutes", type=float, default=55.0)
     p.add_argument("--cache-gb", type=float, default=50.0)
+    p.add_argument("--autocast", choices=["none", "bfloat16"], default="none",
+                   help="features: the target's forwards under CPU bf16 autocast (4x faster with AMX; the cache "
+                        "folder records it); head, scaling: the head's training steps under it")
+    p.add_argument("--sizes", type=float, nargs="+", default=[2.5e5, 5e5, 1e6, 2e6],
+                   help="scaling: training-data sizes in tokens (one head each)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"head, finetune, drafter, blockwise: steps of the schedule (default {HEAD.loop.steps}, "
                         f"{FINETUNE.loop.steps}, {DRAFTER_STEPS}, {BLOCKWISE_STEPS})")
@@ -253,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     cache = a.cache or default_cache()
     if a.stage == "features":
-        index = features(cache, a.tokens or 10.5e6, a.minutes, a.cache_gb)
+        index = features(cache, a.tokens or 10.5e6, a.minutes, a.cache_gb,
+                         None if a.autocast == "none" else a.autocast)
         done = sum(s["tokens"] for s in index["shards"])
         print(f"{done:,} tokens in {len(index['shards'])} shards ({index['stopped']}); "
               f"{index.get('tokens_per_s')} tokens/s")
@@ -269,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"stage {a.stage} needs --out")
         fn, steps = (model_drafter, DRAFTER_STEPS) if a.stage == "drafter" else (blockwise, BLOCKWISE_STEPS)
         print(json.dumps(fn(cache, a.out, a.tokens or math.inf, a.steps or steps, a.minutes), indent=2))
+    elif a.stage == "scaling":
+        if a.out is None:
+            p.error("stage scaling needs --out")
+        print(json.dumps(scaling(cache, a.out, sorted(a.sizes), a.steps or HEAD.loop.steps, a.minutes,
+                                 a.draft_vocab or HEAD.draft_vocab_size, None if a.autocast == "none" else a.autocast,
+                                 a.prompts), indent=2))
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
@@ -277,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.out is None:
             p.error("stage head needs --out")
         summary = head(cache, a.out, a.tokens or math.inf, a.steps or HEAD.loop.steps, a.minutes,
-                       a.draft_vocab or HEAD.draft_vocab_size, a.batch_size)
+                       a.draft_vocab or HEAD.draft_vocab_size, a.batch_size, None if a.autocast == "none" else a.autocast)
         print(json.dumps(summary, indent=2))
     return 0
 
