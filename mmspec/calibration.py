@@ -24,9 +24,10 @@ Glossary:
                     plain:    1 / (verify(1) + overhead), the rate of decoding without drafts through the same loop
     choice          the best shape, or None (decode without drafts) when plain is expected to be faster: callers
                     that default to the calibration do not run drafts the model expects to cost more than they save
-    packing         the drafter (never the target) is timed unpacked and packed for oneDNN
-                    (:mod:`mmspec.cpu_packing`) when the build can pack; the faster is kept and said
-                    (``drafter_packed``); drafts change, outputs do not (verification decides every token)
+    packing         the drafter (never the target) is timed unpacked, packed for oneDNN in float32 and, where the
+                    CPU runs bf16 natively (AMX / AVX512-BF16), packed as a bfloat16 copy (:mod:`mmspec.cpu_packing`)
+                    when the build can pack; the fastest is kept and said (``drafter_packed``, ``drafter_dtype``);
+                    drafts change, outputs do not (verification decides every token)
     cache           ``<cache_dir>/<key>.json``, the key hashing the target's and the drafter's weights (a
                     fingerprint), the candidate shapes and the machine (CPU model, speed flags, torch threads
                     and version): a second call with the same inputs reads it instead of measuring
@@ -45,7 +46,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .cpu_packing import is_packed, pack_linear_weights, packing_available, unpack_linear_weights
+from .cpu_packing import (bf16_native, is_packed, pack_linear_weights, packed_dtype, packing_available,
+                          unpack_linear_weights)
 from .drafters.cost_model import CostModel, measure_cost_model
 from .drafters.feature import FeatureDrafter
 from .drafters.tree import DynamicTree
@@ -56,7 +58,7 @@ from .stats import GenerationStats
 #: the widths the verification cost is measured at (tokens per target forward)
 VERIFY_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 #: part of the cache key: a change to what is measured or how invalidates older entries
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 #: candidate dynamic trees (depth, top_k, num_nodes), small to large
 DEFAULT_TREES = ((4, 4, 8), (6, 8, 24))
 
@@ -97,11 +99,12 @@ class Calibration:
     accept_at_least: tuple  # P(A >= i), i = 1 .. k_max
     runs: dict  # shape label -> {"tau", "step_seconds", "tokens_per_s", "steps"} of the measured runs
     drafter_packed: bool
-    packing: dict  # {"unpacked": level seconds, "packed": level seconds} (empty when not measured)
+    packing: dict  # {"unpacked", "packed"[, "packed bf16"]: level seconds} (empty when not measured)
     machine: str
     seconds: float  # how long the calibration took
     cached: bool = False
     notes: list = field(default_factory=list)
+    drafter_dtype: str = "float32"  # of the packed copy: "float32" or "bfloat16" (with drafter_packed)
 
     @property
     def pays(self) -> bool:
@@ -131,8 +134,15 @@ class Calibration:
                 f"no drafts: decoding without them is expected to be faster here (best shape {self.best.label})")
         return (f"{head} (expected {self.expected_tokens_per_s[self.best.label]:.1f}"
                 f" tok/s; without drafts {self.plain_tokens_per_s:.1f}; "
-                + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"); drafter {'packed' if self.drafter_packed else 'unpacked'}"
+                + ", ".join(f"{k} {v:.1f}" for k, v in top) + f"); drafter {self.drafter_setting}"
                 + (" (cached)" if self.cached else f" ({self.seconds:.0f} s)"))
+
+    @property
+    def drafter_setting(self) -> str:
+        """``unpacked``, ``packed`` or ``packed bf16``: the drafter's CPU setting measured fastest."""
+        if not self.drafter_packed:
+            return "unpacked"
+        return "packed bf16" if self.drafter_dtype == "bfloat16" else "packed"
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -255,11 +265,13 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
             except (ValueError, KeyError, TypeError):
                 cached = None  # an unreadable cache entry is measured again
             if cached is not None:
-                if drafter_module is not None and cached.drafter_packed != is_packed(drafter_module):
-                    if cached.drafter_packed and _can_pack(drafter_module):  # the setting it measured faster
-                        pack_linear_weights(drafter_module)
-                    elif not cached.drafter_packed:
+                if drafter_module is not None:  # the setting it measured faster (a fresh process loads unpacked)
+                    want = (getattr(torch, cached.drafter_dtype) if cached.drafter_packed and _can_pack(drafter_module)
+                            else None)
+                    if packed_dtype(drafter_module) != want:
                         unpack_linear_weights(drafter_module)
+                        if want is not None:
+                            pack_linear_weights(drafter_module, want)
                 return cached
     say = progress or (lambda msg: None)
     t0 = time.time()
@@ -272,18 +284,26 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     say(f"calibrating: a chain of {k_max} drafts")
     _run(target, drafter_for(chain, cost), prompts[:1], k_max, 4, eos_token_id)  # warm-up: first calls allocate
     s = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
+    dtype = "float32"
     if drafter_module is not None and _can_pack(drafter_module):
-        pack_linear_weights(drafter_module)
-        say("calibrating: the same chain with the drafter packed for oneDNN")
-        _run(target, drafter_for(chain, cost), prompts[:1], k_max, 4, eos_token_id)  # the same warm-up
-        sp = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
-        level_p = (sp.drafter_time - sp.drafter_prefill_time) / max(sp.drafted_tokens, 1)
-        level_u = (s.drafter_time - s.drafter_prefill_time) / max(s.drafted_tokens, 1)
-        packing = {"unpacked": level_u, "packed": level_p}
-        if level_p < level_u:
-            packed, s = True, sp
-        else:
+        settings = [("packed", torch.float32)] + ([("packed bf16", torch.bfloat16)] if bf16_native() else [])
+        if not bf16_native():
+            notes.append("drafter bf16 not measured (no native bf16 on this CPU: emulated bf16 is slower)")
+        packing = {"unpacked": _level(s)}
+        best = (packing["unpacked"], None, s)
+        for name, dt in settings:
+            pack_linear_weights(drafter_module, dt)
+            say(f"calibrating: the same chain with the drafter {name} for oneDNN")
+            _run(target, drafter_for(chain, cost), prompts[:1], k_max, 4, eos_token_id)  # the same warm-up
+            sp = _run(target, drafter_for(chain, cost), prompts, k_max, max_new_tokens, eos_token_id)
+            packing[name] = _level(sp)
+            if packing[name] < best[0]:
+                best = (packing[name], dt, sp)
             unpack_linear_weights(drafter_module)
+        if best[1] is not None:
+            pack_linear_weights(drafter_module, best[1])
+            packed, dtype = True, str(best[1]).removeprefix("torch.")
+        s = best[2]
     elif drafter_module is None:
         notes.append("drafter packing not measured (no drafter_module)")
     else:
@@ -310,7 +330,7 @@ def calibrate(target: torch.nn.Module, drafter_for: Callable[[DraftShape, CostMo
     cal = Calibration(best=best, expected_tokens_per_s=expected,
                       plain_tokens_per_s=1.0 / (cost.seconds[0] + overhead), cost=cost, level_seconds=level,
                       overhead_seconds=overhead, accept_at_least=acc, runs=runs, drafter_packed=packed,
-                      packing=packing, machine=machine, seconds=time.time() - t0, notes=notes)
+                      packing=packing, machine=machine, seconds=time.time() - t0, notes=notes, drafter_dtype=dtype)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cal.to_json(), indent=1) + "\n")
@@ -326,6 +346,11 @@ def head_drafters(head: Any) -> Callable[[DraftShape, CostModel], Any]:
         depth, top_k, nodes = shape.tree
         return FeatureDrafter(head, tree=DynamicTree(depth=depth, top_k=top_k, num_nodes=nodes, cost_model=cost))
     return drafter_for
+
+
+def _level(s: GenerationStats) -> float:
+    """Seconds of one drafter forward in a calibration run (its prefill left out)."""
+    return (s.drafter_time - s.drafter_prefill_time) / max(s.drafted_tokens, 1)
 
 
 def _can_pack(module: torch.nn.Module) -> bool:

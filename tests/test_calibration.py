@@ -11,7 +11,7 @@ import torch
 from mmspec import engine
 from mmspec.calibration import (Calibration, CalibrationError, DraftShape, accept_at_least, calibrate, chain_rate,
                                 chain_tokens_per_step, fingerprint, head_drafters)
-from mmspec.cpu_packing import is_packed, packing_available
+from mmspec.cpu_packing import bf16_native, is_packed, packed_dtype, packing_available
 from mmspec.drafters.cost_model import CostModel
 from test_feature_drafter import make_head
 from tiny_models import build
@@ -94,15 +94,40 @@ def test_calibration_chooses_a_measured_shape_caches_it_and_leaves_the_target_as
     assert len(files) == 1 and json.loads(files[0].read_text())["machine"] == cal.machine
     # a cached "packed" choice packs the drafter again (a fresh process loads it unpacked); "unpacked" unpacks it
     entry = json.loads(files[0].read_text())
-    for choice in (True, False):
-        files[0].write_text(json.dumps({**entry, "drafter_packed": choice}))
-        calibrate(target, _drafters(head), prompts, k_max=4, trees=((3, 2, 4),), max_new_tokens=12,
-                  drafter_module=head, cache_dir=tmp_path)
+    for choice, dtype in ((True, "float32"), (True, "bfloat16"), (False, "float32"), (True, "float32")):
+        files[0].write_text(json.dumps({**entry, "drafter_packed": choice, "drafter_dtype": dtype}))
+        got = calibrate(target, _drafters(head), prompts, k_max=4, trees=((3, 2, 4),), max_new_tokens=12,
+                        drafter_module=head, cache_dir=tmp_path)
         can_pack = packing_available() and next(head.parameters()).dtype == torch.float32
-        assert is_packed(head) == (choice and can_pack) and not is_packed(target)
+        can = choice and can_pack and (dtype == "float32" or bf16_native())
+        assert packed_dtype(head) == (getattr(torch, dtype) if can else None) and not is_packed(target)
+        assert got.drafter_setting == ("unpacked" if not choice else "packed bf16" if dtype == "bfloat16" else "packed")
     other = calibrate(target, _drafters(head), prompts, k_max=2, trees=(), max_new_tokens=12, cache_dir=tmp_path)
     assert not other.cached and set(other.expected_tokens_per_s) == {"chain k=1", "chain k=2"}
     assert any("packing not measured" in n for n in other.notes)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN linear packing")
+def test_a_float32_drafter_is_timed_in_every_cpu_setting_and_keeps_the_fastest(tmp_path):
+    """Unpacked, packed and, where the CPU runs bf16 natively, a bf16 copy (drafters only): the fastest is kept, the
+    target is never packed, and the chosen setting still decodes exactly like HF generate."""
+    torch.manual_seed(0)
+    target = build("llama", layers=2, dtype=torch.float32)
+    head = make_head(target).float().attach(target)
+    prompts = [torch.tensor([[5, 17, 33, 9, 5, 17, 33]])]
+    cal = calibrate(target, _drafters(head), prompts, k_max=2, trees=(), max_new_tokens=8, drafter_module=head,
+                    cache_dir=None)
+    assert set(cal.packing) == {"unpacked", "packed"} | ({"packed bf16"} if bf16_native() else set())
+    fastest = min(cal.packing, key=cal.packing.get)
+    assert cal.drafter_setting == fastest and f"drafter {fastest}" in cal.summary()
+    assert packed_dtype(head) == {"unpacked": None, "packed": torch.float32, "packed bf16": torch.bfloat16}[fastest]
+    assert not is_packed(target)
+    assert bf16_native() or any("bf16 not measured" in n for n in cal.notes)
+    ids = torch.tensor([[7, 8, 9, 10, 7, 8]])
+    ref = target.generate(input_ids=ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    out = engine.generate(target, ids, drafter=_drafters(head)(DraftShape(k=2), cal.cost), max_new_tokens=12,
+                          num_draft_tokens=2)
+    assert torch.equal(out.sequences[:, :ref.shape[1]], ref)
 
 
 def test_calibration_names_bad_input_before_measuring():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmspec import engine
-from mmspec.cpu_packing import pack_linear_weights, packing_available, unpack_linear_weights
+from mmspec.cpu_packing import (bf16_native, pack_linear_weights, packed_dtype, packing_available,
+                                unpack_linear_weights)
 from tiny_models import build
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN linear packing")
@@ -57,3 +58,28 @@ def test_training_uses_the_ordinary_forward_and_a_changed_weight_is_repacked():
         lin.weight.mul_(2.0)
         x = torch.randn(3, lin.in_features)
         torch.testing.assert_close(lin(x), x @ lin.weight.T, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_packed_drafter_drafts_close_and_greedy_output_stays_the_targets():
+    """bf16 copies (drafters only, on CPUs with native bf16): logits within bf16 rounding, the target's greedy output
+    unchanged; elsewhere nothing is packed (emulated bf16 is slower than float32)."""
+    target, drafter = _model(), build("llama", vocab=96, hidden=32, layers=1, dtype=torch.float32).eval()
+    ids = torch.randint(0, 96, (3, 7))
+    with torch.no_grad():
+        ref = drafter(ids).logits
+        n = pack_linear_weights(drafter, dtype=torch.bfloat16)
+        got = drafter(ids).logits
+    if not bf16_native():
+        assert n == 0 and packed_dtype(drafter) is None
+        return
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in drafter.modules())
+    assert packed_dtype(drafter) == torch.bfloat16 and got.dtype == torch.float32 and not torch.equal(got, ref)
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        out_ref = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                  pad_token_id=0)
+    out = engine.generate(target, ids, drafter=drafter, num_draft_tokens=3, max_new_tokens=20)
+    assert torch.equal(out.sequences[:, : out_ref.shape[1]], out_ref)
+    assert unpack_linear_weights(drafter) == n and packed_dtype(drafter) is None
+    with pytest.raises(ValueError, match="packs float32 or bfloat16 copies"):
+        pack_linear_weights(drafter, dtype=torch.float16)
