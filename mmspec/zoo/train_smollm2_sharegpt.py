@@ -64,6 +64,14 @@ def features(cache: Path, tokens: float, minutes: float, cache_gb: float, autoca
                                        max_tokens=tokens, minutes=minutes, cache_gb=cache_gb, autocast=autocast)
 
 
+def _write_summary(out: Path, t0: float, summary: dict, **about) -> dict:
+    """``out/training_summary.json``: what the stage trained on (``about``, first), its minutes since ``t0``, then
+    the trainer's own summary."""
+    summary = {**about, "minutes": round((time.time() - t0) / 60, 2), **summary}
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draft_vocab: int,
          batch_size: int = HEAD.batch_size, autocast: str | None = None) -> dict:
     model, tok = load_causal_lm()
@@ -76,11 +84,9 @@ def head(cache: Path, out: Path, tokens: float, steps: int, minutes: float, draf
                      loop=replace(HEAD.loop, steps=steps))
     t0 = time.time()
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, heldout_examples=held)
-    summary = {"data": "sharegpt", "data_tokens": examples.tokens, "data_answer_tokens": examples.answer_tokens,
-               "data_examples": len(examples), "minutes": round((time.time() - t0) / 60, 2), **summary,
-               "tokens_per_step": config.batch_size * config.max_len, "autocast": autocast}
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _write_summary(out, t0, summary, data="sharegpt", data_tokens=examples.tokens,
+                          data_answer_tokens=examples.answer_tokens, data_examples=len(examples),
+                          tokens_per_step=config.batch_size * config.max_len, autocast=autocast)
 
 
 SELF_PROMPTS = 4096  # ShareGPT training-split first user turns the target answers (stage self)
@@ -140,15 +146,12 @@ def finetune(cache: Path, out: Path, init: Path, steps: int, minutes: float, dat
     summary = train_head(model, examples, out, config=config, minutes=minutes, tokenizer=tok, init=head0,
                          heldout_examples=held)
     answer_tokens = examples.answer_tokens if data != "self" else _answer_tokens(examples)
-    summary = {"data": "self (ShareGPT prompts)" if data == "self" else "fixed ShareGPT answers", "init": str(init),
-               "new_draft_vocab": draft_vocab,
-               "data_examples": len(examples), "data_answer_tokens": answer_tokens,
-               "minutes": round((time.time() - t0) / 60, 2), **summary}
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _write_summary(out, t0, summary, data="self (ShareGPT prompts)" if data == "self" else
+                          "fixed ShareGPT answers", init=str(init), new_draft_vocab=draft_vocab,
+                          data_examples=len(examples), data_answer_tokens=answer_tokens)
 
 
-DRAFTER_STEPS, BLOCKWISE_STEPS = 500, 1500
+DRAFTER_STEPS, BLOCKWISE_STEPS = 260, 1500  # the shipped drafter/ ran 260 steps
 
 
 def model_drafter(cache: Path, out: Path, tokens: float, steps: int, minutes: float) -> dict:
@@ -166,11 +169,8 @@ def model_drafter(cache: Path, out: Path, tokens: float, steps: int, minutes: fl
                                   loop=replace(MODEL_LOOP, steps=steps), batch_size=4, max_len=256, windows=True,
                                   heldout_examples=held)
     shipped = drafter_heldout_top1(load_smollm2_drafter("model", model), model, held)
-    summary = {"data": "fixed ShareGPT answers", "data_tokens": examples.tokens,
-               "data_answer_tokens": examples.answer_tokens, "minutes": round((time.time() - t0) / 60, 2), **summary,
-               "shipped_heldout_top1": round(shipped, 4)}
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _write_summary(out, t0, summary, data="fixed ShareGPT answers", data_tokens=examples.tokens,
+                          data_answer_tokens=examples.answer_tokens, shipped_heldout_top1=round(shipped, 4))
 
 
 def blockwise(cache: Path, out: Path, tokens: float, steps: int, minutes: float) -> dict:
@@ -188,11 +188,9 @@ def blockwise(cache: Path, out: Path, tokens: float, steps: int, minutes: float)
     summary = train_blockwise_heads(model, list(examples), out, config=config, minutes=minutes, tokenizer=tok,
                                     heldout_examples=held)
     shipped = blockwise_heldout_top1(load_smollm2_drafter("heads", model).heads, held, config.teacher_top)
-    summary = {"data": "fixed ShareGPT answers", "data_tokens": examples.tokens,
-               "data_answer_tokens": examples.answer_tokens, "minutes": round((time.time() - t0) / 60, 2), **summary,
-               "shipped_heldout_top1_per_head": [round(a, 4) for a in shipped]}
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return _write_summary(out, t0, summary, data="fixed ShareGPT answers", data_tokens=examples.tokens,
+                          data_answer_tokens=examples.answer_tokens,
+                          shipped_heldout_top1_per_head=[round(a, 4) for a in shipped])
 
 
 def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4) -> dict:
