@@ -38,3 +38,10 @@ def test_scaling_trains_each_size_once_resumes_and_writes_the_curve(tmp_path, mo
     assert [r["tau_chain"] for r in done["rows"]] == [1.3, 1.4, 1.5]
     assert json.loads((tmp_path / "s" / "scaling.json").read_text()) == done
     assert (tmp_path / "s" / "scaling.png").stat().st_size > 1000
+
+
+def test_scaling_by_epochs_gives_each_size_steps_in_proportion(tmp_path, monkeypatch):
+    _stub(monkeypatch, finish_after=9)
+    done = recipe.scaling(tmp_path, tmp_path / "e", [1e5, 4e5, 8e5], steps=999, minutes=60, draft_vocab=64, epochs=1)
+    # 2,048 tokens a step: ceil(size / 2,048), at least warm-up + 1
+    assert [r["steps"] for r in done["rows"]] == [49, 196, 391] and done["epochs"] == 1 and done["steps"] is None

@@ -231,21 +231,26 @@ def tau(outs: list[Path], prompts: int = 8, max_new_tokens: int = 64, k: int = 4
 
 
 def scaling(cache: Path, out: Path, sizes: list[float], steps: int, minutes: float, draft_vocab: int,
-            autocast: str | None = None, prompts: int = 8) -> dict:
-    """The data-scaling curve: one head per training-data size (a prefix of the training shards), every head on the
-    same schedule of ``steps`` (the same compute: smaller sizes see their data more often), trained in turn within
-    ``minutes`` (re-running continues where it stopped). Once every head has finished: their tau, interleaved, and
-    ``out/scaling.json`` + ``out/scaling.png`` (held-out top-1 and tau against unique training tokens)."""
+            autocast: str | None = None, prompts: int = 8, epochs: float | None = None) -> dict:
+    """The data-scaling curve: one head per training-data size (a prefix of the training shards), trained in turn
+    within ``minutes`` (re-running continues where it stopped). ``epochs`` None: every head on the same schedule
+    of ``steps`` (the same compute: smaller sizes see their data more often); ``epochs`` E: each head's schedule
+    passes over its data E times (steps = E x size / tokens a step: compute grows with data). Once every head has
+    finished: their tau, interleaved, and ``out/scaling.json`` + ``out/scaling.png`` (held-out top-1 and tau
+    against unique training tokens)."""
     t0 = time.time()
     runs = [out / f"tokens_{size:.3g}" for size in sizes]
-    for size, run in zip(sizes, runs):
+    per_step = HEAD.batch_size * HEAD.max_len
+    schedule = [steps if epochs is None else max(HEAD.loop.warmup + 1, math.ceil(epochs * size / per_step))
+                for size in sizes]
+    for size, run, steps_i in zip(sizes, runs, schedule):
         summary_path = run / "training_summary.json"
         if summary_path.is_file() and json.loads(summary_path.read_text()).get("finished"):
             continue
         left = minutes - (time.time() - t0) / 60
         if left <= 0.5:
             return {"finished": False, "stopped_at": str(run), "minutes": round((time.time() - t0) / 60, 2)}
-        if not head(cache, run, size, steps, left, draft_vocab, autocast=autocast)["finished"]:
+        if not head(cache, run, size, steps_i, left, draft_vocab, autocast=autocast)["finished"]:
             return {"finished": False, "stopped_at": str(run), "minutes": round((time.time() - t0) / 60, 2)}
     taus = tau(runs, prompts=prompts)
     rows = []
@@ -256,7 +261,8 @@ def scaling(cache: Path, out: Path, sizes: list[float], steps: int, minutes: flo
                      "steps": s["steps"], "token_passes": passes, "epochs": round(passes / s["data_tokens"], 2),
                      "heldout_top1_per_step": s["heldout_top1_per_step"], "minutes": s["minutes"],
                      **taus[str(run)]})
-    result = {"steps": steps, "autocast": autocast, "draft_vocab_size": draft_vocab, "rows": rows}
+    result = {"steps": steps if epochs is None else None, "epochs": epochs, "autocast": autocast,
+              "draft_vocab_size": draft_vocab, "rows": rows}
     (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot_scaling(rows, out / "scaling.png")
     return result
@@ -278,7 +284,8 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
     a.legend()
     b.plot(x, [r["tau_chain"] for r in rows], "o-")
     b.set(xscale="log", xlabel="unique training tokens", ylabel=f"tau, chains of {rows[0]['tau_k']}")
-    fig.suptitle("SmolLM2-135M EAGLE-3 head: data scaling at equal compute")
+    fig.suptitle("SmolLM2-135M EAGLE-3 head: data scaling (" + ("equal compute" if rows[0]["epochs"] > rows[-1]["epochs"]
+                 else f"{rows[0]['epochs']:g} epoch(s) each") + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -298,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         "folder records it); head, scaling: the head's training steps under it")
     p.add_argument("--sizes", type=float, nargs="+", default=[2.5e5, 5e5, 1e6, 2e6],
                    help="scaling: training-data sizes in tokens (one head each)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="scaling: each head passes over its data this often (default: every head runs --steps)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"head, finetune, drafter, blockwise: steps of the schedule (default {HEAD.loop.steps}, "
                         f"{FINETUNE.loop.steps}, {DRAFTER_STEPS}, {BLOCKWISE_STEPS})")
@@ -336,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("stage scaling needs --out")
         print(json.dumps(scaling(cache, a.out, sorted(a.sizes), a.steps or HEAD.loop.steps, a.minutes,
                                  a.draft_vocab or HEAD.draft_vocab_size, None if a.autocast == "none" else a.autocast,
-                                 a.prompts), indent=2))
+                                 a.prompts, a.epochs), indent=2))
     elif a.stage == "tau":
         if a.out is None:
             p.error("stage tau needs --out")
