@@ -100,10 +100,13 @@ def test_train_drafter_on_your_own_conversations_for_a_base_model_without_a_chat
                 {"role": "user", "content": "And decode it?"},
                 {"role": "assistant", "content": "Use json.loads to decode a JSON document."}]}) + "\n")
     out = tmp_path / kind
+    bf16 = ["--bf16"] if kind == "head" else []  # the head also under bf16 autocast (features and steps)
     code = main(["train-drafter", "--target", str(base), "--kind", kind, "--minutes", "0.25", "--data", str(data),
-                 "--out", str(out), "--draft-vocab", "200", "--max-len", "128"])
+                 "--out", str(out), "--draft-vocab", "200", "--max-len", "128", *bf16])
     assert code == EXIT_OK
     summary = json.loads((out / "training_summary.json").read_text())
+    index = json.loads((out / "data" / "train" / "index.json").read_text())
+    assert summary["autocast"] == index["settings"].get("autocast") == ("bfloat16" if bf16 else None)
     assert summary["data"] == str(data) and summary["data_examples"] == 40 and summary["steps"] > 0
     assert summary["data_stopped"] == "the source ended"
     target, tokenizer = load_causal_lm(base)

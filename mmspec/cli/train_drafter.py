@@ -41,6 +41,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--draft-vocab", type=int, default=4096, help="FR-Spec draft vocabulary size (head, heads)")
     p.add_argument("--num-heads", type=int, default=4, help="blockwise heads: tokens proposed per block (heads)")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of the distilled drafter (model)")
+    p.add_argument("--bf16", action="store_true",
+                   help="the target's training-data forwards (and a head's training steps) under CPU bf16 autocast: "
+                        "about 3x faster features on CPUs with AMX, slower where bf16 is emulated; the target's "
+                        "weights are not changed")
     add_sampling_flags(p, helps={"max_new_tokens": "answer length per prompt (default: %(default)s)"},
                        max_new_tokens=160, seed=0)
 
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
                             num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                             draft_vocab_size=args.draft_vocab, num_layers=args.layers, num_heads=args.num_heads,
                             max_tokens=float("inf") if args.max_tokens is None else args.max_tokens,
-                            max_len=args.max_len, cache_gb=args.cache_gb, seed=args.seed)
+                            max_len=args.max_len, cache_gb=args.cache_gb, seed=args.seed,
+                            autocast="bfloat16" if args.bf16 else None)
     print(f"{args.kind} drafter written to {args.out}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return EXIT_OK

@@ -73,7 +73,8 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
                   data: str | None = None, data_dir: str | Path | None = None, num_prompts: int = 1024,
                   max_new_tokens: int = 160, batch_size: int = 16, data_share: float = 0.4,
                   draft_vocab_size: int = 4096, num_layers: int = 2, num_heads: int = 4, max_tokens: float = math.inf,
-                  max_len: int = 1024, cache_gb: float = 40.0, seed: int = 0, progress: bool = True) -> dict:
+                  max_len: int = 1024, cache_gb: float = 40.0, seed: int = 0, progress: bool = True,
+                  autocast: str | None = None) -> dict:
     """Build training data, then train a drafter of ``kind`` (``"head"``: EAGLE-3 head, ``"model"``: a distilled
     ``num_layers`` drafter LM, ``"heads"``: ``num_heads`` blockwise parallel heads) into ``out``.
 
@@ -81,7 +82,11 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     package is installed; held out: its dev split), ``"self"`` (the target's own answers to ``num_prompts``
     prompts, :func:`self_distillation_prompts`) or a ``.jsonl`` file of the user's own conversations. Conversations
     are rendered with the tokenizer's chat template, or as plain text for a base model without one; their features
-    are cached under ``data_dir`` (default ``out/data``) within ``cache_gb`` and ``max_tokens``."""
+    are cached under ``data_dir`` (default ``out/data``) within ``cache_gb`` and ``max_tokens``. ``autocast``
+    ``"bfloat16"``: the target's training-data forwards and a head's training steps run under CPU bf16 autocast
+    (faster where the CPU has AMX; the held-out features stay float32; the target's weights are not touched)."""
+    if autocast not in (None, "bfloat16"):
+        raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not minutes > 0:
@@ -110,7 +115,7 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
         index = build_conversation_features(model, tokenizer, data, data_path / "train", split="train",
                                             max_len=max_len, max_tokens=max_tokens, cache_gb=cache_gb,
                                             minutes=max(minutes * data_share - (time.time() - t0) / 60, 0.01),
-                                            progress=progress)
+                                            autocast=autocast, progress=progress)
         examples = ShardedExamples(data_path / "train", max_tokens=max_tokens)
         data_summary = {"data": str(data), "data_examples": len(examples), "data_tokens": examples.tokens,
                         "data_answer_tokens": examples.answer_tokens, "data_stopped": index["stopped"],
@@ -119,7 +124,7 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     conversations_ = data != "self"
     if kind == "head":
         config = train_head.HeadTraining(draft_vocab_size=draft_vocab_size, seed=seed, windows=conversations_,
-                                         max_len=512 if conversations_ else 256)
+                                         max_len=512 if conversations_ else 256, autocast=autocast)
         summary = train_head.train_head(model, examples, out, config=config, minutes=left, tokenizer=tokenizer,
                                         progress=progress, heldout_examples=held)
     elif kind == "heads":
@@ -129,7 +134,8 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     else:
         summary = train_model.train_model_drafter(model, examples, out, num_layers=num_layers, minutes=left,
                                                   seed=seed, progress=progress, heldout_examples=held)
-    summary = {"kind": kind, **data_summary, "minutes": round((time.time() - t0) / 60, 2), **summary}
+    summary = {"kind": kind, **data_summary, "autocast": autocast, "minutes": round((time.time() - t0) / 60, 2),
+               **summary}
     (out / "training_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
