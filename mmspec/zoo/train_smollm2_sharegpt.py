@@ -264,11 +264,13 @@ def scaling(cache: Path, out: Path, sizes: list[float], steps: int, minutes: flo
     result = {"steps": steps if epochs is None else None, "epochs": epochs, "autocast": autocast,
               "draft_vocab_size": draft_vocab, "rows": rows}
     (out / "scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    _plot_scaling(rows, out / "scaling.png")
+    _plot_scaling(rows, out / "scaling.png", epochs)
     return result
 
 
-def _plot_scaling(rows: list[dict], path: Path) -> None:
+def _plot_scaling(rows: list[dict], path: Path, epochs: float | None = None, project_to: float = 1e7) -> None:
+    """Held-out top-1 per TTT step and tau against unique training tokens (log scale), each with its least-squares
+    line in log2(tokens) carried on, dashed, to ``project_to`` tokens (a projection, not a measurement)."""
     try:
         import matplotlib
 
@@ -276,16 +278,27 @@ def _plot_scaling(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # the figure needs the bench extra; scaling.json holds the numbers
         return
-    x = [r["data_tokens"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    import numpy as np
+
+    x = np.array([r["data_tokens"] for r in rows], dtype=float)
+    far = np.array([x[-1], max(project_to, x[-1])])
+
+    def draw(ax, y, label):
+        line, = ax.plot(x, y, "o-", label=label)
+        if len(x) >= 2 and far[1] > far[0]:
+            slope, icept = np.polyfit(np.log2(x), y, 1)
+            ax.plot(far, icept + slope * np.log2(far), "--", color=line.get_color(), alpha=0.6)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for j in range(len(rows[0]["heldout_top1_per_step"])):
-        a.plot(x, [r["heldout_top1_per_step"][j] for r in rows], "o-", label=f"TTT step {j}")
+        draw(a, [r["heldout_top1_per_step"][j] for r in rows], f"TTT step {j}")
     a.set(xscale="log", xlabel="unique training tokens", ylabel="held-out top-1 (ShareGPT dev)")
-    a.legend()
-    b.plot(x, [r["tau_chain"] for r in rows], "o-")
+    a.legend(fontsize=8)
+    draw(b, [r["tau_chain"] for r in rows], None)
     b.set(xscale="log", xlabel="unique training tokens", ylabel=f"tau, chains of {rows[0]['tau_k']}")
-    fig.suptitle("SmolLM2-135M EAGLE-3 head: data scaling (" + ("equal compute" if rows[0]["epochs"] > rows[-1]["epochs"]
-                 else f"{rows[0]['epochs']:g} epoch(s) each") + ")")
+    how = f"{epochs:g} epoch each" if epochs is not None else f"{rows[0]['steps']} steps each"
+    fig.suptitle(f"SmolLM2-135M EAGLE-3 head on ShareGPT: data scaling ({how}; dashed: log-linear projection)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
