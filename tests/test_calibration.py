@@ -149,16 +149,22 @@ def test_smollm2s_calibrated_head_falls_back_to_cost_aware_prompt_lookup_when_th
     target = build("llama", layers=1)
     head = make_head(target)
     monkeypatch.setattr(zs, "chat_inputs", lambda tok, texts: {"input_ids": torch.tensor([[1, 2, 3]])})
-    for expected, plain in (({"chain k=1": 90.0, "chain k=2": 80.0}, 100.0), ({"chain k=1": 90.0, "chain k=2": 95.0}, 50.0)):
+    # plain faster; the head 1.90x; the head pays 1.05x, below the 1.10x cost-aware lookup measured; 1.11x
+    for (expected, plain), head_runs in ((({"chain k=1": 90.0, "chain k=2": 80.0}, 100.0), False),
+                                         (({"chain k=1": 90.0, "chain k=2": 95.0}, 50.0), True),
+                                         (({"chain k=1": 105.0, "chain k=2": 80.0}, 100.0), False),
+                                         (({"chain k=1": 111.0, "chain k=2": 80.0}, 100.0), True)):
         cal = _calibration(expected, plain)
         monkeypatch.setattr(zs, "calibrate", lambda *a, **k: cal)
         drafter, k, got = zs.calibrated_head_drafter(target, None, head)
-        assert got is cal
-        if cal.pays:
-            assert drafter is not None and k == cal.best.k == 2
+        assert got is cal and zs.head_beats_lookup(cal) == head_runs
+        if head_runs:
+            assert drafter is not None and k == cal.best.k and "drafter: prompt lookup" not in zs.calibration_line(cal)
         else:
             assert isinstance(drafter, PromptLookupDrafter) and isinstance(k, CostAwareDraftLength)
             assert k.cost_model is cal.cost and k.min_k == 0
+            assert "drafter: prompt lookup, cost-aware k (calibrated: the head" in zs.calibration_line(cal)
+    assert "x1.05 is below the x1.10" in zs.calibration_line(_calibration({"chain k=1": 105.0}, 100.0))
 
 
 def test_the_time_split_per_step_is_exact():

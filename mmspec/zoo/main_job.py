@@ -36,7 +36,8 @@ from .data import heldout_scenes
 from .evaluate import IMAGE_SAMPLING
 from .quality import prompt_faithfulness
 from .scenes import parse_caption, render
-from .smollm2 import LOOKUP_FALLBACK_LABEL, calibrated_head_drafter, load_smollm2_drafter
+from .smollm2 import (calibrated_head_drafter, calibration_line, fallback_label, head_beats_lookup,
+                      load_smollm2_drafter)
 from .smollm2_llava import TILE, load_smollm2_vlm, vlm_inputs
 
 
@@ -119,7 +120,7 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
         return {"skipped": str(exc)}
     head = load_smollm2_drafter("head", target).head
     drafter, k, cal = calibrated_head_drafter(target, tok, head, log=lambda m: log(f"[text] {m}"))
-    log(f"[text] {cal.summary()}")
+    log(f"[text] {calibration_line(cal)}")
     enc = chat_inputs(tok, [CHAT_PROMPT])
     n = enc["input_ids"].shape[1]
     with torch.no_grad():
@@ -133,9 +134,9 @@ def run_text_chat(cfg: MainJobConfig, log=print, max_new_tokens: int = 48) -> di
     st = spec.stats
     tau = (st.accepted_tokens + st.row_steps) / max(st.row_steps, 1)
     drafts = st.drafted_tokens / max(st.row_steps, 1)
-    shape = cal.choice
+    shape = cal.choice if head_beats_lookup(cal) else None  # None: cost-aware prompt lookup ran
     ceiling = cal.ceiling(tau, drafts, 0 if shape is None else shape.tree[0] if shape.tree else drafts)
-    label = LOOKUP_FALLBACK_LABEL if shape is None else f"{shape.label} (calibrated)"
+    label = fallback_label(cal) if shape is None else f"{shape.label} (calibrated)"
     drafter_label = label if shape is None else f"EAGLE-3 head, {label}"
     res = {"model": "SmolLM2-135M-Instruct", "prompt": CHAT_PROMPT, "answer": answer,
            "identical_to_hf_generate": bool(identical and width == ref.shape[1]),
