@@ -111,7 +111,8 @@ def calibrated_head_drafter(target: Any, tokenizer: Any, head: Any, *, log: Any 
     """(drafter, num_draft_tokens, calibration): ``head`` in the draft shape :func:`mmspec.calibration.calibrate`
     chooses for ``target`` on this machine (chains of k = 1 ... 6 or a 5/4/16 dynamic tree; about 20 s on 2 cores
     the first time, then read from the cache). ``num_draft_tokens`` is None for a tree. Where the calibration
-    expects the head not to pay (``calibration.choice`` None), the drafter is prompt lookup with a
+    does not expect the head to beat cost-aware prompt lookup (:func:`head_beats_lookup`: no shape pays, or the
+    best is expected below :data:`LOOKUP_EXPECTED_GAIN`), the drafter is prompt lookup with a
     :class:`~mmspec.drafters.adaptive.CostAwareDraftLength` over the calibration's measured costs, which drafts
     only where copying is expected to pay (no drafts otherwise): it costs nothing to run and, measured on
     Spec-Bench-style categories (``benchmarks/RESULTS.md``), is at least as fast as plain decoding on average."""
