@@ -33,7 +33,7 @@ from ..heads.blockwise import BlockwiseHeads
 from ..heads.eagle3 import Eagle3Head
 from . import train_head, train_model  # the modules (their functions of the same names would shadow them)
 from .conversations import ConversationDataError, iter_sharegpt
-from .data import build_dataset, build_forced_dataset, load_examples, prompt_bank
+from .data import build_dataset, build_forced_dataset, cpu_autocast, load_examples, prompt_bank
 from .feature_shards import ShardedExamples, build_conversation_features
 from .train_blockwise import BlockwiseTraining, train_blockwise_heads
 
@@ -85,8 +85,7 @@ def train_drafter(model: Any, tokenizer: Any, *, kind: str = "head", out: str | 
     are cached under ``data_dir`` (default ``out/data``) within ``cache_gb`` and ``max_tokens``. ``autocast``
     ``"bfloat16"``: the target's training-data forwards and a head's training steps run under CPU bf16 autocast
     (faster where the CPU has AMX; the held-out features stay float32; the target's weights are not touched)."""
-    if autocast not in (None, "bfloat16"):
-        raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
+    cpu_autocast(autocast)  # a bad value is an error before any data is built
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if not minutes > 0:

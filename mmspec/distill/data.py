@@ -93,6 +93,17 @@ def prompt_bank(num: int, seed: int = 0) -> list[str]:
     return prompts
 
 
+#: the values ``autocast`` takes where training data or steps may run under CPU autocast (None: float32)
+AUTOCASTS = (None, "bfloat16")
+
+
+def cpu_autocast(autocast: str | None):
+    """The CPU autocast context for ``autocast`` (None: disabled); a value outside :data:`AUTOCASTS` is an error."""
+    if autocast not in AUTOCASTS:
+        raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None)
+
+
 @torch.no_grad()
 def target_features(model: Any, tokens: torch.Tensor, mask: torch.Tensor, layers: tuple[int, ...],
                     dtype: torch.dtype = torch.bfloat16):

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..errors import MMSpecError
 from ..heads.eagle3 import feature_layers
 from .conversations import CleaningCounts, Rendered, conversations, render
-from .data import target_features
+from .data import cpu_autocast, target_features
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -97,7 +97,7 @@ def _shard(model: Any, rows: list[Rendered], layers: tuple[int, ...], batch_toke
         for b, i in enumerate(group):
             n = rows[i].tokens.shape[0]
             ids[b, :n], mask[b, :n] = rows[i].tokens, 1
-        with torch.autocast("cpu", dtype=_DTYPES.get(autocast or "bfloat16"), enabled=autocast is not None):
+        with cpu_autocast(autocast):
             f, fin = target_features(model, ids, mask, layers, dtype=dtype)
         for b, i in enumerate(group):
             n = rows[i].tokens.shape[0]
@@ -117,8 +117,7 @@ def build_conversation_features(model: Any, tokenizer: Any, source: str | Path, 
     return the index (see the module glossary for the budget, the shard layout and the throughput)."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if autocast not in (None, "bfloat16"):
-        raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
+    cpu_autocast(autocast)  # a bad value is an error before any work
     if not max_len >= 8 or not window >= 1 or not batch_tokens >= max_len:
         raise ValueError(f"need max_len >= 8, window >= 1 and batch_tokens >= max_len, got {max_len}, {window}, "
                          f"{batch_tokens}")

@@ -28,7 +28,7 @@ import torch
 from ..heads.eagle3 import Eagle3Config, Eagle3Head, feature_layers
 from ..heads.frspec import count_tokens, coverage, rank_vocabulary
 from ..heads.ttt import make_batch, ttt_loss
-from .data import split_off_heldout
+from .data import cpu_autocast, split_off_heldout
 from .loop import LoopConfig, read_checkpoint, step_seed, train_loop
 
 
@@ -70,8 +70,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
     ``init``: a trained head to start from (fine-tuning; its draft vocabulary is kept) instead of a new one.
     ``heldout_examples``: the held-out set, given (when ``examples`` hold several variants of one source
     example, they must be split by source); otherwise ``holdout`` examples are drawn from ``examples``."""
-    if config.autocast not in (None, "bfloat16"):
-        raise ValueError(f"autocast must be None or 'bfloat16', got {config.autocast!r}")
+    cpu_autocast(config.autocast)  # a bad value is an error before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     held, train = split_off_heldout(examples, heldout_examples, holdout, config.seed, "train a head")
@@ -95,7 +94,7 @@ def train_head(target: Any, examples: list[dict], out_dir: str | Path, *, config
         idx = [g.randrange(len(train)) for _ in range(config.batch_size)]
         offsets = ([g.randrange(max(1, train[i]["tokens"].shape[0] - config.max_len + 1)) for i in idx]
                    if config.windows else None)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast == "bfloat16"):
+        with cpu_autocast(config.autocast):
             loss, acc = ttt_loss(head, make_batch(train, idx, config.max_len, offsets), config.ttt_steps,
                                  config.step_decay)
         return loss, {"acc": acc}
