@@ -36,7 +36,7 @@ from mmspec.drafters.feature import FeatureDrafter
 from mmspec.drafters.model import ModelDrafter
 from mmspec.engine import StepEvent
 from mmspec.engine import generate_stream as decode_stream
-from mmspec.errors import MMSpecError
+from mmspec.errors import MethodParameterError, MMSpecError
 from mmspec.guidance import Guidance, check_guidance_scale
 from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.rng import RowRandom
@@ -124,8 +124,9 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
                     drafter: Any = None, num_draft_tokens: Any = None, rule: AcceptRule | None = None,
                     neighbours: torch.Tensor | None = None, lantern_k: int | None = None,
                     lantern_delta: float | None = None, lantern_lambda: float | None = None,
-                    mulo_tau: float | None = None, mulo_l: int | None = None, mulo_k: int | None = None,
-                    mulo_scale: int | None = None, mulo_resampler: Any = None, cfg_scale: float = 4.0,
+                    mulo_tau: float | None = None, mulo_delta: float | None = None, mulo_l: int | None = None,
+                    mulo_redraw: str | None = None, mulo_k: int | None = None, mulo_scale: int | None = None,
+                    mulo_resampler: Any = None, cfg_scale: float = 4.0,
                     cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, seed: int | list[int] | None = None,
                     num_images: int = 1, stats: ImageGenerationStats | None = None) -> Iterator[StepEvent]:
@@ -136,8 +137,11 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
     m = get_method(method)
     params = m.resolve(dict(drafter=drafter, num_draft_tokens=num_draft_tokens, rule=rule, neighbours=neighbours,
                             lantern_k=lantern_k, lantern_delta=lantern_delta, lantern_lambda=lantern_lambda,
-                            mulo_tau=mulo_tau, mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale,
-                            mulo_resampler=mulo_resampler))
+                            mulo_tau=mulo_tau, mulo_delta=mulo_delta, mulo_l=mulo_l, mulo_redraw=mulo_redraw,
+                            mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler))
+    if mulo_tau is not None and mulo_delta is not None:
+        raise MethodParameterError("give mulo_delta (the bounded test) or mulo_tau (the paper's threshold test), "
+                                   "not both")
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     conds = _validate(target, condition, num_images, cfg_scale, cfg_schedule)
     rng = RowRandom.from_seed(seed, len(conds), generator)
@@ -146,7 +150,9 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
     repair = None
     if m.name == "mulo":
         d, r, repair = make_mulo(target, tokenizer, params, sampling)
-        stats.extra.update(mulo_tau=params["mulo_tau"], mulo_l=params["mulo_l"], mulo_k=r.neighbours.shape[1],
+        stats.extra.update(mulo_tau=params["mulo_tau"], mulo_delta=None if params["mulo_tau"] is not None else
+                           params["mulo_delta"], mulo_l=params["mulo_l"], mulo_redraw=params["mulo_redraw"],
+                           mulo_k=r.neighbours.shape[1],
                            scale=d.scale)
     else:
         d = make_drafter(m, target, params)
@@ -175,9 +181,11 @@ def make_mulo(target: ARImageModel, tokenizer: Any, params: dict, sampling: Samp
     if params["mulo_scale"] is not None and params["mulo_scale"] != scale:
         raise MethodError(f"mulo_scale={params['mulo_scale']} but the drafter's grid {lo_grid} is 1/{scale} of "
                           f"the target's {grid}")
-    rule = PooledThresholdRule(_neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k"), params["mulo_tau"])
+    table = _neighbour_table(get_method("mulo"), params, tokenizer, "mulo_k")
+    rule = (PooledThresholdRule(table, params["mulo_tau"]) if params["mulo_tau"] is not None
+            else LatentNeighbourRule(table, params["mulo_delta"]))
     drafter = MultiScaleDrafter(low, tokenizer, scale, params["mulo_resampler"])
-    return drafter, rule, LocalResampling(rule, grid, params["mulo_l"], sampling)
+    return drafter, rule, LocalResampling(rule, grid, params["mulo_l"], sampling, redraw=params["mulo_redraw"])
 
 
 def _with_map(events: Iterator[StepEvent], stats: ImageGenerationStats, n: int, grid: int) -> Iterator[StepEvent]:
@@ -193,7 +201,8 @@ def _with_map(events: Iterator[StepEvent], stats: ImageGenerationStats, n: int, 
 def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, method: str = "exact",
              drafter: Any = None, num_draft_tokens: Any = None, rule: AcceptRule | None = None,
              neighbours: torch.Tensor | None = None, lantern_k: int | None = None, lantern_delta: float | None = None,
-             lantern_lambda: float | None = None, mulo_tau: float | None = None, mulo_l: int | None = None,
+             lantern_lambda: float | None = None, mulo_tau: float | None = None, mulo_delta: float | None = None,
+             mulo_l: int | None = None, mulo_redraw: str | None = None,
              mulo_k: int | None = None, mulo_scale: int | None = None, mulo_resampler: Any = None,
              cfg_scale: float = 4.0,
              cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
@@ -220,6 +229,7 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, met
     events = generate_stream(target, tokenizer, condition=condition, method=method, drafter=drafter,
                              num_draft_tokens=num_draft_tokens, rule=rule, neighbours=neighbours, lantern_k=lantern_k,
                              lantern_delta=lantern_delta, lantern_lambda=lantern_lambda, mulo_tau=mulo_tau,
+                             mulo_delta=mulo_delta, mulo_redraw=mulo_redraw,
                              mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler,
                              cfg_scale=cfg_scale,
                              cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -79,6 +79,14 @@ def _neighbours(v: Any) -> torch.Tensor:
     return v
 
 
+def _choice(name: str, options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise MethodParameterError(f"{name} must be one of {options}, got {v!r}")
+        return v
+    return check
+
+
 def _any(v: Any) -> Any:
     return v
 
@@ -151,11 +159,20 @@ METHODS: dict[str, ImageMethod] = {m.name: m for m in (
         _DRAFTER, _K, _NEIGHBOURS,
         Parameter("lantern_k", 8, _integer("lantern_k", 1), "latent neighbours per code"),
         Parameter("lantern_lambda", 2.0, _number("lantern_lambda", 1.0), "multiplicative cap lambda >= 1"))),
-    ImageMethod("mulo", "MuLo-SD: low-resolution drafts, pooled test, local island resampling", False, "lowres", (
+    ImageMethod("mulo", "MuLo-SD: low-resolution drafts, bounded neighbour test, local island resampling", False,
+                "lowres", (
         _DRAFTER, _NEIGHBOURS,
         Parameter("mulo_k", 8, _integer("mulo_k", 1), "latent neighbours per code"),
-        Parameter("mulo_tau", 0.3, _number("mulo_tau", 0.0), "pooled-probability threshold (> 1 rejects every draft)"),
-        Parameter("mulo_l", 1, _integer("mulo_l", 0), "resampling neighbourhood radius"),
+        Parameter("mulo_delta", 0.0, _number("mulo_delta", 0.0, 1.0),
+                  "total-variation budget per token of the bounded test (0: each token from the target's "
+                  "distribution given its context)"),
+        Parameter("mulo_tau", None, _number("mulo_tau", 0.0),
+                  "the paper's pooled-probability threshold instead of the bounded test (no bound: it moves the "
+                  "output distribution; > 1 rejects every draft)"),
+        Parameter("mulo_l", 1, _integer("mulo_l", 0), "resampling neighbourhood radius (mulo_redraw 'local')"),
+        Parameter("mulo_redraw", "rest", _choice("mulo_redraw", ("local", "rest")),
+                  "what a rejection redraws: 'rest' of the block (the chain rule) or the 'local' neighbourhood "
+                  "(the paper; keeps tokens verified against replaced drafts)"),
         Parameter("mulo_scale", None, _integer("mulo_scale", 2),
                   "resolution ratio (checked against the drafter's grid)"),
         Parameter("mulo_resampler", None, _resampler,

@@ -5,11 +5,19 @@ Paper: Peruzzo, Sautière, Habibian, "Multi-Scale Local Speculative Decoding for
 
 Glossary:
     block       the candidate tokens of the rows being verified, raster positions [t0, t0 + m)
-    accept      per token, independently: the target's mass on the token's latent neighbourhood
-                >= tau (:class:`~mmspec.verify.PooledThresholdRule`), judged on the logits of the one
-                verification forward of the block
+    accept      per token, independently, judged on the logits of the one verification forward of the
+                block. Default, the bounded test (:class:`~mmspec.verify.LatentNeighbourRule` with budget
+                delta, the drafted token taken as a deterministic draft): accept x with probability
+                p(x) + p(A(x)), A(x) the neighbours pooled within delta; a rejected token is redrawn with x and
+                A(x) excluded. Given the token's context the emitted distribution is p with at most delta moved
+                onto x (delta = 0: p itself). The paper's test (``mulo_tau``,
+                :class:`~mmspec.verify.PooledThresholdRule`): accept when the target's mass on x's neighbourhood
+                >= tau, with no bound: it keeps a drafted token whenever its neighbours hold the mass, which
+                moved the zoo's backgrounds (the white, grey and cream codes are each other's neighbours)
+    uniforms    the bounded test's, keyed by (image seed, ACCEPT, raster position)
     resample    the union of the rejected tokens' neighbourhoods N(t, l) inside the block; every
                 other candidate is kept
+    redraw      ``"local"`` (the paper's) or ``"rest"`` (see :data:`REDRAWS`): which positions a rejection redraws
     island      an 8-connected component of the resample set; islands are redrawn in parallel: step
                 s redraws each island's s-th token in raster order, all islands of all images in one
                 batched forward over a fork of the target's cache
@@ -32,8 +40,9 @@ from __future__ import annotations
 import torch
 
 from mmspec.config import SamplingParams
+from mmspec.errors import MMSpecError
 from mmspec.guidance import GuidedSession
-from mmspec.rng import RowRandom, keyed_exponential
+from mmspec.rng import ACCEPT, RowRandom, keyed_exponential
 from mmspec.sampling import logits_to_probs
 from mmspec.verify.rule import AcceptRule
 
@@ -54,11 +63,21 @@ def local_resample_set(rejected: torch.Tensor, l: int, t0: int) -> torch.Tensor:
     return expand_rejections(rejected, l, t0)
 
 
+#: what a rejection redraws: "local" (the paper: the rejected tokens' radius-l neighbourhoods; every other token
+#: stays, though it was verified in the context of drafts that were then replaced) or "rest" (every token from
+#: the block's first rejection on, as the chain rule requires: with delta = 0 the images are the target's)
+REDRAWS = ("local", "rest")
+
+
 class LocalResampling:
     """MuLo-SD's repair step: pooled per-token acceptance, then local island resampling (see glossary)."""
 
-    def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams, *, parallel: bool = True):
+    def __init__(self, rule: AcceptRule, grid: int, l: int, sampling: SamplingParams, *, parallel: bool = True,
+                 redraw: str = "local"):
+        if redraw not in REDRAWS:
+            raise MMSpecError(f"redraw must be one of {REDRAWS}, got {redraw!r}")
         self.rule, self.grid, self.l, self.sampling, self.parallel = rule, grid, l, sampling, parallel
+        self.redraw = redraw
 
     @torch.no_grad()
     def __call__(self, session, block: torch.Tensor, logits: torch.Tensor, position: torch.Tensor,
@@ -71,7 +90,16 @@ class LocalResampling:
         device = block.device
         n = self.grid * self.grid
         probs = logits_to_probs(logits, self.sampling)  # [B, m, V]
-        accepted = self.rule.judge(block, None, probs, torch.zeros((batch, m), device=device)).accepted  # [B, m]
+        offsets = position.cpu().long().unsqueeze(1) + torch.arange(m).unsqueeze(0)  # [B, m] raster positions
+        uniforms = rng.uniform(ACCEPT, offsets, device)  # [B, m]: keyed, so a block's decisions are reproducible
+        judgement = self.rule.judge(block, None, probs, uniforms)
+        accepted = judgement.accepted  # [B, m]
+        # the first redrawn position of a block, when rejected, still has the context it was judged in: it is
+        # redrawn inside its rule's residual support (the bounded test zeroes the draft and the neighbours it
+        # pooled), which is exactly the rule's residual; later positions have new contexts and draw from p
+        banned = torch.zeros_like(probs, dtype=torch.bool) if judgement.residual is None else \
+            (judgement.residual <= 0) & (probs > 0) & ~accepted.unsqueeze(-1)  # [B, m, V]
+        # (the threshold test's residual is p itself: it bans nothing)
         seeds = [int(s) for s in rng.seeds.tolist()]
         members: list[tuple[int, list[int]]] = []  # (image, block offsets of one island, raster order)
         kept = torch.ones((batch, m), dtype=torch.bool, device=device)
@@ -79,32 +107,46 @@ class LocalResampling:
             t0 = int(position[b])
             rejected = torch.zeros(n, dtype=torch.bool)
             rejected[t0:t0 + m] = ~accepted[b].cpu()
-            resample = local_resample_set(rejected.view(self.grid, self.grid), self.l, t0).flatten()
+            if self.redraw == "rest":  # the chain rule: nothing after the first rejection is kept
+                resample = torch.zeros(n, dtype=torch.bool)
+                if bool(rejected.any()):
+                    resample[int(rejected.nonzero()[0]):] = True
+            else:
+                resample = local_resample_set(rejected.view(self.grid, self.grid), self.l, t0).flatten()
             resample[t0 + m:] = False  # only the verified block is redrawn
             kept[b] = ~resample[t0:t0 + m].to(device)
+            if bool(resample.any()):
+                first = int(resample[t0:t0 + m].nonzero()[0])
+                banned[b, :first] = False
+                banned[b, first + 1:] = False
+            else:
+                banned[b] = False
             labels = rejection_islands(resample.view(self.grid, self.grid)).flatten()[t0:t0 + m]
             for i in range(int(labels.max()) + 1 if bool(resample.any()) else 0):
                 members.append((b, torch.nonzero(labels == i).flatten().tolist()))
         final = block.clone()
         if not members:
             return final, kept
+        support = ~banned  # [B, m, V]
         if self.parallel:
-            self._redraw(session, [members], block, logits, kept, position, seeds, final)
+            self._redraw(session, [members], block, logits, kept, position, seeds, final, support)
         else:  # one island after another (the serial baseline; the same tokens, more forwards)
-            self._redraw(session, [[mb] for mb in members], block, logits, kept, position, seeds, final)
+            self._redraw(session, [[mb] for mb in members], block, logits, kept, position, seeds, final, support)
         return final, kept
 
-    def _redraw(self, session, groups, block, logits, kept, position, seeds, final) -> None:
+    def _redraw(self, session, groups, block, logits, kept, position, seeds, final, support) -> None:
         guided = isinstance(session, GuidedSession)
         inner = session.inner if guided else session
         m = block.shape[1]
         tail_start = inner.num_slots - m  # the verification forward's block slots are the last m
         calls = 0
         for members in groups:
-            calls += self._redraw_group(session, members, block, logits, kept, position, seeds, final, tail_start)
+            calls += self._redraw_group(session, members, block, logits, kept, position, seeds, final, support,
+                                        tail_start)
         inner.calls += calls
 
-    def _redraw_group(self, session, members, block, logits, kept, position, seeds, final, tail_start) -> int:
+    def _redraw_group(self, session, members, block, logits, kept, position, seeds, final, support,
+                      tail_start) -> int:
         device = block.device
         m = block.shape[1]
         images = torch.tensor([b for b, _ in members], dtype=torch.long, device=device)
@@ -162,7 +204,10 @@ class LocalResampling:
                 else:
                     lg = out[a, 0 if bool(from_prev[a]) else 1]
                 u = int(position[b]) + jj
-                tok = draw_keyed(logits_to_probs(lg, self.sampling), self.sampling, seeds[b], u)
+                p = logits_to_probs(lg, self.sampling)
+                inside = p * support[b, jj]
+                p = inside if float(inside.sum()) > 0 else p  # a changed context may leave no mass there
+                tok = draw_keyed(p, self.sampling, seeds[b], u)
                 rows[r, jj] = tok
                 final[b, jj] = tok
         return calls

@@ -173,17 +173,18 @@ def test_cached_loop_gives_the_reference_loops_tokens(temperature, tau):
                                seed=seed)
         expected[c], kept[c] = toks, st.kept_map
     out = ig.generate(hi, tok, condition=list(seeds), method="mulo", drafter=lo, neighbours=table, mulo_tau=tau,
-                      cfg_scale=2.0, temperature=temperature, seed=list(seeds.values()))
+                      mulo_redraw="local", cfg_scale=2.0, temperature=temperature, seed=list(seeds.values()))
     for i, c in enumerate(seeds):
         assert torch.equal(out.tokens[i], expected[c]), c
     assert torch.allclose(out.stats.accepted_map, torch.stack([kept[c].float() for c in seeds]).mean(0))
     if tau == 0.2:
         assert 0 < float(out.stats.accepted_map.mean()) < 1  # both kept and redrawn tokens occur
     alone = ig.generate(hi, tok, condition=[5], method="mulo", drafter=lo, neighbours=table, mulo_tau=tau,
-                        cfg_scale=2.0, temperature=temperature, seed=[15])
+                        mulo_redraw="local", cfg_scale=2.0, temperature=temperature, seed=[15])
     assert torch.equal(alone.tokens[0], expected[5])
     reverse = ig.generate(hi, tok, condition=list(seeds)[::-1], method="mulo", drafter=lo, neighbours=table,
-                          mulo_tau=tau, cfg_scale=2.0, temperature=temperature, seed=list(seeds.values())[::-1])
+                          mulo_tau=tau, mulo_redraw="local", cfg_scale=2.0, temperature=temperature,
+                          seed=list(seeds.values())[::-1])
     assert torch.equal(reverse.tokens[0], expected[5])
 
 
@@ -241,8 +242,67 @@ def test_cached_loop_with_a_learned_resampler_gives_the_reference_tokens():
                               PooledThresholdRule(table, 0.2), grid=8, rows_per_step=2, l=1, sampling=sampling,
                               seed=seed)
     out = ig.generate(hi, tok, condition=[c, 1], method="mulo", drafter=lo, neighbours=table, mulo_tau=0.2,
-                      mulo_resampler=res, cfg_scale=2.0, temperature=1.0, seed=[seed, 4])
+                      mulo_redraw="local", mulo_resampler=res, cfg_scale=2.0, temperature=1.0, seed=[seed, 4])
     assert torch.equal(out.tokens[0], expected)
     from mmspec.errors import MethodParameterError
     with pytest.raises(MethodParameterError, match="mulo_resampler must have upsample/downsample"):
         ig.generate(hi, tok, condition=[c], method="mulo", drafter=lo, mulo_resampler="pixels")
+
+
+def _first_rows(method_kwargs, n, seed0):
+    """Tokens of the first 16 positions (two rows, the first block and the start of the second) of ``n`` images
+    of class 2, seeds seed0 ... (tiny pair, CFG 2, T = 1)."""
+    import mmspec.image_gen as ig
+
+    tok, hi, lo = _mulo_pair(torch.float32)
+    out = ig.generate(hi, tok, condition=[2] * n, cfg_scale=2.0, temperature=1.0, seed=list(range(seed0, seed0 + n)),
+                      **({"drafter": lo} if method_kwargs["method"] == "mulo" else {}), **method_kwargs)
+    return out.tokens.flatten(1)[:, :16]
+
+
+def _positionwise_p(a, b):
+    """Two-sample chi-square over every position's token histogram (statistics and dofs summed)."""
+    from scipy.stats import chi2, chi2_contingency
+
+    stat, dof = 0.0, 0
+    for j in range(a.shape[1]):
+        ca, cb = torch.bincount(a[:, j], minlength=16), torch.bincount(b[:, j], minlength=16)
+        keep = (ca + cb) > 0
+        if int(keep.sum()) < 2:
+            continue
+        r = chi2_contingency(torch.stack([ca[keep], cb[keep]]).numpy(), correction=False)
+        stat, dof = stat + float(r.statistic), dof + int(r.dof)
+    return float(chi2.sf(stat, dof))
+
+
+def test_bounded_mulo_at_delta_0_with_chain_redraws_samples_the_target():
+    """mulo_delta = 0 with mulo_redraw "rest" (the defaults) is the chain rule: per position, its images' token
+    distribution equals plain AR's (two-sample test); the paper's test keeping every draft (tau = 0) fails the same
+    test (negative control), and so does the relaxed delta = 0.3 (the test sees a bounded shift); greedy output equals
+    plain AR greedy token for token."""
+    import mmspec.image_gen as ig
+
+    n = 200
+    ar = _first_rows(dict(method="ar"), n, 0)
+    mulo = _first_rows(dict(method="mulo"), n, 10_000)
+    assert _positionwise_p(ar, mulo) > 1e-3
+    keep_all = _first_rows(dict(method="mulo", mulo_tau=0.0, mulo_redraw="local"), n, 10_000)
+    assert _positionwise_p(ar, keep_all) < 1e-6
+    assert _positionwise_p(ar, _first_rows(dict(method="mulo", mulo_delta=0.3), n, 10_000)) < 1e-6
+    tok, hi, lo = _mulo_pair(torch.float32)
+    greedy = dict(condition=[1, 2, 3], cfg_scale=2.0, temperature=0.0)
+    assert torch.equal(ig.generate(hi, tok, method="mulo", drafter=lo, **greedy).tokens,
+                       ig.generate(hi, tok, method="ar", **greedy).tokens)
+
+
+def test_mulo_rejects_tau_with_delta_and_unknown_redraw():
+    import mmspec.image_gen as ig
+    from mmspec.errors import MethodParameterError
+
+    tok, hi, lo = _mulo_pair(torch.float32)
+    with pytest.raises(MethodParameterError, match="give mulo_delta .* or mulo_tau .*, not both"):
+        ig.generate(hi, tok, condition=[1], method="mulo", drafter=lo, mulo_tau=0.9, mulo_delta=0.1)
+    with pytest.raises(MethodParameterError, match="mulo_redraw must be one of \\('local', 'rest'\\)"):
+        ig.generate(hi, tok, condition=[1], method="mulo", drafter=lo, mulo_redraw="all")
+    with pytest.raises(MethodParameterError, match="mulo_delta must be in \\[0.0, 1.0\\]"):
+        ig.generate(hi, tok, condition=[1], method="mulo", drafter=lo, mulo_delta=1.5)
