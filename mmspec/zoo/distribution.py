@@ -59,7 +59,9 @@ def _size_bin(share: float) -> str:
 
 def foreground_share(image: Image.Image, background: str) -> float:
     """Share of pixels farther than 30 (RGB distance) from the parsed background colour."""
-    x = torch.tensor(list(image.convert("RGB").getdata()), dtype=torch.float32)  # [N, 3]
+    import numpy as np
+
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3))  # [N, 3]
     bg = torch.tensor(BACKGROUNDS[background], dtype=torch.float32)
     return float(((x - bg).norm(dim=1) > 30).float().mean())
 
