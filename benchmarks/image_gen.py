@@ -1,4 +1,4 @@
-"""Image-generation benchmark: plain AR vs exact SD, SJD, LANTERN, LANTERN++ and MuLo-SD on the zoo models.
+"""Image-generation benchmark: plain AR vs exact SD, SJD, GSD, LANTERN, LANTERN++ and MuLo-SD on the zoo models.
 
 Run from the repository root::
 
@@ -20,6 +20,10 @@ Three parts, one after the other:
   count, Fréchet distance to plain AR's images of the same prompts in the scene classifier's
   features, and the total-variation distance of the codebook usage. The row "plain AR, other seeds"
   is the noise floor: two lossless samples of the same prompts.
+* **distributions**: ``--dist-images`` images of each of ``--dist-prompts`` held-out prompts per method; each
+  attribute the scene world has (background, object count, colour, shape, cell, size) against plain AR, with
+  a two-sample test stratified by prompt, the AR-vs-AR floor, codebook TV, precision and recall
+  (:mod:`mmspec.zoo.distribution`). A relaxed method is within the floor only if every attribute is.
 
 Glossary:
     exact SD    the AR drafter (2 × 64) drafts k tokens; lossless rejection sampling
@@ -29,9 +33,11 @@ Glossary:
     SJD         Speculative Jacobi Decoding: the target refines its own guesses (lossless)
     LANTERN     relaxed acceptance over the k nearest codebook entries of the drafted code, TV budget δ
     LANTERN++   the drafted code's probability raised by its neighbours' mass up to λ p(x)
+    GSD         SJD's drafts accepted against a dynamic group of latent neighbours (grouped acceptance)
     MuLo-SD     the 8 × 8 low-res model (same architecture as the target) drafts whole low-res rows,
                 U_r up-samples them to two high-res rows (learned token net, or decode -> resize ->
-                re-encode), pooled test at τ over 8 neighbours, local island resampling (l = 1)
+                re-encode); the bounded test (δ) with chain-rule redraws, or the paper's pooled test at τ
+                with local island resampling (l = 1)
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import sys
 import time
 
 import torch
+
+from mmspec.zoo.distribution import ALPHA
 
 from ._harness import (arg_parser, begin, interleave, md_table, median_seconds, pool_accepted_lengths, provenance,
                        report, session_seconds)
@@ -58,7 +66,8 @@ def _objects(prompt: str) -> int:
 
 def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.1, 0.3),
                   draft_lengths: tuple[int, ...] | None = None, deltas: tuple[float, ...] = (0.3,),
-                  lambdas: tuple[float, ...] = (3.0,)) -> dict[str, dict]:
+                  lambdas: tuple[float, ...] = (3.0,), mulo_deltas: tuple[float, ...] = (0.0,),
+                  gsd_ks: tuple[int, ...] = (16,)) -> dict[str, dict]:
     from mmspec.zoo import image_neighbours
 
     table = image_neighbours(models, 8)  # 8 latent neighbours among the tokenizer's live codes
@@ -78,6 +87,9 @@ def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.
         methods[f"exact SD (EAGLE head, tree {tree.depth}/{tree.top_k}/{tree.num_nodes})"] = dict(
             method="exact", drafter=FeatureDrafter(drafters["EAGLE head"], tree=tree))
     methods[f"SJD (window {sjd_window})"] = dict(method="sjd", num_draft_tokens=sjd_window)
+    for gk in gsd_ks:
+        methods[f"GSD (window {sjd_window}, {gk} nbrs)"] = dict(method="gsd", num_draft_tokens=sjd_window,
+                                                               neighbours=image_neighbours(models, gk))
     for name, d in drafters.items():
         tag = "" if name == "drafter" else f"{name}, "
         for kk in lengths:
@@ -88,13 +100,18 @@ def build_methods(models, k: int, sjd_window: int, taus: tuple[float, ...] = (0.
                 methods[f"LANTERN++ λ={lam:g} ({tag}k={kk})"] = dict(
                     method="lantern++", drafter=d, num_draft_tokens=kk, neighbours=table, lantern_lambda=lam)
     if models.resampler is not None:
-        for spec in taus:  # τ, or (τ, neighbours)
+        for d in mulo_deltas:  # the bounded test with chain-rule redraws (the method's default)
+            methods[f"MuLo-SD δ={d:g}, chain redraws, learned U_r"] = dict(
+                method="mulo", drafter=models.lowres, neighbours=table, mulo_delta=d, mulo_redraw="rest",
+                mulo_resampler=models.resampler)
+        for spec in taus:  # the paper's threshold test with local redraws: τ, or (τ, neighbours)
             tau, nk = spec if isinstance(spec, tuple) else (spec, 8)
-            methods[f"MuLo-SD τ={tau}, {nk} nbrs, learned U_r"] = dict(
+            methods[f"MuLo-SD (paper) τ={tau}, {nk} nbrs, local redraws, learned U_r"] = dict(
                 method="mulo", drafter=models.lowres, neighbours=table if nk == 8 else image_neighbours(models, nk),
-                mulo_tau=tau, mulo_l=1, mulo_resampler=models.resampler)
-    methods["MuLo-SD τ=0.3, pixel U_r"] = dict(method="mulo", drafter=models.lowres, neighbours=table, mulo_tau=0.3,
-                                               mulo_l=1)
+                mulo_tau=tau, mulo_l=1, mulo_redraw="local", mulo_resampler=models.resampler)
+    if taus:
+        methods["MuLo-SD (paper) τ=0.3, local redraws, pixel U_r"] = dict(
+            method="mulo", drafter=models.lowres, neighbours=table, mulo_tau=0.3, mulo_l=1, mulo_redraw="local")
     return methods
 
 
@@ -224,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     from mmspec.zoo.quality import frechet_distance, images_to_tensor, prompt_faithfulness
 
     ap = arg_parser("image_gen", __doc__, section=SECTION, plots="the speed-quality and histogram PNGs",
-                    quick={"speed_prompts": 1, "repeats": 1, "quality_images": 4, "quality_batch": 4},
+                    quick={"speed_prompts": 1, "repeats": 1, "quality_images": 4, "quality_batch": 4,
+                            "dist_prompts": 2, "dist_images": 4},
                     quick_also="smaller cost, resampler and disagreement measurements")
     ap.add_argument("--speed-prompts", type=int, default=8, help="images per method in the batch-1 speed run")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the speed run")
@@ -233,11 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=4, help="draft length of exact SD / LANTERN / LANTERN++")
     ap.add_argument("--sjd-window", type=int, default=8)
     ap.add_argument("--only", default=None, help="comma-separated substrings: run only the matching methods")
-    ap.add_argument("--mulo-taus", default="0.1,0.3",
+    ap.add_argument("--mulo-taus", default="0.95/2",
                     help="comma-separated MuLo-SD rows (learned U_r): τ, or τ/k for k latent neighbours (default 8)")
     ap.add_argument("--draft-lengths", default=None, help="comma-separated k of the exact SD / LANTERN rows (default k, 2k)")
     ap.add_argument("--lantern-deltas", default="0.3", help="comma-separated δ of the LANTERN rows")
     ap.add_argument("--lantern-lambdas", default="3", help="comma-separated λ of the LANTERN++ rows")
+    ap.add_argument("--mulo-deltas", default="0", help="comma-separated δ of the MuLo-SD rows with the bounded test")
+    ap.add_argument("--gsd-ks", default="16", help="comma-separated latent-neighbour candidates of the GSD rows")
+    ap.add_argument("--dist-prompts", type=int, default=4, help="held-out prompts of the attribute-distribution part")
+    ap.add_argument("--dist-images", type=int, default=32, help="images per prompt and method in that part")
     args = ap.parse_args(argv)
     load_before = begin(2)
     sampling = dict(IMAGE_SAMPLING)
@@ -247,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     floats = lambda text: tuple(float(t) for t in text.split(",") if t.strip())  # noqa: E731
     lengths = tuple(int(t) for t in args.draft_lengths.split(",")) if args.draft_lengths else None
     methods = build_methods(models, args.k, args.sjd_window, taus, lengths, floats(args.lantern_deltas),
-                            floats(args.lantern_lambdas))
+                            floats(args.lantern_lambdas), floats(args.mulo_deltas),
+                            tuple(int(t) for t in args.gsd_ks.split(",") if t.strip()))
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         methods = {n: m for n, m in methods.items() if n == "plain AR" or any(s in n for s in keep)}
@@ -297,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
 
     qual = {n: quality(n) for n in q_names}
 
+    # -- distributions: every attribute against plain AR, stratified by prompt, beside the floor -------------
+    dist_rows, verdicts = distribution_part(models, methods, names, args.dist_prompts, args.dist_images,
+                                            args.quality_batch)
+
     # -- table ------------------------------------------------------------------------------------------
     ar_time = times["plain AR"]
     rows, summary = [], {}
@@ -329,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg_t.codebook_size}), text-conditioned AR target {cfg_t.num_layers} × {cfg_t.hidden_size} over "
         f"{cfg_t.grid_size}×{cfg_t.grid_size} tokens; CFG {sampling['cfg_scale']}, temperature "
         f"{sampling['temperature']}, top-k {sampling['top_k']}. AR, exact SD and SJD are lossless; LANTERN, "
-        "LANTERN++ and MuLo-SD are relaxed (8 latent neighbours).", "",
+        "LANTERN++, GSD and MuLo-SD are relaxed (8 latent neighbours unless a row says otherwise).", "",
         "### Forward cost (ms, batch 1 under CFG, after 64 context tokens (low-res: 32); median of repeats)", "",
         *cost_rows, "",
         "### MuLo-SD's resolution changes (256 held-out scenes)", "",
@@ -342,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         "(1 / 2 / 3 objects). FD and TV: to plain AR's images of the same prompts.", "",
         *md_table(["method", "images/s", "speedup vs AR", "target fwd/image", "τ (tokens/target fwd)", "α",
                    "time split (ms)", "faithful", "FD to AR", "TV to AR"], rows), "",
+        f"### What users see: attribute distributions ({args.dist_prompts} held-out prompts × {args.dist_images} "
+        "images per method)", "",
+        "Per attribute: total variation to plain AR's images of the same prompts (mean over prompts) and the p-value "
+        "of the two-sample chi-square test stratified by prompt (mmspec.zoo.distribution). A row is within the floor "
+        f"when no attribute's test rejects at p < {ALPHA:g}. Plain AR uses seeds 0 ...; every other row, the floor "
+        "included, seeds 50 000 ... (independent samples). Precision / recall: Kynkäänniemi et al. (k = 3) in the "
+        "scene classifier's features.", "",
+        *dist_rows, "",
         "### Beside the MuLo-SD paper (LlamaGen-XL, 512 px, A100, batch 1; GenEval / FID on MS-COCO)", "",
         *md_table(["method", "paper speedup", "paper GenEval", "paper FID", "ours: speedup", "ours: faithful",
                    "ours: FD to AR"], [_paper_row(p, summary) for p in PAPER_ROWS]), "",
@@ -355,6 +390,31 @@ def main(argv: list[str] | None = None) -> int:
         plot_accept_histogram({n: v["counts"] for n, v in summary.items() if v["method"] != "ar"},
                               args.plots / "acceptance_histogram.png")
     return 0
+
+
+def distribution_part(models, methods: dict, names: list[str], num_prompts: int, per_prompt: int,
+                      batch: int) -> tuple[list[str], dict]:
+    """The attribute table (markdown rows) and each method's verdict (within the floor or not)."""
+    from mmspec.zoo.distribution import compare, distribution_prompts, generate_sample
+
+    prompts = distribution_prompts(num_prompts)
+    vocab = models.tokenizer.vocab_size
+    ref = generate_sample(models, prompts, per_prompt, method="ar", batch=batch)
+    floor = compare(ref, generate_sample(models, prompts, per_prompt, seed_offset=50_000, method="ar", batch=batch),
+                    vocab=vocab)
+    rows, verdicts = [], {}
+    for n in ["plain AR, other seeds (floor)"] + [n for n in names if methods[n]["method"] != "ar"]:
+        c = floor if n.endswith("(floor)") else compare(
+            ref, generate_sample(models, prompts, per_prompt, seed_offset=50_000, batch=batch, **methods[n]),
+            vocab=vocab)
+        verdicts[n] = c.within_floor()
+        cells = [f"{t.tv:.2f} (p {t.p_value:.2g})" for t in c.tests.values()]
+        rows.append([n, "yes" if c.within_floor() else "**no**", *cells, f"{c.codebook_tv:.3f}",
+                     f"{c.precision:.2f} / {c.recall:.2f}"])
+    return md_table(["method", "within floor", *ATTRIBUTE_HEADERS, "codebook TV", "precision / recall"], rows), verdicts
+
+
+ATTRIBUTE_HEADERS = ("background", "objects", "colour", "shape", "cell", "size")
 
 
 def _paper_row(paper: tuple, summary: dict) -> list[str]:

@@ -145,7 +145,8 @@ def image_part(args) -> str:
         f"exact SD, chain k={args.k}": via("exact", drafter=d, num_draft_tokens=args.k),
         "exact SD, static tree (3, 2, 2, 1)": via("exact", drafter=ig.ARDrafter(d, tree=StaticTree((3, 2, 2, 1)))),
         "exact SD, dynamic tree (depth 5, top-4, 16)": via("exact", drafter=ig.ARDrafter(d, tree=DynamicTree(5, 4, 16))),
-        "MuLo-SD τ=0.3, l=1 (cached loop)": via("mulo", drafter=models.lowres, mulo_tau=0.3, mulo_l=1),
+        "MuLo-SD τ=0.3, l=1 (cached loop)": via("mulo", drafter=models.lowres, mulo_tau=0.3, mulo_l=1,
+                                                 mulo_redraw="local"),
     }
     res = run_interleaved(methods, prompts, args.repeats)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mmspec.zoo.evaluate import BEST_RELAXED, IMAGE_SAMPLING
+from mmspec.zoo.evaluate import DEFAULT_IMAGE_METHOD, IMAGE_SAMPLING, MULO_DEFAULT, distribution_verdict
 
 from .common import check_prompt, launch, launch_parser, limit_error
 
@@ -39,9 +39,10 @@ class ImageSession:
     lowres: Any = None
     resampler: Any = None  # MuLo-SD's learned U_r / D_r (None: decode -> resize -> re-encode)
     neighbours: Any = None  # LANTERN's latent-neighbour table long [V, k] (None: built from the tokenizer's codebook)
-    mulo_neighbours: Any = None  # MuLo-SD's (fewer neighbours: BEST_RELAXED)
+    mulo_neighbours: Any = None  # MuLo-SD's (MULO_DEFAULT's neighbours)
     head: Any = None  # an EAGLE head over the target's hidden states (exact, LANTERN), or None
     max_images: int = 4
+    zoo: bool = False  # the zoo's models: the recorded distribution verdicts apply
 
 
 def load_session(model: str | None = None, tokenizer: str | None = None, drafter: str | None = None,
@@ -53,7 +54,8 @@ def load_session(model: str | None = None, tokenizer: str | None = None, drafter
 
         m = load_default_image_models()
         return ImageSession(m.target, m.tokenizer, m.drafter, m.lowres, m.resampler, image_neighbours(m, 8),
-                            image_neighbours(m, BEST_RELAXED["neighbours_k"]), m.head)
+                            image_neighbours(m, MULO_DEFAULT["neighbours_k"]), m.head,
+                            zoo=True)
     import mmspec.image_gen as ig
 
     if tokenizer is None:
@@ -79,7 +81,7 @@ DRAFTERS = ("AR drafter", "EAGLE head")
 
 
 def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_scale, temperature, top_k, k,
-                lantern_delta, lantern_lambda, mulo_tau, drafter="AR drafter"):
+                lantern_delta, lantern_lambda, mulo_delta, drafter="AR drafter"):
     """-> (method images, AR images, heat-map, stats markdown). ``drafter``: which of :data:`DRAFTERS` drafts for
     exact SD and LANTERN."""
     import mmspec
@@ -104,7 +106,8 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
         raise limit_error(f"Method {method!r} needs a {'low-resolution ' if spec.drafter == 'lowres' else ''}"
                           f"drafter model (start the demo with {flag}).")
     extra = spec.select(dict(drafter=model, num_draft_tokens=int(k), lantern_delta=float(lantern_delta),
-                             lantern_lambda=float(lantern_lambda), mulo_tau=float(mulo_tau),
+                             lantern_lambda=float(lantern_lambda), mulo_delta=float(mulo_delta),
+                             mulo_redraw=MULO_DEFAULT["mulo_redraw"],
                              mulo_resampler=session.resampler,
                              neighbours=session.mulo_neighbours if method == "mulo" else session.neighbours))
 
@@ -129,6 +132,8 @@ def make_images(session: ImageSession, prompt, method, seed, num_images, cfg_sca
           f"| speedup over plain AR (this request) | **x{t_ar / max(t_method, 1e-9):.2f}** | x1.00 |\n"
           f"| mean accepted length | {st.mean_accepted_length:.2f} | 1.00 |\n"
           f"| tokens per target forward | {st.tokens_per_forward:.2f} | {ar.stats.tokens_per_forward:.2f} |")
+    if session.zoo and method != "ar":  # what the benchmark measured for this method at the demo's defaults
+        md += f"\n\n{distribution_verdict(method)}"
     return big, big_ar, heatmap_image(st.accepted_map, cell=12), md
 
 
@@ -138,13 +143,13 @@ def build_demo(session: ImageSession):
     text_model = session.target.config.text_conditional
     with gr.Blocks(title="mmspec — image generation") as demo:
         gr.Markdown("## mmspec image generation\nSpeculative decoding of VQ image tokens. AR, exact SD and SJD are "
-                    "lossless; LANTERN, LANTERN++ and MuLo-SD relax acceptance to latent neighbours. The right "
+                    "lossless; LANTERN, LANTERN++, GSD and MuLo-SD relax acceptance to latent neighbours. The right "
                     "column is plain AR from the same seed.")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(value=DEFAULT_PROMPT if text_model else "0", elem_id="prompt",
                                     label="prompt" if text_model else "class id", max_lines=3)
-                method = gr.Dropdown(METHODS, value=BEST_RELAXED["method"], label="method", elem_id="method")
+                method = gr.Dropdown(METHODS, value=DEFAULT_IMAGE_METHOD, label="method", elem_id="method")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
                     num = gr.Slider(1, session.max_images, value=2, step=1, label="images", elem_id="num")
@@ -157,7 +162,8 @@ def build_demo(session: ImageSession):
                     k = gr.Slider(1, 16, value=8, step=1, label="draft length / SJD window")
                     delta = gr.Slider(0.0, 0.5, value=0.2, step=0.05, label="LANTERN δ")
                     lam = gr.Slider(1.0, 8.0, value=2.0, step=0.5, label="LANTERN++ λ")
-                    tau = gr.Slider(0.0, 1.0, value=BEST_RELAXED["mulo_tau"], step=0.01, label="MuLo-SD τ")
+                    tau = gr.Slider(0.0, 0.5, value=MULO_DEFAULT["mulo_delta"], step=0.05,
+                                    label="MuLo-SD δ (total-variation budget per token; 0: the target's images)")
                     drafter = gr.Radio(list(DRAFTERS), value=DRAFTERS[0], label="drafter (exact SD, LANTERN)",
                                        elem_id="drafter")
                 go = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -1,7 +1,7 @@
 """``mmspec.image_gen.generate`` / ``generate_stream``: images from class ids or prompts, AR or speculative.
 
 Glossary:
-    method      a name in :data:`~mmspec.image_gen.methods.METHODS` ("ar", "exact", "sjd", "lantern",
+    method      a name in :data:`~mmspec.image_gen.methods.METHODS` ("ar", "exact", "sjd", "gsd", "lantern",
                 "lantern++", "mulo"); the registry declares each method's parameters, their defaults
                 and checks, and which drafter it needs; a parameter the method does not use is a
                 :class:`~mmspec.errors.MethodParameterError`
@@ -17,7 +17,7 @@ Every method runs on the one decoding loop (:func:`mmspec.engine.decode`) with t
 cached CFG session: "ar" with no drafter, "exact" / "lantern" / "lantern++" with the AR model
 drafter (:class:`~mmspec.image_gen.ar_drafter.ARDrafter`), or an EAGLE feature head over the target's
 hidden states (``drafter=Eagle3Head``: :class:`~mmspec.drafters.feature.FeatureDrafter`, guided), and
-their rule, "sjd" with the Jacobi
+their rule, "sjd" (exact rule) and "gsd" (grouped rule) with the Jacobi
 drafter that reads the target's logits, "mulo" with the multi-scale drafter, the pooled-threshold
 rule and local island resampling as the loop's repair step (:mod:`mmspec.image_gen.mulo`).
 """
@@ -41,6 +41,7 @@ from mmspec.guidance import Guidance, check_guidance_scale
 from mmspec.heads.eagle3 import Eagle3Head
 from mmspec.rng import RowRandom
 from mmspec.verify.chain import default_rule
+from mmspec.verify.grouped import GroupedRule
 from mmspec.verify.latent_neighbour import LatentNeighbourRule
 from mmspec.verify.pooled_threshold import PooledThresholdRule
 from mmspec.verify.rule import AcceptRule
@@ -97,7 +98,7 @@ def make_drafter(method: ImageMethod, target: ARImageModel, params: dict) -> Dra
     """The method's drafter on the one loop (None: plain AR)."""
     if method.name == "ar":
         return None
-    if method.name == "sjd":
+    if method.name in ("sjd", "gsd"):
         return JacobiDrafter(window=params["num_draft_tokens"], vocab_size=target.config.codebook_size)
     d = params["drafter"]
     if isinstance(d, Eagle3Head):  # a feature head over the target's hidden states (EAGLE on LlamaGen)
@@ -116,6 +117,8 @@ def make_rule(method: ImageMethod, params: dict, sampling: SamplingParams, token
         if method.name == "lantern":
             return LatentNeighbourRule(table, params["lantern_delta"])
         return LatentNeighbourRule(table, lam=params["lantern_lambda"])
+    if method.name == "gsd":
+        return GroupedRule(_neighbour_table(method, params, tokenizer, "gsd_k"), params["gsd_window"], params["gsd_p"])
     rule = params.get("rule")
     return rule if rule is not None else default_rule(sampling)
 
@@ -126,7 +129,8 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
                     lantern_delta: float | None = None, lantern_lambda: float | None = None,
                     mulo_tau: float | None = None, mulo_delta: float | None = None, mulo_l: int | None = None,
                     mulo_redraw: str | None = None, mulo_k: int | None = None, mulo_scale: int | None = None,
-                    mulo_resampler: Any = None, cfg_scale: float = 4.0,
+                    mulo_resampler: Any = None, gsd_k: int | None = None, gsd_window: int | None = None,
+                    gsd_p: float | None = None, cfg_scale: float = 4.0,
                     cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, seed: int | list[int] | None = None,
                     num_images: int = 1, stats: ImageGenerationStats | None = None) -> Iterator[StepEvent]:
@@ -138,7 +142,8 @@ def generate_stream(target: ARImageModel, tokenizer: Any = None, *, condition: A
     params = m.resolve(dict(drafter=drafter, num_draft_tokens=num_draft_tokens, rule=rule, neighbours=neighbours,
                             lantern_k=lantern_k, lantern_delta=lantern_delta, lantern_lambda=lantern_lambda,
                             mulo_tau=mulo_tau, mulo_delta=mulo_delta, mulo_l=mulo_l, mulo_redraw=mulo_redraw,
-                            mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler))
+                            mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler, gsd_k=gsd_k,
+                            gsd_window=gsd_window, gsd_p=gsd_p))
     if mulo_tau is not None and mulo_delta is not None:
         raise MethodParameterError("give mulo_delta (the bounded test) or mulo_tau (the paper's threshold test), "
                                    "not both")
@@ -204,6 +209,7 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, met
              lantern_lambda: float | None = None, mulo_tau: float | None = None, mulo_delta: float | None = None,
              mulo_l: int | None = None, mulo_redraw: str | None = None,
              mulo_k: int | None = None, mulo_scale: int | None = None, mulo_resampler: Any = None,
+             gsd_k: int | None = None, gsd_window: int | None = None, gsd_p: float | None = None,
              cfg_scale: float = 4.0,
              cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, seed: int | list[int] | None = None,
@@ -231,7 +237,7 @@ def generate(target: ARImageModel, tokenizer: Any = None, *, condition: Any, met
                              lantern_delta=lantern_delta, lantern_lambda=lantern_lambda, mulo_tau=mulo_tau,
                              mulo_delta=mulo_delta, mulo_redraw=mulo_redraw,
                              mulo_l=mulo_l, mulo_k=mulo_k, mulo_scale=mulo_scale, mulo_resampler=mulo_resampler,
-                             cfg_scale=cfg_scale,
+                             gsd_k=gsd_k, gsd_window=gsd_window, gsd_p=gsd_p, cfg_scale=cfg_scale,
                              cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
                              generator=generator, seed=seed, num_images=num_images, stats=stats)
     conds = _conditions(condition, num_images)

@@ -3,7 +3,7 @@
 Glossary:
     method      a way to produce image tokens: "ar" (plain AR, the baseline), "exact" (a smaller AR
                 drafter, lossless rejection sampling), "sjd" (Speculative Jacobi Decoding, lossless,
-                no second model), "lantern" / "lantern++" (the AR drafter with LANTERN's relaxed
+                no second model), "gsd" (SJD's drafts with GSD's grouped acceptance; not lossless), "lantern" / "lantern++" (the AR drafter with LANTERN's relaxed
                 latent-neighbour acceptance; not lossless), "mulo" (MuLo-SD: a low-resolution drafter,
                 pooled acceptance and local resampling; not lossless)
     parameter   a method-specific argument of :func:`mmspec.image_gen.generate` (``drafter``,
@@ -13,7 +13,7 @@ Glossary:
     drafter     what ``drafter=`` must be for the method: None (no model), "same" (a smaller AR model
                 at the target's resolution) or "lowres" (an AR model at 1/r of the target's grid)
 
-Papers: Leviathan et al. (ICML 2023); Teng et al., SJD (ICLR 2025); Jang et al., LANTERN (ICLR
+Papers: Leviathan et al. (ICML 2023); Teng et al., SJD (ICLR 2025); So et al., GSD (ICCV 2025); Jang et al., LANTERN (ICLR
 2025) and LANTERN++; Peruzzo et al., MuLo-SD (CVPR 2026).
 
 The API, the CLI, the demos, the benchmarks and the main job read :data:`METHODS` (which
@@ -159,6 +159,13 @@ METHODS: dict[str, ImageMethod] = {m.name: m for m in (
         _DRAFTER, _K, _NEIGHBOURS,
         Parameter("lantern_k", 8, _integer("lantern_k", 1), "latent neighbours per code"),
         Parameter("lantern_lambda", 2.0, _number("lantern_lambda", 1.0), "multiplicative cap lambda >= 1"))),
+    ImageMethod("gsd", "GSD: SJD's self-drafts accepted against dynamic groups of latent neighbours", False, None, (
+        Parameter("num_draft_tokens", 16, _window, "the Jacobi window: guesses verified per step"),
+        _NEIGHBOURS,
+        Parameter("gsd_k", 16, _integer("gsd_k", 1), "latent-neighbour candidates per code"),
+        Parameter("gsd_window", 7, _integer("gsd_window", 0), "a candidate's target rank within this of the draft's"),
+        Parameter("gsd_p", 0.15, _number("gsd_p", 0.0, 1.0),
+                  "a candidate's target probability within this of the draft's"))),
     ImageMethod("mulo", "MuLo-SD: low-resolution drafts, bounded neighbour test, local island resampling", False,
                 "lowres", (
         _DRAFTER, _NEIGHBOURS,

@@ -30,8 +30,9 @@ from .common import (EXIT_BAD_INPUT, EXIT_OK, EXIT_OUTPUT, CLIError, add_samplin
 
 #: method parameter -> its flag's dest (``args.<dest>``), passed to the method only when given
 METHOD_FLAGS = {"num_draft_tokens": "k", "lantern_k": "lantern_k", "lantern_delta": "lantern_delta",
-                "lantern_lambda": "lantern_lambda", "mulo_tau": "mulo_tau", "mulo_l": "mulo_l", "mulo_k": "mulo_k",
-                "mulo_scale": "mulo_scale"}
+                "lantern_lambda": "lantern_lambda", "mulo_tau": "mulo_tau", "mulo_delta": "mulo_delta",
+                "mulo_redraw": "mulo_redraw", "mulo_l": "mulo_l", "mulo_k": "mulo_k", "mulo_scale": "mulo_scale",
+                "gsd_k": "gsd_k", "gsd_window": "gsd_window", "gsd_p": "gsd_p"}
 
 
 def _errors() -> tuple:
@@ -41,7 +42,8 @@ def _errors() -> tuple:
 
 def add_parser(subparsers) -> None:
     p = add_subcommand(subparsers, "imagegen", run, errors=_errors,
-                       help="generate images with an AR image model (AR, exact SD, SJD, LANTERN, LANTERN++, MuLo-SD)")
+                       help="generate images with an AR image model (AR, exact SD, SJD, GSD, LANTERN, LANTERN++, "
+                            "MuLo-SD)")
     p.add_argument("--model", required=True, help="AR image model directory (ARImageModel.save_pretrained)")
     p.add_argument("--tokenizer", help="VQ tokenizer directory (to write PNGs)")
     p.add_argument("--drafter", help="smaller AR image model or an EAGLE head folder (exact, lantern); "
@@ -54,7 +56,16 @@ def add_parser(subparsers) -> None:
                    help="latent neighbours per codebook entry (lantern, lantern++)" + method_default)
     p.add_argument("--lantern-delta", type=float, default=None, help="LANTERN total-variation budget in [0, 1]")
     p.add_argument("--lantern-lambda", type=float, default=None, help="LANTERN++ multiplicative cap, >= 1")
-    p.add_argument("--mulo-tau", type=float, default=None, help="MuLo-SD pooled-probability threshold, >= 0")
+    p.add_argument("--mulo-delta", type=float, default=None,
+                   help="MuLo-SD's bounded test: total-variation budget per token in [0, 1] (default 0)")
+    p.add_argument("--mulo-tau", type=float, default=None,
+                   help="MuLo-SD with the paper's pooled-probability threshold (>= 0; no bound) instead")
+    p.add_argument("--mulo-redraw", default=None, choices=["rest", "local"],
+                   help="what a MuLo-SD rejection redraws: the rest of the block (default) or its neighbourhood")
+    p.add_argument("--gsd-k", type=int, default=None, help="GSD latent-neighbour candidates per code")
+    p.add_argument("--gsd-window", type=int, default=None, help="GSD: a candidate's rank within this of the draft's")
+    p.add_argument("--gsd-p", type=float, default=None,
+                   help="GSD: a candidate's probability within this of the draft's, in [0, 1]")
     p.add_argument("--mulo-l", type=int, default=None, help="MuLo-SD resampling neighbourhood radius, >= 0")
     p.add_argument("--mulo-k", type=int, default=None, help="MuLo-SD latent neighbours per codebook entry")
     p.add_argument("--mulo-scale", type=int, default=None,
@@ -85,6 +96,10 @@ def _check(args: argparse.Namespace) -> None:
     check_number(args, "lantern_delta", lo=0, hi=1)
     check_number(args, "lantern_lambda", lo=1)
     check_number(args, "mulo_tau", lo=0)
+    check_number(args, "mulo_delta", lo=0, hi=1)
+    check_number(args, "gsd_k", lo=1, integer=True)
+    check_number(args, "gsd_window", lo=0, integer=True)
+    check_number(args, "gsd_p", lo=0, hi=1)
     check_number(args, "mulo_l", lo=0, integer=True)
     check_number(args, "mulo_k", lo=1, integer=True)
     check_number(args, "mulo_scale", lo=1, integer=True)

@@ -30,11 +30,12 @@ def _errors() -> tuple:
 def add_parser(subparsers) -> None:
     p = add_subcommand(subparsers, "run", run, errors=_errors,
                        help="the main job on the embedded models: describe a scene with the VLM on SmolLM2 (pruned "
-                            "drafter), draw images (AR vs a relaxed method), chat with SmolLM2")
+                            "drafter), draw images (AR vs a speculative method), chat with SmolLM2")
     p.add_argument("--out", default="mmspec_out", help="directory for the images, heat-map and report.json")
     p.add_argument("--prompt", default=None, help="image prompt (default: a held-out scene's caption)")
-    p.add_argument("--method", default="mulo", choices=[m for m in METHOD_NAMES if m != "ar"],
-                   help="the relaxed image method (default: MuLo-SD, the fastest within the quality floor)")
+    p.add_argument("--method", default="sjd", choices=[m for m in METHOD_NAMES if m != "ar"],
+                   help="the speculative image method (default: SJD, lossless and the fastest whose images stay "
+                        "within plain AR's noise floor)")
     add_pruning_flags(p)
     p.add_argument("--vlm-drafter", default="head", choices=["head", "model"],
                    help="the VLM's drafter: its EAGLE-3 head (default) or the small distilled VLM")

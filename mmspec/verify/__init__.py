@@ -3,6 +3,7 @@
 from .chain import default_rule, verify_chain, verify_chain_probs, walk_chain
 from .exact import ExactRule
 from .greedy import GreedyRule
+from .grouped import GroupedRule
 from .latent_neighbour import LatentNeighbourRule
 from .pooled_threshold import PooledThresholdRule
 from .rule import AcceptRule
@@ -13,7 +14,7 @@ from .tree_rules import (DeterministicTreeRule, GreedyTreeRule, RecursiveRejecti
 from .types import PLACEHOLDER_TOKEN_ID, Judgement, VerifyResult
 
 __all__ = [
-    "AcceptRule", "ExactRule", "GreedyRule", "Judgement", "LatentNeighbourRule", "PLACEHOLDER_TOKEN_ID",
+    "AcceptRule", "ExactRule", "GreedyRule", "GroupedRule", "Judgement", "LatentNeighbourRule", "PLACEHOLDER_TOKEN_ID",
     "PooledThresholdRule", "VerifyResult",
     "default_rule", "verify_chain", "verify_chain_probs", "walk_chain",
     # draft trees
