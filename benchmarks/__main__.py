@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import (blockwise, collaborative, image_gen, pipeline, smollm2, smollm2_vlm, specbench, text, trees, tts, vlm,
-               zoo_training)
+from . import (blockwise, collaborative, image_gen, mulo_bias, pipeline, smollm2, smollm2_vlm, specbench, text, trees,
+               tts, vlm, zoo_training)
 
 #: part -> the runs it makes: (module, extra arguments, whether it writes figures into --plots)
 PARTS = {
@@ -29,12 +29,16 @@ PARTS = {
     "smollm2_vlm": [(smollm2_vlm, [], False)],
     "image": [
         (image_gen, [], True),
-        (image_gen, ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2",
+        (image_gen, ["--only", "exact SD,SJD,GSD,LANTERN,MuLo-SD", "--draft-lengths", "4", "--lantern-deltas", "0.2",
+                     "--lantern-lambdas", "2", "--section", "## Image generation: what users see (issue 29)"], False),
+        (mulo_bias, [], False),
+        (image_gen, ["--only", "learned", "--mulo-taus", "0.9,0.98,0.95/2,0.98/2", "--mulo-deltas", "",
                      "--section", "## Image generation: MuLo-SD τ sweep (issue 15)"], False),
         (image_gen, ["--only", "LANTERN,exact SD", "--draft-lengths", "8", "--lantern-deltas", "0.3,0.9,1.0",
-                     "--lantern-lambdas", "3,50", "--mulo-taus", "",
+                     "--lantern-lambdas", "3,50", "--mulo-taus", "", "--mulo-deltas", "", "--gsd-ks", "",
                      "--section", "## Image generation: LANTERN budget sweep (issue 15)"], False),
         (image_gen, ["--only", "EAGLE head,exact SD (drafter", "--draft-lengths", "4,8", "--mulo-taus", "",
+                     "--mulo-deltas", "", "--gsd-ks", "",
                      "--lantern-deltas", "0.3", "--lantern-lambdas", "3",
                      "--section", "## Image generation: EAGLE feature head (issue 15)"], False),
     ],
