@@ -173,7 +173,8 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
     def run(method: str):
         spec = METHODS[method]  # the registry picks the drafter and the parameters the method takes
         model = {None: None, "same": models.drafter, "lowres": models.lowres}[spec.drafter]
-        extra = spec.select(dict(drafter=model, num_draft_tokens=cfg.num_draft_tokens, lantern_delta=cfg.lantern_delta,
+        k = cfg.num_draft_tokens if spec.drafter is not None else None  # SJD / GSD keep their own window (16)
+        extra = spec.select(dict(drafter=model, num_draft_tokens=k, lantern_delta=cfg.lantern_delta,
                                  neighbours=table, mulo_delta=cfg.mulo_delta,
                                  mulo_redraw=MULO_DEFAULT["mulo_redraw"], mulo_resampler=models.resampler))
         return generate(models.target, models.tokenizer, condition=prompt, num_images=cfg.num_images, method=method,
