@@ -23,7 +23,7 @@ from .scenes import parse_image, render
 IMAGE_SAMPLING = dict(cfg_scale=1.5, temperature=1.0, top_k=16)
 # the image method the demo and ``mmspec run`` default to: the fastest whose images stay within plain AR's noise
 # floor on every attribute (benchmarks/RESULTS.md, "Image generation: what users see (issue 29)"), SJD, which is
-# lossless. It replaced MuLo-SD with the paper's pooled test (τ 0.95, 2 neighbours, local redraws), which moved
+# lossless (3.12x plain AR at its default window of 16). It replaced MuLo-SD with the paper's pooled test (τ 0.95, 2 neighbours, local redraws), which moved
 # the backgrounds users get (TV 0.38 to plain AR, two-sample p 5e-10)
 DEFAULT_IMAGE_METHOD = "sjd"
 # MuLo-SD's setting in the front ends: the bounded test at δ = 0 with chain-rule redraws (the target's images),
@@ -34,8 +34,8 @@ MULO_DEFAULT = dict(mulo_delta=0.0, mulo_redraw="rest", neighbours_k=8)
 RECORDED_DISTRIBUTION = {
     "ar": (True, "the reference"),
     "exact": (True, "lossless; measured within"),
-    "sjd": (True, "lossless; measured within"),
-    "gsd": (True, "measured within, 16 neighbours; background p 0.056"),
+    "sjd": (True, "lossless; measured within at windows 8 and 16"),
+    "gsd": (True, "measured within at windows 8 and 16, 16 neighbours"),
     "lantern": (True, "measured within at δ 0.2, AR drafter"),
     "lantern++": (True, "measured within at λ 2 with the AR drafter; not with the EAGLE head (background p 0.0035)"),
     "mulo": (True, "measured within at δ 0 with chain redraws; the paper's τ 0.95 test is not"),
