@@ -22,9 +22,9 @@ from .scenes import parse_image, render
 # the image models' default sampling (the README's main job and the benchmarks use it too)
 IMAGE_SAMPLING = dict(cfg_scale=1.5, temperature=1.0, top_k=16)
 # the image method the demo and ``mmspec run`` default to: the fastest whose images stay within plain AR's noise
-# floor on every attribute (benchmarks/RESULTS.md, "Image generation: what users see (issue 29)"), SJD, which is
-# lossless (3.12x plain AR at its default window of 16). It replaced MuLo-SD with the paper's pooled test (τ 0.95, 2 neighbours, local redraws), which moved
-# the backgrounds users get (TV 0.38 to plain AR, two-sample p 5e-10)
+# floor on every attribute (benchmarks/RESULTS.md, "Image generation: what users see (issue 29)"): SJD, which is
+# lossless (3.12x plain AR at its default window of 16). It replaced MuLo-SD with the paper's pooled test
+# (τ 0.95, 2 neighbours, local redraws), which moved the backgrounds users get (TV 0.34 to plain AR, p 1e-8)
 DEFAULT_IMAGE_METHOD = "sjd"
 # MuLo-SD's setting in the front ends: the bounded test at δ = 0 with chain-rule redraws (the target's images),
 # over 8 latent neighbours
