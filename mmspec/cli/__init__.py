@@ -21,12 +21,12 @@ import sys
 
 from mmspec.image_gen.heatmap import heatmap_image
 
-from . import chat, collaborate, imagegen, pipeline, run, text, train_drafter, vlm
+from . import chat, collaborate, imagegen, pipeline, run, serve, text, train_drafter, vlm
 from .chat import parse_tree
 from .common import (EXIT_BAD_INPUT, EXIT_CODES_HELP, EXIT_NOT_IDENTICAL, EXIT_OK, EXIT_OUTPUT, EXIT_STAGE, EXIT_ZOO,
                      CLIError, CLIExit, Parser, check_out_dir, one_line)
 
-SUBCOMMANDS = (run, text, collaborate, vlm, train_drafter, chat, imagegen, pipeline)  # in --help's order
+SUBCOMMANDS = (run, text, collaborate, vlm, train_drafter, chat, serve, imagegen, pipeline)  # in --help's order
 
 
 def build_parser() -> argparse.ArgumentParser:

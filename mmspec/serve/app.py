@@ -1,0 +1,144 @@
+"""The HTTP app of ``mmspec serve`` (FastAPI): OpenAI's chat and completion endpoints, streamed as server-sent
+events or not, over one :class:`~mmspec.serve.worker.Worker`.
+
+Glossary:
+    endpoints   ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+                ``GET /metrics`` (Prometheus text)
+    errors      a bad request is a 4xx with OpenAI's error JSON (:mod:`mmspec.serve.protocol`), a full queue a
+                429 with ``Retry-After``, a generation that raises a 500 for that request alone; the server keeps
+                serving
+    stream      ``data: {chunk}`` lines, one per piece, then a chunk with the finish reason and ``data: [DONE]``;
+                the pieces concatenate to the non-streamed text
+"""
+
+
+import asyncio
+import json
+import time
+import uuid
+
+from .protocol import RequestError, error_body, parse_chat, parse_completion
+from .worker import Handle, Worker
+
+
+def create_app(worker: Worker, *, request_timeout: float = 600.0):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    app = FastAPI(title="mmspec serve")
+    models = {worker.model_name: worker.context}
+
+    def error(err: RequestError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status == 429 else None
+        return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def list_models():
+        return {"object": "list", "data": [{"id": worker.model_name, "object": "model", "created": 0,
+                                            "owned_by": "mmspec"}]}
+
+    @app.get("/metrics")
+    def metrics():
+        s = worker.stats
+        tau = (s["accepted"] + s["row_steps"]) / max(s["row_steps"], 1)
+        lines = [f"mmspec_requests_total {s['requests']}", f"mmspec_requests_completed_total {s['completed']}",
+                 f"mmspec_requests_failed_total {s['failed']}", f"mmspec_requests_rejected_total {s['rejected']}",
+                 f"mmspec_queue_depth {worker.queue.qsize()}", f"mmspec_running_rows {s['running_rows']}",
+                 f"mmspec_generated_tokens_total {s['tokens']}",
+                 f"mmspec_tokens_per_second {s['tokens'] / max(s['decode_seconds'], 1e-9):.3f}",
+                 f"mmspec_mean_accepted_length {tau:.4f}"]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
+    async def run(request: Request, kind: str):
+        try:
+            body = await request.body()
+            req = (parse_chat(body, models) if kind == "chat" else parse_completion(body, models))
+            handle = worker.submit(req)
+        except RequestError as err:
+            return error(err)
+        rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if req.stream:
+            return StreamingResponse(_stream(request, handle, rid, created, kind, worker.model_name,
+                                             request_timeout), media_type="text/event-stream")
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, handle.done.wait, request_timeout)
+        if not ok:
+            handle.cancel()
+            return JSONResponse({"error": {"message": "the request timed out", "type": "timeout", "param": None,
+                                           "code": "timeout"}}, status_code=504)
+        if handle.error is not None:
+            return JSONResponse({"error": {"message": f"generation failed: {handle.error}", "type": "server_error",
+                                           "param": None, "code": None}}, status_code=500)
+        return _response(handle, rid, created, kind, worker.model_name)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, "completion")
+
+    return app
+
+
+def _usage(h: Handle) -> dict:
+    return {"prompt_tokens": h.prompt_tokens, "completion_tokens": h.completion_tokens,
+            "total_tokens": h.prompt_tokens + h.completion_tokens}
+
+
+def _response(h: Handle, rid: str, created: int, kind: str, model: str) -> dict:
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": h.text}, "finish_reason": h.finish_reason}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                "usage": _usage(h)}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": h.text, "finish_reason": h.finish_reason, "logprobs": None}],
+            "usage": _usage(h)}
+
+
+async def _stream(request, h: Handle, rid: str, created: int, kind: str, model: str, timeout: float):
+    loop = asyncio.get_running_loop()
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+        if kind == "chat":
+            delta = ({"role": "assistant", "content": text or ""} if first else
+                     ({"content": text} if text is not None else {}))
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                      "choices": [choice]}) + "\n\n"
+
+    if kind == "chat":
+        yield chunk("", None, first=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if await request.is_disconnected():
+            h.cancel()
+            return
+        try:
+            piece = await loop.run_in_executor(None, h.pieces.get, True, 0.5)
+        except Exception:  # queue.Empty: poll the connection again
+            if time.monotonic() > deadline:
+                h.cancel()
+                return
+            continue
+        if piece is None:
+            break
+        yield chunk(piece, None)
+    if h.error is not None:
+        yield "data: " + json.dumps({"error": {"message": f"generation failed: {h.error}", "type": "server_error",
+                                               "param": None, "code": None}}) + "\n\n"
+    else:
+        yield chunk(None, h.finish_reason)
+    yield "data: [DONE]\n\n"
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,225 @@
+"""The generation worker of ``mmspec serve``: requests in a bounded queue, decoded in batches on the one loop.
+
+Glossary:
+    handle      what :meth:`Worker.submit` returns for one request: its text pieces as they come (a thread-safe
+                queue ending in ``None``), the finish reason, token counts, an error, and ``cancel()``
+    wave        the requests taken together from the queue (up to ``max_rows``, those sharing the first one's
+                temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
+                row with its own seed and its own token budget (the batch runs to the largest; a row's text
+                stops at its own ``max_tokens``, a stop sequence or EOS). Requests that arrive while a wave
+                runs wait for the next one: continuous batching (joining a running batch between verification
+                steps) is the next step of issue 30
+    seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
+                loop's per-row randomness), alone or in a wave; without one a random seed is drawn
+    piece       the text a request gained in one verification step: its committed tokens decoded, held back
+                while they end in an incomplete UTF-8 character or could still start a stop sequence
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .protocol import GenerationRequest, RequestError
+
+
+@dataclass
+class Handle:
+    request: GenerationRequest
+    prompt_tokens: int = 0
+    pieces: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    error: BaseException | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def result(self, timeout: float | None = None) -> str:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.text
+
+
+class Worker:
+    """One background thread decoding waves of requests (see the module glossary)."""
+
+    def __init__(self, target: torch.nn.Module, tokenizer: Any, *, model_name: str,
+                 drafter: Callable[[], Any] | None = None, max_rows: int = 8, max_queue: int = 64,
+                 default_max_tokens: int = 256, context: int | None = None):
+        self.target, self.tokenizer, self.model_name = target, tokenizer, model_name
+        self.drafter = drafter or (lambda: "prompt_lookup")
+        self.max_rows, self.default_max_tokens = max_rows, default_max_tokens
+        self.context = context or int(getattr(target.config, "max_position_embeddings", 2048))
+        self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
+        self.stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "tokens": 0, "waves": 0,
+                      "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0}
+        self._thread = threading.Thread(target=self._loop, name="mmspec-serve-worker", daemon=True)
+        self._stop = False
+        self._thread.start()
+
+    # -- requests ---------------------------------------------------------------------------------
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        tok = self.tokenizer
+        if req.kind == "chat":
+            if getattr(tok, "chat_template", None) is None:
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in req.messages) + "\nassistant:"
+                ids = tok(text)["input_ids"]
+            else:
+                ids = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"]
+        else:
+            ids = tok(req.prompt)["input_ids"]
+        return list(ids)
+
+    def submit(self, req: GenerationRequest) -> Handle:
+        """Queue ``req`` (tokenised and checked against the context first); a full queue is a 429."""
+        ids = self.prompt_ids(req)
+        budget = req.max_tokens or self.default_max_tokens
+        if not ids:
+            raise RequestError("the prompt is empty after tokenisation", param="messages")
+        if len(ids) + budget > self.context:
+            raise RequestError(f"the prompt has {len(ids)} tokens; with max_tokens {budget} that exceeds the "
+                               f"model's context of {self.context}", param="max_tokens")
+        h = Handle(req, prompt_tokens=len(ids))
+        h.ids = ids  # type: ignore[attr-defined]
+        h.budget = budget  # type: ignore[attr-defined]
+        try:
+            self.queue.put_nowait(h)
+        except queue.Full:
+            self.stats["rejected"] += 1
+            raise RequestError("the server is at capacity; retry shortly", status=429, type="rate_limit_error",
+                               code="queue_full") from None
+        self.stats["requests"] += 1
+        return h
+
+    def close(self) -> None:
+        self._stop = True
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _take_wave(self) -> list[Handle]:
+        first = self.queue.get()
+        wave, later = [first], []
+        key = (first.request.temperature, first.request.top_p)
+        while len(wave) < self.max_rows:
+            try:
+                h = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            (wave if (h.request.temperature, h.request.top_p) == key else later).append(h)
+        for h in later:  # another sampling setting: the next wave (put back in order)
+            self.queue.put(h)
+        return [h for h in wave if not h.cancelled]
+
+    def _loop(self) -> None:
+        while not self._stop:
+            wave = self._take_wave()
+            if not wave:
+                continue
+            try:
+                self._run_wave(wave)
+            except Exception as exc:  # a failing wave fails its own requests, never the server
+                for h in wave:
+                    if not h.done.is_set():
+                        h.error, h.finish_reason = exc, "error"
+                        self.stats["failed"] += 1
+                        h.pieces.put(None)
+                        h.done.set()
+            finally:
+                self.stats["running_rows"] = 0
+
+    def _run_wave(self, wave: list[Handle]) -> None:
+        from mmspec.engine import generate_stream
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(len(h.ids) for h in wave)
+        ids = torch.tensor([[pad] * (width - len(h.ids)) + h.ids for h in wave], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(h.ids)) + [1] * len(h.ids) for h in wave], dtype=torch.long)
+        req0 = wave[0].request
+        seeds = [h.request.seed if h.request.seed is not None else random.getrandbits(62) for h in wave]
+        eos = self.target.generation_config.eos_token_id
+        self.stats["waves"] += 1
+        self.stats["running_rows"] = len(wave)
+        tokens: list[list[int]] = [[] for _ in wave]
+        sent = [0] * len(wave)
+        t0 = time.perf_counter()
+        events = generate_stream(self.target, ids, attention_mask=mask, drafter=self.drafter(),
+                                 max_new_tokens=max(h.budget for h in wave), temperature=req0.temperature,
+                                 top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos)
+        for ev in events:
+            self.stats["row_steps"] += len(ev.rows)
+            self.stats["accepted"] += sum(ev.num_accepted)
+            for r, toks, fin in zip(ev.rows, ev.tokens, ev.finished):
+                h = wave[r]
+                if h.done.is_set():
+                    continue
+                take = toks[: h.budget - len(tokens[r])]
+                tokens[r].extend(take)
+                eos_hit = bool(take) and _is_eos(take[-1], eos)
+                text = tok.decode(tokens[r][:-1] if eos_hit else tokens[r], skip_special_tokens=True)
+                reason = None
+                for s in h.request.stop:
+                    cut = text.find(s)
+                    if cut >= 0:
+                        text, reason = text[:cut], "stop"
+                if reason is None and eos_hit:
+                    reason = "stop"
+                if reason is None and len(tokens[r]) >= h.budget:
+                    reason = "length"
+                if reason is None and fin:
+                    reason = "stop"
+                hold = 0 if reason else _held_back(text, h.request.stop)
+                piece = text[sent[r]: len(text) - hold]
+                if piece:
+                    h.pieces.put(piece)
+                    sent[r] += len(piece)
+                if reason or h.cancelled:
+                    h.text, h.completion_tokens = text, len(tokens[r])
+                    h.finish_reason = reason or "cancelled"
+                    self.stats["completed"] += 1
+                    self.stats["tokens"] += len(tokens[r])
+                    h.pieces.put(None)
+                    h.done.set()
+            if all(h.done.is_set() for h in wave):
+                break
+        self.stats["decode_seconds"] += time.perf_counter() - t0
+        for r, h in enumerate(wave):  # rows the loop ended without a reason (it ran out of budget)
+            if not h.done.is_set():
+                h.text = tok.decode(tokens[r], skip_special_tokens=True)
+                h.completion_tokens, h.finish_reason = len(tokens[r]), "length"
+                self.stats["completed"] += 1
+                h.pieces.put(h.text[sent[r]:] or None)
+                if h.text[sent[r]:]:
+                    h.pieces.put(None)
+                h.done.set()
+
+
+def _is_eos(token: int, eos: Any) -> bool:
+    return token in eos if isinstance(eos, (list, tuple, set)) else token == eos
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of ``text`` to hold back: an incomplete UTF-8 character (decoded as U+FFFD) or the
+    start of a stop sequence."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+__all__ = ["Handle", "Worker"]

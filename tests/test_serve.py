@@ -1,0 +1,189 @@
+"""mmspec serve on a tiny chat model: OpenAI-shaped responses, greedy text equal to HF generate of each request
+alone while a batch runs, seeded sampling equal alone and in a batch, streams that concatenate to the
+non-streamed text, 4xx for bad input and 429 for a full queue while the server keeps serving."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from mmspec.serve.app import create_app
+from mmspec.serve.worker import Worker
+from tiny_tokenizer import save_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    model, tok = save_tiny_chat_model(tmp_path_factory.mktemp("m"), layers=2)
+    model.eval()
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, max_queue=32, default_max_tokens=24, context=512)
+    with TestClient(create_app(worker)) as client:
+        yield client, model, tok, worker
+    worker.close()
+
+
+def hf_alone(model, tok, messages, max_tokens):
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=model.generation_config.eos_token_id,
+                         pad_token_id=model.generation_config.pad_token_id)
+    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+PROMPTS = ["Return the JSON", "Deserialize a str instance containing a JSON document", "hi",
+           "Serialize obj to a JSON formatted str", "object_hook is an optional function", "x y z",
+           "If skipkeys is true then dict keys that are not basic types", "encoding"]
+
+
+def test_greedy_responses_equal_hf_generate_alone_while_eight_run_together(served):
+    client, model, tok, _ = served
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 8 + 3 * i,
+               "temperature": 0} for i, p in enumerate(PROMPTS)]
+    results = [None] * len(bodies)
+
+    def call(i):
+        results[i] = client.post("/v1/chat/completions", json=bodies[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for body, r in zip(bodies, results):
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
+        text = out["choices"][0]["message"]["content"]
+        assert text == hf_alone(model, tok, body["messages"], body["max_tokens"])
+        assert out["usage"]["completion_tokens"] <= body["max_tokens"]
+        assert out["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(served):
+    client = served[0]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Serialize obj"}], "max_tokens": 16,
+            "temperature": 0.9, "top_p": 0.95, "seed": 1234}
+    alone = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    results = {}
+
+    def call(i):
+        b = body if i == 0 else {**body, "seed": 99 + i, "messages": [{"role": "user", "content": PROMPTS[i]}]}
+        results[i] = client.post("/v1/chat/completions", json=b).json()
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results[0]["choices"][0]["message"]["content"] == alone
+
+
+def test_streamed_pieces_concatenate_to_the_text(served):
+    client = served[0]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Return the JSON"}], "max_tokens": 20,
+            "temperature": 0}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == whole and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    comp = client.post("/v1/completions", json={"model": "tiny", "prompt": "Return the", "max_tokens": 10,
+                                                "temperature": 0, "stop": ["\n"]}).json()
+    assert comp["object"] == "text_completion" and "\n" not in comp["choices"][0]["text"]
+
+
+def test_bad_requests_are_4xx_and_the_server_keeps_serving(served):
+    client, _, _, worker = served
+    for body, status, match in [
+        (b"{oops", 400, "not valid JSON"),
+        (json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}).encode(), 404,
+         "does not exist"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 3}).encode(), 400,
+         "'n' must be 1"),
+        (json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x " * 600}]}).encode(), 400,
+         "exceeds the model's context of 512"),
+    ]:
+        r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status and match in r.json()["error"]["message"], r.text
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert "mmspec_requests_total" in client.get("/metrics").text
+    ok = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                   "max_tokens": 4})
+    assert ok.status_code == 200
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmspec.serve.protocol import GenerationRequest
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=1)
+    worker = Worker(model, tok, model_name="tiny", max_rows=1, max_queue=1, default_max_tokens=4, context=256)
+    gate = threading.Event()
+    real = worker._run_wave
+    worker._run_wave = lambda wave: (gate.wait(10), real(wave))  # hold the worker on its first wave
+    req = GenerationRequest(kind="chat", model="tiny", messages=[{"role": "user", "content": "x"}])
+    first = worker.submit(req)  # taken by the worker, held
+    import time
+    for _ in range(100):
+        if worker.queue.qsize() == 0:
+            break
+        time.sleep(0.01)
+    worker.submit(req)  # fills the queue
+    with TestClient(create_app(worker)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "y"}]})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "queue_full"
+    gate.set()
+    assert first.result(30) is not None
+    worker.close()
+
+
+def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
+    """`mmspec serve` as a user starts it (a subprocess on a HF folder), talked to with the `openai` client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+
+    model, tok = save_tiny_chat_model(tmp_path / "tiny", layers=2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mmspec", "serve", "--target", str(tmp_path / "tiny"), "--port",
+                             str(port), "--name", "tiny", "--max-tokens", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for _ in range(240):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        else:
+            raise AssertionError(proc.stdout.read1().decode()[-2000:] if proc.poll() is not None else "no server")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        messages = [{"role": "user", "content": "Deserialize a str instance"}]
+        r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == hf_alone(model, tok, messages, 12)
+        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="'top_p' must be in"):
+            client.chat.completions.create(model="tiny", messages=messages, top_p=1.5)
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client.chat.completions.create(model="gpt-4o", messages=messages)
+        comp = client.completions.create(model="tiny", prompt="Return the", max_tokens=5, temperature=0)
+        assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens <= 5
+    finally:
+        proc.terminate()
+        proc.wait(30)
