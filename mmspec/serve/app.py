@@ -50,7 +50,8 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
                  f"mmspec_queue_depth {worker.queue.qsize()}", f"mmspec_running_rows {s['running_rows']}",
                  f"mmspec_generated_tokens_total {s['tokens']}",
                  f"mmspec_tokens_per_second {s['tokens'] / max(s['decode_seconds'], 1e-9):.3f}",
-                 f"mmspec_mean_accepted_length {tau:.4f}"]
+                 f"mmspec_mean_accepted_length {tau:.4f}", f"mmspec_accepted_tokens_total {s['accepted']}",
+                 f"mmspec_row_steps_total {s['row_steps']}"]
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def run(request: Request, kind: str):

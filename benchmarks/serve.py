@@ -1,0 +1,183 @@
+"""``mmspec serve`` under load: SmolLM2-135M-Instruct behind the OpenAI-compatible server, with prompt lookup and
+with speculation off, against a naive server (HF ``generate``, one request at a time).
+
+Run from the repository root::
+
+    python -m benchmarks.serve --out benchmarks/RESULTS.md
+    python -m benchmarks.serve --quick
+
+Glossary:
+    requests      ShareGPT dev-split first user turns (never trained on), streamed chat completions of up to
+                  ``--max-tokens`` tokens, greedy; each concurrency level sends the same ``--requests`` requests
+                  from that many clients at once (closed loop: a client sends its next request when its last ends)
+    throughput    completion tokens (the answers re-tokenised) of all requests / the level's wall time
+    TTFT          time from sending a request to its first text chunk; p50 / p99 over the requests
+    TPOT          per request, (last chunk - first chunk) / (its tokens - 1); p50 / p99
+    ITL p99       the 99th percentile of the gaps between consecutive chunks of a stream (a chunk carries every
+                  token one verification step committed)
+    τ             the server's mean accepted length (``/metrics``) over the level
+    naive HF      what a server without batching does: HF ``generate`` of each request alone, one after the
+                  other, unstreamed (its TTFT is the whole answer's time, at concurrency c after waiting for the
+                  requests before it)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+
+from ._harness import arg_parser, begin, md_table, provenance, report
+
+SECTION = "## Serving: mmspec serve under load (issue 30)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(worker) -> tuple[str, object]:
+    import uvicorn
+
+    from mmspec.serve.app import create_app
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+async def _one(client, url: str, messages: list[dict], max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    chunks: list[float] = []
+    text = []
+    body = {"model": "smollm2", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"][0].get("delta", {}).get("content")
+            if delta:
+                chunks.append(time.perf_counter())
+                text.append(delta)
+    return {"sent": t0, "chunks": chunks, "text": "".join(text)}
+
+
+async def _level(url: str, prompts: list[list[dict]], concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+    import httpx
+
+    queue = list(prompts)
+    results: list[dict] = []
+
+    async def client_loop(client):
+        while queue:
+            results.append(await _one(client, url, queue.pop(0), max_tokens))
+
+    async with httpx.AsyncClient() as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return results, time.perf_counter() - t0
+
+
+def _metrics(url: str) -> dict:
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        k, _, v = line.partition(" ")
+        out[k] = float(v)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks._specbench import chat_prompts
+    from benchmarks.smollm2 import chat_model
+    from mmspec.serve.worker import Worker
+
+    ap = arg_parser("serve", __doc__, section=SECTION, quick={"requests": 4, "max_tokens": 16, "levels": "1,4"})
+    ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
+    ap.add_argument("--max-rows", type=int, default=16, help="the server's rows per batch")
+    args = ap.parse_args(argv)
+    load_before = begin(2)
+    target, tok, im_end = chat_model()
+    prompts = chat_prompts(args.requests, seed=30)
+    levels = [int(x) for x in args.levels.split(",")]
+    rows = []
+
+    def count(text: str) -> int:
+        return len(tok(text)["input_ids"])
+
+    for name, drafter in (("mmspec serve, prompt lookup", lambda: "prompt_lookup"),
+                          ("mmspec serve, no speculation", lambda: None)):
+        worker = Worker(target, tok, model_name="smollm2", drafter=drafter, max_rows=args.max_rows,
+                        max_queue=4 * args.requests, default_max_tokens=args.max_tokens)
+        url, server = _start(worker)
+        asyncio.run(_level(url, prompts[:1], 1, 8))  # warm-up
+        for c in levels:
+            before = _metrics(url)
+            res, wall = asyncio.run(_level(url, prompts, c, args.max_tokens))
+            after = _metrics(url)
+            toks = [count(r["text"]) for r in res]
+            ttft = [r["chunks"][0] - r["sent"] for r in res if r["chunks"]]
+            tpot = [(r["chunks"][-1] - r["chunks"][0]) / (n - 1) for r, n in zip(res, toks) if n > 1 and r["chunks"]]
+            gaps = [b - a for r in res for a, b in zip(r["chunks"], r["chunks"][1:])]
+            d_steps = after["mmspec_row_steps_total"] - before["mmspec_row_steps_total"]
+            steps = (after["mmspec_accepted_tokens_total"] - before["mmspec_accepted_tokens_total"] + d_steps) / \
+                max(d_steps, 1)
+            rows.append([name, str(c), f"{sum(toks) / wall:.1f}", f"{1000 * _pct(ttft, 0.5):.0f} / "
+                         f"{1000 * _pct(ttft, 0.99):.0f}", f"{1000 * _pct(tpot, 0.5):.1f} / {1000 * _pct(tpot, 0.99):.1f}",
+                         f"{1000 * _pct(gaps, 0.99):.0f}", f"{steps:.2f}",
+                         f"{after['mmspec_requests_completed_total'] - before['mmspec_requests_completed_total']:.0f}"])
+            print(f"[serve] {name}, concurrency {c}: {sum(toks) / wall:.1f} tok/s", flush=True)
+        server.should_exit = True
+        worker.close()
+    # the naive server: HF generate, one request after the other
+    import torch
+
+    t0 = time.perf_counter()
+    total, waits, per = 0, [], []
+    for m in prompts:
+        enc = tok.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        s = time.perf_counter()
+        with torch.no_grad():
+            out = target.generate(**enc, max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=im_end)
+        n = out.shape[1] - enc["input_ids"].shape[1]
+        total += n
+        per.append((time.perf_counter() - s) / max(n, 1))
+        waits.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    for c in levels:  # requests queue behind each other: the i-th of a batch of c waits for those before it
+        ttft = [waits[i] - (waits[i - c] if i >= c else 0.0) for i in range(len(waits))]
+        rows.append(["naive server (HF generate, one at a time)", str(c), f"{total / wall:.1f}",
+                     f"{1000 * _pct(ttft, 0.5):.0f} / {1000 * _pct(ttft, 0.99):.0f} (whole answers)", f"{1000 * statistics.median(per):.1f} / "
+                     f"{1000 * _pct(per, 0.99):.1f}", "–", "1.00", str(len(prompts))])
+    text = "\n".join([
+        args.section, "",
+        f"{provenance('serve', argv, load_before)} SmolLM2-135M-Instruct as loaded (float32, unpacked); "
+        f"{args.requests} ShareGPT dev first turns per level, greedy, up to {args.max_tokens} tokens, streamed; "
+        f"the server decodes up to {args.max_rows} waiting requests as one batch (issue 30's first part: a request "
+        "arriving during a batch waits for the next).", "",
+        *md_table(["server", "concurrency", "throughput (tok/s)", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
+                   "ITL p99 (ms)", "τ", "requests"], rows), "",
+    ]) + "\n"
+    report(text, args.out, args.section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
