@@ -114,7 +114,7 @@ def generate_stream(
     input_ids: torch.Tensor,
     *,
     drafter: Any,
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -130,7 +130,8 @@ def generate_stream(
     repair: Any = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
-    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`;
+    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`, and
+    ``max_new_tokens`` may give each row its own budget: a row leaves the batch at its own;
     ``guidance``: classifier-free guidance of the target (and of model drafters); ``repair``: a block
     repair step replacing the chain walk, e.g. MuLo-SD's local resampling).
 

@@ -63,7 +63,7 @@ class DecodeRequest:
     input_ids: torch.Tensor  # long [B, L], left padded
     attention_mask: torch.Tensor  # long [B, L]; every row's last column is 1
     device: torch.device
-    max_new_tokens: int
+    max_new_tokens: int | tuple[int, ...]  # one budget for every row, or one per row
     sampling: SamplingParams
     rng: RowRandom
     eos: frozenset[int]
@@ -75,6 +75,8 @@ class DecodeRequest:
     @property
     def budgets(self) -> list[int]:
         """Tokens each row may still generate (the loop's ``max_new_tokens`` per row)."""
+        if isinstance(self.max_new_tokens, tuple):
+            return list(self.max_new_tokens)
         return [self.max_new_tokens] * self.batch_size
 
 
@@ -170,7 +172,7 @@ def prepare_request(
     target: torch.nn.Module | Sequence[torch.nn.Module],
     input_ids: torch.Tensor,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -193,7 +195,13 @@ def prepare_request(
         sizes = [v for v in (input_vocab_size(m) for m in models) if v is not None]
         vocab_size = min(sizes) if sizes else None
     check_token_ids(input_ids, vocab_size)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+    if isinstance(max_new_tokens, (list, tuple)):  # one budget per row (a server's requests in one batch)
+        if len(max_new_tokens) != input_ids.shape[0] or not all(
+                isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in max_new_tokens):
+            raise InvalidLengthError(f"max_new_tokens must be an int > 0 or one per row ({input_ids.shape[0]}), "
+                                     f"got {max_new_tokens!r}")
+        max_new_tokens = tuple(max_new_tokens)
+    elif not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise InvalidLengthError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
     check_draft_length(num_draft_tokens)
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)

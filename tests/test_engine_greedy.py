@@ -88,3 +88,27 @@ def test_adaptive_draft_length_stays_lossless(policy):
     out = mmspec.generate(target, ids, attention_mask=mask, drafter=drafters["truncated"],
                           max_new_tokens=MAX_NEW, num_draft_tokens=policy)
     assert torch.equal(out.sequences, expected)
+
+
+def test_a_budget_per_row_ends_each_row_at_its_own():
+    """generate_stream(max_new_tokens=[...]): each row stops (and leaves the batch) at its own budget, with the
+    tokens HF generate gives it; a wrong list is a named error."""
+    from mmspec.engine import generate_stream
+    from mmspec.errors import InvalidLengthError
+
+    target, drafters = models(ARCHS[0])
+    ids, mask, expected = reference(ARCHS[0], 3)
+    budgets = [5, MAX_NEW, 11]
+    rows = [[] for _ in budgets]
+    last_rows = None
+    for ev in generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=budgets):
+        for r, toks in zip(ev.rows, ev.tokens):
+            rows[r].extend(toks)
+        last_rows = ev.rows
+    assert last_rows == [1]  # the longest row ran alone at the end
+    for b, (row, n) in enumerate(zip(rows, budgets)):
+        assert row == expected[b, ids.shape[1]: ids.shape[1] + n].tolist()
+    with pytest.raises(InvalidLengthError, match="one per row \\(3\\)"):
+        generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=[5, 6])
+    with pytest.raises(InvalidLengthError, match="one per row"):
+        generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=[5, 0, 2])

@@ -5,8 +5,8 @@ Glossary:
                 queue ending in ``None``), the finish reason, token counts, an error, and ``cancel()``
     wave        the requests taken together from the queue (up to ``max_rows``, those sharing the first one's
                 temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
-                row with its own seed and its own token budget (the batch runs to the largest; a row's text
-                stops at its own ``max_tokens``, a stop sequence or EOS). Requests that arrive while a wave
+                row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens`` or
+                EOS; its text also ends at a stop sequence, after which the row runs on unread). Requests that arrive while a wave
                 runs wait for the next one: continuous batching (joining a running batch between verification
                 steps) is the next step of issue 30
     seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
@@ -156,7 +156,7 @@ class Worker:
         sent = [0] * len(wave)
         t0 = time.perf_counter()
         events = generate_stream(self.target, ids, attention_mask=mask, drafter=self.drafter(),
-                                 max_new_tokens=max(h.budget for h in wave), temperature=req0.temperature,
+                                 max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
                                  top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos)
         for ev in events:
             self.stats["row_steps"] += len(ev.rows)
