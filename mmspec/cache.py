@@ -317,6 +317,35 @@ class CacheSession(TargetSession):
         fork.calls = 0
         return fork
 
+    def merge(self, other: "CacheSession") -> None:
+        """Append ``other``'s rows (a session of the same model, e.g. new prompts prefilled alone) to this batch.
+        The session with fewer slots is padded on the left with invalid slots, so every row keeps its own
+        slots, positions and mask (continuous batching: rows joining a running batch)."""
+        if self.cache is None or other.cache is None:
+            raise ValueError("both sessions must hold a prefilled cache to merge")
+        s, o = self.num_slots, other.num_slots
+        width = max(s, o)
+        mine, theirs = list(self.cache.layers), list(other.cache.layers)
+        if len(mine) != len(theirs) or any(
+                not isinstance(getattr(la, "keys", None), torch.Tensor) or la.keys.shape[-2] != s
+                or lb.keys.shape[-2] != o for la, lb in zip(mine, theirs)):
+            raise ValueError("these caches cannot be merged (another model, or layers that do not keep every slot)")
+
+        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for la, lb in zip(mine, theirs):
+            la.keys = torch.cat([left_pad(la.keys, width - s, -2), left_pad(lb.keys, width - o, -2)], dim=0)
+            la.values = torch.cat([left_pad(la.values, width - s, -2), left_pad(lb.values, width - o, -2)], dim=0)
+        self.valid = torch.cat([left_pad(self.valid, width - s, 1), left_pad(other.valid, width - o, 1)], dim=0)
+        self.next_pos = torch.cat([self.next_pos, other.next_pos])
+        self.position_delta = torch.cat([self.position_delta, other.position_delta])
+        self.calls += other.calls
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (long [B']) of the batch."""
         if self.cache is not None:

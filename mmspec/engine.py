@@ -128,9 +128,11 @@ def generate_stream(
     guidance: Guidance | None = None,
     stats: GenerationStats | None = None,
     repair: Any = None,
+    admit: Callable[[int], Admission | None] | None = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
-    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`, and
+    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`; ``admit``: rows
+    joining the running batch between steps, see :func:`decode`; and
     ``max_new_tokens`` may give each row its own budget: a row leaves the batch at its own;
     ``guidance``: classifier-free guidance of the target (and of model drafters); ``repair``: a block
     repair step replacing the chain walk, e.g. MuLo-SD's local resampling).
@@ -145,7 +147,7 @@ def generate_stream(
         raise ValueError("guidance and a custom prefill cannot be combined")
     return _run(target, drafter, request, rule if rule is not None else default_rule(request.sampling),
                 model_inputs, prefill or prefill_causal_lm, guidance,
-                stats if stats is not None else GenerationStats(), repair)
+                stats if stats is not None else GenerationStats(), repair, admit)
 
 
 def _sync(device: torch.device) -> None:
@@ -163,7 +165,7 @@ def needs_no_prefill(drafter: Drafter) -> bool:
 
 def _run(target, drafter: Drafter, request: DecodeRequest, rule: AcceptRule, model_inputs: dict,
          prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
-         repair: Any = None) -> Iterator[StepEvent]:
+         repair: Any = None, admit: Any = None) -> Iterator[StepEvent]:
     """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``).
 
     With the default prefill, no guidance, repair or extra model inputs and a drafter that
@@ -198,7 +200,7 @@ def _run(target, drafter: Drafter, request: DecodeRequest, rule: AcceptRule, mod
     pending, pending_valid = (input_ids, attention_mask) if prompt_in_first_step else (input_ids[:, -1:], None)
     yield from decode(session, drafter, pending, max_new_tokens=request.budgets, sampling=request.sampling,
                       rule=rule, rng=request.rng, eos=request.eos, stats=stats, t_start=t_start, repair=repair,
-                      pending_valid=pending_valid)
+                      pending_valid=pending_valid, admit=admit)
 
 
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
@@ -258,19 +260,49 @@ def _verify_tree_step(session, draft: Draft, pending: torch.Tensor, rule: Accept
     return logits, result
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Rows joining a running batch between steps (continuous batching): their prompts (long [N, L], left
+    padded, with their attention mask), a token budget and a seed each. They take the row indices after every
+    row so far, in order."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    max_new_tokens: list[int]
+    seeds: list[int]
+
+
+def _admit(session: CacheSession, drafter: Drafter, rng: RowRandom, new: Admission) -> torch.Tensor:
+    """Prefill ``new``'s prompts alone, merge them into ``session`` and the drafter and ``rng``; returns their
+    pending tokens long [N, 1]."""
+    ids, mask = new.input_ids.to(session.device), new.attention_mask.to(session.device)
+    fresh = CacheSession(session.model, ids.shape[0], session.device)
+    if ids.shape[1] < 2:
+        raise ValueError("a row joining a running batch needs a prompt of at least two tokens")
+    prefill_causal_lm(fresh, ids, mask, {})
+    session.merge(fresh)
+    drafter.add_rows(ids, mask)
+    rng.add(new.seeds)
+    return ids[:, -1:]
+
+
 @torch.no_grad()
 def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
            max_new_tokens: list[int], sampling: SamplingParams, rule: AcceptRule, rng: RowRandom,
            eos: set[int] = frozenset(), stats: GenerationStats | None = None,
            t_start: float | None = None, repair: Any = None,
-           pending_valid: torch.Tensor | None = None) -> Iterator[StepEvent]:
+           pending_valid: torch.Tensor | None = None,
+           admit: Callable[[int], Admission | None] | None = None) -> Iterator[StepEvent]:
     """The loop. ``session`` holds every prompt token but ``pending`` (long [B, 1]); ``drafter`` is
     started; row b generates at most ``max_new_tokens[b]`` tokens; ``repair`` (optional) replaces the
     chain walk by a block repair step. Yields one event per step.
 
     ``pending_valid`` (long [B, P], chain steps only): ``pending`` is a whole left-padded prompt (the
     session is empty) and this its attention mask; step 0 feeds it with the first draft and computes only
-    the k+1 logits it verifies."""
+    the k+1 logits it verifies.
+
+    ``admit`` (chain and tree steps on a :class:`CacheSession`): called before every step after the first with
+    the number of rows running; an :class:`Admission` it returns joins the batch (continuous batching)."""
     if pending_valid is not None and repair is not None:
         raise ValueError("a prompt fed in the first step (pending_valid) cannot be combined with a repair step")
     stats = stats if stats is not None else GenerationStats()
@@ -281,7 +313,19 @@ def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
     generated: list[list[int]] = [[] for _ in range(batch)]
     position = torch.zeros((batch,), dtype=torch.long)  # committed tokens per active row (cpu)
     step = 0
+    max_new_tokens = list(max_new_tokens)
     while active:
+        if admit is not None and step > 0 and pending_valid is None and repair is None:
+            new = admit(len(active))
+            if new is not None and new.input_ids.shape[0]:
+                t5 = time.perf_counter()
+                pending = torch.cat([pending, _admit(session, drafter, rng, new)], dim=0)
+                first = len(generated)
+                generated += [[] for _ in new.max_new_tokens]
+                max_new_tokens += list(new.max_new_tokens)
+                active += list(range(first, len(generated)))
+                position = torch.cat([position, torch.zeros(len(new.max_new_tokens), dtype=torch.long)])
+                stats.prefill_time += time.perf_counter() - t5
         remaining = [max_new_tokens[r] - len(generated[r]) for r in active]
         t0 = time.perf_counter()
         # a chain or tree step emits one target token after its drafts; a repaired block is emitted as is

@@ -191,6 +191,10 @@ class RowRandom:
             out[b].exponential_(generator=g)
         return out.clamp_min_(1e-20)
 
+    def add(self, seeds: "list[int] | torch.Tensor") -> None:
+        """Append rows with ``seeds`` (rows joining a running batch keep their own streams)."""
+        self.seeds = torch.cat([self.seeds, torch.as_tensor(seeds, dtype=torch.long).flatten().cpu()])
+
     def row(self, b: int) -> "RowRandom":
         """Row b's stream alone (a view for per-row draws)."""
         return RowRandom(self.seeds[b:b + 1])

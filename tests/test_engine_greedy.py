@@ -112,3 +112,48 @@ def test_a_budget_per_row_ends_each_row_at_its_own():
         generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=[5, 6])
     with pytest.raises(InvalidLengthError, match="one per row"):
         generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=[5, 0, 2])
+
+
+@pytest.mark.parametrize("drafter", ["prompt_lookup", None])
+def test_rows_joining_a_running_batch_get_what_they_get_alone(drafter):
+    """Continuous batching: prompts admitted between steps (Admission) decode greedily to HF generate's tokens
+    for each alone, and a seeded sampled row gives the same tokens joining late as decoded alone."""
+    from mmspec.engine import Admission, generate_stream
+
+    target, _ = models(ARCHS[0])
+    ids, mask, expected = reference(ARCHS[0], 3)
+    start = ids[:1], mask[:1]
+    queue = [(ids[1:2], mask[1:2]), (ids[2:3], mask[2:3])]
+    calls = []
+
+    def admit(running):
+        calls.append(running)
+        if len(calls) in (2, 5) and queue:  # one row joins after step 2, the other after step 5
+            i, m = queue.pop(0)
+            return Admission(i, m, [MAX_NEW], [0])
+        return None
+
+    rows: dict[int, list[int]] = {}
+    for ev in generate_stream(target, start[0], attention_mask=start[1], drafter=drafter, max_new_tokens=MAX_NEW,
+                              admit=admit):
+        for r, toks in zip(ev.rows, ev.tokens):
+            rows.setdefault(r, []).extend(toks)
+    assert sorted(rows) == [0, 1, 2] and not queue
+    for b in range(3):
+        assert rows[b] == expected[b, ids.shape[1]:].tolist()
+
+    # sampled: a seeded row joining late = the same row alone
+    def sample(prompt_ids, prompt_mask, seed, admit_fn=None, first=None):
+        out: dict[int, list[int]] = {}
+        a, m = first if first is not None else (prompt_ids, prompt_mask)
+        for ev in generate_stream(target, a, attention_mask=m, drafter=drafter, max_new_tokens=12,
+                                  temperature=1.0, seed=[seed] if first is None else [7], admit=admit_fn):
+            for r, toks in zip(ev.rows, ev.tokens):
+                out.setdefault(r, []).extend(toks)
+        return out
+
+    alone = sample(ids[2:3], mask[2:3], 123)[0]
+    pending = [(ids[2:3], mask[2:3])]
+    late = sample(None, None, None, first=(ids[:1], mask[:1]),
+                  admit_fn=lambda n: Admission(*pending.pop(0), [12], [123]) if pending else None)
+    assert late[1] == alone

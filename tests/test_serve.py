@@ -187,3 +187,28 @@ def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path):
+    """Continuous batching: requests submitted while a long one decodes join its batch between steps (no second
+    batch is started for them) and each greedy answer equals HF generate of that request alone."""
+    from mmspec.serve.protocol import GenerationRequest
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    long_msgs = [{"role": "user", "content": "Serialize obj to a JSON formatted str"}]
+    assert len(tok(hf_alone(model, tok, long_msgs, 120))["input_ids"]) >= 100  # it runs long: no early EOS
+    worker = Worker(model, tok, model_name="tiny", drafter=lambda: "prompt_lookup", max_rows=8, context=512)
+
+    def req(msgs, n):
+        return GenerationRequest(kind="chat", model="tiny", messages=msgs, max_tokens=n, temperature=0.0)
+
+    first = worker.submit(req(long_msgs, 120))
+    assert first.pieces.get(timeout=30)  # it is decoding
+    others = [(m, worker.submit(req(m, 10 + 4 * i))) for i, m in
+              enumerate([[{"role": "user", "content": p}] for p in PROMPTS[:3]])]
+    assert first.result(60) == hf_alone(model, tok, long_msgs, 120)
+    for i, (m, h) in enumerate(others):
+        assert h.result(60) == hf_alone(model, tok, m, 10 + 4 * i)
+    assert worker.stats["joined"] == 3 and worker.stats["waves"] == 1
+    worker.close()

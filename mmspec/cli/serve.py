@@ -1,7 +1,7 @@
 """``mmspec serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/models``, ``/health``, ``/metrics``) with speculative decoding, for a causal LM given as ``smollm2``, a HF
-folder or a ``.gguf`` file (issue 30, in progress: requests are decoded in batches of those waiting; joining a
-running batch comes next)."""
+folder or a ``.gguf`` file (issue 30, in progress; requests join the running batch between verification steps
+with prompt lookup or no drafter)."""
 
 from __future__ import annotations
 

@@ -119,6 +119,14 @@ class Drafter(ABC):
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (long [B']) of the batch."""
 
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Take new prompts (long [N, L], left padded) into the running batch, after its rows (continuous
+        batching); a drafter that cannot says so."""
+        from ..errors import MMSpecError
+
+        raise MMSpecError(f"{type(self).__name__} cannot take rows into a running batch; use prompt lookup or no "
+                          "drafter")
+
     #: the drafter needs nothing from the target's prefill (no hidden states, no prompt context of its own kept
     #: in step with the target): the loop may then feed the prompt in the first verification step, together
     #: with the first draft, one target forward fewer (prompt lookup, as HF's prompt lookup does)
@@ -168,4 +176,7 @@ class NoDrafter(Drafter):
         pass
 
     def select_rows(self, rows: torch.Tensor) -> None:
+        pass
+
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         pass

@@ -6,9 +6,11 @@ Glossary:
     wave        the requests taken together from the queue (up to ``max_rows``, those sharing the first one's
                 temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
                 row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens`` or
-                EOS; its text also ends at a stop sequence, after which the row runs on unread). Requests that arrive while a wave
-                runs wait for the next one: continuous batching (joining a running batch between verification
-                steps) is the next step of issue 30
+                EOS; its text also ends at a stop sequence, after which the row runs on unread)
+    joining     with prompt lookup or no drafter, requests that arrive while a wave runs join it between
+                verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
+                cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
+                they wait for the next wave
     seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
                 loop's per-row randomness), alone or in a wave; without one a random seed is drawn
     piece       the text a request gained in one verification step: its committed tokens decoded, held back
@@ -64,7 +66,8 @@ class Worker:
         self.context = context or int(getattr(target.config, "max_position_embeddings", 2048))
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "tokens": 0, "waves": 0,
-                      "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0}
+                      "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0, "joined": 0}
+        self._deferred: list[Handle] = []  # taken from the queue by a batch of other sampling settings
         self._thread = threading.Thread(target=self._loop, name="mmspec-serve-worker", daemon=True)
         self._stop = False
         self._thread.start()
@@ -109,7 +112,7 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _take_wave(self) -> list[Handle]:
-        first = self.queue.get()
+        first = self._deferred.pop(0) if self._deferred else self.queue.get()
         wave, later = [first], []
         key = (first.request.temperature, first.request.top_p)
         while len(wave) < self.max_rows:
@@ -139,30 +142,70 @@ class Worker:
             finally:
                 self.stats["running_rows"] = 0
 
+    def _batch(self, handles: list[Handle]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(prompts long [N, L] left padded, attention mask, seeds) of ``handles``."""
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        width = max(len(h.ids) for h in handles)
+        ids = torch.tensor([[pad] * (width - len(h.ids)) + h.ids for h in handles], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(h.ids)) + [1] * len(h.ids) for h in handles], dtype=torch.long)
+        seeds = [h.request.seed if h.request.seed is not None else random.getrandbits(62) for h in handles]
+        return ids, mask, seeds
+
+    def _admitter(self, wave: list[Handle]):
+        """The loop's ``admit``: waiting requests with the batch's sampling settings join it between steps (up to
+        ``max_rows``); others wait for a batch of their own."""
+        from mmspec.engine import Admission
+
+        key = (wave[0].request.temperature, wave[0].request.top_p)
+
+        def admit(running: int):
+            new = []
+            while running + len(new) < self.max_rows:
+                try:
+                    h = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if h.cancelled:
+                    continue
+                if (h.request.temperature, h.request.top_p) != key or len(h.ids) < 2:
+                    self._deferred.append(h)
+                    continue
+                new.append(h)
+            if not new:
+                return None
+            ids, mask, seeds = self._batch(new)
+            wave.extend(new)
+            self.stats["running_rows"] = running + len(new)
+            self.stats["joined"] += len(new)
+            return Admission(ids, mask, [h.budget for h in new], seeds)
+        return admit
+
     def _run_wave(self, wave: list[Handle]) -> None:
         from mmspec.engine import generate_stream
 
         tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        width = max(len(h.ids) for h in wave)
-        ids = torch.tensor([[pad] * (width - len(h.ids)) + h.ids for h in wave], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(h.ids)) + [1] * len(h.ids) for h in wave], dtype=torch.long)
+        ids, mask, seeds = self._batch(wave)
         req0 = wave[0].request
-        seeds = [h.request.seed if h.request.seed is not None else random.getrandbits(62) for h in wave]
         eos = self.target.generation_config.eos_token_id
         self.stats["waves"] += 1
         self.stats["running_rows"] = len(wave)
-        tokens: list[list[int]] = [[] for _ in wave]
-        sent = [0] * len(wave)
+        tokens: dict[int, list[int]] = {r: [] for r in range(len(wave))}
+        sent: dict[int, int] = {r: 0 for r in range(len(wave))}
         t0 = time.perf_counter()
-        events = generate_stream(self.target, ids, attention_mask=mask, drafter=self.drafter(),
+        drafter = self.drafter()
+        joins = drafter is None or drafter == "prompt_lookup"  # the drafters that can take rows mid-batch
+        events = generate_stream(self.target, ids, attention_mask=mask, drafter=drafter,
                                  max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
-                                 top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos)
+                                 top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos,
+                                 admit=self._admitter(wave) if joins else None)
         for ev in events:
             self.stats["row_steps"] += len(ev.rows)
             self.stats["accepted"] += sum(ev.num_accepted)
             for r, toks, fin in zip(ev.rows, ev.tokens, ev.finished):
                 h = wave[r]
+                tokens.setdefault(r, [])
+                sent.setdefault(r, 0)
                 if h.done.is_set():
                     continue
                 take = toks[: h.budget - len(tokens[r])]
@@ -192,11 +235,12 @@ class Worker:
                     self.stats["tokens"] += len(tokens[r])
                     h.pieces.put(None)
                     h.done.set()
-            if all(h.done.is_set() for h in wave):
-                break
+            self.stats["running_rows"] = len(ev.rows) - sum(ev.finished)
         self.stats["decode_seconds"] += time.perf_counter() - t0
         for r, h in enumerate(wave):  # rows the loop ended without a reason (it ran out of budget)
             if not h.done.is_set():
+                tokens.setdefault(r, [])
+                sent.setdefault(r, 0)
                 h.text = tok.decode(tokens[r], skip_special_tokens=True)
                 h.completion_tokens, h.finish_reason = len(tokens[r]), "length"
                 self.stats["completed"] += 1
