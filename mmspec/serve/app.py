@@ -14,11 +14,15 @@ Glossary:
 
 import asyncio
 import json
+import queue
 import time
 import uuid
 
 from .protocol import RequestError, error_body, parse_chat, parse_completion
 from .worker import Handle, Worker
+
+#: how often a waiting response checks its request (seconds); a step of the loop takes tens of milliseconds
+POLL_SECONDS = 0.005
 
 
 def create_app(worker: Worker, *, request_timeout: float = 600.0):
@@ -66,9 +70,10 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
         if req.stream:
             return StreamingResponse(_stream(request, handle, rid, created, kind, worker.model_name,
                                              request_timeout), media_type="text/event-stream")
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, handle.done.wait, request_timeout)
-        if not ok:
+        deadline = time.monotonic() + request_timeout
+        while not handle.done.is_set() and time.monotonic() < deadline:  # no thread blocked per request
+            await asyncio.sleep(POLL_SECONDS)
+        if not handle.done.is_set():
             handle.cancel()
             return JSONResponse({"error": {"message": "the request timed out", "type": "timeout", "param": None,
                                            "code": "timeout"}}, status_code=504)
@@ -104,7 +109,6 @@ def _response(h: Handle, rid: str, created: int, kind: str, model: str) -> dict:
 
 
 async def _stream(request, h: Handle, rid: str, created: int, kind: str, model: str, timeout: float):
-    loop = asyncio.get_running_loop()
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
     def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
@@ -120,16 +124,21 @@ async def _stream(request, h: Handle, rid: str, created: int, kind: str, model: 
     if kind == "chat":
         yield chunk("", None, first=True)
     deadline = time.monotonic() + timeout
+    last_check = 0.0
     while True:
-        if await request.is_disconnected():
-            h.cancel()
-            return
         try:
-            piece = await loop.run_in_executor(None, h.pieces.get, True, 0.5)
-        except Exception:  # queue.Empty: poll the connection again
-            if time.monotonic() > deadline:
+            piece = h.pieces.get_nowait()
+        except queue.Empty:  # poll: no thread is blocked per stream
+            now = time.monotonic()
+            if now > deadline:
                 h.cancel()
                 return
+            if now - last_check > 0.5:
+                last_check = now
+                if await request.is_disconnected():
+                    h.cancel()
+                    return
+            await asyncio.sleep(POLL_SECONDS)
             continue
         if piece is None:
             break
