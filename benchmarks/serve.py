@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         args.section, "",
         f"{provenance('serve', argv, load_before)} SmolLM2-135M-Instruct as loaded (float32, unpacked); "
         f"{args.requests} ShareGPT dev first turns per level, greedy, up to {args.max_tokens} tokens, streamed; "
-        f"the server decodes up to {args.max_rows} waiting requests as one batch (issue 30's first part: a request "
-        "arriving during a batch waits for the next).", "",
+        f"the server decodes up to {args.max_rows} requests as one batch; with prompt lookup or no drafter, "
+        "requests that arrive while it runs join it between verification steps.", "",
         *md_table(["server", "concurrency", "throughput (tok/s)", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
                    "ITL p99 (ms)", "τ", "requests"], rows), "",
     ]) + "\n"
