@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("modalities and systems", ("mmspec.vision", "mmspec.image_gen", "mmspec.collaborative", "mmspec.pipeline")),
     ("training and models from packages", ("mmspec.pretrained", "mmspec.distill", "mmspec.data")),
     ("the project's own world", ("mmspec.zoo",)),
-    ("fronts", ("mmspec.cli", "mmspec.__main__")),
+    ("fronts", ("mmspec.cli", "mmspec.__main__", "mmspec.serve")),
 ]
 CORE = ("mmspec.errors", "mmspec.config", "mmspec.rng", "mmspec.sampling", "mmspec.stats", "mmspec.kernels",
         "mmspec.cpu_packing", "mmspec.truncate", "mmspec.verify", "mmspec.cache", "mmspec.guidance", "mmspec.session", "mmspec.heads",
