@@ -129,10 +129,11 @@ def generate_stream(
     stats: GenerationStats | None = None,
     repair: Any = None,
     admit: Callable[[int], Admission | None] | None = None,
+    leave: Callable[[int], bool] | None = None,
     **model_inputs: Any,
 ) -> Iterator[StepEvent]:
-    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`; ``admit``: rows
-    joining the running batch between steps, see :func:`decode`; and
+    """Speculative decoding as a stream of :class:`StepEvent` (arguments as :func:`generate`; ``admit`` and
+    ``leave``: rows joining and leaving the running batch between steps, see :func:`decode`; and
     ``max_new_tokens`` may give each row its own budget: a row leaves the batch at its own;
     ``guidance``: classifier-free guidance of the target (and of model drafters); ``repair``: a block
     repair step replacing the chain walk, e.g. MuLo-SD's local resampling).
@@ -147,7 +148,7 @@ def generate_stream(
         raise ValueError("guidance and a custom prefill cannot be combined")
     return _run(target, drafter, request, rule if rule is not None else default_rule(request.sampling),
                 model_inputs, prefill or prefill_causal_lm, guidance,
-                stats if stats is not None else GenerationStats(), repair, admit)
+                stats if stats is not None else GenerationStats(), repair, admit, leave)
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +166,7 @@ def needs_no_prefill(drafter: Drafter) -> bool:
 
 def _run(target, drafter: Drafter, request: DecodeRequest, rule: AcceptRule, model_inputs: dict,
          prefill: PrefillFn, guidance: Guidance | None, stats: GenerationStats,
-         repair: Any = None, admit: Any = None) -> Iterator[StepEvent]:
+         repair: Any = None, admit: Any = None, leave: Any = None) -> Iterator[StepEvent]:
     """Prefill the target and the drafter, then :func:`decode` (a generator: nothing runs before ``next``).
 
     With the default prefill, no guidance, repair or extra model inputs and a drafter that
@@ -200,7 +201,7 @@ def _run(target, drafter: Drafter, request: DecodeRequest, rule: AcceptRule, mod
     pending, pending_valid = (input_ids, attention_mask) if prompt_in_first_step else (input_ids[:, -1:], None)
     yield from decode(session, drafter, pending, max_new_tokens=request.budgets, sampling=request.sampling,
                       rule=rule, rng=request.rng, eos=request.eos, stats=stats, t_start=t_start, repair=repair,
-                      pending_valid=pending_valid, admit=admit)
+                      pending_valid=pending_valid, admit=admit, leave=leave)
 
 
 def draw_step_randomness(rng: RowRandom, sampling: SamplingParams, position: torch.Tensor, k: int, vocab: int,
@@ -292,7 +293,8 @@ def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
            eos: set[int] = frozenset(), stats: GenerationStats | None = None,
            t_start: float | None = None, repair: Any = None,
            pending_valid: torch.Tensor | None = None,
-           admit: Callable[[int], Admission | None] | None = None) -> Iterator[StepEvent]:
+           admit: Callable[[int], Admission | None] | None = None,
+           leave: Callable[[int], bool] | None = None) -> Iterator[StepEvent]:
     """The loop. ``session`` holds every prompt token but ``pending`` (long [B, 1]); ``drafter`` is
     started; row b generates at most ``max_new_tokens[b]`` tokens; ``repair`` (optional) replaces the
     chain walk by a block repair step. Yields one event per step.
@@ -302,7 +304,9 @@ def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
     the k+1 logits it verifies.
 
     ``admit`` (chain and tree steps on a :class:`CacheSession`): called before every step after the first with
-    the number of rows running; an :class:`Admission` it returns joins the batch (continuous batching)."""
+    the number of rows running; an :class:`Admission` it returns joins the batch (continuous batching).
+    ``leave``: asked after each step's event was read, for every row still running (its index): True ends the
+    row there, as if it had finished (a server's stop sequence or cancelled request frees its row)."""
     if pending_valid is not None and repair is not None:
         raise ValueError("a prompt fed in the first step (pending_valid) cannot be combined with a repair step")
     stats = stats if stats is not None else GenerationStats()
@@ -408,6 +412,8 @@ def decode(session: TargetSession, drafter: Drafter, pending: torch.Tensor, *,
                         num_draft=num_draft_list, finished=finished, stats=stats,
                         kept=None if kept_masks is None else [m[: len(c)] for m, c in zip(kept_masks, committed)])
         step += 1
+        if leave is not None:  # rows the caller ended while it read this step (a stop sequence, a cancellation)
+            finished = [f or bool(leave(row)) for f, row in zip(finished, active)]
         if any(finished):
             t5 = time.perf_counter()
             keep = [i for i, f in enumerate(finished) if not f]

@@ -157,3 +157,24 @@ def test_rows_joining_a_running_batch_get_what_they_get_alone(drafter):
     late = sample(None, None, None, first=(ids[:1], mask[:1]),
                   admit_fn=lambda n: Admission(*pending.pop(0), [12], [123]) if pending else None)
     assert late[1] == alone
+
+
+def test_rows_the_caller_ends_leave_and_the_others_are_unchanged():
+    """generate_stream(leave=...): a row the caller ends leaves the batch after that step; the other rows still
+    get HF generate's tokens."""
+    from mmspec.engine import generate_stream
+
+    target, _ = models(ARCHS[0])
+    ids, mask, expected = reference(ARCHS[0], 3)
+    rows: dict[int, list[int]] = {}
+    seen_after: list[list[int]] = []
+    for ev in generate_stream(target, ids, attention_mask=mask, drafter="prompt_lookup", max_new_tokens=MAX_NEW,
+                              leave=lambda r: r == 1 and len(rows.get(1, [])) >= 3):
+        for r, toks in zip(ev.rows, ev.tokens):
+            rows.setdefault(r, []).extend(toks)
+        if len(rows.get(1, [])) >= 3:
+            seen_after.append(ev.rows)
+    assert all(1 not in r for r in seen_after[1:])  # gone from the step after it was ended
+    assert 3 <= len(rows[1]) < MAX_NEW
+    for b in (0, 2):
+        assert rows[b] == expected[b, ids.shape[1]:].tolist()

@@ -212,3 +212,21 @@ def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path)
         assert h.result(60) == hf_alone(model, tok, m, 10 + 4 * i)
     assert worker.stats["joined"] == 3 and worker.stats["waves"] == 1
     worker.close()
+
+
+def test_a_cancelled_request_frees_its_row_and_the_others_finish(tmp_path):
+    from mmspec.serve.protocol import GenerationRequest
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
+    long_msgs = [{"role": "user", "content": "Serialize obj to a JSON formatted str"}]
+    gone = worker.submit(GenerationRequest(kind="chat", model="tiny", messages=long_msgs, max_tokens=120,
+                                           temperature=0.0))
+    assert gone.pieces.get(timeout=30)
+    stays = worker.submit(GenerationRequest(kind="chat", model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=20, temperature=0.0))
+    gone.cancel()  # as a client that disconnects
+    assert gone.done.wait(30) and gone.finish_reason == "cancelled" and gone.completion_tokens < 120
+    assert stays.result(30) == hf_alone(model, tok, [{"role": "user", "content": "hi"}], 20)
+    worker.close()

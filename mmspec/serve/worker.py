@@ -5,8 +5,8 @@ Glossary:
                 queue ending in ``None``), the finish reason, token counts, an error, and ``cancel()``
     wave        the requests taken together from the queue (up to ``max_rows``, those sharing the first one's
                 temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
-                row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens`` or
-                EOS; its text also ends at a stop sequence, after which the row runs on unread)
+                row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens``,
+                EOS, a stop sequence or when its request is cancelled: a client that disconnects frees its row)
     joining     with prompt lookup or no drafter, requests that arrive while a wave runs join it between
                 verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
                 cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
@@ -198,7 +198,8 @@ class Worker:
         events = generate_stream(self.target, ids, attention_mask=mask, drafter=drafter,
                                  max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
                                  top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos,
-                                 admit=self._admitter(wave) if joins else None)
+                                 admit=self._admitter(wave) if joins else None,
+                                 leave=lambda r: wave[r].done.is_set() or wave[r].cancelled)
         for ev in events:
             self.stats["row_steps"] += len(ev.rows)
             self.stats["accepted"] += sum(ev.num_accepted)
