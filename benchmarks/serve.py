@@ -10,6 +10,8 @@ Glossary:
     requests      ShareGPT dev-split first user turns (never trained on), streamed chat completions of up to
                   ``--max-tokens`` tokens, greedy; each concurrency level sends the same ``--requests`` requests
                   from that many clients at once (closed loop: a client sends its next request when its last ends)
+    interleaving  every server is up at once; each level runs every server back to back, in an order rotated
+                  from level to level and repeat to repeat (``--repeats``), and the numbers pool the repeats
     throughput    completion tokens (the answers re-tokenised) of all requests / the level's wall time
     TTFT          time from sending a request to its first text chunk; p50 / p99 over the requests
     TPOT          per request, (last chunk - first chunk) / (its tokens - 1); p50 / p99
@@ -107,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.smollm2 import chat_model
     from mmspec.serve.worker import Worker
 
-    ap = arg_parser("serve", __doc__, section=SECTION, quick={"requests": 4, "max_tokens": 16, "levels": "1,4"})
+    ap = arg_parser("serve", __doc__, section=SECTION, quick={"requests": 4, "max_tokens": 16, "levels": "1,4", "repeats": 1})
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--max-rows", type=int, default=16, help="the server's rows per batch")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every level")
     args = ap.parse_args(argv)
     load_before = begin(2)
     target, tok, im_end = chat_model()
@@ -122,28 +125,46 @@ def main(argv: list[str] | None = None) -> int:
     def count(text: str) -> int:
         return len(tok(text)["input_ids"])
 
-    for name, drafter in (("mmspec serve, prompt lookup", lambda: "prompt_lookup"),
+    from mmspec.serve.worker import cost_aware_lookup
+
+    servers = {}
+    for name, drafter in (("mmspec serve, prompt lookup (k 5)", lambda: "prompt_lookup"),
+                          ("mmspec serve, cost-aware prompt lookup (its default)", cost_aware_lookup(target)),
                           ("mmspec serve, no speculation", lambda: None)):
         worker = Worker(target, tok, model_name="smollm2", drafter=drafter, max_rows=args.max_rows,
                         max_queue=4 * args.requests, default_max_tokens=args.max_tokens)
         url, server = _start(worker)
         asyncio.run(_level(url, prompts[:1], 1, 8))  # warm-up
+        servers[name] = (url, server, worker)
+    names = list(servers)
+    acc = {(n, c): {"res": [], "wall": 0.0, "acc": 0.0, "steps": 0.0} for n in names for c in levels}
+    for rep in range(args.repeats):  # interleaved: every level runs every server back to back, order rotated
+        for li, c in enumerate(levels):
+            shift = (rep + li) % len(names)
+            for n in names[shift:] + names[:shift]:
+                url = servers[n][0]
+                before = _metrics(url)
+                res, wall = asyncio.run(_level(url, prompts, c, args.max_tokens))
+                after = _metrics(url)
+                a = acc[(n, c)]
+                a["res"] += res
+                a["wall"] += wall
+                a["acc"] += after["mmspec_accepted_tokens_total"] - before["mmspec_accepted_tokens_total"]
+                a["steps"] += after["mmspec_row_steps_total"] - before["mmspec_row_steps_total"]
+                print(f"[serve] repeat {rep + 1}, {n}, concurrency {c}: {wall:.1f} s", flush=True)
+    for n in names:
         for c in levels:
-            before = _metrics(url)
-            res, wall = asyncio.run(_level(url, prompts, c, args.max_tokens))
-            after = _metrics(url)
+            a = acc[(n, c)]
+            res = a["res"]
             toks = [count(r["text"]) for r in res]
             ttft = [r["chunks"][0] - r["sent"] for r in res if r["chunks"]]
-            tpot = [(r["chunks"][-1] - r["chunks"][0]) / (n - 1) for r, n in zip(res, toks) if n > 1 and r["chunks"]]
-            gaps = [b - a for r in res for a, b in zip(r["chunks"], r["chunks"][1:])]
-            d_steps = after["mmspec_row_steps_total"] - before["mmspec_row_steps_total"]
-            steps = (after["mmspec_accepted_tokens_total"] - before["mmspec_accepted_tokens_total"] + d_steps) / \
-                max(d_steps, 1)
-            rows.append([name, str(c), f"{sum(toks) / wall:.1f}", f"{1000 * _pct(ttft, 0.5):.0f} / "
+            tpot = [(r["chunks"][-1] - r["chunks"][0]) / (k - 1) for r, k in zip(res, toks) if k > 1 and r["chunks"]]
+            gaps = [b - x for r in res for x, b in zip(r["chunks"], r["chunks"][1:])]
+            tau = (a["acc"] + a["steps"]) / max(a["steps"], 1)
+            rows.append([n, str(c), f"{sum(toks) / a['wall']:.1f}", f"{1000 * _pct(ttft, 0.5):.0f} / "
                          f"{1000 * _pct(ttft, 0.99):.0f}", f"{1000 * _pct(tpot, 0.5):.1f} / {1000 * _pct(tpot, 0.99):.1f}",
-                         f"{1000 * _pct(gaps, 0.99):.0f}", f"{steps:.2f}",
-                         f"{after['mmspec_requests_completed_total'] - before['mmspec_requests_completed_total']:.0f}"])
-            print(f"[serve] {name}, concurrency {c}: {sum(toks) / wall:.1f} tok/s", flush=True)
+                         f"{1000 * _pct(gaps, 0.99):.0f}", f"{tau:.2f}", str(len(res))])
+    for url, server, worker in servers.values():
         server.should_exit = True
         worker.close()
     # the naive server: HF generate, one request after the other

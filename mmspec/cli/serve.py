@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target", default="smollm2", help="smollm2 (the packaged SmolLM2-135M-Instruct), a HF folder or "
                                                        "a .gguf file")
     p.add_argument("--drafter", default="lookup", choices=DRAFTERS,
-                   help="prompt lookup (default), the packaged EAGLE-3 head (smollm2 only), or none (plain decoding)")
+                   help="prompt lookup with a cost-aware draft length (default; measured at start), the packaged "
+                        "EAGLE-3 head (smollm2 only), or none (plain decoding)")
     p.add_argument("--name", default=None, help="the model name clients send (default: the target's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -53,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
 
         head = load_smollm2_drafter("head", target).head
         drafter = lambda: head  # noqa: E731  (a fresh FeatureDrafter per batch)
+    elif args.drafter == "lookup":
+        from mmspec.serve.worker import cost_aware_lookup
+
+        drafter = cost_aware_lookup(target)
     else:
-        drafter = (lambda: "prompt_lookup") if args.drafter == "lookup" else (lambda: None)
+        drafter = lambda: None  # noqa: E731
     name = args.name or ("smollm2" if args.target == "smollm2" else str(args.target).rstrip("/").split("/")[-1])
     worker = Worker(target, tokenizer, model_name=name, drafter=drafter, max_rows=args.max_rows,
                     max_queue=args.max_queue, default_max_tokens=args.max_tokens)

@@ -194,7 +194,7 @@ class Worker:
         sent: dict[int, int] = {r: 0 for r in range(len(wave))}
         t0 = time.perf_counter()
         drafter = self.drafter()
-        joins = drafter is None or drafter == "prompt_lookup"  # the drafters that can take rows mid-batch
+        joins = _can_join(drafter)
         events = generate_stream(self.target, ids, attention_mask=mask, drafter=drafter,
                                  max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
                                  top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos,
@@ -251,6 +251,27 @@ class Worker:
                 h.done.set()
 
 
+def cost_aware_lookup(target):
+    """A factory of prompt-lookup drafters whose draft length is chosen per step from this target's verification
+    cost measured here (up to 128 tokens a forward) for the batch's rows (``CostAwareDraftLength``, k = 0 allowed):
+    a wide batch drafts less, or not at all, where verifying drafts would cost more than they save."""
+    from mmspec.drafters.adaptive import CostAwareDraftLength
+    from mmspec.drafters.cost_model import measure_cost_model
+    from mmspec.drafters.prompt_lookup import PromptLookupDrafter
+
+    cost = measure_cost_model(target, widths=(1, 2, 4, 8, 16, 32, 64, 128), repeats=3)
+    return lambda: PromptLookupDrafter(draft_length=CostAwareDraftLength(cost, max_k=10, min_k=0))
+
+
+def _can_join(drafter: Any) -> bool:
+    """Whether ``drafter`` (what the factory returned) can take rows into a running batch (``Drafter.add_rows``)."""
+    from mmspec.drafters.base import Drafter
+
+    if drafter is None or drafter == "prompt_lookup":
+        return True
+    return isinstance(drafter, Drafter) and type(drafter).add_rows is not Drafter.add_rows
+
+
 def _is_eos(token: int, eos: Any) -> bool:
     return token in eos if isinstance(eos, (list, tuple, set)) else token == eos
 
@@ -267,4 +288,4 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-__all__ = ["Handle", "Worker"]
+__all__ = ["Handle", "Worker", "cost_aware_lookup"]
