@@ -23,10 +23,13 @@ import queue
 import random
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from mmspec.request import eos_set
 
 from .protocol import GenerationRequest, RequestError
 
@@ -34,6 +37,8 @@ from .protocol import GenerationRequest, RequestError
 @dataclass
 class Handle:
     request: GenerationRequest
+    ids: list[int] = field(default_factory=list)  # the prompt's token ids
+    budget: int = 0  # max_tokens, or the server's default
     prompt_tokens: int = 0
     pieces: "queue.Queue[str | None]" = field(default_factory=queue.Queue)
     text: str = ""
@@ -95,9 +100,7 @@ class Worker:
         if len(ids) + budget > self.context:
             raise RequestError(f"the prompt has {len(ids)} tokens; with max_tokens {budget} that exceeds the "
                                f"model's context of {self.context}", param="max_tokens")
-        h = Handle(req, prompt_tokens=len(ids))
-        h.ids = ids  # type: ignore[attr-defined]
-        h.budget = budget  # type: ignore[attr-defined]
+        h = Handle(req, ids=ids, budget=budget, prompt_tokens=len(ids))
         try:
             self.queue.put_nowait(h)
         except queue.Full:
@@ -121,8 +124,7 @@ class Worker:
             except queue.Empty:
                 break
             (wave if (h.request.temperature, h.request.top_p) == key else later).append(h)
-        for h in later:  # another sampling setting: the next wave (put back in order)
-            self.queue.put(h)
+        self._deferred += later  # another sampling setting: the next wave (never put back: the queue may be full)
         return [h for h in wave if not h.cancelled]
 
     def _loop(self) -> None:
@@ -188,10 +190,11 @@ class Worker:
         ids, mask, seeds = self._batch(wave)
         req0 = wave[0].request
         eos = self.target.generation_config.eos_token_id
+        eos_ids = eos_set(eos)
         self.stats["waves"] += 1
         self.stats["running_rows"] = len(wave)
-        tokens: dict[int, list[int]] = {r: [] for r in range(len(wave))}
-        sent: dict[int, int] = {r: 0 for r in range(len(wave))}
+        tokens: dict[int, list[int]] = defaultdict(list)  # row -> its committed tokens (rows may join)
+        sent: dict[int, int] = defaultdict(int)  # row -> characters of its text already sent
         t0 = time.perf_counter()
         drafter = self.drafter()
         joins = _can_join(drafter)
@@ -205,13 +208,11 @@ class Worker:
             self.stats["accepted"] += sum(ev.num_accepted)
             for r, toks, fin in zip(ev.rows, ev.tokens, ev.finished):
                 h = wave[r]
-                tokens.setdefault(r, [])
-                sent.setdefault(r, 0)
                 if h.done.is_set():
                     continue
                 take = toks[: h.budget - len(tokens[r])]
                 tokens[r].extend(take)
-                eos_hit = bool(take) and _is_eos(take[-1], eos)
+                eos_hit = bool(take) and take[-1] in eos_ids
                 text = tok.decode(tokens[r][:-1] if eos_hit else tokens[r], skip_special_tokens=True)
                 reason = None
                 for s in h.request.stop:
@@ -224,31 +225,28 @@ class Worker:
                     reason = "length"
                 if reason is None and fin:
                     reason = "stop"
-                hold = 0 if reason else _held_back(text, h.request.stop)
-                piece = text[sent[r]: len(text) - hold]
+                if reason or h.cancelled:
+                    self._finish(h, text, sent[r], len(tokens[r]), reason or "cancelled")
+                    continue
+                piece = text[sent[r]: len(text) - _held_back(text, h.request.stop)]
                 if piece:
                     h.pieces.put(piece)
                     sent[r] += len(piece)
-                if reason or h.cancelled:
-                    h.text, h.completion_tokens = text, len(tokens[r])
-                    h.finish_reason = reason or "cancelled"
-                    self.stats["completed"] += 1
-                    self.stats["tokens"] += len(tokens[r])
-                    h.pieces.put(None)
-                    h.done.set()
             self.stats["running_rows"] = len(ev.rows) - sum(ev.finished)
         self.stats["decode_seconds"] += time.perf_counter() - t0
         for r, h in enumerate(wave):  # rows the loop ended without a reason (it ran out of budget)
             if not h.done.is_set():
-                tokens.setdefault(r, [])
-                sent.setdefault(r, 0)
-                h.text = tok.decode(tokens[r], skip_special_tokens=True)
-                h.completion_tokens, h.finish_reason = len(tokens[r]), "length"
-                self.stats["completed"] += 1
-                h.pieces.put(h.text[sent[r]:] or None)
-                if h.text[sent[r]:]:
-                    h.pieces.put(None)
-                h.done.set()
+                self._finish(h, tok.decode(tokens[r], skip_special_tokens=True), sent[r], len(tokens[r]), "length")
+
+    def _finish(self, h: Handle, text: str, sent: int, num_tokens: int, reason: str) -> None:
+        """End ``h``: the rest of its text (after the ``sent`` characters already streamed), then the end mark."""
+        if text[sent:]:
+            h.pieces.put(text[sent:])
+        h.text, h.completion_tokens, h.finish_reason = text, num_tokens, reason
+        self.stats["completed"] += 1
+        self.stats["tokens"] += num_tokens
+        h.pieces.put(None)
+        h.done.set()
 
 
 def cost_aware_lookup(target):
@@ -270,10 +268,6 @@ def _can_join(drafter: Any) -> bool:
     if drafter is None or drafter == "prompt_lookup":
         return True
     return isinstance(drafter, Drafter) and type(drafter).add_rows is not Drafter.add_rows
-
-
-def _is_eos(token: int, eos: Any) -> bool:
-    return token in eos if isinstance(eos, (list, tuple, set)) else token == eos
 
 
 def _held_back(text: str, stops: list[str]) -> int:
