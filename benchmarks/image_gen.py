@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 def distribution_part(models, methods: dict, names: list[str], num_prompts: int, per_prompt: int,
                       batch: int) -> tuple[list[str], dict]:
     """The attribute table (markdown rows) and each method's verdict (within the floor or not)."""
-    from mmspec.zoo.distribution import compare, distribution_prompts, generate_sample
+    from mmspec.zoo.distribution import Comparison, compare, distribution_prompts, generate_sample
 
     prompts = distribution_prompts(num_prompts)
     vocab = models.tokenizer.vocab_size
@@ -408,13 +408,8 @@ def distribution_part(models, methods: dict, names: list[str], num_prompts: int,
             ref, generate_sample(models, prompts, per_prompt, seed_offset=50_000, batch=batch, **methods[n]),
             vocab=vocab)
         verdicts[n] = c.within_floor()
-        cells = [f"{t.tv:.2f} (p {t.p_value:.2g})" for t in c.tests.values()]
-        rows.append([n, "yes" if c.within_floor() else "**no**", *cells, f"{c.codebook_tv:.3f}",
-                     f"{c.precision:.2f} / {c.recall:.2f}"])
-    return md_table(["method", "within floor", *ATTRIBUTE_HEADERS, "codebook TV", "precision / recall"], rows), verdicts
-
-
-ATTRIBUTE_HEADERS = ("background", "objects", "colour", "shape", "cell", "size")
+        rows.append([n, *c.table_cells()])
+    return md_table(["method", *Comparison.TABLE_HEADERS], rows), verdicts
 
 
 def _paper_row(paper: tuple, summary: dict) -> list[str]:

@@ -32,7 +32,7 @@ SECTION = "## Image generation: where MuLo-SD's shift comes from (issue 29)"
 def main(argv: list[str] | None = None) -> int:
     import mmspec.image_gen as ig
     from mmspec.zoo import image_neighbours, load_default_image_models
-    from mmspec.zoo.distribution import compare, distribution_prompts, generate_sample, sample
+    from mmspec.zoo.distribution import Comparison, compare, distribution_prompts, generate_sample, sample
     from mmspec.zoo.evaluate import IMAGE_SAMPLING
 
     ap = arg_parser("mulo_bias", __doc__, prompts=4, section=SECTION, quick={"prompts": 2, "images": 4})
@@ -46,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
 
     def row(name: str, s, note: str = "") -> None:
-        c = compare(ref, s, vocab=vocab)
-        cells = [f"{t.tv:.2f} (p {t.p_value:.2g})" for t in c.tests.values()]
         fwd = f"{s.target_forwards / s.size:.1f}" if s.target_forwards else "–"
-        rows.append([name, "yes" if c.within_floor() else "**no**", *cells, "–" if c.codebook_tv is None else f"{c.codebook_tv:.3f}",
-                     f"{c.precision:.2f} / {c.recall:.2f}", fwd, note])
+        rows.append([name, *compare(ref, s, vocab=vocab).table_cells(), fwd, note])
 
     row("plain AR, other seeds (floor)", generate_sample(m, prompts, n, seed_offset=50_000, method="ar"))
     # the drafter alone, before and after the up-sampler
@@ -89,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"prompts × {n} images per row against plain AR's (seeds 0 ...; every row seeds 50 000 ...). Cells: TV to "
         "plain AR (mean over prompts) and the stratified two-sample p-value. Target forwards: per image, batched "
         "calls of 32 images counted once.", "",
-        *md_table(["row", "within floor", "background", "objects", "colour", "shape", "cell", "size", "codebook TV",
-                   "precision / recall", "target calls / image", "note"], rows), "",
+        *md_table(["row", *Comparison.TABLE_HEADERS, "target calls / image", "note"], rows), "",
     ]) + "\n"
     report(text, args.out, args.section)
     return 0

@@ -201,6 +201,16 @@ class Comparison:
     def failing(self) -> list[str]:
         return [a for a, t in self.tests.items() if not t.within(self.alpha)]
 
+    #: the column names of :meth:`table_cells`
+    TABLE_HEADERS = ("within floor", *ATTRIBUTES, "codebook TV", "precision / recall")
+
+    def table_cells(self) -> list[str]:
+        """Markdown cells: within the floor, each attribute's "TV (p p-value)", codebook TV, precision / recall."""
+        return ["yes" if self.within_floor() else "**no**",
+                *(f"{t.tv:.2f} (p {t.p_value:.2g})" for t in self.tests.values()),
+                "–" if self.codebook_tv is None else f"{self.codebook_tv:.3f}",
+                "–" if self.precision is None else f"{self.precision:.2f} / {self.recall:.2f}"]
+
     def verdict(self) -> str:
         """One line for a user: within AR's noise floor on every attribute, or which attributes moved."""
         if self.within_floor():
