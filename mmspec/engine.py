@@ -277,9 +277,9 @@ def _admit(session: CacheSession, drafter: Drafter, rng: RowRandom, new: Admissi
     """Prefill ``new``'s prompts alone, merge them into ``session`` and the drafter and ``rng``; returns their
     pending tokens long [N, 1]."""
     ids, mask = new.input_ids.to(session.device), new.attention_mask.to(session.device)
-    fresh = CacheSession(session.model, ids.shape[0], session.device)
     if ids.shape[1] < 2:
         raise ValueError("a row joining a running batch needs a prompt of at least two tokens")
+    fresh = CacheSession(session.model, ids.shape[0], session.device)
     prefill_causal_lm(fresh, ids, mask, {})
     session.merge(fresh)
     drafter.add_rows(ids, mask)
