@@ -230,3 +230,155 @@ def test_a_cancelled_request_frees_its_row_and_the_others_finish(tmp_path):
     assert gone.done.wait(30) and gone.finish_reason == "cancelled" and gone.completion_tokens < 120
     assert stays.result(30) == hf_alone(model, tok, [{"role": "user", "content": "hi"}], 20)
     worker.close()
+
+
+POISON = [96, 96, 96]  # "~~~" in the tiny tokenizer
+
+
+def _poisoned(model):
+    """``model`` whose forward raises for any batch holding a prompt with "~~~" (a generation that fails)."""
+    real = model.forward
+
+    def forward(input_ids=None, **kw):
+        if input_ids is not None and input_ids.shape[-1] >= 3:
+            windows = input_ids.unfold(-1, 3, 1)
+            if (windows == torch.tensor(POISON)).all(-1).any():
+                raise RuntimeError("poisoned prompt")
+        return real(input_ids=input_ids, **kw)
+
+    model.forward = forward
+    return model
+
+
+def test_a_request_whose_generation_raises_fails_alone_with_a_500(tmp_path):
+    """One wave holds a request whose generation raises: that request gets a 500, every other request of the wave
+    still gets HF generate's text, and the server keeps serving."""
+    from fastapi.testclient import TestClient
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    _poisoned(model)
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
+    gate = threading.Event()
+    real_take = worker._take_wave
+    worker._take_wave = lambda: (gate.wait(30), real_take())[1]  # every request lands in the first wave
+    prompts = ["Return the JSON", "hi", "~~~", "x y z", "encoding"]
+    results = {}
+    with TestClient(create_app(worker)) as client:
+        def call(p):
+            results[p] = client.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 12, "temperature": 0})
+
+        threads = [threading.Thread(target=call, args=(p,)) for p in prompts]
+        [t.start() for t in threads]
+        import time
+        for _ in range(500):
+            if worker.queue.qsize() == len(prompts):
+                break
+            time.sleep(0.01)
+        gate.set()
+        [t.join() for t in threads]
+        assert worker.stats["waves"] >= 1 and worker.stats["isolated"] == len(prompts)
+        assert results["~~~"].status_code == 500 and "poisoned prompt" in results["~~~"].json()["error"]["message"]
+        for p in prompts:
+            if p != "~~~":
+                assert results[p].status_code == 200, results[p].text
+                text = results[p].json()["choices"][0]["message"]["content"]
+                assert text == hf_alone(model, tok, [{"role": "user", "content": p}], 12)
+        assert worker.stats["failed"] == 1
+        ok = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                       "max_tokens": 4})
+        assert ok.status_code == 200
+    worker.close()
+
+
+def test_sixty_four_concurrent_streams_finish_with_nothing_lost(tmp_path):
+    """64 streamed requests at once (more than the batch's 8 rows: they queue, join and wait): every stream ends
+    with a finish reason and [DONE], and its text is HF generate's for that request alone."""
+    from fastapi.testclient import TestClient
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=1)
+    model.eval()
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, max_queue=64, context=512)
+    bodies = [{"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[i % 8] + " " + str(i // 8)}],
+               "max_tokens": 4 + i % 9, "temperature": 0, "stream": True} for i in range(64)]
+    got: dict[int, tuple[str, str | None, str]] = {}
+    with TestClient(create_app(worker)) as client:
+        def call(i):
+            with client.stream("POST", "/v1/chat/completions", json=bodies[i]) as r:
+                assert r.status_code == 200
+                lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+            chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+            got[i] = ("".join(c["choices"][0]["delta"].get("content", "") for c in chunks),
+                      chunks[-1]["choices"][0]["finish_reason"], lines[-1])
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(64)]
+        [t.start() for t in threads]
+        [t.join(300) for t in threads]
+    worker.close()
+    assert sorted(got) == list(range(64))
+    for i, body in enumerate(bodies):
+        text, reason, last = got[i]
+        assert last == "data: [DONE]" and reason in ("stop", "length")
+        assert text == hf_alone(model, tok, body["messages"], body["max_tokens"]), i
+    assert worker.stats["completed"] == 64 and worker.stats["failed"] == 0
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(tmp_path):
+    """Over a real socket (uvicorn): a client reads the first pieces of a long stream and closes the connection;
+    its row leaves the batch (finish reason "cancelled", far fewer tokens than asked) and the server keeps
+    serving."""
+    import socket
+    import time
+
+    import httpx
+    import uvicorn
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    real = model.forward
+
+    def slow(*a, **kw):  # ~20 ms a step, so the 400-token stream outlives the client by far
+        time.sleep(0.02)
+        return real(*a, **kw)
+
+    model.forward = slow
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
+    handles = []
+    submit = worker.submit
+    worker.submit = lambda req: handles.append(submit(req)) or handles[-1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):
+            if server.started:
+                break
+            time.sleep(0.05)
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Serialize obj to a JSON formatted str"}],
+                "max_tokens": 400, "temperature": 0, "stream": True, "stop": ["never-said"]}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                seen = 0
+                for line in r.iter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= 3:
+                        break  # leaving the block closes the connection mid-stream
+            h = handles[0]
+            assert h.done.wait(30), "the row was not freed"
+            assert h.finish_reason == "cancelled" and h.completion_tokens < 200
+            for _ in range(100):
+                if worker.stats["running_rows"] == 0:
+                    break
+                time.sleep(0.05)
+            assert worker.stats["running_rows"] == 0
+            ok = http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4,
+                                                         "messages": [{"role": "user", "content": "x"}]})
+            assert ok.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        worker.close()

@@ -23,6 +23,8 @@ from .worker import Handle, Worker
 
 #: how often a waiting response checks its request (seconds); a step of the loop takes tens of milliseconds
 POLL_SECONDS = 0.005
+#: how often a waiting response asks whether its client is still connected (seconds)
+DISCONNECT_CHECK_SECONDS = 0.5
 
 
 def create_app(worker: Worker, *, request_timeout: float = 600.0):
@@ -71,8 +73,15 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
             return StreamingResponse(_stream(request, handle, rid, created, kind, worker.model_name,
                                              request_timeout), media_type="text/event-stream")
         deadline = time.monotonic() + request_timeout
+        last_check = time.monotonic()
         while not handle.done.is_set() and time.monotonic() < deadline:  # no thread blocked per request
             await asyncio.sleep(POLL_SECONDS)
+            if time.monotonic() - last_check > DISCONNECT_CHECK_SECONDS:
+                last_check = time.monotonic()
+                if await request.is_disconnected():  # nobody waits for the answer: free the row
+                    handle.cancel()
+                    return JSONResponse({"error": {"message": "client closed the request", "type": "cancelled",
+                                                   "param": None, "code": "client_closed"}}, status_code=499)
         if not handle.done.is_set():
             handle.cancel()
             return JSONResponse({"error": {"message": "the request timed out", "type": "timeout", "param": None,
@@ -121,34 +130,38 @@ async def _stream(request, h: Handle, rid: str, created: int, kind: str, model: 
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": model,
                                       "choices": [choice]}) + "\n\n"
 
-    if kind == "chat":
-        yield chunk("", None, first=True)
-    deadline = time.monotonic() + timeout
-    last_check = 0.0
-    while True:
-        try:
-            piece = h.pieces.get_nowait()
-        except queue.Empty:  # poll: no thread is blocked per stream
-            now = time.monotonic()
-            if now > deadline:
-                h.cancel()
-                return
-            if now - last_check > 0.5:
-                last_check = now
-                if await request.is_disconnected():
+    try:
+        if kind == "chat":
+            yield chunk("", None, first=True)
+        deadline = time.monotonic() + timeout
+        last_check = 0.0
+        while True:
+            try:
+                piece = h.pieces.get_nowait()
+            except queue.Empty:  # poll: no thread is blocked per stream
+                now = time.monotonic()
+                if now > deadline:
                     h.cancel()
                     return
-            await asyncio.sleep(POLL_SECONDS)
-            continue
-        if piece is None:
-            break
-        yield chunk(piece, None)
-    if h.error is not None:
-        yield "data: " + json.dumps({"error": {"message": f"generation failed: {h.error}", "type": "server_error",
-                                               "param": None, "code": None}}) + "\n\n"
-    else:
-        yield chunk(None, h.finish_reason)
-    yield "data: [DONE]\n\n"
+                if now - last_check > DISCONNECT_CHECK_SECONDS:
+                    last_check = now
+                    if await request.is_disconnected():
+                        h.cancel()
+                        return
+                await asyncio.sleep(POLL_SECONDS)
+                continue
+            if piece is None:
+                break
+            yield chunk(piece, None)
+        if h.error is not None:
+            yield "data: " + json.dumps({"error": {"message": f"generation failed: {h.error}",
+                                                   "type": "server_error", "param": None, "code": None}}) + "\n\n"
+        else:
+            yield chunk(None, h.finish_reason)
+        yield "data: [DONE]\n\n"
+    finally:  # the client went away (the server cancels this generator) or the stream ended: free the row
+        if not h.done.is_set():
+            h.cancel()
 
 
 __all__ = ["create_app"]

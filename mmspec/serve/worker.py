@@ -11,6 +11,8 @@ Glossary:
                 verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
                 cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
                 they wait for the next wave
+    isolation   a wave that raises is decoded again request by request, so the request whose generation raises
+                fails alone (its 500) and the others finish with the text they would have had
     seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
                 loop's per-row randomness), alone or in a wave; without one a random seed is drawn
     piece       the text a request gained in one verification step: its committed tokens decoded, held back
@@ -46,6 +48,8 @@ class Handle:
     finish_reason: str | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    seed: int | None = None  # the request's seed, or the one drawn for it when it first ran
+    sent: int = 0  # characters of its text already put in ``pieces``
     done: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -71,7 +75,8 @@ class Worker:
         self.context = context or int(getattr(target.config, "max_position_embeddings", 2048))
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "tokens": 0, "waves": 0,
-                      "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0, "joined": 0}
+                      "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0, "joined": 0,
+                      "isolated": 0}
         self._deferred: list[Handle] = []  # taken from the queue by a batch of other sampling settings
         self._thread = threading.Thread(target=self._loop, name="mmspec-serve-worker", daemon=True)
         self._stop = False
@@ -133,16 +138,40 @@ class Worker:
             if not wave:
                 continue
             try:
-                self._run_wave(wave)
-            except Exception as exc:  # a failing wave fails its own requests, never the server
-                for h in wave:
-                    if not h.done.is_set():
-                        h.error, h.finish_reason = exc, "error"
-                        self.stats["failed"] += 1
-                        h.pieces.put(None)
-                        h.done.set()
+                self._run_isolated(wave)
             finally:
                 self.stats["running_rows"] = 0
+
+    def _run_isolated(self, wave: list[Handle]) -> None:
+        """Decode ``wave``; if it raises, decode each of its unfinished requests again alone, so that a request
+        whose generation raises fails alone (a 500) and the others finish. A rerun repeats the same tokens (greedy,
+        or sampled with the row's seed: the loop's per-row randomness) and streams only what was not yet sent."""
+        try:
+            self._run_wave(wave)
+            return
+        except Exception as exc:  # a failing wave fails its own requests, never the server
+            failed = exc
+        left = [h for h in wave if not h.done.is_set()]
+        if len(wave) == 1:
+            self._fail(left, failed)
+            return
+        self.stats["isolated"] += len(left)
+        for h in left:
+            if h.cancelled:
+                self._finish(h, h.text, h.sent, h.completion_tokens, "cancelled")
+                continue
+            try:
+                self._run_wave([h])
+            except Exception as exc:
+                self._fail([h], exc)
+
+    def _fail(self, handles: list[Handle], exc: BaseException) -> None:
+        for h in handles:
+            if not h.done.is_set():
+                h.error, h.finish_reason = exc, "error"
+                self.stats["failed"] += 1
+                h.pieces.put(None)
+                h.done.set()
 
     def _batch(self, handles: list[Handle]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(prompts long [N, L] left padded, attention mask, seeds) of ``handles``."""
@@ -151,8 +180,10 @@ class Worker:
         width = max(len(h.ids) for h in handles)
         ids = torch.tensor([[pad] * (width - len(h.ids)) + h.ids for h in handles], dtype=torch.long)
         mask = torch.tensor([[0] * (width - len(h.ids)) + [1] * len(h.ids) for h in handles], dtype=torch.long)
-        seeds = [h.request.seed if h.request.seed is not None else random.getrandbits(62) for h in handles]
-        return ids, mask, seeds
+        for h in handles:
+            if h.seed is None:
+                h.seed = h.request.seed if h.request.seed is not None else random.getrandbits(62)
+        return ids, mask, [h.seed for h in handles]
 
     def _admitter(self, wave: list[Handle]):
         """The loop's ``admit``: waiting requests with the batch's sampling settings join it between steps (up to
@@ -194,7 +225,6 @@ class Worker:
         self.stats["waves"] += 1
         self.stats["running_rows"] = len(wave)
         tokens: dict[int, list[int]] = defaultdict(list)  # row -> its committed tokens (rows may join)
-        sent: dict[int, int] = defaultdict(int)  # row -> characters of its text already sent
         t0 = time.perf_counter()
         drafter = self.drafter()
         joins = _can_join(drafter)
@@ -225,23 +255,25 @@ class Worker:
                     reason = "length"
                 if reason is None and fin:
                     reason = "stop"
+                h.text, h.completion_tokens = text, len(tokens[r])
                 if reason or h.cancelled:
-                    self._finish(h, text, sent[r], len(tokens[r]), reason or "cancelled")
+                    self._finish(h, text, h.sent, len(tokens[r]), reason or "cancelled")
                     continue
-                piece = text[sent[r]: len(text) - _held_back(text, h.request.stop)]
+                piece = text[h.sent: len(text) - _held_back(text, h.request.stop)]
                 if piece:
                     h.pieces.put(piece)
-                    sent[r] += len(piece)
+                    h.sent += len(piece)
             self.stats["running_rows"] = len(ev.rows) - sum(ev.finished)
         self.stats["decode_seconds"] += time.perf_counter() - t0
         for r, h in enumerate(wave):  # rows the loop ended without a reason (it ran out of budget)
             if not h.done.is_set():
-                self._finish(h, tok.decode(tokens[r], skip_special_tokens=True), sent[r], len(tokens[r]), "length")
+                self._finish(h, tok.decode(tokens[r], skip_special_tokens=True), h.sent, len(tokens[r]), "length")
 
     def _finish(self, h: Handle, text: str, sent: int, num_tokens: int, reason: str) -> None:
         """End ``h``: the rest of its text (after the ``sent`` characters already streamed), then the end mark."""
         if text[sent:]:
             h.pieces.put(text[sent:])
+            h.sent = len(text)
         h.text, h.completion_tokens, h.finish_reason = text, num_tokens, reason
         self.stats["completed"] += 1
         self.stats["tokens"] += num_tokens
