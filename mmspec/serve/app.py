@@ -2,7 +2,8 @@
 events or not, over one :class:`~mmspec.serve.worker.Worker`.
 
 Glossary:
-    endpoints   ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``GET /health``,
+    endpoints   ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/images/generations`` (with
+                an :class:`~mmspec.serve.images.ImageService`), ``GET /v1/models``, ``GET /health``,
                 ``GET /metrics`` (Prometheus text)
     errors      a bad request is a 4xx with OpenAI's error JSON (:mod:`mmspec.serve.protocol`), a full queue a
                 429 with ``Retry-After``, a generation that raises a 500 for that request alone; the server keeps
@@ -18,7 +19,8 @@ import queue
 import time
 import uuid
 
-from .protocol import RequestError, error_body, parse_chat, parse_completion
+from .images import ImageService
+from .protocol import RequestError, error_body, parse_chat, parse_completion, parse_image_generation
 from .worker import Handle, Worker
 
 #: how often a waiting response checks its request (seconds); a step of the loop takes tens of milliseconds
@@ -27,7 +29,8 @@ POLL_SECONDS = 0.005
 DISCONNECT_CHECK_SECONDS = 0.5
 
 
-def create_app(worker: Worker, *, request_timeout: float = 600.0):
+def create_app(worker: Worker, *, images: ImageService | None = None, request_timeout: float = 600.0):
+    """The app over ``worker`` (chat and completions) and, given ``images``, ``POST /v1/images/generations``."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -44,8 +47,9 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
 
     @app.get("/v1/models")
     def list_models():
-        return {"object": "list", "data": [{"id": worker.model_name, "object": "model", "created": 0,
-                                            "owned_by": "mmspec"}]}
+        names = [worker.model_name] + ([images.name] if images is not None else [])
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "mmspec"}
+                                           for n in names]}
 
     @app.get("/metrics")
     def metrics():
@@ -57,7 +61,12 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
                  f"mmspec_generated_tokens_total {s['tokens']}",
                  f"mmspec_tokens_per_second {s['tokens'] / max(s['decode_seconds'], 1e-9):.3f}",
                  f"mmspec_mean_accepted_length {tau:.4f}", f"mmspec_accepted_tokens_total {s['accepted']}",
-                 f"mmspec_row_steps_total {s['row_steps']}"]
+                 f"mmspec_row_steps_total {s['row_steps']}", f"mmspec_isolated_reruns_total {s['isolated']}"]
+        if images is not None:
+            i = images.stats
+            lines += [f"mmspec_image_requests_total {i['image_requests']}", f"mmspec_images_total {i['images']}",
+                      f"mmspec_image_requests_failed_total {i['image_failed']}",
+                      f"mmspec_image_seconds_total {i['image_seconds']:.3f}"]
         return PlainTextResponse("\n".join(lines) + "\n")
 
     async def run(request: Request, kind: str):
@@ -90,6 +99,24 @@ def create_app(worker: Worker, *, request_timeout: float = 600.0):
             return JSONResponse({"error": {"message": f"generation failed: {handle.error}", "type": "server_error",
                                            "param": None, "code": None}}, status_code=500)
         return _response(handle, rid, created, kind, worker.model_name)
+
+    @app.post("/v1/images/generations")
+    async def images_generations(request: Request):
+        try:
+            body = await request.body()
+            served = {images.name: images.size} if images is not None else {}
+            req = parse_image_generation(body, served, methods=images.methods if images else (),
+                                         default_method=images.default_method if images else "",
+                                         max_n=images.max_n if images else 1)
+            images.check(req)
+            images.admit()
+        except RequestError as err:
+            return error(err)
+        try:
+            return await asyncio.to_thread(images.generate, req)  # one at a time (the service's lock)
+        except Exception as exc:  # a failed generation fails its own request, never the server
+            return JSONResponse({"error": {"message": f"image generation failed: {exc}", "type": "server_error",
+                                           "param": None, "code": None}}, status_code=500)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -13,6 +13,9 @@ Glossary:
                     (1 only); unknown fields are ignored, as OpenAI's server does for most
     image part      ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``: a data URI of a
                     PNG, JPEG or WebP at most :data:`MAX_IMAGE_BYTES` decoded, that PIL can open
+    image request   ``POST /v1/images/generations``: ``model``, ``prompt``, ``n`` (1 ... the server's limit), ``seed``,
+                    ``response_format`` (``b64_json`` only: the server stores nothing to link to), ``size`` (the
+                    model's own, when given) and mmspec's ``method`` (an image method; default the front ends')
     RequestError    a 4xx with OpenAI's error type; ``status`` 400 (bad input), 404 (unknown model), 413 (too
                     large), 429 (queue full)
 """
@@ -216,6 +219,62 @@ def parse_chat(body: bytes | dict, models: dict[str, int], *, images: bool = Fal
     return GenerationRequest(messages=out, images=pictures, **common)
 
 
+@dataclass
+class ImageRequest:
+    """A validated image-generation request (see the module glossary)."""
+
+    model: str
+    prompt: str
+    n: int = 1
+    method: str = "sjd"
+    seed: int | None = None
+
+
+MAX_PROMPT_CHARS = 4000
+
+
+def parse_image_generation(body: bytes | dict, models: dict[str, str], *, methods: tuple[str, ...],
+                           default_method: str, max_n: int) -> ImageRequest:
+    """An image-generation request from ``body``; ``models``: served image model name -> its size ("64x64")."""
+    obj = decode_body(body) if isinstance(body, (bytes, bytearray)) else body
+    model = obj.get("model")
+    if not models:
+        raise RequestError("this server generates no images; start it with --images", status=404, param="model",
+                           code="model_not_found")
+    if model is None and len(models) == 1:
+        model = next(iter(models))
+    if not isinstance(model, str) or model not in models:
+        raise RequestError(f"the image model {json.dumps(model)[:60]} does not exist; this server serves: "
+                           f"{', '.join(sorted(models))}", status=404, param="model", code="model_not_found")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("'prompt' is required: a non-empty string", param="prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"'prompt' has {len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,}", param="prompt")
+    n = obj.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_n:
+        raise RequestError(f"'n' must be an integer in [1, {max_n}], got {json.dumps(n)[:40]}", param="n")
+    fmt = obj.get("response_format", "b64_json")
+    if fmt not in (None, "b64_json"):
+        raise RequestError(f"'response_format' must be 'b64_json' (this server keeps no files to link to), got "
+                           f"{json.dumps(fmt)[:40]}", param="response_format")
+    size = obj.get("size")
+    if size not in (None, "auto", models[model]):
+        raise RequestError(f"'size' must be {models[model]} (the model's), got {json.dumps(size)[:40]}",
+                           param="size")
+    method = obj.get("method", default_method)
+    if method not in methods:
+        raise RequestError(f"'method' must be one of {', '.join(methods)}, got {json.dumps(method)[:40]}",
+                           param="method")
+    seed = obj.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise RequestError(f"'seed' must be a non-negative 64-bit integer, got {json.dumps(seed)[:40]}",
+                           param="seed")
+    return ImageRequest(model=model, prompt=prompt, n=n, method=method, seed=seed)
+
+
 def parse_completion(body: bytes | dict, models: dict[str, int]) -> GenerationRequest:
     """A (legacy) completions request from ``body``: one prompt string."""
     obj = decode_body(body) if isinstance(body, (bytes, bytearray)) else body
@@ -228,5 +287,5 @@ def parse_completion(body: bytes | dict, models: dict[str, int]) -> GenerationRe
     return GenerationRequest(prompt=prompt, **common)
 
 
-__all__ = ["GenerationRequest", "MAX_BODY_BYTES", "MAX_IMAGE_BYTES", "RequestError", "decode_body", "error_body",
-           "parse_chat", "parse_completion"]
+__all__ = ["GenerationRequest", "ImageRequest", "MAX_BODY_BYTES", "MAX_IMAGE_BYTES", "RequestError", "decode_body",
+           "error_body", "parse_chat", "parse_completion", "parse_image_generation"]

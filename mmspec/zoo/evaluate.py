@@ -42,6 +42,25 @@ RECORDED_DISTRIBUTION = {
 }
 
 
+def image_method_args(models, method: str, *, num_draft_tokens: int = 4, lantern_delta: float = 0.2,
+                      mulo_delta: float = MULO_DEFAULT["mulo_delta"], neighbours: int | None = None) -> dict:
+    """The arguments ``method`` takes beyond sampling, at the front ends' settings, for the zoo's image models:
+    its drafter (the registry's choice), the draft length (SJD and GSD keep their own window), LANTERN's budget,
+    MuLo-SD's bounded test with chain redraws and the latent-neighbour table among the live codes (8 neighbours,
+    GSD 16, MuLo-SD ``MULO_DEFAULT``)."""
+    from mmspec.image_gen import METHODS
+
+    from . import image_neighbours
+
+    spec = METHODS[method]
+    model = {None: None, "same": models.drafter, "lowres": models.lowres}[spec.drafter]
+    k = neighbours or {"mulo": MULO_DEFAULT["neighbours_k"], "gsd": 16}.get(method, 8)
+    table = image_neighbours(models, k) if "neighbours" in spec.param_names else None
+    return spec.select(dict(drafter=model, num_draft_tokens=num_draft_tokens if spec.drafter is not None else None,
+                            lantern_delta=lantern_delta, neighbours=table, mulo_delta=mulo_delta,
+                            mulo_redraw=MULO_DEFAULT["mulo_redraw"], mulo_resampler=models.resampler))
+
+
 def distribution_verdict(method: str) -> str:
     """One line for the front ends: does ``method`` (at their settings) keep plain AR's output distribution?"""
     within, how = RECORDED_DISTRIBUTION.get(method, (None, "not measured"))

@@ -28,13 +28,13 @@ from PIL import Image
 import mmspec.vision as mv
 from mmspec import engine
 from mmspec.errors import InvalidDraftLengthError, InvalidLengthError, MethodParameterError
-from mmspec.image_gen import METHODS, generate
+from mmspec.image_gen import generate
 from mmspec.image_gen.heatmap import heatmap_image
 from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm
 
-from . import image_neighbours, load_default_image_models
+from . import load_default_image_models
 from .data import heldout_scenes
-from .evaluate import DEFAULT_IMAGE_METHOD, IMAGE_SAMPLING, MULO_DEFAULT, distribution_verdict
+from .evaluate import DEFAULT_IMAGE_METHOD, IMAGE_SAMPLING, MULO_DEFAULT, distribution_verdict, image_method_args
 from .quality import prompt_faithfulness
 from .scenes import parse_caption, render
 from .smollm2 import (calibrated_head_drafter, calibration_line, fallback_label, head_beats_lookup,
@@ -167,16 +167,11 @@ def faithfulness_or_none(images, prompt: str) -> float | None:
 def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=None) -> dict:
     models = models or load_default_image_models()
     prompt = cfg.prompt or heldout_scenes()[cfg.scene_index].caption()
-    k = {"mulo": cfg.mulo_neighbours, "gsd": 16}.get(cfg.image_method, 8)
-    table = image_neighbours(models, k)  # latent neighbours among the tokenizer's live codes
 
     def run(method: str):
-        spec = METHODS[method]  # the registry picks the drafter and the parameters the method takes
-        model = {None: None, "same": models.drafter, "lowres": models.lowres}[spec.drafter]
-        k = cfg.num_draft_tokens if spec.drafter is not None else None  # SJD / GSD keep their own window (16)
-        extra = spec.select(dict(drafter=model, num_draft_tokens=k, lantern_delta=cfg.lantern_delta,
-                                 neighbours=table, mulo_delta=cfg.mulo_delta,
-                                 mulo_redraw=MULO_DEFAULT["mulo_redraw"], mulo_resampler=models.resampler))
+        extra = image_method_args(models, method, num_draft_tokens=cfg.num_draft_tokens,
+                                  lantern_delta=cfg.lantern_delta, mulo_delta=cfg.mulo_delta,
+                                  neighbours=cfg.mulo_neighbours if method == "mulo" else None)
         return generate(models.target, models.tokenizer, condition=prompt, num_images=cfg.num_images, method=method,
                         generator=torch.Generator().manual_seed(cfg.seed), **IMAGE_SAMPLING, **extra)
 
