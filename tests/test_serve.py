@@ -272,10 +272,10 @@ def test_a_request_whose_generation_raises_fails_alone_with_a_500(tmp_path):
         threads = [threading.Thread(target=call, args=(p,)) for p in prompts]
         [t.start() for t in threads]
         import time
-        for _ in range(500):
-            if worker.queue.qsize() == len(prompts):
-                break
+        deadline = time.monotonic() + 120
+        while worker.queue.qsize() < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert worker.queue.qsize() == len(prompts)
         gate.set()
         [t.join() for t in threads]
         assert worker.stats["waves"] >= 1 and worker.stats["isolated"] == len(prompts)

@@ -9,6 +9,7 @@ visual tokens line up with the target's before pruning.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -51,6 +52,7 @@ def generate(
     rule: AcceptRule | None = None,
     tree: Any = None,
     _stream: bool = False,
+    _leave: Any = None,
 ) -> GenerationOutput:
     """Speculative decoding of ``target`` (a HF VLM) with a drafter that sees pruned visual tokens.
 
@@ -96,7 +98,7 @@ def generate(
         raise TypeError(f"drafter must be a model or a Drafter, got {type(drafter).__name__}")
     if isinstance(drafter, ModelDrafter) and not isinstance(drafter, (VLMDrafter, FeatureDrafter)):
         raise MMSpecError("wrap model drafters in VLMDrafter (or pass the model) for VLM targets")
-    run = generate_text_stream if _stream else generate_text
+    run = functools.partial(generate_text_stream, leave=_leave) if _stream else generate_text
     return run(
         target, input_ids, drafter=drafter, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, num_draft_tokens=num_draft_tokens, generator=generator, seed=seed,
@@ -112,10 +114,11 @@ def generate_stream(target: torch.nn.Module, drafter: torch.nn.Module | Drafter,
                     num_draft_tokens: int | DraftLengthPolicy | None = DEFAULT_NUM_DRAFT_TOKENS,
                     generator: torch.Generator | None = None, seed: int | list[int] | None = None,
                     eos_token_id: int | list[int] | None = None, rule: AcceptRule | None = None,
-                    tree: Any = None) -> Iterator[StepEvent]:
+                    tree: Any = None, leave: Any = None) -> Iterator[StepEvent]:
     """:func:`generate` as a stream of :class:`mmspec.StepEvent` (one per verification step; the
-    drafter's pruning facts are in ``event.stats.extra``).  Input is validated eagerly."""
+    drafter's pruning facts are in ``event.stats.extra``).  Input is validated eagerly. ``leave``: rows the
+    caller ends between steps (:func:`mmspec.engine.decode`)."""
     return generate(target, drafter, inputs, pruning=pruning, keep_ratio=keep_ratio, positions=positions,
                     max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     num_draft_tokens=num_draft_tokens, generator=generator, seed=seed, eos_token_id=eos_token_id,
-                    rule=rule, tree=tree, _stream=True)
+                    rule=rule, tree=tree, _stream=True, _leave=leave)

@@ -10,7 +10,10 @@ import argparse
 
 from .common import EXIT_BAD_INPUT, EXIT_OK, CLIError, add_subcommand, check_number, one_line
 
-DRAFTERS = ("lookup", "head", "none")
+DRAFTERS = ("lookup", "head", "model", "none")
+#: the packaged vision-language model (SmolLM2-LLaVA on scenes); a HF folder whose config has a vision_config is
+#: served as a VLM too
+PACKAGED_VLM = "smollm2-vlm"
 
 
 def _errors() -> tuple:
@@ -23,11 +26,16 @@ def _errors() -> tuple:
 def add_parser(subparsers) -> None:
     p = add_subcommand(subparsers, "serve", run, errors=_errors,
                        help="an OpenAI-compatible server with speculative decoding (chat and completions)")
-    p.add_argument("--target", default="smollm2", help="smollm2 (the packaged SmolLM2-135M-Instruct), a HF folder or "
-                                                       "a .gguf file")
+    p.add_argument("--target", default="smollm2",
+                   help="smollm2 (the packaged SmolLM2-135M-Instruct), smollm2-vlm (the packaged scene VLM: chats "
+                        "with image_url parts), a HF folder (a VLM when its config has a vision_config) or a .gguf "
+                        "file")
     p.add_argument("--drafter", default="lookup", choices=DRAFTERS,
-                   help="prompt lookup with a cost-aware draft length (default; measured at start), the packaged "
-                        "EAGLE-3 head (smollm2 only), or none (plain decoding)")
+                   help="text: prompt lookup with a cost-aware draft length (default; measured at start), the packaged "
+                        "EAGLE-3 head (smollm2 only), or none (plain decoding). VLMs: the EAGLE-3 head (smollm2-vlm's "
+                        "default) or the small VLM (model), each seeing a pruned share of the visual tokens; a HF VLM "
+                        "folder drafts with itself, pruned")
+    p.add_argument("--keep-ratio", type=float, default=0.25, help="VLMs: the share of visual tokens the drafter sees")
     p.add_argument("--name", default=None, help="the model name clients send (default: the target's)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -45,29 +53,27 @@ def run(args: argparse.Namespace) -> int:
     check_number(args, "max_queue", lo=1, integer=True)
     check_number(args, "max_tokens", lo=1, integer=True)
     check_number(args, "max_images", lo=1, integer=True)
-    if args.drafter == "head" and args.target != "smollm2":
-        raise CLIError(EXIT_BAD_INPUT, "--drafter head is packaged for --target smollm2 only; use lookup or none")
+    check_number(args, "keep_ratio", lo=0, hi=1)
+    vlm = args.target == PACKAGED_VLM or _is_vlm_folder(args.target)
+    if args.drafter == "head" and args.target not in ("smollm2", PACKAGED_VLM):
+        raise CLIError(EXIT_BAD_INPUT, f"--drafter head is packaged for --target smollm2 and {PACKAGED_VLM} only; "
+                                       "use lookup or none")
+    if args.drafter == "model" and args.target != PACKAGED_VLM:
+        raise CLIError(EXIT_BAD_INPUT, f"--drafter model is the small VLM packaged with --target {PACKAGED_VLM}")
+    if vlm and args.drafter == "none":
+        raise CLIError(EXIT_BAD_INPUT, "a VLM is served with a pruned drafter; --drafter none is for text models")
     import uvicorn
 
-    from mmspec.pretrained import load_causal_lm
     from mmspec.serve.app import create_app
-    from mmspec.serve.worker import Worker
 
-    target, tokenizer = load_causal_lm(args.target)
-    if args.drafter == "head":
-        from mmspec.zoo.smollm2 import load_smollm2_drafter
-
-        head = load_smollm2_drafter("head", target).head
-        drafter = lambda: head  # noqa: E731  (a fresh FeatureDrafter per batch)
-    elif args.drafter == "lookup":
-        from mmspec.serve.worker import cost_aware_lookup
-
-        drafter = cost_aware_lookup(target)
+    name = args.name or (args.target if args.target in ("smollm2", PACKAGED_VLM) else
+                         str(args.target).rstrip("/").split("/")[-1])
+    common = dict(model_name=name, max_rows=args.max_rows, max_queue=args.max_queue,
+                  default_max_tokens=args.max_tokens)
+    if vlm:
+        worker = _vlm_worker(args, common)
     else:
-        drafter = lambda: None  # noqa: E731
-    name = args.name or ("smollm2" if args.target == "smollm2" else str(args.target).rstrip("/").split("/")[-1])
-    worker = Worker(target, tokenizer, model_name=name, drafter=drafter, max_rows=args.max_rows,
-                    max_queue=args.max_queue, default_max_tokens=args.max_tokens)
+        worker = _text_worker(args, common)
     images = None
     if args.images == "zoo":
         from mmspec.serve.images import ImageService
@@ -83,3 +89,52 @@ def run(args: argparse.Namespace) -> int:
     finally:
         worker.close()
     return EXIT_OK
+
+
+def _is_vlm_folder(target: str) -> bool:
+    import json
+    from pathlib import Path
+
+    cfg = Path(target).expanduser() / "config.json"
+    try:
+        return cfg.is_file() and "vision_config" in json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _vlm_worker(args: argparse.Namespace, common: dict):
+    from mmspec.serve.worker import VLMWorker
+
+    if args.target == PACKAGED_VLM:
+        from mmspec.zoo.smollm2_llava import load_smollm2_vlm
+
+        pack = load_smollm2_vlm()
+        target, processor = pack.target, pack.processor
+        drafter = pack.drafter if args.drafter == "model" else pack.head
+    else:
+        from .vlm import _processor, _vlm
+
+        target, processor = _vlm(args.target), _processor(args.target)
+        drafter = target  # drafts for itself, seeing a pruned share of the visual tokens
+    if getattr(processor, "chat_template", None) is None:
+        raise CLIError(EXIT_BAD_INPUT, f"the processor of {args.target} has no chat template to render chats with")
+    return VLMWorker(target, processor, drafter=drafter, keep_ratio=args.keep_ratio, **common)
+
+
+def _text_worker(args: argparse.Namespace, common: dict):
+    from mmspec.pretrained import load_causal_lm
+    from mmspec.serve.worker import Worker
+
+    target, tokenizer = load_causal_lm(args.target)
+    if args.drafter == "head":
+        from mmspec.zoo.smollm2 import load_smollm2_drafter
+
+        head = load_smollm2_drafter("head", target).head
+        drafter = lambda: head  # noqa: E731  (a fresh FeatureDrafter per batch)
+    elif args.drafter == "lookup":
+        from mmspec.serve.worker import cost_aware_lookup
+
+        drafter = cost_aware_lookup(target)
+    else:
+        drafter = lambda: None  # noqa: E731
+    return Worker(target, tokenizer, drafter=drafter, **common)

@@ -72,7 +72,8 @@ def create_app(worker: Worker, *, images: ImageService | None = None, request_ti
     async def run(request: Request, kind: str):
         try:
             body = await request.body()
-            req = (parse_chat(body, models) if kind == "chat" else parse_completion(body, models))
+            req = (parse_chat(body, models, images=worker.takes_images) if kind == "chat" else
+                   parse_completion(body, models))
             handle = worker.submit(req)
         except RequestError as err:
             return error(err)

@@ -62,6 +62,8 @@ class GenerationRequest:
     messages: list[dict] = field(default_factory=list)  # chat: [{"role", "content": text}], images taken out
     prompt: str = ""  # completion
     images: list = field(default_factory=list)  # PIL images of the chat's image parts, in order
+    parts: list[dict] = field(default_factory=list)  # chat as HF processors take it: [{"role", "content":
+    # [{"type": "image"} | {"type": "text", "text"}]}], the images where they were
     max_tokens: int | None = None  # None: the server's default
     temperature: float = 1.0
     top_p: float = 1.0
@@ -181,7 +183,7 @@ def parse_chat(body: bytes | dict, models: dict[str, int], *, images: bool = Fal
     msgs = obj.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise RequestError("'messages' is required: a non-empty list of {role, content} objects", param="messages")
-    out, pictures = [], []
+    out, pictures, structured = [], [], []
     for i, m in enumerate(msgs):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -193,14 +195,17 @@ def parse_chat(body: bytes | dict, models: dict[str, int], *, images: bool = Fal
         content = m.get("content")
         if isinstance(content, str):
             text = content
+            structured.append({"role": role, "content": [{"type": "text", "text": content}]})
         elif isinstance(content, list):
-            parts = []
+            parts, hf_parts = [], []
             for j, part in enumerate(content):
                 pw = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
                     parts.append(part["text"])
+                    hf_parts.append({"type": "text", "text": part["text"]})
                 elif kind == "image_url":
+                    hf_parts.append({"type": "image"})
                     if not images:
                         raise RequestError(f"{pw}: the model '{common['model']}' does not take images",
                                            param="messages")
@@ -210,13 +215,14 @@ def parse_chat(body: bytes | dict, models: dict[str, int], *, images: bool = Fal
                     raise RequestError(f"{pw} must be {{'type': 'text', 'text': ...}} or "
                                        "{'type': 'image_url', 'image_url': {'url': ...}}", param="messages")
             text = "".join(parts)
+            structured.append({"role": role, "content": hf_parts})
         else:
             raise RequestError(f"{where}.content must be a string or a list of content parts", param="messages")
         out.append({"role": role, "content": text})
     if out[-1]["role"] == "assistant":
         raise RequestError("the last message must come from the user or the system, not the assistant",
                            param="messages")
-    return GenerationRequest(messages=out, images=pictures, **common)
+    return GenerationRequest(messages=out, images=pictures, parts=structured, **common)
 
 
 @dataclass

@@ -66,6 +66,9 @@ class Handle:
 class Worker:
     """One background thread decoding waves of requests (see the module glossary)."""
 
+    #: whether requests may carry ``image_url`` parts (:class:`VLMWorker`)
+    takes_images = False
+
     def __init__(self, target: torch.nn.Module, tokenizer: Any, *, model_name: str,
                  drafter: Callable[[], Any] | None = None, max_rows: int = 8, max_queue: int = 64,
                  default_max_tokens: int = 256, context: int | None = None):
@@ -214,25 +217,29 @@ class Worker:
             return Admission(ids, mask, [h.budget for h in new], seeds)
         return admit
 
-    def _run_wave(self, wave: list[Handle]) -> None:
+    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]):
+        """The loop's step events for ``wave`` (its prompts ``ids`` / ``mask``, its rows' seeds); the rows of
+        requests admitted later are appended to ``wave``."""
         from mmspec.engine import generate_stream
 
+        req0 = wave[0].request
+        drafter = self.drafter()
+        return generate_stream(self.target, ids, attention_mask=mask, drafter=drafter,
+                               max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
+                               top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds,
+                               eos_token_id=self.target.generation_config.eos_token_id,
+                               admit=self._admitter(wave) if _can_join(drafter) else None,
+                               leave=lambda r: wave[r].done.is_set() or wave[r].cancelled)
+
+    def _run_wave(self, wave: list[Handle]) -> None:
         tok = self.tokenizer
         ids, mask, seeds = self._batch(wave)
-        req0 = wave[0].request
-        eos = self.target.generation_config.eos_token_id
-        eos_ids = eos_set(eos)
+        eos_ids = eos_set(self.target.generation_config.eos_token_id)
         self.stats["waves"] += 1
         self.stats["running_rows"] = len(wave)
         tokens: dict[int, list[int]] = defaultdict(list)  # row -> its committed tokens (rows may join)
         t0 = time.perf_counter()
-        drafter = self.drafter()
-        joins = _can_join(drafter)
-        events = generate_stream(self.target, ids, attention_mask=mask, drafter=drafter,
-                                 max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
-                                 top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds, eos_token_id=eos,
-                                 admit=self._admitter(wave) if joins else None,
-                                 leave=lambda r: wave[r].done.is_set() or wave[r].cancelled)
+        events = self._events(wave, ids, mask, seeds)
         for ev in events:
             self.stats["row_steps"] += len(ev.rows)
             self.stats["accepted"] += sum(ev.num_accepted)
@@ -281,6 +288,59 @@ class Worker:
         h.done.set()
 
 
+class VLMWorker(Worker):
+    """A worker for a HF vision-language model (LLaVA family and others whose processor has a chat template): chat
+    requests with ``image_url`` parts, decoded in waves on the one loop by :func:`mmspec.vision.generate_stream`
+    with a drafter that sees a pruned share of the visual tokens (``pruning``, ``keep_ratio``). Rows do not join
+    a running wave (the multimodal prefill is the wave's)."""
+
+    takes_images = True
+
+    def __init__(self, target: torch.nn.Module, processor: Any, *, drafter: Any, model_name: str,
+                 pruning: str = "verifier", keep_ratio: float = 0.25, num_draft_tokens: Any = None, **kw: Any):
+        self.processor, self.vlm_drafter = processor, drafter
+        self.pruning, self.keep_ratio, self.num_draft_tokens = pruning, keep_ratio, num_draft_tokens
+        text = getattr(target.config, "text_config", target.config)
+        kw.setdefault("context", int(getattr(text, "max_position_embeddings", 2048)))
+        super().__init__(target, processor.tokenizer, model_name=model_name, drafter=lambda: None, **kw)
+
+    def _inputs(self, requests: list[GenerationRequest]) -> dict:
+        """The processor's left-padded batch of ``requests`` (their chats with the images where they were)."""
+        texts = [self.processor.apply_chat_template(r.parts, add_generation_prompt=True) for r in requests]
+        images = [im for r in requests for im in r.images]
+        tok = self.processor.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            enc = dict(self.processor(text=texts, images=images or None, padding=True, return_tensors="pt"))
+        finally:
+            tok.padding_side = side
+        dtype = next(self.target.parameters()).dtype
+        return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in enc.items()}
+
+    def prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.kind != "chat" or not req.images:
+            raise RequestError(f"the model '{self.model_name}' answers about images: send a chat whose messages "
+                               "hold an image_url part", param="messages")
+        try:
+            enc = self._inputs([req])
+        except Exception as exc:  # the processor's own message names the problem
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RequestError(f"the processor cannot prepare this request: {first}", param="messages") from None
+        return enc["input_ids"][0].tolist()
+
+    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]):
+        import mmspec.vision as mv
+
+        req0 = wave[0].request
+        extra = {} if self.num_draft_tokens is None else {"num_draft_tokens": self.num_draft_tokens}
+        return mv.generate_stream(self.target, self.vlm_drafter, self._inputs([h.request for h in wave]),
+                                  pruning=self.pruning, keep_ratio=self.keep_ratio,
+                                  max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
+                                  top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds,
+                                  eos_token_id=self.target.generation_config.eos_token_id,
+                                  leave=lambda r: wave[r].done.is_set() or wave[r].cancelled, **extra)
+
+
 def cost_aware_lookup(target):
     """A factory of prompt-lookup drafters whose draft length is chosen per step from this target's verification
     cost measured here (up to 128 tokens a forward) for the batch's rows (``CostAwareDraftLength``, k = 0 allowed):
@@ -314,4 +374,4 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-__all__ = ["Handle", "Worker", "cost_aware_lookup"]
+__all__ = ["Handle", "VLMWorker", "Worker", "cost_aware_lookup"]
