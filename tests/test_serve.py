@@ -261,7 +261,7 @@ def test_a_request_whose_generation_raises_fails_alone_with_a_500(tmp_path):
     worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
     gate = threading.Event()
     real_take = worker._take_wave
-    worker._take_wave = lambda: (gate.wait(30), real_take())[1]  # every request lands in the first wave
+    worker._take_wave = lambda: (gate.wait(600), real_take())[1]  # every request lands in the first wave
     prompts = ["Return the JSON", "hi", "~~~", "x y z", "encoding"]
     results = {}
     with TestClient(create_app(worker)) as client:
