@@ -258,10 +258,14 @@ def test_a_request_whose_generation_raises_fails_alone_with_a_500(tmp_path):
     model, tok = save_tiny_chat_model(tmp_path, layers=2)
     model.eval()
     _poisoned(model)
-    worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
     gate = threading.Event()
-    real_take = worker._take_wave
-    worker._take_wave = lambda: (gate.wait(600), real_take())[1]  # every request lands in the first wave
+
+    class Held(Worker):  # every request lands in the first wave (a subclass: the thread starts in __init__)
+        def _take_wave(self):
+            gate.wait(600)
+            return super()._take_wave()
+
+    worker = Held(model, tok, model_name="tiny", max_rows=8, context=512)
     prompts = ["Return the JSON", "hi", "~~~", "x y z", "encoding"]
     results = {}
     with TestClient(create_app(worker)) as client:
