@@ -18,6 +18,9 @@ Glossary:
     ITL p99       the 99th percentile of the gaps between consecutive chunks of a stream (a chunk carries every
                   token one verification step committed)
     τ             the server's mean accepted length (``/metrics``) over the level
+    open loop     ``--rates``: requests arrive as a Poisson process of that many requests a second (exponential
+                  gaps, seeded), each sent at its arrival whatever is still running; the level's wall time runs
+                  from the first arrival to the last answer
     naive HF      what a server without batching does: HF ``generate`` of each request alone, one after the
                   other, unstreamed (its TTFT is the whole answer's time, at concurrency c after waiting for the
                   requests before it)
@@ -94,6 +97,27 @@ async def _level(url: str, prompts: list[list[dict]], concurrency: int, max_toke
         return results, time.perf_counter() - t0
 
 
+async def _open_loop(url: str, prompts: list[list[dict]], rate: float, max_tokens: int,
+                     seed: int = 0) -> tuple[list[dict], float]:
+    """``prompts`` sent as a Poisson process of ``rate`` requests a second (see the module glossary)."""
+    import random
+
+    import httpx
+
+    gaps = random.Random(seed).expovariate
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None)) as client:
+        t0 = time.perf_counter()
+        tasks, due = [], 0.0
+        for m in prompts:
+            wait = t0 + due - time.perf_counter()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            tasks.append(asyncio.create_task(_one(client, url, m, max_tokens)))
+            due += gaps(rate)
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
+
+
 def _metrics(url: str) -> dict:
     import httpx
 
@@ -112,14 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = arg_parser("serve", __doc__, section=SECTION, quick={"requests": 4, "max_tokens": 16, "levels": "1,4", "repeats": 1})
     ap.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--levels", default="1,4,16", help="comma-separated concurrency levels")
+    ap.add_argument("--levels", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--rates", default="", help="comma-separated open-loop Poisson arrival rates (requests a second)")
     ap.add_argument("--max-rows", type=int, default=16, help="the server's rows per batch")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of every level")
     args = ap.parse_args(argv)
     load_before = begin(2)
     target, tok, im_end = chat_model()
     prompts = chat_prompts(args.requests, seed=30)
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = [int(x) for x in args.levels.split(",") if x] + [f"{float(x):g}/s" for x in args.rates.split(",") if x]
     rows = []
 
     def count(text: str) -> int:
@@ -144,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             for n in names[shift:] + names[:shift]:
                 url = servers[n][0]
                 before = _metrics(url)
-                res, wall = asyncio.run(_level(url, prompts, c, args.max_tokens))
+                res, wall = asyncio.run(_level(url, prompts, c, args.max_tokens) if isinstance(c, int) else
+                                        _open_loop(url, prompts, float(c[:-2]), args.max_tokens, seed=rep))
                 after = _metrics(url)
                 a = acc[(n, c)]
                 a["res"] += res
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     t0 = time.perf_counter()
-    total, waits, per = 0, [], []
+    total, waits, per, service = 0, [], [], []
     for m in prompts:
         enc = tok.apply_chat_template(m, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         s = time.perf_counter()
@@ -180,20 +206,35 @@ def main(argv: list[str] | None = None) -> int:
         n = out.shape[1] - enc["input_ids"].shape[1]
         total += n
         per.append((time.perf_counter() - s) / max(n, 1))
+        service.append(time.perf_counter() - s)
         waits.append(time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    for c in levels:  # requests queue behind each other: the i-th of a batch of c waits for those before it
+    for c in (c for c in levels if isinstance(c, int)):  # the i-th of a batch of c waits for those before it
         ttft = [waits[i] - (waits[i - c] if i >= c else 0.0) for i in range(len(waits))]
         rows.append(["naive server (HF generate, one at a time)", str(c), f"{total / wall:.1f}",
                      f"{1000 * _pct(ttft, 0.5):.0f} / {1000 * _pct(ttft, 0.99):.0f} (whole answers)", f"{1000 * statistics.median(per):.1f} / "
                      f"{1000 * _pct(per, 0.99):.1f}", "–", "1.00", str(len(prompts))])
+    import random
+
+    for c in (c for c in levels if not isinstance(c, int)):  # FIFO one at a time, from the measured times
+        ttft, span = [], 0.0
+        for rep in range(args.repeats):  # the arrivals the servers saw (seeded per repeat)
+            gaps, due, free = random.Random(rep).expovariate, 0.0, 0.0
+            for sv in service:
+                free = max(due, free) + sv
+                ttft.append(free - due)
+                due += gaps(float(c[:-2]))
+            span += free
+        rows.append(["naive server (HF generate, one at a time; its queue simulated from the measured times)", c,
+                     f"{args.repeats * total / span:.1f}", f"{1000 * _pct(ttft, 0.5):.0f} / "
+                     f"{1000 * _pct(ttft, 0.99):.0f} (whole answers)", "–", "–", "1.00", str(len(prompts))])
     text = "\n".join([
         args.section, "",
         f"{provenance('serve', argv, load_before)} SmolLM2-135M-Instruct as loaded (float32, unpacked); "
         f"{args.requests} ShareGPT dev first turns per level, greedy, up to {args.max_tokens} tokens, streamed; "
         f"the server decodes up to {args.max_rows} requests as one batch; with prompt lookup or no drafter, "
         "requests that arrive while it runs join it between verification steps.", "",
-        *md_table(["server", "concurrency", "throughput (tok/s)", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
+        *md_table(["server", "concurrency (or arrivals)", "throughput (tok/s)", "TTFT p50 / p99 (ms)", "TPOT p50 / p99 (ms)",
                    "ITL p99 (ms)", "τ", "requests"], rows), "",
     ]) + "\n"
     report(text, args.out, args.section)
