@@ -55,6 +55,18 @@ def test_images_come_back_as_pngs_with_the_methods_verdict(client):
     assert "mmspec_images_total 4" in c.get("/metrics").text
 
 
+def test_the_openai_clients_images_call_as_the_readme_shows(client):
+    import openai
+
+    c, service = client
+    api = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=c, max_retries=0)
+    img = api.images.generate(model="mmspec-scenes", prompt="a red circle at the top left", n=2,
+                              extra_body={"seed": 7, "method": "sjd"})
+    assert len(img.data) == 2 and Image.open(io.BytesIO(base64.b64decode(img.data[0].b64_json))).format == "PNG"
+    with pytest.raises(openai.BadRequestError, match="'n' must be an integer"):
+        api.images.generate(model="mmspec-scenes", prompt="a red circle", n=9)
+
+
 @pytest.mark.parametrize("body,status,match", [
     ({"prompt": ""}, 400, "'prompt' is required"),
     ({"prompt": "x", "n": 0}, 400, "'n' must be an integer in \\[1, 3\\]"),
