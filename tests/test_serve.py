@@ -110,7 +110,8 @@ def test_bad_requests_are_4xx_and_the_server_keeps_serving(served):
         assert r.status_code == status and match in r.json()["error"]["message"], r.text
     assert client.get("/health").json() == {"status": "ok"}
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
-    assert "mmspec_requests_total" in client.get("/metrics").text
+    metrics = client.get("/metrics").text
+    assert "mmspec_requests_total" in metrics and "mmspec_step_seconds" in metrics
     ok = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                                    "max_tokens": 4})
     assert ok.status_code == 200
@@ -145,32 +146,13 @@ def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
 
 def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
     """`mmspec serve` as a user starts it (a subprocess on a HF folder), talked to with the `openai` client."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    import httpx
     import openai
 
+    from live_serve import live_serve
+
     model, tok = save_tiny_chat_model(tmp_path / "tiny", layers=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mmspec", "serve", "--target", str(tmp_path / "tiny"), "--port",
-                             str(port), "--name", "tiny", "--max-tokens", "16"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.25)
-        else:
-            raise AssertionError(proc.stdout.read1().decode()[-2000:] if proc.poll() is not None else "no server")
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with live_serve("--target", str(tmp_path / "tiny"), "--name", "tiny", "--max-tokens", "16") as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         messages = [{"role": "user", "content": "Deserialize a str instance"}]
         r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
@@ -184,9 +166,6 @@ def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
             client.chat.completions.create(model="gpt-4o", messages=messages)
         comp = client.completions.create(model="tiny", prompt="Return the", max_tokens=5, temperature=0)
         assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens <= 5
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path):

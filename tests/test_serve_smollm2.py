@@ -3,12 +3,7 @@ to with the official ``openai`` client: ten requests at once with mixed lengths 
 greedy answer equals HF ``generate`` of that request alone, a seeded sampled answer is the same under load and
 alone, and a stream concatenates to the non-streamed text (extended tier: a real model)."""
 
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -23,27 +18,10 @@ QUESTIONS = ["Name three prime numbers.", "What is the capital of France?",
 
 @pytest.fixture(scope="module")
 def server():
-    import httpx
+    from live_serve import live_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mmspec", "serve", "--target", "smollm2", "--port", str(port),
-                             "--max-rows", "8", "--max-tokens", "48"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read().decode()[-2000:])
-                time.sleep(0.25)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(60)
+    with live_serve("--target", "smollm2", "--max-rows", "8", "--max-tokens", "48", wait_seconds=600) as url:
+        yield url
 
 
 def hf_alone(model, tok, question: str, max_tokens: int) -> str:

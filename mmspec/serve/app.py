@@ -61,7 +61,9 @@ def create_app(worker: Worker, *, images: ImageService | None = None, request_ti
                  f"mmspec_generated_tokens_total {s['tokens']}",
                  f"mmspec_tokens_per_second {s['tokens'] / max(s['decode_seconds'], 1e-9):.3f}",
                  f"mmspec_mean_accepted_length {tau:.4f}", f"mmspec_accepted_tokens_total {s['accepted']}",
-                 f"mmspec_row_steps_total {s['row_steps']}", f"mmspec_isolated_reruns_total {s['isolated']}"]
+                 f"mmspec_row_steps_total {s['row_steps']}", f"mmspec_isolated_reruns_total {s['isolated']}",
+                 f"mmspec_steps_total {s['steps']}",
+                 f"mmspec_step_seconds {s['decode_seconds'] / max(s['steps'], 1):.5f}"]
         if images is not None:
             i = images.stats
             lines += [f"mmspec_image_requests_total {i['image_requests']}", f"mmspec_images_total {i['images']}",

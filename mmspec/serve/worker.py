@@ -79,7 +79,7 @@ class Worker:
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "tokens": 0, "waves": 0,
                       "running_rows": 0, "accepted": 0, "row_steps": 0, "decode_seconds": 0.0, "joined": 0,
-                      "isolated": 0}
+                      "isolated": 0, "steps": 0}
         self._deferred: list[Handle] = []  # taken from the queue by a batch of other sampling settings
         self._thread = threading.Thread(target=self._loop, name="mmspec-serve-worker", daemon=True)
         self._stop = False
@@ -241,6 +241,7 @@ class Worker:
         t0 = time.perf_counter()
         events = self._events(wave, ids, mask, seeds)
         for ev in events:
+            self.stats["steps"] += 1
             self.stats["row_steps"] += len(ev.rows)
             self.stats["accepted"] += sum(ev.num_accepted)
             for r, toks, fin in zip(ev.rows, ev.tokens, ev.finished):
