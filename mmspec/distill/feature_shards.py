@@ -26,8 +26,11 @@ Glossary:
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +45,27 @@ from .conversations import CleaningCounts, Rendered, conversations, render
 from .data import cpu_autocast, target_features
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# madvise(2) advice values (Linux): the shards are read at random windows, so the kernel's default read-ahead on a
+# page fault (read_ahead_kb, 8 MB on some disks) would read several times the window and evict what others need;
+# instead the whole mapping is marked random and each window asked for, exactly, before it is touched
+_MADV_RANDOM, _MADV_WILLNEED = 1, 3
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _advise(t: torch.Tensor, advice: int, whole: bool = False) -> None:
+    """madvise the bytes of ``t`` (or, ``whole``, of its storage) where the OS has it; a no-op elsewhere."""
+    if _LIBC is None:
+        return
+    if whole:
+        start, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    else:
+        start, size = t.data_ptr(), t.numel() * t.element_size()
+    if size <= 0 or start == 0:
+        return
+    first = start - start % mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(start + size - first), ctypes.c_int(advice))
 
 
 class FeatureCacheError(MMSpecError):
@@ -208,6 +232,8 @@ class ShardedExamples(Sequence):
             if tokens >= max_tokens:
                 break
             shard = torch.load(folder / s["file"], map_location="cpu", mmap=True, weights_only=True)
+            for key in ("features", "final"):  # the large ones, read at random windows (see _MADV_RANDOM)
+                _advise(shard[key], _MADV_RANDOM, whole=True)
             self._shards.append(shard)
             self._rows.extend((len(self._shards) - 1, e) for e in range(s["examples"]))
             tokens += s["tokens"]
@@ -221,7 +247,10 @@ class ShardedExamples(Sequence):
         s, e = self._rows[i]
         shard = self._shards[s]
         a, b = int(shard["starts"][e]), int(shard["starts"][e + 1])
-        return {k: shard[k][a:b] for k in ("tokens", "loss_mask", "features", "final")}
+        out = {k: shard[k][a:b] for k in ("tokens", "loss_mask", "features", "final")}
+        for key in ("features", "final"):  # one read of exactly this example's rows, started now
+            _advise(out[key], _MADV_WILLNEED)
+        return out
 
 
 __all__ = ["FeatureCacheError", "ShardedExamples", "build_conversation_features"]
