@@ -365,3 +365,35 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(tmp_path):
         server.should_exit = True
         thread.join(30)
         worker.close()
+
+
+def test_a_request_of_other_sampling_settings_is_not_starved_by_joining_requests(tmp_path):
+    """First come, first served across sampling settings: while a greedy wave runs, a sampled request arrives and
+    waits; greedy requests arriving after it no longer join the running wave but wait behind it, so it runs
+    next; every answer is still HF's (greedy) or the seeded one it gets alone (sampled)."""
+    from mmspec.serve.protocol import GenerationRequest
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    worker = Worker(model, tok, model_name="tiny", max_rows=8, context=512)
+    long_msgs = [{"role": "user", "content": "Serialize obj to a JSON formatted str"}]
+
+    def req(msgs, n, temperature=0.0, seed=None):
+        return GenerationRequest(kind="chat", model="tiny", messages=msgs, max_tokens=n, temperature=temperature,
+                                 seed=seed)
+
+    first = worker.submit(req(long_msgs, 120))
+    assert first.pieces.get(timeout=30)  # the greedy wave is decoding
+    sampled_msgs = [{"role": "user", "content": "hi"}]
+    sampled = worker.submit(req(sampled_msgs, 12, temperature=0.9, seed=5))
+    import time
+    deadline = time.monotonic() + 30
+    while not worker._deferred and time.monotonic() < deadline:  # the running wave has seen it
+        time.sleep(0.005)
+    later = worker.submit(req([{"role": "user", "content": PROMPTS[0]}], 10))
+    assert first.result(60) == hf_alone(model, tok, long_msgs, 120)
+    assert later.result(60) == hf_alone(model, tok, [{"role": "user", "content": PROMPTS[0]}], 10)
+    assert worker.stats["joined"] == 0 and worker.stats["waves"] == 3  # greedy, then sampled, then greedy
+    alone = worker.submit(req(sampled_msgs, 12, temperature=0.9, seed=5))
+    assert sampled.result(60) == alone.result(60)
+    worker.close()

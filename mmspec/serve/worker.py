@@ -10,7 +10,8 @@ Glossary:
     joining     with prompt lookup or no drafter, requests that arrive while a wave runs join it between
                 verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
                 cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
-                they wait for the next wave
+                they wait for the next wave, and once one waits nothing more joins (first come, first served:
+                the wave drains and the waiting request's wave is next)
     isolation   a wave that raises is decoded again request by request, so the request whose generation raises
                 fails alone (its 500) and the others finish with the text they would have had
     seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
@@ -123,15 +124,20 @@ class Worker:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _take_wave(self) -> list[Handle]:
+        """The next wave: the longest-waiting request and those waiting with its sampling settings (first the
+        deferred ones, then the queue's), up to ``max_rows``."""
         first = self._deferred.pop(0) if self._deferred else self.queue.get()
-        wave, later = [first], []
-        key = (first.request.temperature, first.request.top_p)
+        key = _setting(first)
+        wave = [first] + [h for h in self._deferred if _setting(h) == key][: self.max_rows - 1]
+        taken = {id(h) for h in wave}
+        self._deferred = [h for h in self._deferred if id(h) not in taken]
+        later = []
         while len(wave) < self.max_rows:
             try:
                 h = self.queue.get_nowait()
             except queue.Empty:
                 break
-            (wave if (h.request.temperature, h.request.top_p) == key else later).append(h)
+            (wave if _setting(h) == key else later).append(h)
         self._deferred += later  # another sampling setting: the next wave (never put back: the queue may be full)
         return [h for h in wave if not h.cancelled]
 
@@ -193,18 +199,20 @@ class Worker:
         ``max_rows``); others wait for a batch of their own."""
         from mmspec.engine import Admission
 
-        key = (wave[0].request.temperature, wave[0].request.top_p)
+        key = _setting(wave[0])
 
         def admit(running: int):
             new = []
-            while running + len(new) < self.max_rows:
+            while running + len(new) < self.max_rows and not self._deferred:
+                # (a request of another setting waits: nothing more joins, the wave drains and that request's
+                # wave comes next, so a stream of joining requests cannot starve it)
                 try:
                     h = self.queue.get_nowait()
                 except queue.Empty:
                     break
                 if h.cancelled:
                     continue
-                if (h.request.temperature, h.request.top_p) != key or len(h.ids) < 2:
+                if _setting(h) != key or len(h.ids) < 2:
                     self._deferred.append(h)
                     continue
                 new.append(h)
@@ -352,6 +360,11 @@ def cost_aware_lookup(target):
 
     cost = measure_cost_model(target, widths=(1, 2, 4, 8, 16, 32, 64, 128), repeats=3)
     return lambda: PromptLookupDrafter(draft_length=CostAwareDraftLength(cost, max_k=10, min_k=0))
+
+
+def _setting(h: Handle) -> tuple[float, float]:
+    """The sampling settings a wave shares: (temperature, top-p)."""
+    return (h.request.temperature, h.request.top_p)
 
 
 def _can_join(drafter: Any) -> bool:
