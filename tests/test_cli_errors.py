@@ -296,3 +296,18 @@ def test_no_module_imports_the_cli_for_the_heatmap(path):
             assert node.module not in ("cli", "mmspec.cli"), (path, node.lineno)
         if isinstance(node, ast.Import):
             assert all(a.name != "mmspec.cli" for a in node.names), (path, node.lineno)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--max-rows", "0"], "--max-rows"),
+    (["serve", "--keep-ratio", "1.5"], "--keep-ratio"),
+    (["serve", "--target", "some/folder", "--drafter", "head"], "--drafter head is packaged for --target smollm2"),
+    (["serve", "--target", "smollm2", "--drafter", "model"], "--drafter model is the small VLM"),
+    (["serve", "--target", "smollm2-vlm", "--drafter", "none"], "--drafter none is for text models"),
+])
+def test_serve_arguments_are_checked_before_any_model_loads(capsys, no_work, monkeypatch, argv, match):
+    _forbid(monkeypatch, "mmspec.pretrained.load_causal_lm")
+    _forbid(monkeypatch, "mmspec.zoo.smollm2_llava.load_smollm2_vlm")
+    assert main(argv) == EXIT_BAD_INPUT
+    assert match in one_line_error(capsys)

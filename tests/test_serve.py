@@ -166,6 +166,25 @@ def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
             client.chat.completions.create(model="gpt-4o", messages=messages)
         comp = client.completions.create(model="tiny", prompt="Return the", max_tokens=5, temperature=0)
         assert comp.choices[0].finish_reason in ("stop", "length") and comp.usage.completion_tokens <= 5
+        # eight at once, mixed lengths and sampling settings: greedy ones equal HF alone, seeded ones equal alone
+        asks = [(p, 6 + 2 * i, 0.0 if i % 3 else 0.8, None if i % 3 else 40 + i) for i, p in enumerate(PROMPTS)]
+        got = {}
+
+        def ask(i, p, n, t, seed):
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": p}],
+                                               max_tokens=n, temperature=t, seed=seed)
+            got[i] = r.choices[0].message.content
+
+        threads = [threading.Thread(target=ask, args=(i, *a)) for i, a in enumerate(asks)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        for i, (p, n, t, seed) in enumerate(asks):
+            if t == 0.0:
+                assert got[i] == hf_alone(model, tok, [{"role": "user", "content": p}], n)
+            else:
+                under_load = got[i]
+                ask(i, p, n, t, seed)
+                assert got[i] == under_load
 
 
 def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path):
