@@ -1,8 +1,8 @@
 """``mmspec serve``: an OpenAI-compatible HTTP server (``/v1/chat/completions``, ``/v1/completions``,
 ``/v1/models``, ``/health``, ``/metrics``) with speculative decoding, for a causal LM given as ``smollm2``, a HF
-folder or a ``.gguf`` file (issue 30, in progress; requests join the running batch between verification steps
-with prompt lookup or no drafter), and with ``--images zoo`` ``/v1/images/generations`` on the zoo's image
-models."""
+folder or a ``.gguf`` file (requests join the running batch between verification steps with prompt lookup or no
+drafter), a vision-language model (``smollm2-vlm`` or a HF VLM folder: chats with ``image_url`` parts), and with
+``--images zoo`` ``/v1/images/generations`` on the zoo's image models."""
 
 from __future__ import annotations
 
