@@ -280,9 +280,11 @@ def _admit(session: CacheSession, drafter: Drafter, rng: RowRandom, new: Admissi
     if ids.shape[1] < 2:
         raise ValueError("a row joining a running batch needs a prompt of at least two tokens")
     fresh = CacheSession(session.model, ids.shape[0], session.device)
+    fresh.record_hidden = drafter.hidden_layers  # a feature drafter reads the new prompts' hidden states
     prefill_causal_lm(fresh, ids, mask, {})
+    hidden = fresh.last_hidden if drafter.hidden_layers else None
     session.merge(fresh)
-    drafter.add_rows(ids, mask)
+    drafter.add_rows(ids, mask, target_hidden=hidden)
     rng.add(new.seeds)
     return ids[:, -1:]
 

@@ -198,3 +198,42 @@ def test_a_new_draft_vocabulary_keeps_the_heads_layers_and_selects_other_target_
     h = torch.randn(3, head.config.hidden_size, dtype=torch.float64)
     assert torch.allclose(other.lm_logits(h), full.lm_logits(h)[:, new])
     assert torch.allclose(head.lm_logits(h), full.lm_logits(h)[:, head.d2t])
+
+
+@pytest.mark.parametrize("shape", ["chain", "dynamic"])
+def test_rows_joining_a_running_batch_draft_exactly_as_alone(shape):
+    """Continuous batching with the head (FeatureDrafter.add_rows): rows admitted after steps 2 and 4 decode to HF
+    generate's tokens, and every step accepts as many drafts for them as when each row runs alone (the head's
+    context for a joining row is built from its prefill's hidden states, as for a first row)."""
+    from mmspec.engine import Admission, generate_stream
+
+    target = build("llama", layers=3)
+    head = make_head(target)
+    ids, mask = left_padded_prompts(3, 9, V, seed=5)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+
+    def run(first, queue):
+        calls, toks, acc = [], {}, {}
+
+        def admit(running):
+            calls.append(running)
+            if len(calls) in (2, 4) and queue:
+                i, m = queue.pop(0)
+                return Admission(i, m, [20], [0])
+            return None
+
+        for ev in generate_stream(target, first[0], attention_mask=first[1], max_new_tokens=20, eos_token_id=[],
+                                  drafter=FeatureDrafter(head, **SHAPES[shape]), admit=admit):
+            for r, t, a in zip(ev.rows, ev.tokens, ev.num_accepted):
+                toks.setdefault(r, []).extend(t)
+                acc.setdefault(r, []).append(a)
+        assert not queue
+        return toks, acc
+
+    joined_toks, joined_acc = run((ids[:1], mask[:1]), [(ids[1:2], mask[1:2]), (ids[2:3], mask[2:3])])
+    for b in range(3):
+        alone_toks, alone_acc = run((ids[b:b + 1], mask[b:b + 1]), [])
+        assert joined_toks[b] == alone_toks[0] == ref[b, ids.shape[1]:].tolist()
+        assert joined_acc[b] == alone_acc[0]
+    assert sum(sum(a) for a in joined_acc.values()) > 0  # the head's drafts were accepted: it had its context

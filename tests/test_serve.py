@@ -187,16 +187,30 @@ def test_the_official_openai_client_against_a_live_mmspec_serve(tmp_path):
                 assert got[i] == under_load
 
 
-def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path):
+def _tiny_head(model):
+    from mmspec.heads.eagle3 import Eagle3Config, Eagle3Head
+
+    torch.manual_seed(0)
+    vocab = model.config.vocab_size
+    d2t = torch.arange(vocab)
+    head = Eagle3Head(Eagle3Config.from_target(model, vocab), d2t=d2t).eval()
+    head.init_from_target(model)
+    return head.attach(model)
+
+
+@pytest.mark.parametrize("kind", ["prompt_lookup", "head"])
+def test_requests_join_a_running_batch_and_still_get_hf_generates_text(tmp_path, kind):
     """Continuous batching: requests submitted while a long one decodes join its batch between steps (no second
-    batch is started for them) and each greedy answer equals HF generate of that request alone."""
+    batch is started for them) and each greedy answer equals HF generate of that request alone; with prompt
+    lookup and with an EAGLE-3 head (FeatureDrafter.add_rows)."""
     from mmspec.serve.protocol import GenerationRequest
 
     model, tok = save_tiny_chat_model(tmp_path, layers=2)
     model.eval()
     long_msgs = [{"role": "user", "content": "Serialize obj to a JSON formatted str"}]
     assert len(tok(hf_alone(model, tok, long_msgs, 120))["input_ids"]) >= 100  # it runs long: no early EOS
-    worker = Worker(model, tok, model_name="tiny", drafter=lambda: "prompt_lookup", max_rows=8, context=512)
+    drafter = "prompt_lookup" if kind == "prompt_lookup" else _tiny_head(model)
+    worker = Worker(model, tok, model_name="tiny", drafter=lambda: drafter, max_rows=8, context=512)
 
     def req(msgs, n):
         return GenerationRequest(kind="chat", model="tiny", messages=msgs, max_tokens=n, temperature=0.0)

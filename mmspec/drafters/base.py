@@ -119,13 +119,15 @@ class Drafter(ABC):
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (long [B']) of the batch."""
 
-    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 target_hidden: "dict[int, torch.Tensor] | None" = None) -> None:
         """Take new prompts (long [N, L], left padded) into the running batch, after its rows (continuous
-        batching); a drafter that cannot says so."""
+        batching); ``target_hidden``: the target's hidden states over their prefill (layers ``hidden_layers``,
+        [N, L - 1, d] each) for a drafter that reads them. A drafter that cannot take rows says so."""
         from ..errors import MMSpecError
 
-        raise MMSpecError(f"{type(self).__name__} cannot take rows into a running batch; use prompt lookup or no "
-                          "drafter")
+        raise MMSpecError(f"{type(self).__name__} cannot take rows into a running batch; use prompt lookup, an "
+                          "EAGLE-3 head or no drafter")
 
     #: the drafter needs nothing from the target's prefill (no hidden states, no prompt context of its own kept
     #: in step with the target): the loop may then feed the prompt in the first verification step, together
@@ -178,5 +180,6 @@ class NoDrafter(Drafter):
     def select_rows(self, rows: torch.Tensor) -> None:
         pass
 
-    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 target_hidden: "dict[int, torch.Tensor] | None" = None) -> None:
         pass

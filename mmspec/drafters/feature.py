@@ -32,7 +32,7 @@ import torch
 
 from ..cache import CacheSession
 from ..config import SamplingParams
-from ..errors import DeviceMismatchError, VocabularyMismatchError
+from ..errors import DeviceMismatchError, MMSpecError, VocabularyMismatchError
 from ..guidance import Guidance, conditional_prompts, guide_halves, guided_rows
 from ..heads.eagle3 import Eagle3Head
 from ..rng import DRAFT, RowRandom
@@ -238,6 +238,32 @@ class FeatureDrafter(ModelDrafter):
         index = index.to(self.device)
         f = feats.gather(1, index.unsqueeze(-1).expand(-1, -1, feats.shape[-1]))
         self._feed(tok.to(self.device), f, valid.to(self.device))
+
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 target_hidden: dict[int, torch.Tensor] | None = None) -> None:
+        """Continuous batching: the new prompts' (feature, next token) pairs are fed to a head session of their
+        own, which is merged into the running one (its rows after the batch's), as :meth:`observe_prefill` does
+        for the first rows."""
+        if self.guidance is not None:
+            raise MMSpecError("rows cannot join a guided (CFG) batch")
+        if target_hidden is None or input_ids.shape[1] < 2:
+            raise MMSpecError("a joining row needs a prompt of at least two tokens and the target's hidden states "
+                              "over its prefill")
+        ids, mask = input_ids.to(self.device), attention_mask.to(device=self.device, dtype=torch.long)
+        n = ids.shape[0]
+        running = (self.session, self.has_context, self.next_logits, self.next_feature)
+        self.session = CacheSession(self.head, n, self.device)
+        self.has_context = torch.zeros((n,), dtype=torch.bool, device=self.device)
+        self.next_logits = running[2].new_zeros((n, running[2].shape[1]))
+        self.next_feature = running[3].new_zeros((n, running[3].shape[1]))
+        self._feed(ids[:, 1:], self._features(target_hidden), mask[:, :-1])
+        fresh, has, logits, feature = self.session, self.has_context, self.next_logits, self.next_feature
+        self.session = running[0]
+        self.session.merge(fresh)
+        self.has_context = torch.cat([running[1], has])
+        self.next_logits = torch.cat([running[2], logits])
+        self.next_feature = torch.cat([running[3], feature])
+        self.position = torch.cat([self.position, torch.zeros((n,), dtype=torch.long)])
 
     def select_rows(self, rows: torch.Tensor) -> None:
         assert self.session is not None

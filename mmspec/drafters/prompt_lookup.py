@@ -111,6 +111,6 @@ class PromptLookupDrafter(Drafter):
     def select_rows(self, rows: torch.Tensor) -> None:
         self.contexts = [self.contexts[i] for i in rows.tolist()]
 
-    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    def add_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_hidden: Any = None) -> None:
         ids, mask = input_ids.tolist(), attention_mask.tolist()
         self.contexts += [[t for t, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]

@@ -7,7 +7,7 @@ Glossary:
                 temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
                 row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens``,
                 EOS, a stop sequence or when its request is cancelled: a client that disconnects frees its row)
-    joining     with prompt lookup or no drafter, requests that arrive while a wave runs join it between
+    joining     with prompt lookup, the EAGLE-3 head or no drafter, requests that arrive while a wave runs join it between
                 verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
                 cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
                 they wait for the next wave, and once one waits nothing more joins (first come, first served:
@@ -370,9 +370,10 @@ def _setting(h: Handle) -> tuple[float, float]:
 def _can_join(drafter: Any) -> bool:
     """Whether ``drafter`` (what the factory returned) can take rows into a running batch (``Drafter.add_rows``)."""
     from mmspec.drafters.base import Drafter
+    from mmspec.heads.eagle3 import Eagle3Head
 
-    if drafter is None or drafter == "prompt_lookup":
-        return True
+    if drafter is None or drafter == "prompt_lookup" or isinstance(drafter, Eagle3Head):
+        return True  # (a head becomes a FeatureDrafter, which takes rows)
     return isinstance(drafter, Drafter) and type(drafter).add_rows is not Drafter.add_rows
 
 
