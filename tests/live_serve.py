@@ -1,4 +1,5 @@
-"""``mmspec serve`` started as a user starts it: a subprocess on a free port, waited for on ``/health``."""
+"""``mmspec serve`` in tests: a subprocess on a free port waited for on ``/health`` (as a user starts it), and
+requests posted at once.
 
 from __future__ import annotations
 
@@ -37,3 +38,18 @@ def live_serve(*args: str, wait_seconds: float = 300.0):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def post_concurrently(client, path: str, bodies: list[dict]) -> list:
+    """``client.post(path, json=body)`` for every body at once (a thread each); the responses in order."""
+    import threading
+
+    results: list = [None] * len(bodies)
+
+    def call(i: int) -> None:
+        results[i] = client.post(path, json=bodies[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return results

@@ -10,6 +10,7 @@ import torch
 
 from mmspec.serve.app import create_app
 from mmspec.serve.worker import Worker
+from live_serve import post_concurrently
 from tiny_tokenizer import save_tiny_chat_model
 
 
@@ -42,14 +43,7 @@ def test_greedy_responses_equal_hf_generate_alone_while_eight_run_together(serve
     client, model, tok, _ = served
     bodies = [{"model": "tiny", "messages": [{"role": "user", "content": p}], "max_tokens": 8 + 3 * i,
                "temperature": 0} for i, p in enumerate(PROMPTS)]
-    results = [None] * len(bodies)
-
-    def call(i):
-        results[i] = client.post("/v1/chat/completions", json=bodies[i])
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    results = post_concurrently(client, "/v1/chat/completions", bodies)
     for body, r in zip(bodies, results):
         assert r.status_code == 200, r.text
         out = r.json()

@@ -4,7 +4,6 @@ chat requests with OpenAI ``image_url`` parts decoded with a pruned drafter, gre
 
 import base64
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from PIL import Image
 
 from mmspec.serve.app import create_app
 from mmspec.serve.worker import VLMWorker
+from live_serve import post_concurrently
 from tiny_vlms import build_vlm, tiny_llava_processor, truncated_vlm_drafter
 
 TEMPLATE = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
@@ -63,14 +63,7 @@ def hf_alone(target, processor, body) -> list[int]:
 def test_image_chats_equal_hf_generate_alone_while_several_run_together(served):
     client, target, processor, worker = served
     bodies = [chat(i, "w5 w6 w7" if i % 2 else "w9", 6 + 3 * i) for i in range(4)]
-    results = [None] * len(bodies)
-
-    def call(i):
-        results[i] = client.post("/v1/chat/completions", json=bodies[i])
-
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
+    results = post_concurrently(client, "/v1/chat/completions", bodies)
     for body, r in zip(bodies, results):
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == hf_alone(target, processor, body)
