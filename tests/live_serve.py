@@ -1,5 +1,5 @@
 """``mmspec serve`` in tests: a subprocess on a free port waited for on ``/health`` (as a user starts it), and
-requests posted at once.
+requests posted at once."""
 
 from __future__ import annotations
 
