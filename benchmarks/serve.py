@@ -155,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     servers = {}
     for name, drafter in (("mmspec serve, prompt lookup (k 5)", lambda: "prompt_lookup"),
                           ("mmspec serve, cost-aware prompt lookup (its default)", cost_aware_lookup(target)),
-                          ("mmspec serve, no speculation", lambda: None)):
-        worker = Worker(target, tok, model_name="smollm2", drafter=drafter, max_rows=args.max_rows,
-                        max_queue=4 * args.requests, default_max_tokens=args.max_tokens)
+                          ("mmspec serve, no speculation", lambda: None),
+                          ("mmspec serve, no speculation, whole-wave prefill (no prefill budget)", None)):
+        budget = {} if drafter is not None else {"prefill_budget": None}
+        worker = Worker(target, tok, model_name="smollm2", drafter=drafter or (lambda: None),
+                        max_rows=args.max_rows, max_queue=4 * args.requests, default_max_tokens=args.max_tokens,
+                        **budget)
         url, server = _start(worker)
         asyncio.run(_level(url, prompts[:1], 1, 8))  # warm-up
         servers[name] = (url, server, worker)

@@ -424,3 +424,32 @@ def test_a_request_of_other_sampling_settings_is_not_starved_by_joining_requests
     alone = worker.submit(req(sampled_msgs, 12, temperature=0.9, seed=5))
     assert sampled.result(60) == alone.result(60)
     worker.close()
+
+
+def test_a_prefill_budget_spreads_a_burst_over_steps(tmp_path):
+    """``prefill_budget``: a burst of requests starts with as many prompt tokens as the budget allows (at least
+    one request) and the rest join the running wave at the next steps (one each here), so the first answer
+    starts after one prefill, not the whole burst's; every answer is still HF generate's alone."""
+    from mmspec.serve.protocol import GenerationRequest
+
+    model, tok = save_tiny_chat_model(tmp_path, layers=2)
+    model.eval()
+    gate = threading.Event()
+
+    class Held(Worker):
+        def _take_wave(self):
+            gate.wait(600)
+            return super()._take_wave()
+
+    worker = Held(model, tok, model_name="tiny", max_rows=8, context=512, prefill_budget=1)
+    msgs = [[{"role": "user", "content": p}] for p in PROMPTS[:4]]
+    handles = [worker.submit(GenerationRequest(kind="chat", model="tiny", messages=m, max_tokens=16,
+                                               temperature=0.0)) for m in msgs]
+    gate.set()
+    for m, h in zip(msgs, handles):
+        assert h.result(60) == hf_alone(model, tok, m, 16)
+    assert worker.stats["waves"] == 1 and worker.stats["joined"] == 3
+    worker.close()
+    unlimited = Worker(model, tok, model_name="tiny", context=512, prefill_budget=None)
+    assert unlimited.prefill_budget is None
+    unlimited.close()

@@ -42,6 +42,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-rows", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond which the server answers 429")
     p.add_argument("--max-tokens", type=int, default=256, help="the default max_tokens of a request")
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled before a step where rows join (at least one request; the rest join "
+                        "at the next steps: a burst's first answers start sooner); 0: no limit")
     p.add_argument("--images", default="none", choices=["none", "zoo"],
                    help="also serve POST /v1/images/generations with the zoo's AR image models (default: none)")
     p.add_argument("--max-images", type=int, default=4, help="the largest n of an image request")
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     check_number(args, "max_queue", lo=1, integer=True)
     check_number(args, "max_tokens", lo=1, integer=True)
     check_number(args, "max_images", lo=1, integer=True)
+    check_number(args, "prefill_budget", lo=0, integer=True)
     check_number(args, "keep_ratio", lo=0, hi=1)
     vlm = args.target == PACKAGED_VLM or _is_vlm_folder(args.target)
     if args.drafter == "head" and args.target not in ("smollm2", PACKAGED_VLM):
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or (args.target if args.target in ("smollm2", PACKAGED_VLM) else
                          str(args.target).rstrip("/").split("/")[-1])
     common = dict(model_name=name, max_rows=args.max_rows, max_queue=args.max_queue,
-                  default_max_tokens=args.max_tokens)
+                  default_max_tokens=args.max_tokens, prefill_budget=args.prefill_budget or None)
     if vlm:
         worker = _vlm_worker(args, common)
     else:

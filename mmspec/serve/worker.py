@@ -7,13 +7,16 @@ Glossary:
                 temperature and top-p) and decoded as one batch by :func:`mmspec.engine.generate_stream`, each
                 row with its own seed and its own token budget (a row leaves the batch at its ``max_tokens``,
                 EOS, a stop sequence or when its request is cancelled: a client that disconnects frees its row)
-    joining     with prompt lookup, the EAGLE-3 head or no drafter, requests that arrive while a wave runs join it between
-                verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
+    joining     with prompt lookup, the EAGLE-3 head or no drafter, requests that arrive while a wave runs join it
+                between verification steps (:class:`mmspec.engine.Admission`: prefilled alone, merged into the batch's
                 cache) while it has fewer than ``max_rows`` rows and they share its sampling settings; otherwise
                 they wait for the next wave, and once one waits nothing more joins (first come, first served:
                 the wave drains and the waiting request's wave is next)
     isolation   a wave that raises is decoded again request by request, so the request whose generation raises
                 fails alone (its 500) and the others finish with the text they would have had
+    budget      ``prefill_budget``: where rows can join, a wave starts with the waiting requests whose prompts
+                fit that many tokens (at least one) and the others join at the next steps within the same budget
+                each: a burst's first answers start after one prefill instead of the whole burst's
     seed        a request's ``seed`` makes its sampled text depend only on its prompt, settings and seed (the
                 loop's per-row randomness), alone or in a wave; without one a random seed is drawn
     piece       the text a request gained in one verification step: its committed tokens decoded, held back
@@ -72,10 +75,14 @@ class Worker:
 
     def __init__(self, target: torch.nn.Module, tokenizer: Any, *, model_name: str,
                  drafter: Callable[[], Any] | None = None, max_rows: int = 8, max_queue: int = 64,
-                 default_max_tokens: int = 256, context: int | None = None):
+                 default_max_tokens: int = 256, context: int | None = None, prefill_budget: int | None = 512):
         self.target, self.tokenizer, self.model_name = target, tokenizer, model_name
         self.drafter = drafter or (lambda: "prompt_lookup")
         self.max_rows, self.default_max_tokens = max_rows, default_max_tokens
+        # prompt tokens prefilled before a step (a wave's start or the rows joining it), at least one request; None:
+        # no limit. Only where rows can join (the others wait for the next step instead of the next wave)
+        self.prefill_budget = prefill_budget if self.takes_images is False and _can_join(self.drafter()) else None
+        self._held: list[Handle] = []  # taken with the running wave's settings, beyond a step's prefill budget
         self.context = context or int(getattr(target.config, "max_position_embeddings", 2048))
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "rejected": 0, "tokens": 0, "waves": 0,
@@ -126,11 +133,13 @@ class Worker:
     def _take_wave(self) -> list[Handle]:
         """The next wave: the longest-waiting request and those waiting with its sampling settings (first the
         deferred ones, then the queue's), up to ``max_rows``."""
-        first = self._deferred.pop(0) if self._deferred else self.queue.get()
+        waiting = self._held + self._deferred
+        first = waiting[0] if waiting else self.queue.get()
         key = _setting(first)
-        wave = [first] + [h for h in self._deferred if _setting(h) == key][: self.max_rows - 1]
+        wave = ([first] + [h for h in waiting[1:] if _setting(h) == key])[: self.max_rows]
         taken = {id(h) for h in wave}
-        self._deferred = [h for h in self._deferred if id(h) not in taken]
+        self._held = []
+        self._deferred = [h for h in waiting if id(h) not in taken]
         later = []
         while len(wave) < self.max_rows:
             try:
@@ -139,7 +148,10 @@ class Worker:
                 break
             (wave if _setting(h) == key else later).append(h)
         self._deferred += later  # another sampling setting: the next wave (never put back: the queue may be full)
-        return [h for h in wave if not h.cancelled]
+        wave = [h for h in wave if not h.cancelled]
+        now = _within_budget(wave, self.prefill_budget)
+        self._held = wave[len(now):]  # join the wave at its next steps
+        return now
 
     def _loop(self) -> None:
         while not self._stop:
@@ -202,7 +214,7 @@ class Worker:
         key = _setting(wave[0])
 
         def admit(running: int):
-            new = []
+            new = [h for h in self._held if not h.cancelled]
             while running + len(new) < self.max_rows and not self._deferred:
                 # (a request of another setting waits: nothing more joins, the wave drains and that request's
                 # wave comes next, so a stream of joining requests cannot starve it)
@@ -216,6 +228,10 @@ class Worker:
                     self._deferred.append(h)
                     continue
                 new.append(h)
+            new, self._held = new[: self.max_rows - running], new[self.max_rows - running:]
+            now = _within_budget(new, self.prefill_budget)
+            self._held = new[len(now):] + self._held  # the next steps (first come, first served)
+            new = now
             if not new:
                 return None
             ids, mask, seeds = self._batch(new)
@@ -360,6 +376,18 @@ def cost_aware_lookup(target):
 
     cost = measure_cost_model(target, widths=(1, 2, 4, 8, 16, 32, 64, 128), repeats=3)
     return lambda: PromptLookupDrafter(draft_length=CostAwareDraftLength(cost, max_k=10, min_k=0))
+
+
+def _within_budget(handles: list[Handle], budget: int | None) -> list[Handle]:
+    """The first of ``handles`` whose prompts fit ``budget`` tokens together (at least one; all for None)."""
+    if budget is None:
+        return handles
+    total = 0
+    for i, h in enumerate(handles):
+        total += len(h.ids)
+        if total > budget and i > 0:
+            return handles[:i]
+    return handles
 
 
 def _setting(h: Handle) -> tuple[float, float]:
