@@ -182,7 +182,7 @@ class Worker:
                 self._finish(h, h.text, h.sent, h.completion_tokens, "cancelled")
                 continue
             try:
-                self._run_wave([h])
+                self._run_wave([h], joins=False)  # alone: nothing joins a rerun that may fail again
             except Exception as exc:
                 self._fail([h], exc)
 
@@ -241,9 +241,10 @@ class Worker:
             return Admission(ids, mask, [h.budget for h in new], seeds)
         return admit
 
-    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]):
+    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int],
+                joins: bool = True):
         """The loop's step events for ``wave`` (its prompts ``ids`` / ``mask``, its rows' seeds); the rows of
-        requests admitted later are appended to ``wave``."""
+        requests admitted later (``joins``) are appended to ``wave``."""
         from mmspec.engine import generate_stream
 
         req0 = wave[0].request
@@ -252,10 +253,10 @@ class Worker:
                                max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
                                top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds,
                                eos_token_id=self.target.generation_config.eos_token_id,
-                               admit=self._admitter(wave) if _can_join(drafter) else None,
+                               admit=self._admitter(wave) if joins and _can_join(drafter) else None,
                                leave=lambda r: wave[r].done.is_set() or wave[r].cancelled)
 
-    def _run_wave(self, wave: list[Handle]) -> None:
+    def _run_wave(self, wave: list[Handle], joins: bool = True) -> None:
         tok = self.tokenizer
         ids, mask, seeds = self._batch(wave)
         eos_ids = eos_set(self.target.generation_config.eos_token_id)
@@ -263,7 +264,7 @@ class Worker:
         self.stats["running_rows"] = len(wave)
         tokens: dict[int, list[int]] = defaultdict(list)  # row -> its committed tokens (rows may join)
         t0 = time.perf_counter()
-        events = self._events(wave, ids, mask, seeds)
+        events = self._events(wave, ids, mask, seeds, joins)
         for ev in events:
             self.stats["steps"] += 1
             self.stats["row_steps"] += len(ev.rows)
@@ -353,7 +354,8 @@ class VLMWorker(Worker):
             raise RequestError(f"the processor cannot prepare this request: {first}", param="messages") from None
         return enc["input_ids"][0].tolist()
 
-    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]):
+    def _events(self, wave: list[Handle], ids: torch.Tensor, mask: torch.Tensor, seeds: list[int],
+                joins: bool = True):
         import mmspec.vision as mv
 
         req0 = wave[0].request
