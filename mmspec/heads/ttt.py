@@ -78,6 +78,7 @@ def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
     need = lmask[:, 1:] & valid[:, 1:].bool()  # [B, L-1]: position p is a teacher position
     with torch.no_grad(), torch.autocast("cpu", enabled=False):  # the target's distribution in the draft vocabulary
         teacher_rows = (final[:, :-1][need].float() @ head._lm_weight.float().T).softmax(-1)  # [P, Vd], float32
+    teacher_top = teacher_rows.argmax(-1)  # [P]: once per batch, not per step
     row_of = need.flatten().cumsum(0).view_as(need) - 1  # [B, L-1]: p -> its row of teacher_rows
     total, weight, acc = 0.0, 0.0, []
     for j, hidden in enumerate(outs):
@@ -89,11 +90,12 @@ def ttt_loss(head: Eagle3Head, batch: HeadBatch, steps: int, decay: float):
         if not bool(score.any()):
             continue
         lg = head.lm_logits(hidden[:, :n][score])  # [M, Vd]: only the scored rows go through the head
-        teacher = teacher_rows[row_of[:, j + 1: j + 1 + n][score]]  # [M, Vd]: position t + j + 1
+        rows = row_of[:, j + 1: j + 1 + n][score]  # [M]: position t + j + 1
+        teacher = teacher_rows[rows]  # [M, Vd]
         # the teacher's top token within the draft vocabulary: what greedy verification would accept
         loss = -(teacher * lg.float().log_softmax(-1)).sum(-1).mean()
         w = decay ** j
         total = total + w * loss
         weight += w
-        acc.append(float((lg.argmax(-1) == teacher.argmax(-1)).float().mean()))
+        acc.append(float((lg.argmax(-1) == teacher_top[rows]).float().mean()))
     return total / max(weight, 1e-9), acc
