@@ -81,7 +81,8 @@ class Worker:
         self.max_rows, self.default_max_tokens = max_rows, default_max_tokens
         # prompt tokens prefilled before a step (a wave's start or the rows joining it), at least one request; None:
         # no limit. Only where rows can join (the others wait for the next step instead of the next wave)
-        self.prefill_budget = prefill_budget if self.takes_images is False and _can_join(self.drafter()) else None
+        self.joins = not self.takes_images and _can_join(self.drafter())  # whether rows may join a running wave
+        self.prefill_budget = prefill_budget if self.joins else None
         self._held: list[Handle] = []  # taken with the running wave's settings, beyond a step's prefill budget
         self.context = context or int(getattr(target.config, "max_position_embeddings", 2048))
         self.queue: "queue.Queue[Handle]" = queue.Queue(maxsize=max_queue)
@@ -253,7 +254,7 @@ class Worker:
                                max_new_tokens=[h.budget for h in wave], temperature=req0.temperature,
                                top_p=req0.top_p if req0.top_p < 1.0 else None, seed=seeds,
                                eos_token_id=self.target.generation_config.eos_token_id,
-                               admit=self._admitter(wave) if joins and _can_join(drafter) else None,
+                               admit=self._admitter(wave) if joins and self.joins else None,
                                leave=lambda r: wave[r].done.is_set() or wave[r].cancelled)
 
     def _run_wave(self, wave: list[Handle], joins: bool = True) -> None:
