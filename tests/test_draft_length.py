@@ -424,3 +424,72 @@ def test_cost_aware_k_through_num_draft_tokens_with_a_head_at_batch_two_is_greed
                           max_new_tokens=16, eos_token_id=eos, pad_token_id=0)
     assert torch.equal(out.sequences[:, :ref.shape[1]], ref)
     assert out.stats.drafted_tokens > 0 and 0.0 <= policy.acceptance <= 1.0
+
+
+def _lookup_prompts(batch: int):
+    """Left-padded rows whose last bigram occurred earlier, so prompt lookup drafts from the first step."""
+    g = torch.Generator().manual_seed(batch)
+    rows, mask = [], []
+    for i in range(batch):
+        piece = torch.randint(3, 60, (4,), generator=g).tolist()
+        row = piece * 3 + piece[:2]
+        rows.append([0] * i + row[i:])
+        mask.append([0] * i + [1] * (len(row) - i))
+    return torch.tensor(rows), torch.tensor(mask)
+
+
+def test_cost_aware_prompt_lookup_at_batch_four_is_greedy_identical():
+    """Four left-padded rows of a random tiny Llama: cost-aware prompt lookup (no drafts a choice) emits HF greedy
+    generate's tokens in every row."""
+    from tiny_models import build
+
+    target = build("llama", layers=2)
+    ids, mask = _lookup_prompts(4)
+    ref = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    policy = CostAwareDraftLength(SMOLLM2, max_k=4, prior=0.6, min_k=0)
+    out = mmspec.generate(target, ids, attention_mask=mask, drafter=PromptLookupDrafter(2, draft_length=policy),
+                          max_new_tokens=24, pad_token_id=0)
+    assert torch.equal(out.sequences[:, :ref.shape[1]], ref)
+    assert out.stats.drafted_tokens > 0
+
+
+class _ClaimsUniformLookup(PromptLookupDrafter):
+    """Wrong on purpose: deterministic lookup drafts verified as if drawn from a uniform distribution, so each is
+    accepted with min(1, V p(x)) instead of p(x) (the negative control of the sampling test below)."""
+
+    def propose(self, max_tokens):
+        d = super().propose(max_tokens)
+        vocab = self._vocab
+        return type(d)(tokens=d.tokens, probs=torch.full((*d.tokens.shape, vocab), 1.0 / vocab),
+                       num_draft=d.num_draft)
+
+
+def _lookup_draws(cls, draws=20_000):
+    from stat_helpers import chisquare_pvalue, first_two_token_tables
+    from tiny_models import build
+
+    target = build("llama", layers=3, init=0.08)
+    prompt = torch.tensor([[5, 17, 33, 9, 5, 17, 33, 9, 5, 17]])
+    drafter = cls(2, draft_length=CostAwareDraftLength(FLAT, max_k=3, prior=0.9))
+    drafter._vocab = target.config.vocab_size
+    out = mmspec.generate(target, prompt.expand(draws, -1).contiguous(), drafter=drafter, max_new_tokens=2,
+                          temperature=1.0, seed=list(range(draws)), eos_token_id=[])
+    new = out.sequences[:, -2:]
+    p1, p12 = first_two_token_tables(target, prompt)
+    vocab = p1.numel()
+    return (chisquare_pvalue(new[:, 0], p1), chisquare_pvalue(new[:, 0] * vocab + new[:, 1], p12.flatten()),
+            out.stats)
+
+
+def test_sampling_with_cost_aware_prompt_lookup_follows_the_target_first_and_first_two_tokens():
+    """T = 1: the fallback of ``mmspec run`` / ``text`` / ``chat`` (prompt lookup under the cost-aware policy) emits
+    the target's distribution of the first token and of the first two (chi-square, 20,000 seeded rows)."""
+    first, pair, stats = _lookup_draws(PromptLookupDrafter)
+    assert stats.drafted_tokens > 0
+    assert first > 1e-3 and pair > 1e-3
+
+
+@pytest.mark.extended  # negative control
+def test_the_lookup_sampling_test_catches_drafts_verified_as_if_sampled():
+    first, pair, _ = _lookup_draws(_ClaimsUniformLookup)
+    assert first < 1e-6 or pair < 1e-6

@@ -58,7 +58,7 @@ def _repetitive_prompts(batch: int):
 
 
 @pytest.mark.parametrize("kind", ["feature", "model"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 4])
 def test_greedy_hybrid_is_token_identical_to_hf_generate(kind, batch):
     target = build("llama", layers=3)
     if kind == "feature":
