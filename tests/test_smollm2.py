@@ -9,7 +9,10 @@ import torch
 from scipy import stats
 
 from mmspec import engine
+from mmspec.drafters import CostAwareDraftLength, CostModel
+from mmspec.drafters.hybrid import HybridDrafter
 from mmspec.drafters.model import ModelDrafter
+from mmspec.drafters.prompt_lookup import PromptLookupDrafter
 from mmspec.drafters.blockwise import Lattice
 from mmspec.drafters.lattice_rescoring import NeuralRescorer, NGramRescorer
 from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
@@ -17,6 +20,8 @@ from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, resolve_model_dir
 from mmspec.zoo.smollm2 import load_smollm2_drafter
 
+# verify(w) in 1-token forwards, SmolLM2 on the 2-core AVX2 machine (benchmarks/RESULTS.md, issue 32)
+SMOLLM2_COST = CostModel(widths=(1, 2, 4, 8, 16, 32), seconds=(1.0, 1.10, 1.19, 1.36, 1.81, 2.60))
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Give two tips for learning to cook.", "Explain what a prime number is."]
 
@@ -57,6 +62,11 @@ def _drafters(target):
         "blockwise heads + neural": lambda: load_smollm2_drafter(
             "heads", target, rescorer=NeuralRescorer(load_smollm2_drafter("model", target))),
         "prompt lookup": lambda: "prompt_lookup",
+        "hybrid (head tree + prompt lookup)": lambda: HybridDrafter(
+            load_smollm2_drafter("head", target, tree=DynamicTree(depth=4, top_k=4, num_nodes=8)),
+            PromptLookupDrafter(max_ngram_size=3, draft_length=6, min_ngram_size=2)),
+        "prompt lookup, cost-aware k": lambda: PromptLookupDrafter(
+            2, draft_length=CostAwareDraftLength(SMOLLM2_COST, max_k=8, prior=0.5, min_k=0)),
     }
 
 
