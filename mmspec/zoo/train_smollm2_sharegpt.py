@@ -297,8 +297,8 @@ def _plot_scaling(rows: list[dict], path: Path, epochs: float | None = None, pro
     draw(b, [r["tau_chain"] for r in rows], None)
     b.set(xscale="log", xlabel="unique training tokens", ylabel=f"tau, chains of {rows[0]['tau_k']}")
     how = f"{epochs:g} epoch each" if epochs is not None else f"{rows[0]['steps']} steps each"
-    fig.suptitle(f"SmolLM2-135M EAGLE-3 head on ShareGPT: data scaling ({how}; dashed: log-linear projection)",
-                 fontsize=10)
+    projected = "; dashed: log-linear projection" if len(x) >= 2 and far[1] > far[0] else ""
+    fig.suptitle(f"SmolLM2-135M EAGLE-3 head on ShareGPT: data scaling ({how}{projected})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
