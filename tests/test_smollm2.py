@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from mmspec import engine
-from mmspec.drafters import CostAwareDraftLength, CostModel
+from mmspec.drafters import CostAwareDraftLength
 from mmspec.drafters.hybrid import HybridDrafter
 from mmspec.drafters.model import ModelDrafter
 from mmspec.drafters.prompt_lookup import PromptLookupDrafter
@@ -19,9 +19,8 @@ from mmspec.drafters.test_time_speculation import TTSConfig, TTSDrafter
 from mmspec.drafters.tree import DynamicTree
 from mmspec.pretrained import ModelNotFoundError, chat_inputs, load_causal_lm, resolve_model_dir
 from mmspec.zoo.smollm2 import load_smollm2_drafter
+from test_draft_length import SMOLLM2 as SMOLLM2_COST  # SmolLM2's measured verify(w)
 
-# verify(w) in 1-token forwards, SmolLM2 on the 2-core AVX2 machine (benchmarks/RESULTS.md, issue 32)
-SMOLLM2_COST = CostModel(widths=(1, 2, 4, 8, 16, 32), seconds=(1.0, 1.10, 1.19, 1.36, 1.81, 2.60))
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Give two tips for learning to cook.", "Explain what a prime number is."]
 

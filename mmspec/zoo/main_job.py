@@ -59,17 +59,6 @@ class MainJobConfig:
     vlm_grid: int = 1  # 4: the tiled long visual context (1088 visual tokens)
 
 
-def _timed(fn, repeats: int = 1):
-    fn()  # warm-up
-    best = float("inf")
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
 def _timed_pair(plain, spec, repeats: int = 3):
     """Both warmed up, then timed alternately ``repeats`` times (one interleaved run, as the benchmarks time):
     (plain's output, its best seconds, spec's output, its best seconds). A single back-to-back pair on a 2-core
@@ -196,8 +185,7 @@ def run_image_generation(cfg: MainJobConfig, out_dir: Path, log=print, models=No
                         generator=torch.Generator().manual_seed(cfg.seed), **IMAGE_SAMPLING, **extra)
 
     with torch.no_grad():
-        ar, t_ar = _timed(lambda: run("ar"))
-        rel, t_rel = _timed(lambda: run(cfg.image_method))
+        ar, t_ar, rel, t_rel = _timed_pair(lambda: run("ar"), lambda: run(cfg.image_method), repeats=1)
     for name, out in (("ar", ar), (cfg.image_method, rel)):
         for i, img in enumerate(out.images):
             img.resize((192, 192), Image.NEAREST).save(out_dir / f"{name}_{i}.png")
